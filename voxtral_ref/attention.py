@@ -1,0 +1,78 @@
+"""Self-attention shared by the encoder and the decoder: projections, RoPE, sliding-window attention and
+the rolling KV cache that bounds memory for streams of any length."""
+
+import numpy as np
+
+from . import kernels
+
+
+def rope_angles(pos, head_dim, theta):
+    """cos, sin [T, head_dim / 2] for absolute positions `pos`. Computed in float32 the way HF does
+    (float32 inv_freq times float32 position), so long streams round like the oracle."""
+    inv_freq = np.float32(1.0) / np.float32(theta) ** (
+        np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))  # [hd/2]
+    angles = pos.astype(np.float32)[:, None] * inv_freq[None, :]             # [T, hd/2]
+    return np.cos(angles), np.sin(angles)
+
+
+def rope(x, cos, sin):
+    """Split-half ("NeoX") rotary embedding, HF's layout: the pair (i, i + hd/2) rotates by angle i.
+    x [T, H, hd]; cos, sin [T, hd/2] -> [T, H, hd]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]                                    # [T, H, hd/2] each
+    c, s = cos[:, None, :], sin[:, None, :]                                  # [T, 1, hd/2]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)       # [T, H, hd]
+
+
+def interleaved_to_split_half(x):
+    """Mistral's consolidated checkpoint lays q/k rows out for RoPE on adjacent pairs (2i, 2i+1); HF's
+    converter permutes the rows to (i, i + hd/2). Permuting the projection's OUTPUT columns the same way
+    is exact and costs no copy of the weights: [T, H, hd] -> [T, H, hd]."""
+    t, h, hd = x.shape
+    return x.reshape(t, h, hd // 2, 2).transpose(0, 1, 3, 2).reshape(t, h, hd)
+
+
+class KVCache:
+    """One layer's keys and values for the last `window` positions, in a ring buffer.
+
+    A chunk of up to `max_chunk` new positions is written BEFORE attending, so the ring holds
+    window + max_chunk - 1 slots: the oldest query of the chunk still finds its window - 1 predecessors.
+    Slots are addressed by position modulo capacity; attention masks by position, so order is free.
+    A sequence known to end within `max_positions` needs no more slots than that (short files)."""
+
+    def __init__(self, window, max_chunk, n_kv_heads, head_dim, max_positions=None):
+        self.capacity = min(window + max_chunk - 1, max_positions or window + max_chunk - 1)
+        self.max_chunk = max_chunk
+        self.k = np.zeros((self.capacity, n_kv_heads, head_dim), np.float32)  # [cap, Hkv, hd]
+        self.v = np.zeros_like(self.k)                                         # [cap, Hkv, hd]
+        self.pos = np.full(self.capacity, -1, np.int64)                       # [cap]
+        self.filled = 0
+
+    def update(self, k, v, pos):
+        """Store the new [t, Hkv, hd] keys/values at positions `pos` [t]; return all live slots."""
+        if len(pos) > self.max_chunk:
+            raise ValueError(f"chunk of {len(pos)} positions exceeds the cache's max_chunk {self.max_chunk}")
+        slots = pos % self.capacity
+        self.k[slots], self.v[slots], self.pos[slots] = k, v, pos
+        self.filled = min(self.capacity, self.filled + len(pos))
+        n = self.filled
+        return self.k[:n], self.v[:n], self.pos[:n]
+
+
+def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, interleaved, cache=None):
+    """x [T, dim] -> [T, dim]. `w` holds wq, wk, wv, wo and the optional biases bq, bv, bo (the encoder
+    has them, the decoder none). Keys come from this chunk only (cache=None: the whole sequence at once,
+    as offline) or from the cache after this chunk is added (streaming / incremental decoding)."""
+    t = x.shape[0]
+    q = kernels.linear(x, w["wq"], w.get("bq")).reshape(t, n_heads, head_dim)      # [T, H, hd]
+    k = kernels.linear(x, w["wk"]).reshape(t, n_kv_heads, head_dim)                # [T, Hkv, hd]
+    v = kernels.linear(x, w["wv"], w.get("bv")).reshape(t, n_kv_heads, head_dim)   # [T, Hkv, hd]
+    if interleaved:
+        q, k = interleaved_to_split_half(q), interleaved_to_split_half(k)
+    cos, sin = rope_angles(pos, head_dim, rope_theta)                              # [T, hd/2]
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    k_pos = pos
+    if cache is not None:
+        k, v, k_pos = cache.update(k, v, pos)                                      # [S, Hkv, hd]
+    o = kernels.attention(q, k, v, pos, k_pos, window)                             # [T, H, hd]
+    return kernels.linear(o.reshape(t, n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]

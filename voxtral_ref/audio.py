@@ -1,0 +1,39 @@
+"""Stage 0: whatever the user has -> mono float32 samples at 16 kHz, validated."""
+
+import numpy as np
+
+from .config import SAMPLE_RATE
+from .errors import VoxtralError
+
+
+def to_mono_16k(audio, sample_rate=SAMPLE_RATE):
+    """[N] or [N, channels] samples (float, or int PCM scaled to [-1, 1)) at `sample_rate` -> [N'] float32
+    at 16 kHz. Channels are averaged; other rates are resampled with soxr (high quality)."""
+    a = np.asarray(audio)
+    if a.dtype.kind in "iu":
+        a = pcm_to_float(a)
+    elif a.dtype.kind != "f":
+        raise VoxtralError(f"audio must be an array of samples, got dtype {a.dtype}")
+    a = a.astype(np.float32, copy=False)
+    if a.ndim == 2:
+        a = a.mean(axis=1, dtype=np.float32)                                 # [N, C] -> [N]
+    if a.ndim != 1:
+        raise VoxtralError(f"audio must be [samples] or [samples, channels], got shape {a.shape}")
+    if a.size == 0:
+        raise VoxtralError("the audio is empty (0 samples)")
+    if not np.isfinite(a).all():
+        raise VoxtralError(f"the audio contains {int((~np.isfinite(a)).sum())} NaN or infinite samples")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise VoxtralError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    if sample_rate != SAMPLE_RATE:
+        import soxr
+        a = soxr.resample(a, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return a
+
+
+def pcm_to_float(a):
+    """Integer PCM -> float in [-1, 1): int16 / 32768, as soundfile reads 16-bit WAV."""
+    info = np.iinfo(a.dtype)
+    if info.min == 0:                                                       # unsigned PCM is offset
+        return (a.astype(np.float64) - (info.max + 1) / 2) / ((info.max + 1) / 2)
+    return a.astype(np.float64) / -float(info.min)

@@ -1,0 +1,73 @@
+"""Stage 4: (token embedding + audio embedding) -> next-token logits, one 80 ms position at a time.
+
+A Ministral-style decoder: pre-RMSNorm, GQA attention (32 query heads share 8 kv heads) with RoPE and a
+sliding window, SwiGLU, no biases, LM head tied to the token embeddings. What is particular to Voxtral
+Realtime is the delay conditioning: a sinusoidal embedding of the delay (in tokens) goes through a small
+per-layer MLP whose output rescales the FFN branch's norm, `RMSNorm(h) * (1 + ada)` (AdaRMSNorm).
+"""
+
+import numpy as np
+
+from . import kernels
+from .attention import self_attention
+
+
+def time_embedding(n_delay, dim, theta=10000.0):
+    """Sinusoidal embedding of the delay t = n_delay tokens: [cos(t f_i) | sin(t f_i)], COS FIRST,
+    f_i = theta^(-i / (dim/2)). Float32 like HF's VoxtralRealtimeTimeEmbedding. -> [dim]"""
+    half = dim // 2
+    inv_freq = np.exp(np.float32(-np.log(theta)) * np.arange(half, dtype=np.float32) / np.float32(half))  # [dim/2]
+    angles = np.float32(n_delay) * inv_freq.astype(np.float32)                          # [dim/2]
+    return np.concatenate([np.cos(angles), np.sin(angles)]).astype(np.float32)          # [dim]
+
+
+def ada_scale(t_cond, w_down, w_up):
+    """Per-layer AdaRMSNorm scale: Linear(3072 -> 32), exact GELU, Linear(32 -> 3072). [dim] -> [dim]"""
+    return kernels.linear(kernels.gelu(kernels.linear(t_cond[None], w_down)), w_up)[0]  # [1, 32] -> [dim]
+
+
+def embed(tok_embeddings, ids):
+    """Rows of the (bf16 or f32) embedding table as float32: [n] -> [n, dim]."""
+    return np.asarray(tok_embeddings[np.asarray(ids)], dtype=np.float32)
+
+
+def decoder_layer(h, pos, w, cfg, ada, interleaved, cache):
+    """h [T, 3072] at positions pos [T] -> [T, 3072]; `ada` [3072] is this layer's constant scale."""
+    x = kernels.rms_norm(h, w["attention_norm"], cfg.norm_eps)                           # [T, 3072]
+    h = h + self_attention(x, pos, w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
+                           cfg.sliding_window, interleaved, cache)                       # [T, 3072]
+    x = kernels.rms_norm(h, w["ffn_norm"], cfg.norm_eps) * (np.float32(1.0) + ada)       # AdaRMSNorm, FFN only
+    gate = kernels.silu_mul(kernels.linear(x, w["w1"]), kernels.linear(x, w["w3"]))      # [T, 9216]
+    return h + kernels.linear(gate, w["w2"])                                             # [T, 3072]
+
+
+def decoder_forward(h, pos, weights, ada, interleaved, caches, trace=None):
+    """Decoder input embeddings h [T, 3072] at positions pos -> final-normed states [T, 3072].
+    ada: the per-layer scales (see `ada_scales`); caches: one KVCache per layer."""
+    cfg = weights.cfg.decoder
+    for i in range(cfg.n_layers):
+        h = decoder_layer(h, pos, weights.layer(f"dec.layers.{i}"), cfg, ada[i], interleaved, caches[i])
+        if trace:
+            trace(f"decoder.layers.{i}", h)
+    x = kernels.rms_norm(h, weights["dec.norm"], cfg.norm_eps)                           # [T, 3072]
+    if trace:
+        trace("final_norm", x)
+    return x
+
+
+def lm_head(x, tok_embeddings):
+    """Tied output projection: [T, 3072] -> [T, V] logits."""
+    return kernels.linear(x, tok_embeddings)                                             # [T, V]
+
+
+def ada_scales(weights, n_delay, trace=None):
+    """The delay conditioning is constant for a whole transcription: compute each layer's scale once."""
+    cfg = weights.cfg.decoder
+    t_cond = time_embedding(n_delay, cfg.dim)                                            # [3072]
+    scales = [ada_scale(t_cond, weights[f"dec.layers.{i}.ada_down"], weights[f"dec.layers.{i}.ada_up"])
+              for i in range(cfg.n_layers)]                                              # n_layers x [3072]
+    if trace:
+        trace("t_cond", t_cond)
+        for i, s in enumerate(scales):
+            trace(f"decoder.layers.{i}.ada_scale", s)
+    return scales

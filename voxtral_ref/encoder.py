@@ -1,0 +1,67 @@
+"""Stage 2: log-mel [128, T] -> audio encoder states [T/2, 1280] at 50 Hz.
+
+A causal conv stem (k3 s1, then k3 s2 halving the frame rate), then pre-norm transformer layers with
+RoPE and causal sliding-window attention (750 frames = 15 s, the current frame included), SwiGLU MLPs
+and biases exactly where the checkpoint has them (q, v, o, down), then a final RMSNorm.
+Everything is causal: frame j never depends on a later mel frame, which is what makes streaming exact.
+"""
+
+import numpy as np
+
+from . import kernels
+from .attention import self_attention
+
+
+def conv1d(x, w, b, stride):
+    """Unpadded ("valid") conv over time as one matmul. x [T, Cin] (time-major), w [Cout, Cin, k],
+    b [Cout] -> [(T - k) // stride + 1, Cout]."""
+    cout, cin, k = w.shape
+    n_out = (x.shape[0] - k) // stride + 1
+    taps = np.stack([x[j: j + stride * (n_out - 1) + 1: stride] for j in range(k)], axis=-1)  # [n, Cin, k]
+    return kernels.linear(taps.reshape(n_out, cin * k), w.reshape(cout, cin * k), b)       # [n, Cout]
+
+
+def conv_left_pad(stride, kernel=3):
+    """HF's VoxtralRealtimeCausalConv1d pads (k - 1) + 1 - stride frames on the left, none on the right:
+    2 frames for conv1 (stride 1), 1 for conv2 (stride 2). Streaming keeps these frames as history."""
+    return kernel - stride
+
+
+def conv_stem(mel, w, history=None, trace=None):
+    """mel [128, T] -> [T/2, C] (T even). `history` maps "conv1"/"conv2" to the frames that precede this
+    chunk (streaming); None means the start of the audio, i.e. zeros, as HF's causal padding."""
+    x = mel.T                                                                    # [T, 128]
+    c1 = w["enc.conv1.weight"].shape[0]
+    h1 = history["conv1"] if history else np.zeros((conv_left_pad(1), x.shape[1]), np.float32)
+    y1 = kernels.gelu(conv1d(np.concatenate([h1, x]), w["enc.conv1.weight"], w["enc.conv1.bias"], 1))  # [T, C]
+    h2 = history["conv2"] if history else np.zeros((conv_left_pad(2), c1), np.float32)
+    y2 = kernels.gelu(conv1d(np.concatenate([h2, y1]), w["enc.conv2.weight"], w["enc.conv2.bias"], 2))  # [T/2, C]
+    if trace:
+        trace("conv1", y1)
+        trace("conv2", y2)
+    return y2
+
+
+def encoder_layer(x, pos, w, cfg, interleaved, cache=None):
+    """x [T, 1280] -> [T, 1280]; pos [T] absolute frame positions."""
+    h = kernels.rms_norm(x, w["attention_norm"], cfg.norm_eps)                          # [T, 1280]
+    x = x + self_attention(h, pos, w, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,
+                           cfg.sliding_window, interleaved, cache)                      # MHA: kv heads = heads
+    h = kernels.rms_norm(x, w["ffn_norm"], cfg.norm_eps)                                # [T, 1280]
+    gate = kernels.silu_mul(kernels.linear(h, w["w1"]), kernels.linear(h, w["w3"]))     # [T, 5120]
+    return x + kernels.linear(gate, w["w2"], w["b2"])                                   # [T, 1280]
+
+
+def encoder_transformer(x, pos, weights, interleaved, caches=None, trace=None):
+    """[T, 1280] conv-stem frames at positions `pos` -> [T, 1280] final-normed encoder states.
+    caches: one KVCache per layer when streaming, None to attend within this (whole) sequence."""
+    cfg = weights.cfg.encoder
+    for i in range(cfg.n_layers):
+        x = encoder_layer(x, pos, weights.layer(f"enc.layers.{i}"), cfg, interleaved,
+                          caches[i] if caches else None)                                # [T, 1280]
+        if trace:
+            trace(f"encoder.layers.{i}", x)
+    x = kernels.rms_norm(x, weights["enc.norm"], cfg.norm_eps)                          # [T, 1280]
+    if trace:
+        trace("encoder_out", x)
+    return x

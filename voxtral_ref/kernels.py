@@ -1,0 +1,105 @@
+"""The hot operations, each as a readable NumPy twin, and the one place that picks NumPy or C.
+
+Model code calls `kernels.linear`, `kernels.attention`, ...; which implementation runs is chosen per call
+by the backend in force (`with kernels.use("c"): ...`, set by `Model`). The NumPy twins below are the
+specification: every C kernel in csrc/ is tested against its twin.
+
+Layouts (all row-major, float32 activations):
+  linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint), b [M] f32 or None -> [N, M]
+  attention  q [Tq, Hq, D], k/v [Tk, Hkv, D] f32, q_pos [Tq] / k_pos [Tk] int absolute positions -> [Tq, Hq, D]
+"""
+
+import contextlib
+import contextvars
+
+import numpy as np
+from scipy.special import erf
+
+BACKENDS = ("numpy", "c")
+_backend = contextvars.ContextVar("voxtral_ref_backend", default="numpy")
+
+
+@contextlib.contextmanager
+def use(backend):
+    """Run the enclosed calls on `backend` ("numpy" or "c")."""
+    token = _backend.set(backend)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
+
+
+def _c():
+    """The C implementation module when the backend is "c", else None."""
+    if _backend.get() != "c":
+        return None
+    from . import ckernels
+    return ckernels
+
+
+# --- twins ------------------------------------------------------------------------------------------------
+def linear_np(x, w, b=None):
+    y = x @ np.asarray(w, dtype=np.float32).T  # [N, K] @ [K, M] -> [N, M]
+    return y if b is None else y + b
+
+
+def attention_np(q, k, v, q_pos, k_pos, window):
+    """Causal sliding-window attention, GQA. Key j is visible to query i iff
+    q_pos[i] - window < k_pos[j] <= q_pos[i]  (the window counts the query's own position, as HF's
+    sliding-window mask does). Softmax in float32 with scale 1/sqrt(D). Queries are taken in blocks so
+    memory stays O(block * window) however long the sequence."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv                                               # query heads per kv head
+    out = np.empty_like(q)                                      # [Tq, Hq, D]
+    scale = np.float32(1.0 / np.sqrt(d))
+    for s in range(0, tq, 128):
+        qb, qp = q[s:s + 128], q_pos[s:s + 128]                 # [b, Hq, D], [b]
+        sel = np.nonzero((k_pos > qp.min() - window) & (k_pos <= qp.max()))[0]
+        kb, vb, kp = k[sel], v[sel], k_pos[sel]                 # [t, Hkv, D]
+        qg = qb.reshape(len(qb), hkv, g, d)                     # [b, Hkv, g, D]
+        scores = np.einsum("bhgd,thd->hgbt", qg, kb) * scale    # [Hkv, g, b, t]
+        visible = (kp[None, :] > qp[:, None] - window) & (kp[None, :] <= qp[:, None])  # [b, t]
+        scores = np.where(visible, scores, -np.inf)
+        scores -= scores.max(-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(-1, keepdims=True)
+        ob = np.einsum("hgbt,thd->bhgd", p, vb)                 # [b, Hkv, g, D]
+        out[s:s + 128] = ob.reshape(len(qb), hq, d)
+    return out
+
+
+def rms_norm_np(x, w, eps):
+    """w * x / sqrt(mean(x^2) + eps) over the last axis, in float32 (HF's RMSNorm)."""
+    return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)))
+
+
+def silu_mul_np(a, b):
+    """SwiGLU gate: silu(a) * b."""
+    return a / (np.float32(1.0) + np.exp(-a)) * b
+
+
+def gelu(x):
+    """Exact (erf) GELU, as HF uses in the conv stem, adapter and AdaRMSNorm MLP."""
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+# --- dispatch -------------------------------------------------------------------------------------------
+def linear(x, w, b=None):
+    c = _c()
+    return c.linear(x, w, b) if c else linear_np(x, w, b)
+
+
+def attention(q, k, v, q_pos, k_pos, window):
+    c = _c()
+    return c.attention(q, k, v, q_pos, k_pos, window) if c else attention_np(q, k, v, q_pos, k_pos, window)
+
+
+def rms_norm(x, w, eps):
+    c = _c()
+    return c.rms_norm(x, w, eps) if c else rms_norm_np(x, w, eps)
+
+
+def silu_mul(a, b):
+    c = _c()
+    return c.silu_mul(a, b) if c else silu_mul_np(a, b)

@@ -1,0 +1,80 @@
+"""`load(path) -> Model`: a checkpoint directory in either format, ready to transcribe."""
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import config as C
+from . import kernels
+from .audio import to_mono_16k
+from .errors import VoxtralError
+from .generate import encode, greedy_decode, pad_offline
+from .tokenizer import Tekken
+from .weights import load_weights
+
+
+@dataclass
+class Transcript:
+    text: str
+    token_ids: list                   # generated ids after the prompt, specials included
+    delay_ms: int
+    n_samples: int = 0                # of the 16 kHz input, before padding
+    timings: dict = field(default_factory=dict)
+
+
+def detect_format(model_dir):
+    """'mistral' (params.json + consolidated.safetensors) or 'hf' (config.json + model*.safetensors)."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise VoxtralError(f"model directory not found: {d}")
+    if (d / "params.json").exists() and (d / "consolidated.safetensors").exists():
+        return "mistral"
+    if (d / "config.json").exists() and any(d.glob("model*.safetensors")):
+        return "hf"
+    raise VoxtralError(f"{d} holds no Voxtral checkpoint: expected params.json + consolidated.safetensors "
+                       "(Mistral format) or config.json + model.safetensors (HF format)")
+
+
+def resolve_backend(backend):
+    if backend not in ("auto",) + kernels.BACKENDS:
+        raise VoxtralError(f"unknown backend {backend!r}: choose auto, c or numpy")
+    if backend == "numpy":
+        return "numpy"
+    from . import ckernels
+    if ckernels.available():
+        return "c"
+    if backend == "c":
+        warnings.warn("the C kernels are not built (voxtral_ref._kernels missing): using the NumPy backend")
+    return "numpy"
+
+
+def load(model_dir, backend="auto"):
+    """Load a checkpoint directory (Mistral or HF format, with its tekken.json)."""
+    d = Path(model_dir)
+    fmt = detect_format(d)
+    tok = Tekken(d / "tekken.json")
+    read = C.from_params_json if fmt == "mistral" else C.from_config_json
+    cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok.audio)
+    return Model(cfg, load_weights(d, cfg), tok, resolve_backend(backend), d)
+
+
+class Model:
+    def __init__(self, cfg, weights, tokenizer, backend, path):
+        self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
+
+    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None):
+        """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a
+        batch gives exactly what each file gives alone)."""
+        if isinstance(audio, (list, tuple)):
+            return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
+        delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms
+        n_delay = C.delay_tokens(delay_ms)
+        x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
+        with kernels.use(self.backend):
+            if trace:
+                trace("audio", x)
+            embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
+            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace)
+        return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x))

@@ -1,0 +1,205 @@
+"""Checkpoint files -> named tensors, memory-mapped and never copied to float32 as a whole.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+data_offsets}} and one flat data block. We read it ourselves (rather than with the `safetensors` package)
+because NumPy has no bfloat16: `ml_dtypes.bfloat16` gives the mmap'd bytes a real dtype, so the C kernels
+consume bf16 weights in place and the NumPy path converts one tensor at a time.
+
+Both on-disk formats are mapped onto one set of short canonical names (see `canonical_names`):
+  Mistral `consolidated.safetensors` (bf16, names under `mm_streams_embeddings.embedding_module.`)
+  HF `model.safetensors` or shards + `model.safetensors.index.json` (names as `save_pretrained` writes them)
+"""
+
+import json
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .errors import VoxtralError
+
+DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
+          "U8": np.uint8, "I32": np.int32, "I64": np.int64}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path):
+    """{name: read-only ndarray view into the mmap'd file}. Validates the header against the file size."""
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise VoxtralError("safetensors files are little-endian; this machine is not")
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise VoxtralError(f"missing file: {path}") from None
+    except OSError as e:
+        raise VoxtralError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise VoxtralError(f"{path} is not a safetensors file (only {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise VoxtralError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise VoxtralError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise VoxtralError(f"{path} is corrupt: its safetensors header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_len = size - 8 - n
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise VoxtralError(f"{path} is corrupt or uses an unsupported dtype for tensor {name!r}: {info!r}") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if end > data_len:
+            raise VoxtralError(f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data block")
+        if end - start != count * np.dtype(dtype).itemsize:
+            raise VoxtralError(f"{path} is corrupt: tensor {name!r} has {end - start} bytes for shape {shape}")
+        tensors[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """Write {name: ndarray} (float32, bfloat16, ...) as safetensors; used for tiny test checkpoints,
+    the full-size benchmark checkpoint and `voxtral-ref dump`."""
+    names = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, offset, arrays = {}, 0, []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        header[name] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data block 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
+# --- names ------------------------------------------------------------------------------------------------
+_MISTRAL_PREFIX = "mm_streams_embeddings.embedding_module."
+_ENC_LAYER = {  # canonical suffix: (mistral suffix, hf suffix)
+    "attention_norm": ("attention_norm.weight", "self_attn_layer_norm.weight"),
+    "wq": ("attention.wq.weight", "self_attn.q_proj.weight"), "bq": ("attention.wq.bias", "self_attn.q_proj.bias"),
+    "wk": ("attention.wk.weight", "self_attn.k_proj.weight"),
+    "wv": ("attention.wv.weight", "self_attn.v_proj.weight"), "bv": ("attention.wv.bias", "self_attn.v_proj.bias"),
+    "wo": ("attention.wo.weight", "self_attn.o_proj.weight"), "bo": ("attention.wo.bias", "self_attn.o_proj.bias"),
+    "ffn_norm": ("ffn_norm.weight", "final_layer_norm.weight"),
+    "w1": ("feed_forward.w1.weight", "mlp.gate_proj.weight"),
+    "w2": ("feed_forward.w2.weight", "mlp.down_proj.weight"), "b2": ("feed_forward.w2.bias", "mlp.down_proj.bias"),
+    "w3": ("feed_forward.w3.weight", "mlp.up_proj.weight"),
+}
+_DEC_LAYER = {
+    "attention_norm": ("attention_norm.weight", "input_layernorm.weight"),
+    "wq": ("attention.wq.weight", "self_attn.q_proj.weight"), "wk": ("attention.wk.weight", "self_attn.k_proj.weight"),
+    "wv": ("attention.wv.weight", "self_attn.v_proj.weight"), "wo": ("attention.wo.weight", "self_attn.o_proj.weight"),
+    "ffn_norm": ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    "w1": ("feed_forward.w1.weight", "mlp.gate_proj.weight"), "w2": ("feed_forward.w2.weight", "mlp.down_proj.weight"),
+    "w3": ("feed_forward.w3.weight", "mlp.up_proj.weight"),
+    "ada_down": ("ada_rms_norm_t_cond.0.weight", "ada_rms_norm.linear1.weight"),
+    "ada_up": ("ada_rms_norm_t_cond.2.weight", "ada_rms_norm.linear2.weight"),
+}
+
+
+def canonical_names(cfg):
+    """[(canonical name, mistral name, hf name, shape)] for every tensor the model reads."""
+    e, d = cfg.encoder, cfg.decoder
+    W = _MISTRAL_PREFIX + "whisper_encoder."
+    qe, qd, kvd = e.n_heads * e.head_dim, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    rows = [
+        ("tok_embeddings", _MISTRAL_PREFIX + "tok_embeddings.weight", "language_model.model.embed_tokens.weight", (d.vocab_size, d.dim)),
+        ("enc.conv1.weight", W + "conv_layers.0.conv.weight", "audio_tower.embedder.conv1.weight", (e.dim, e.n_mels, 3)),
+        ("enc.conv1.bias", W + "conv_layers.0.conv.bias", "audio_tower.embedder.conv1.bias", (e.dim,)),
+        ("enc.conv2.weight", W + "conv_layers.1.conv.weight", "audio_tower.embedder.conv2.weight", (e.dim, e.dim, 3)),
+        ("enc.conv2.bias", W + "conv_layers.1.conv.bias", "audio_tower.embedder.conv2.bias", (e.dim,)),
+        ("enc.norm", W + "transformer.norm.weight", "audio_tower.norm.weight", (e.dim,)),
+        ("adapter.w_in", _MISTRAL_PREFIX + "audio_language_projection.0.weight", "multi_modal_projector.linear_1.weight", (d.dim, e.dim * cfg.downsample)),
+        ("adapter.w_out", _MISTRAL_PREFIX + "audio_language_projection.2.weight", "multi_modal_projector.linear_2.weight", (d.dim, d.dim)),
+        ("dec.norm", "norm.weight", "language_model.model.norm.weight", (d.dim,)),
+    ]
+    enc_shapes = {"attention_norm": (e.dim,), "wq": (qe, e.dim), "bq": (qe,), "wk": (qe, e.dim), "wv": (qe, e.dim),
+                  "bv": (qe,), "wo": (e.dim, qe), "bo": (e.dim,), "ffn_norm": (e.dim,), "w1": (e.hidden_dim, e.dim),
+                  "w2": (e.dim, e.hidden_dim), "b2": (e.dim,), "w3": (e.hidden_dim, e.dim)}
+    dec_shapes = {"attention_norm": (d.dim,), "wq": (qd, d.dim), "wk": (kvd, d.dim), "wv": (kvd, d.dim),
+                  "wo": (d.dim, qd), "ffn_norm": (d.dim,), "w1": (d.hidden_dim, d.dim), "w2": (d.dim, d.hidden_dim),
+                  "w3": (d.hidden_dim, d.dim), "ada_down": (d.ada_dim, d.dim), "ada_up": (d.dim, d.ada_dim)}
+    for i in range(e.n_layers):
+        for k, (m, h) in _ENC_LAYER.items():
+            rows.append((f"enc.layers.{i}.{k}", f"{W}transformer.layers.{i}.{m}", f"audio_tower.layers.{i}.{h}", enc_shapes[k]))
+    for i in range(d.n_layers):
+        for k, (m, h) in _DEC_LAYER.items():
+            rows.append((f"dec.layers.{i}.{k}", f"layers.{i}.{m}", f"language_model.model.layers.{i}.{h}", dec_shapes[k]))
+    return rows
+
+
+class Weights:
+    """Canonical name -> tensor. Matrices stay in their file dtype (bf16 or f32, mmap'd); vectors (norms,
+    biases) and conv kernels, a few MB in all, are converted to float32 once."""
+
+    def __init__(self, tensors, cfg, source):
+        self.cfg, self.source, self._t, self._small = cfg, source, {}, {}
+        fmt_col = 1 if cfg.format == "mistral" else 2
+        missing = []
+        for row in canonical_names(cfg):
+            canon, disk, shape = row[0], row[fmt_col], row[3]
+            if disk not in tensors:
+                missing.append(disk)
+                continue
+            t = tensors[disk]
+            if tuple(t.shape) != shape:
+                raise VoxtralError(f"{source}: tensor {disk} has shape {tuple(t.shape)}, the config says {shape}")
+            if t.dtype not in (np.float32, ml_dtypes.bfloat16, np.float16):
+                raise VoxtralError(f"{source}: tensor {disk} has dtype {t.dtype}; expected bf16/f16/f32")
+            self._t[canon] = t
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise VoxtralError(f"{source}: missing tensors {', '.join(missing[:3])}{more}: wrong or incomplete checkpoint")
+
+    def __getitem__(self, name):
+        t = self._t[name]
+        if t.ndim == 2:
+            return t
+        if name not in self._small:
+            self._small[name] = np.asarray(t, dtype=np.float32)
+        return self._small[name]
+
+    def layer(self, prefix):
+        """{'wq': ..., 'attention_norm': ...} for one encoder or decoder layer."""
+        n = len(prefix) + 1
+        return {k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")}
+
+    def n_params(self):
+        return sum(int(t.size) for t in self._t.values())
+
+
+def load_weights(model_dir, cfg):
+    model_dir = Path(model_dir)
+    if cfg.format == "mistral":
+        path = model_dir / "consolidated.safetensors"
+        return Weights(read_safetensors(path), cfg, str(path))
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise VoxtralError(f"{index} is corrupt: no weight_map") from None
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(model_dir / name))
+    return Weights(tensors, cfg, str(model_dir))
