@@ -71,11 +71,13 @@ def read_safetensors(path):
     return tensors
 
 
-def write_safetensors(path, tensors):
+def write_safetensors(path, tensors, metadata=None):
     """Write {name: ndarray} (float32, bfloat16, ...) as safetensors; used for tiny test checkpoints,
-    the full-size benchmark checkpoint and `voxtral-ref dump`."""
+    the full-size benchmark checkpoint and `voxtral-ref dump`. `metadata` ({str: str}) becomes the
+    header's `__metadata__`, which the format reserves for free-form provenance."""
     names = {np.dtype(v): k for k, v in DTYPES.items()}
-    header, offset, arrays = {}, 0, []
+    header = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, arrays = 0, []
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
         header[name] = {"dtype": names[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
