@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import VoxtralError
+from .oracle import add_oracle_parsers
 
 
 def cmd_transcribe(args):
@@ -35,6 +36,7 @@ def build_parser():
     t.add_argument("--format", choices=["txt", "json"], default="txt")
     t.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
     t.set_defaults(func=cmd_transcribe)
+    add_oracle_parsers(sub)                 # dump, compare, explain
     return p
 
 
