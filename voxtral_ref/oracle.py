@@ -327,21 +327,23 @@ def token_label(tokenizer, i):
     return tokenizer.token_bytes(i).decode("utf-8", errors="replace") or tokenizer.special_names.get(i, f"<{i}>")
 
 
-def plot_tokens(path, mel, token_ids, n_prompt, tokenizer, delay_ms):
+def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
     """The log-mel spectrogram on the 80 ms token grid, and under it each emitted token at the position
     that emitted it: that position has seen audio only up to its own token, so text lags speech by the
     delay."""
     from matplotlib.figure import Figure
     n_tok = mel.shape[1] // MEL_FRAMES_PER_TOKEN
     sec = MS_PER_TOKEN / 1000                                           # 0.08 s per token
+    start = N_LEFT_PAD_TOKENS * sec
     fig = Figure(figsize=(min(max(8.0, 0.12 * n_tok), 80.0), 5.0), layout="constrained")
     ax, ax_tok = fig.subplots(2, 1, sharex=True, height_ratios=[4, 1])
     ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", extent=(0, n_tok * sec, 0, mel.shape[0]))
     ax.vlines(np.arange(n_tok + 1) * sec, 0, mel.shape[0], colors="white", linewidths=0.3, alpha=0.35)
-    for x, label in ((N_LEFT_PAD_TOKENS * sec, "audio starts"), ((n_prompt - 1) * sec, "first output")):
+    marks = ((start, "audio starts"), ((n_prompt - 1) * sec, "first output"), (start + n_samples / SAMPLE_RATE, "audio ends"))
+    for k, (x, label) in enumerate(marks):
         for a in (ax, ax_tok):
             a.axvline(x, color="cyan", linewidth=1)
-        ax.text(x, mel.shape[0] - 4, f" {label}", color="cyan", va="top", fontsize=8)
+        ax.text(x, mel.shape[0] * (0.97 - 0.08 * k), f" {label}", color="cyan", va="top", fontsize=8)
     ax.set_ylabel("mel band")
     ax.set_title(f"log-mel spectrogram, 80 ms token grid; tokens at the position that emitted them "
                  f"(delay {delay_ms} ms)", fontsize=9)
@@ -365,7 +367,8 @@ def cmd_explain(args):
     print("\n".join(explain_lines(tensors, seconds)))
     print(f"text: {r.text!r}")
     if args.plot:
-        plot_tokens(args.plot, tensors["mel"], r.token_ids, len(tensors["prompt_ids"]), model.tokenizer, r.delay_ms)
+        plot_tokens(args.plot, tensors["mel"], r.token_ids, len(tensors["prompt_ids"]), r.n_samples,
+                    model.tokenizer, r.delay_ms)
         print(f"voxtral-ref explain: plot -> {args.plot}", file=sys.stderr)
 
 
