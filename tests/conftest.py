@@ -2,6 +2,7 @@
 golden/make_golden.py from the HF transformers oracle."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import voxtral_ref
 
-GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+GOLDEN = Path(os.environ.get("VOXTRAL_REF_GOLDEN", Path(__file__).resolve().parent.parent / "golden"))
 MODEL_DIRS = {"mistral": GOLDEN / "models" / "tiny_mistral", "hf": GOLDEN / "models" / "tiny_hf"}
 
 
@@ -18,7 +19,7 @@ def golden_cases():
     index = GOLDEN / "cases" / "index.json"
     if not index.exists():
         return []
-    return sorted(json.loads(index.read_text())["cases"].items())
+    return sorted((c["name"], c) for c in json.loads(index.read_text())["cases"])
 
 
 def load_case(name):

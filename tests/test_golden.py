@@ -13,15 +13,15 @@ from conftest import MODEL_DIRS, golden_cases, load_case
 
 # Tolerances, each with its reason:
 # - mel: absolute, since log-mel values are O(1): our FFT runs in float64, HF's torch.stft in float32;
-#   the difference seen is ~1e-5.
-MEL_ATOL = 5e-5
+#   the difference seen is up to 4e-5, largest where log10 amplifies float32 rounding of tiny powers.
+MEL_ATOL = 1e-4
 # - every float32 network tensor: max |ours - HF| <= 1e-4 * max |HF|. Both sides compute in float32 with
 #   different summation orders (BLAS, einsum, C kernels); the error seen is ~1e-6 of the scale and
 #   grows slowly with depth. 1e-4 leaves room for that while still catching any real deviation
 #   (a wrong RoPE layout, window or norm is off by O(1) of the scale).
 REL_TOL = 1e-4
 
-CASES = [name for name, meta in golden_cases() if not meta.get("batch")]
+CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
 BACKENDS = ["numpy"] + (["c"] if ckernels.available() else [])
 SEQUENCE = re.compile(r"^(decoder_in|decoder\.layers\.\d+|final_norm|logits)$")
 
@@ -60,7 +60,10 @@ def max_rel_err(ours, ref):
 def test_token_ids_match_hf(traced, case):
     g, r, _ = traced(case)
     assert r.token_ids == g["token_ids"].tolist()
-    assert r.token_ids == g["stream_token_ids"].tolist(), "HF's own streaming path disagrees with its offline one"
+    # HF's documented streaming recipe feeds chunks `while start + 1680 < len(audio)`, which can stop one
+    # 80 ms token before the offline path does; everything it does emit equals offline.
+    stream = g["stream_token_ids"].tolist()
+    assert len(stream) >= len(r.token_ids) - 1 and r.token_ids[:len(stream)] == stream
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -93,3 +96,17 @@ def test_both_formats_give_identical_outputs():
     assert ra.token_ids == rb.token_ids
     for name in ta:
         np.testing.assert_allclose(ta[name], tb[name], rtol=0, atol=1e-6 * max(1.0, np.abs(tb[name]).max()))
+
+
+def test_batch_equals_each_alone(model):
+    """transcribe([a, b]) equals transcribing each alone, and equals HF on each alone. (HF's own batch
+    pads the shorter file with silence to the longer one, so its row continues past the alone result
+    with the silence's tokens; the shared prefix is identical, which the generator asserts.)"""
+    g = load_case("batch_480")
+    audios = [g["audio_0"], g["audio_1"]]
+    batch = model.transcribe(audios)
+    alone = [model.transcribe(a) for a in audios]
+    assert [r.token_ids for r in batch] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in alone] == [g["alone_token_ids_0"].tolist(), g["alone_token_ids_1"].tolist()]
+    for r, row in zip(alone, g["token_ids"]):
+        assert row[:len(r.token_ids)].tolist() == r.token_ids
