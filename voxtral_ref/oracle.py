@@ -58,8 +58,22 @@ STAGES = (
     Stage("token_ids", 0, "the greedy output after the prompt: text, STREAMING_PAD while waiting for words, "
           "STREAMING_WORD at word boundaries, maybe a final EOS"),
 )
-_STAGE_RES = [re.compile(re.escape(s.pattern).replace(r"\{i\}", r"(\d+)") + r"\Z") for s in STAGES]
 TOKEN_ID_NAMES = ("prompt_ids", "token_ids")
+
+
+def name_regex(pattern):
+    """A name pattern as a regex matching whole names; "{i}" captures the layer number."""
+    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + r"\Z")
+
+
+_STAGE_RES = [name_regex(s.pattern) for s in STAGES]
+
+
+def stage_names(cfg):
+    """Every name in a full dump for this model config, in pipeline order."""
+    n_layers = {"encoder": cfg.encoder.n_layers, "decoder": cfg.decoder.n_layers}
+    return [s.pattern.format(i=i) for s in STAGES
+            for i in (range(n_layers[s.pattern.split(".")[0]]) if "{i}" in s.pattern else [None])]
 
 
 def find_stage(name):
@@ -122,18 +136,17 @@ def read_audio(path):
         raise VoxtralError(f"cannot read audio {path}: {e}") from None
 
 
-def _run(args):
-    """Load the model, read the audio and capture every tensor: shared by dump and explain."""
+def _load(args):
+    """The model and the audio of a dump or explain command line."""
     from . import load
-    model = load(args.model, backend=args.backend)
-    audio, sr = read_audio(args.audio)
-    return (model, *capture(model, audio, sr, args.delay_ms))
+    return (load(args.model, backend=args.backend), *read_audio(args.audio))
 
 
 def cmd_dump(args):
     from . import __version__
-    model, r, tensors, _ = _run(args)
-    names = select(list(tensors), args.stages) if args.stages else list(tensors)
+    model, audio, sr = _load(args)
+    names = select(stage_names(model.cfg), args.stages or ["*"])       # a bad pattern fails before the run
+    r, tensors, _ = capture(model, audio, sr, args.delay_ms)
     out = {n: tensors[n].astype(np.int64 if n in TOKEN_ID_NAMES else np.float32) for n in names}
     meta = {"model": str(model.path), "format": model.cfg.format, "delay_ms": str(r.delay_ms),
             "voxtral_ref_version": __version__, "backend": model.backend, "audio": str(args.audio),
@@ -177,7 +190,7 @@ def load_name_map(path):
         raise VoxtralError(f"cannot read the name map {path}: {e}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
         raise VoxtralError(f"{path}: a name map is a JSON object of strings, {{\"their_name\": \"our_name\"}}")
-    return [(re.compile(re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\Z"), v) for k, v in raw.items()]
+    return [(name_regex(k), v) for k, v in raw.items()]
 
 
 def rename(tensors, rules):
@@ -358,7 +371,8 @@ def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
 def cmd_explain(args):
     if args.plot:
         _require_matplotlib()                                           # before the slow part
-    model, r, tensors, seconds = _run(args)
+    model, audio, sr = _load(args)
+    r, tensors, seconds = capture(model, audio, sr, args.delay_ms)
     d = model.cfg
     print(f"model {model.path} ({d.format} format, {model.backend} backend): encoder width C={d.encoder.dim}, "
           f"decoder width D={d.decoder.dim}, vocabulary V={d.decoder.vocab_size}")
