@@ -377,7 +377,7 @@ def cmd_explain(args):
     print(f"model {model.path} ({d.format} format, {model.backend} backend): encoder width C={d.encoder.dim}, "
           f"decoder width D={d.decoder.dim}, vocabulary V={d.decoder.vocab_size}")
     print(f"audio {args.audio}: {r.n_samples / SAMPLE_RATE:.2f} s; delay {r.delay_ms} ms; "
-          f"time = wall time since the previous stage, summed over decoder steps")
+          f"time = wall time since the previous traced tensor, summed over decoder steps")
     print("\n".join(explain_lines(tensors, seconds)))
     print(f"text: {r.text!r}")
     if args.plot:
