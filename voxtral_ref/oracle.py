@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -365,7 +366,9 @@ def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
                     ha="center", va="top", fontsize=7)
     ax_tok.set_yticks([])
     ax_tok.set_xlabel("time in the padded audio (s)")
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():                  # scripts the default font lacks are drawn as boxes: fine here
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path, dpi=100)
 
 
 def cmd_explain(args):
