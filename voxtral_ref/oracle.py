@@ -338,7 +338,8 @@ def token_label(tokenizer, i):
     short = {STREAMING_PAD_ID: ".", STREAMING_WORD_ID: "|", EOS_ID: "EOS"}
     if i in short:
         return short[i]
-    return tokenizer.token_bytes(i).decode("utf-8", errors="replace") or tokenizer.special_names.get(i, f"<{i}>")
+    text = tokenizer.token_bytes(i).decode("utf-8", errors="replace").replace("\n", "\\n")   # one line per label
+    return text or tokenizer.special_names.get(i, f"<{i}>")
 
 
 def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
