@@ -8,6 +8,7 @@ import pytest
 
 import voxtral_ref
 from voxtral_ref import ckernels
+from voxtral_ref.oracle import capture
 
 from conftest import MODEL_DIRS, golden_cases, load_case
 
@@ -33,10 +34,8 @@ def model(request):
 
 
 def run_traced(model, audio, delay_ms):
-    """Transcribe with a trace; tensors traced once per decoder step are concatenated over positions."""
-    seen = {}
-    r = model.transcribe(audio, delay_ms=delay_ms, trace=lambda n, t: seen.setdefault(n, []).append(np.array(t)))
-    return r, {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in seen.items()}
+    r, tensors, _ = capture(model, audio, delay_ms=delay_ms)
+    return r, tensors
 
 
 @pytest.fixture(scope="module")

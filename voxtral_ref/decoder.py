@@ -64,10 +64,11 @@ def ada_scales(weights, n_delay, trace=None):
     """The delay conditioning is constant for a whole transcription: compute each layer's scale once."""
     cfg = weights.cfg.decoder
     t_cond = time_embedding(n_delay, cfg.dim)                                            # [3072]
-    scales = [ada_scale(t_cond, weights[f"dec.layers.{i}.ada_down"], weights[f"dec.layers.{i}.ada_up"])
-              for i in range(cfg.n_layers)]                                              # n_layers x [3072]
     if trace:
         trace("t_cond", t_cond)
-        for i, s in enumerate(scales):
-            trace(f"decoder.layers.{i}.ada_scale", s)
+    scales = []
+    for i in range(cfg.n_layers):
+        scales.append(ada_scale(t_cond, weights[f"dec.layers.{i}.ada_down"], weights[f"dec.layers.{i}.ada_up"]))
+        if trace:
+            trace(f"decoder.layers.{i}.ada_scale", scales[-1])                           # [3072]
     return scales

@@ -34,10 +34,11 @@ def conv_stem(mel, w, history=None, trace=None):
     c1 = w["enc.conv1.weight"].shape[0]
     h1 = history["conv1"] if history else np.zeros((conv_left_pad(1), x.shape[1]), np.float32)
     y1 = kernels.gelu(conv1d(np.concatenate([h1, x]), w["enc.conv1.weight"], w["enc.conv1.bias"], 1))  # [T, C]
+    if trace:
+        trace("conv1", y1)
     h2 = history["conv2"] if history else np.zeros((conv_left_pad(2), c1), np.float32)
     y2 = kernels.gelu(conv1d(np.concatenate([h2, y1]), w["enc.conv2.weight"], w["enc.conv2.bias"], 2))  # [T/2, C]
     if trace:
-        trace("conv1", y1)
         trace("conv2", y2)
     return y2
 

@@ -28,15 +28,18 @@ def encode(weights, padded, trace=None):
     """Padded samples -> audio embeddings [n_tokens, 3072], the whole file at once (the encoder is
     causal, so this equals running it chunk by chunk)."""
     interleaved = weights.cfg.format == "mistral"
+    if trace:
+        trace("padded_audio", padded)
     mel = log_mel(padded)                                                             # [128, T], T % 8 == 0
+    if trace:
+        trace("mel", mel)
     x = conv_stem(mel, weights, trace=trace)                                          # [T/2, 1280]
     x = encoder_transformer(x, np.arange(len(x)), weights, interleaved, trace=trace)  # [T/2, 1280]
     a = downsample(x, weights.cfg.downsample)                                         # [T/8, 5120]
+    if trace:
+        trace("adapter_in", a)
     out = adapter(a, weights["adapter.w_in"], weights["adapter.w_out"])               # [T/8, 3072]
     if trace:
-        trace("padded_audio", padded)
-        trace("mel", mel)
-        trace("adapter_in", a)
         trace("adapter_out", out)
     return out
 
