@@ -153,7 +153,7 @@ class Weights:
     biases) and conv kernels, a few MB in all, are converted to float32 once."""
 
     def __init__(self, tensors, cfg, source):
-        self.cfg, self.source, self._t, self._small = cfg, source, {}, {}
+        self.cfg, self.source, self._t, self._small, self._layers = cfg, source, {}, {}, {}
         fmt_col = 1 if cfg.format == "mistral" else 2
         missing = []
         for row in canonical_names(cfg):
@@ -181,8 +181,10 @@ class Weights:
 
     def layer(self, prefix):
         """{'wq': ..., 'attention_norm': ...} for one encoder or decoder layer."""
-        n = len(prefix) + 1
-        return {k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")}
+        if prefix not in self._layers:  # built once: the decode loop asks for every layer at every step
+            n = len(prefix) + 1
+            self._layers[prefix] = {k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")}
+        return self._layers[prefix]
 
     def n_params(self):
         return sum(int(t.size) for t in self._t.values())
