@@ -6,9 +6,25 @@ from .config import SAMPLE_RATE
 from .errors import VoxtralError
 
 
+RESAMPLE_QUALITY = "HQ"                   # soxr's high quality; its one-shot and stream resamplers agree exactly
+
+
 def to_mono_16k(audio, sample_rate=SAMPLE_RATE):
     """[N] or [N, channels] samples (float, or int PCM scaled to [-1, 1)) at `sample_rate` -> [N'] float32
     at 16 kHz. Channels are averaged; other rates are resampled with soxr (high quality)."""
+    a = to_mono_float32(audio)
+    if a.size == 0:
+        raise VoxtralError("the audio is empty (0 samples)")
+    check_sample_rate(sample_rate)
+    if sample_rate != SAMPLE_RATE:
+        import soxr
+        a = soxr.resample(a, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY).astype(np.float32)
+    return a
+
+
+def to_mono_float32(audio):
+    """Validate and mix down, without resampling: [N] or [N, channels] -> [N] float32. Empty is allowed
+    (a stream's chunk may be); NaN and infinities are not."""
     a = np.asarray(audio)
     if a.dtype.kind in "iu":
         a = pcm_to_float(a)
@@ -19,16 +35,14 @@ def to_mono_16k(audio, sample_rate=SAMPLE_RATE):
         a = a.mean(axis=1, dtype=np.float32)                                 # [N, C] -> [N]
     if a.ndim != 1:
         raise VoxtralError(f"audio must be [samples] or [samples, channels], got shape {a.shape}")
-    if a.size == 0:
-        raise VoxtralError("the audio is empty (0 samples)")
     if not np.isfinite(a).all():
         raise VoxtralError(f"the audio contains {int((~np.isfinite(a)).sum())} NaN or infinite samples")
+    return a
+
+
+def check_sample_rate(sample_rate):
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise VoxtralError(f"sample_rate must be a positive integer, got {sample_rate!r}")
-    if sample_rate != SAMPLE_RATE:
-        import soxr
-        a = soxr.resample(a, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return a
 
 
 def pcm_to_float(a):

@@ -78,3 +78,14 @@ class Model:
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
             ids = greedy_decode(self.weights, embeds, n_delay, trace=trace)
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x))
+
+    def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
+        """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).
+        For any chunking, a closed session's token_ids equal transcribe()'s."""
+        from .stream import StreamSession
+        return StreamSession(self, delay_ms, sample_rate, past_eos)
+
+    def transcribe_stream(self, chunks, sample_rate=C.SAMPLE_RATE, delay_ms=None):
+        """Iterable of audio chunks -> iterator of text deltas, each yielded as soon as it is decoded."""
+        from .stream import text_deltas
+        return text_deltas(self.stream(delay_ms, sample_rate), chunks)

@@ -1,0 +1,252 @@
+"""Live transcription: feed audio as it arrives and get each token as soon as the audio allows, with exactly
+the token ids of the offline `Model.transcribe` for any way the audio is cut into chunks.
+
+The offline pipeline, cut in time. Offline pads 32 tokens of silence on the left and (at the end) aligns to
+1280 samples and adds delay + 11 tokens of silence on the right, then computes every stage over the whole
+padded signal. Every stage is causal, so a session runs the same functions token by token:
+  mel      frame k covers padded samples [160k - 200, 160k + 200); the borders are zeros, so HF's reflect
+           padding equals zero extension and `mel.log_mel_frames` works on a buffer that starts 200
+           samples before the first frame it computes. Mel is computed in whole tokens (8 frames), which
+           keeps conv2's stride-2 parity and the 4-frame adapter groups aligned with offline.
+  conv     `encoder.conv_stem` with `history`: the last 2 mel frames (conv1) and the last conv1 frame
+           (conv2) of the previous tokens instead of the zeros offline puts before frame 0.
+  encoder  `encoder.encoder_transformer` with one `KVCache` per layer; RoPE positions are absolute.
+  decoder  `generate.Decoder`: its first step takes the prompt's len(prompt) audio embeddings at once,
+           then one per 80 ms token.
+Audio embedding e needs mel frames <= 8e + 7, i.e. padded samples < 1280 (e + 1) + 40 (40 samples =
+2.5 ms look-ahead). Generated token k is predicted at position len(prompt) - 1 + k, so it is emitted as
+soon as the stream holds 1280 (delay + 1 + k) + 40 samples of real audio (9000 for the first token at
+480 ms, HF's first streaming chunk), plus the compute. `close()` appends offline's right pad and decodes
+to the end exactly as offline does: up to the last position offline runs, or to EOS.
+
+End of speech (EOS). Offline decoding stops at EOS; a closed stream must give the same ids, so by default
+a session keeps EOS as its last id and emits nothing more, but stays open: feed() still accepts audio
+(and drops it) and close() still ends it normally, so a live source is never cut off with an error.
+Mistral's guidance for realtime use is that EOS must not end a stream; `past_eos=True` follows it and
+keeps decoding after EOS (EOS is fed back like any other token). Its ids then equal offline's only up to
+and including the first EOS.
+
+Memory is O(1) in the stream's length: the audio buffer holds at most the samples the next frames need
+plus what was fed and not yet processed; encoder and decoder KV caches are rings of (window + chunk - 1)
+slots; at most one batch of audio embeddings waits for the decoder. Only the output (ids, text) grows.
+
+Input at other sample rates goes through soxr's stream resampler at the quality `Model.transcribe` uses;
+for soxr 1.1.0 its output for any chunking is identical, sample for sample, to the one-shot
+`soxr.resample` of the whole file (tests/test_stream.py checks this through the token ids).
+"""
+
+import collections
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .adapter import adapter, downsample
+from .attention import KVCache
+from .audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
+from .config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
+                     delay_tokens, right_pad_samples)
+from .encoder import conv_left_pad, conv_stem, encoder_transformer
+from .errors import VoxtralError
+from .generate import Decoder
+from .mel import log_mel_frames
+
+HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
+LOOK_AHEAD = HALF_WINDOW - HOP            # 40 samples (2.5 ms) past a token's 1280 for its last frame
+
+
+@dataclass
+class Emission:
+    """What one step() or close() produced."""
+    token_ids: list = field(default_factory=list)   # generated ids, specials included (as Transcript)
+    text: str = ""                                  # the text delta; all deltas joined = the transcript
+    latency_s: list = field(default_factory=list)   # per token: from the feed() that completed its audio
+
+
+class StreamSession:
+    """One live stream. feed() queues audio (cheap, thread-safe); step() does the work the audio allows;
+    close() ends the audio. Make one with `Model.stream()`."""
+
+    def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
+        check_sample_rate(sample_rate)
+        self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
+        self.n_delay = delay_tokens(self.delay_ms)
+        self.sample_rate, self.past_eos = sample_rate, past_eos
+        self.text = ""
+        self._model = model
+        enc = model.cfg.encoder
+        self._dec = Decoder(model.weights, self.n_delay)       # no max_positions: rings of window + prompt - 1
+        self._batch = len(self._dec.prompt)                    # tokens encoded at once, at most: the prompt's
+        self._enc_caches = [KVCache(enc.sliding_window, model.cfg.downsample * self._batch, enc.n_heads, enc.head_dim)
+                            for _ in range(enc.n_layers)]
+        self._history = None                                   # conv stem's left context; None: zeros, as offline
+        # Padded-stream samples [_buf_start, _buf_start + len(_buf)): to start, the 200 zeros frame 0 reaches
+        # before sample 0 and the 32 tokens of left pad.
+        self._buf_start = -HALF_WINDOW
+        self._buf = np.zeros(HALF_WINDOW + N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32)
+        self._embeds = np.zeros((0, model.cfg.decoder.dim), np.float32)  # computed, not yet fed [m, dim]
+        self._n_embeds = 0                                     # audio embeddings computed so far
+        self._arrivals = collections.deque()                   # (padded end, feed time) of chunks in use
+        self._resampler = None
+        if sample_rate != SAMPLE_RATE:
+            import soxr
+            self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32",
+                                                  quality=RESAMPLE_QUALITY)
+        self._n_samples = 0                                    # 16 kHz samples received
+        self._n_positions = None                               # offline's audio tokens, known at close()
+        self._utf8 = model.tokenizer.incremental()
+        self._lock = threading.Lock()                          # guards _pending and _closed
+        self._work = threading.Lock()                          # one step() or close() computes at a time
+        self._pending, self._closed, self._done = [], False, False
+
+    # --- public API ---------------------------------------------------------------------------------------
+    @property
+    def token_ids(self):
+        """Generated ids so far (after the prompt, specials and EOS kept, as `Transcript.token_ids`)."""
+        return self._dec.ids[len(self._dec.prompt):]
+
+    @property
+    def done(self):
+        """True once close() has decoded everything."""
+        return self._done
+
+    def feed(self, samples):
+        """Queue audio at the session's sample rate: [N] or [N, channels], float or int PCM, any N >= 0."""
+        a = to_mono_float32(samples).copy()                    # own it: callers (sounddevice) reuse buffers
+        with self._lock:
+            if self._closed:
+                raise VoxtralError("feed() after close(): this stream has ended; start a new one with Model.stream()")
+            if a.size:
+                self._pending.append((a, time.perf_counter()))
+
+    def step(self, max_tokens=None):
+        """Decode what the audio fed so far allows (at most `max_tokens` tokens) -> Emission."""
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 0):
+            raise VoxtralError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
+        with self._work:
+            with self._lock:
+                if self._closed:
+                    raise VoxtralError("step() after close(): this stream has ended; its result is in .text "
+                                       "and .token_ids")
+            return self._advance(max_tokens, closing=False)
+
+    def close(self):
+        """End of audio: pad on the right as offline does and decode to the end -> the final Emission.
+        Closing again returns an empty Emission."""
+        with self._work:
+            with self._lock:
+                if self._closed:
+                    return Emission()
+                self._closed = True
+            return self._advance(None, closing=True)
+
+    def footprint(self):
+        """Sizes of the compute state, which stay flat however long the stream runs."""
+        return {"audio_buffer": len(self._buf), "waiting_embeddings": len(self._embeds),
+                "arrivals": len(self._arrivals),
+                "encoder_kv_slots": sum(c.k.shape[0] for c in self._enc_caches),
+                "decoder_kv_slots": sum(c.k.shape[0] for c in self._dec.caches)}
+
+    # --- the work -----------------------------------------------------------------------------------------
+    def _advance(self, max_tokens, closing):
+        with self._lock:
+            pending, self._pending = self._pending, []
+        ids, latency = [], []
+        with kernels.use(self._model.backend):
+            self._take_audio(pending, closing)
+            while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
+                embeds = self._next_embeds()                                      # [len(prompt) or 1, dim]
+                if embeds is None:
+                    break
+                ids.append(self._dec.step(embeds))
+                latency.append(self._latency())
+        if self._buf.base is not None:                     # trimmed views would pin a large fed chunk
+            self._buf = self._buf.copy()
+        text = self._utf8.feed(ids) + (self._utf8.flush() if closing else "")
+        self.text += text
+        self._done = closing
+        return Emission(ids, text, latency)
+
+    def _stopped(self):
+        """Offline's rule: stop after EOS, or once the last position before the padded end has run."""
+        ids, p = self._dec.ids, len(self._dec.prompt)
+        if len(ids) > p and ids[-1] == EOS_ID and not self.past_eos:
+            return True
+        return self._n_positions is not None and len(ids) >= self._n_positions
+
+    def _take_audio(self, pending, closing):
+        """Append queued chunks (resampled to 16 kHz) to the buffer; at close, offline's right pad."""
+        if self._stopped():                                 # after EOS nothing is decoded: drop the audio
+            self._buf, self._arrivals = self._buf[:0], collections.deque()
+            return
+        chunks = [(self._resampler.resample_chunk(a) if self._resampler else a, t) for a, t in pending]
+        if closing:
+            now = time.perf_counter()
+            if self._resampler:
+                chunks.append((self._resampler.resample_chunk(np.zeros(0, np.float32), last=True), now))
+        self._n_samples += sum(len(a) for a, _ in chunks)
+        if closing:                                         # no audio at all: nothing to decode
+            right = right_pad_samples(self._n_samples, self.n_delay) if self._n_samples else 0
+            chunks.append((np.zeros(right, np.float32), now))
+            padded = N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN + self._n_samples + right
+            self._n_positions = padded // SAMPLES_PER_TOKEN if self._n_samples else 0
+        end = self._buf_start + len(self._buf)
+        pieces = [self._buf]
+        for a, t in chunks:
+            if len(a):
+                end += len(a)
+                pieces.append(a)
+                self._arrivals.append((end, t))
+        if len(pieces) > 1:
+            self._buf = np.concatenate(pieces)                                # [buffered samples]
+
+    def _next_embeds(self):
+        """The audio embeddings the decoder's next step needs, or None if the audio is not there yet."""
+        need = 1 if len(self._dec.ids) else len(self._dec.prompt)
+        while len(self._embeds) < need:
+            ready = (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN   # embeddings allowed
+            n = min(ready - self._n_embeds, self._batch)
+            if n <= 0:
+                return None
+            self._embeds = np.concatenate([self._embeds, self._encode(n)])  # [m + n, dim]
+        out, self._embeds = self._embeds[:need], self._embeds[need:]
+        return out
+
+    def _encode(self, n):
+        """The next n audio embeddings from the buffer, which starts 200 samples before their first frame."""
+        w, ds = self._model.weights, self._model.cfg.downsample
+        mel = log_mel_frames(self._buf, n * MEL_FRAMES_PER_TOKEN)                 # [128, 8n]
+        stages = {}
+        x = conv_stem(mel, w, self._history, trace=stages.__setitem__)           # [4n, C]
+        # The next tokens' causal context: conv_stem's trace hands us its conv1 output.
+        self._history = {"conv1": mel.T[-conv_left_pad(1):], "conv2": stages["conv1"][-conv_left_pad(2):]}
+        pos = np.arange(self._n_embeds * ds, (self._n_embeds + n) * ds)          # absolute encoder frames [4n]
+        x = encoder_transformer(x, pos, w, self._dec.interleaved, self._enc_caches)  # [4n, C]
+        out = adapter(downsample(x, ds), w["adapter.w_in"], w["adapter.w_out"])  # [n, 4C] -> [n, dim]
+        self._buf = self._buf[n * SAMPLES_PER_TOKEN:]            # the next frame starts 200 before its token
+        self._buf_start += n * SAMPLES_PER_TOKEN
+        self._n_embeds += n
+        return out
+
+    def _latency(self):
+        """Seconds since the feed() that brought the last sample the token just emitted needed."""
+        need = SAMPLES_PER_TOKEN * (len(self._dec.ids) - 1) + LOOK_AHEAD   # its position's embedding's end
+        while self._arrivals[0][0] < need:
+            self._arrivals.popleft()
+        return time.perf_counter() - self._arrivals[0][1]
+
+
+def text_deltas(session, chunks):
+    """Feed each chunk, yield each non-empty text delta as soon as it is decoded, then close."""
+    for chunk in chunks:
+        session.feed(chunk)
+        delta = session.step().text
+        if delta:
+            yield delta
+    delta = session.close().text
+    if delta:
+        yield delta
