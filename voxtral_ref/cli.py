@@ -7,6 +7,7 @@ import sys
 
 from .errors import VoxtralError
 from .oracle import add_oracle_parsers
+from .stream import add_stream_parser
 
 
 def cmd_transcribe(args):
@@ -37,6 +38,7 @@ def build_parser():
     t.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
     t.set_defaults(func=cmd_transcribe)
     add_oracle_parsers(sub)                 # dump, compare, explain
+    add_stream_parser(sub)                  # stream (live audio)
     return p
 
 

@@ -250,3 +250,136 @@ def text_deltas(session, chunks):
     delta = session.close().text
     if delta:
         yield delta
+
+
+# --- `voxtral-ref stream` -------------------------------------------------------------------------------------
+RAW_DTYPES = {"s16le": "<i2", "f32le": "<f4"}
+BLOCKS_PER_SECOND = 50                    # read 20 ms at a time: a quarter of a token, so reading adds little delay
+
+
+def add_stream_parser(subparsers):
+    s = subparsers.add_parser(
+        "stream", help="transcribe live audio from stdin or the microphone",
+        description="Transcribe audio as it arrives: text on stdout as it is decoded, timings on stderr. "
+                    "The final text equals `transcribe` on the same audio.")
+    s.add_argument("--model", required=True, help="checkpoint directory")
+    s.add_argument("--format", choices=["wav"] + list(RAW_DTYPES), default="wav",
+                   help="stdin holds a WAV stream (any rate) or raw little-endian PCM at --rate (default wav)")
+    s.add_argument("--rate", type=int, default=SAMPLE_RATE, help="sample rate of raw stdin or the microphone (Hz)")
+    s.add_argument("--channels", type=int, default=1, help="interleaved channels of raw stdin (mixed down)")
+    s.add_argument("--from-mic", action="store_true", help="capture the default microphone (pip install 'voxtral_ref[mic]')")
+    s.add_argument("--delay-ms", type=int, default=None)
+    s.add_argument("--past-eos", action="store_true",
+                   help="keep decoding after EOS (Mistral's realtime guidance); by default text stops at EOS, as offline")
+    s.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
+    s.set_defaults(func=cli_stream)
+
+
+def cli_stream(args):
+    from . import load
+    if args.rate <= 0 or args.channels <= 0:
+        raise VoxtralError(f"--rate and --channels must be positive, got {args.rate} and {args.channels}")
+    if args.from_mic:
+        rate, chunks = args.rate, _mic_chunks(_import_sounddevice(), args.rate)
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise VoxtralError("no audio on stdin: pipe a WAV file or raw PCM into `voxtral-ref stream`, or use --from-mic")
+    elif args.format == "wav":
+        rate, chunks = _wav_chunks(sys.stdin.fileno())
+    else:
+        rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
+                                              args.rate // BLOCKS_PER_SECOND)
+    model = load(args.model, backend=args.backend)
+    session = model.stream(args.delay_ms, rate, args.past_eos)
+    report = _Report(rate)
+    print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms"
+          + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
+    try:
+        for chunk in chunks:
+            session.feed(chunk)
+            report.fed(len(chunk))
+            report.emit(session.step)
+    except KeyboardInterrupt:
+        print("voxtral-ref stream: interrupted, flushing", file=sys.stderr)
+    finally:
+        chunks.close()                                  # stops the microphone
+    report.emit(session.close)
+    report.finish()
+
+
+class _Report:
+    """Writes text deltas to stdout as they come and keeps the timing figures for stderr."""
+
+    def __init__(self, rate):
+        self.rate, self.samples, self.tokens, self.compute = rate, 0, 0, 0.0
+        self.latency_sum, self.latency_max = 0.0, 0.0
+
+    def fed(self, n):
+        self.samples += n
+
+    def emit(self, work):
+        t = time.perf_counter()
+        e = work()
+        self.compute += time.perf_counter() - t
+        self.tokens += len(e.token_ids)
+        self.latency_sum += sum(e.latency_s)
+        self.latency_max = max([self.latency_max] + e.latency_s)
+        if e.text:
+            sys.stdout.write(e.text)
+            sys.stdout.flush()
+
+    def finish(self):
+        print(flush=True)
+        seconds = self.samples / self.rate
+        print(f"voxtral-ref stream: {seconds:.2f} s of audio, {self.tokens} tokens, compute {self.compute:.2f} s "
+              f"({self.compute / max(seconds, 1e-9):.3f}x realtime); latency from the last audio sample a token "
+              f"needs to the token: mean {1e3 * self.latency_sum / max(self.tokens, 1):.1f} ms, "
+              f"max {1e3 * self.latency_max:.1f} ms", file=sys.stderr)
+
+
+def _wav_chunks(fd):
+    """(rate, generator of [n, channels] blocks) from a WAV stream; libsndfile reads pipes given a descriptor."""
+    import soundfile as sf
+    try:
+        f = sf.SoundFile(fd, closefd=False)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise VoxtralError(f"stdin is not a WAV stream ({e}); for raw PCM pass --format s16le or f32le") from None
+
+    def blocks():
+        with f:
+            while len(block := f.read(max(1, f.samplerate // BLOCKS_PER_SECOND), dtype="float32")):
+                yield block
+    return f.samplerate, blocks()
+
+
+def _raw_chunks(stream, dtype, channels, block_frames):
+    """Blocks of raw interleaved PCM as they arrive (read1 returns what the pipe has, up to a block)."""
+    frame = dtype.itemsize * channels
+    rest = b""
+    while data := stream.read1(block_frames * frame):
+        data = rest + data
+        whole = len(data) // frame * frame
+        rest = data[whole:]
+        if whole:
+            yield np.frombuffer(data[:whole], dtype).reshape(-1, channels)   # [n, channels]
+    if rest:
+        print(f"voxtral-ref stream: dropped {len(rest)} trailing bytes (not a whole {frame}-byte frame)",
+              file=sys.stderr)
+
+
+def _import_sounddevice():
+    try:
+        import sounddevice
+    except (ImportError, OSError) as e:  # OSError: the package is there but PortAudio is not
+        raise VoxtralError(f"--from-mic needs the optional sounddevice package: pip install 'voxtral_ref[mic]' "
+                           f"({type(e).__name__}: {e})") from None
+    return sounddevice
+
+
+def _mic_chunks(sd, rate):
+    """Blocks from the default input device; the audio callback hands them over through a queue."""
+    import queue
+    blocks = queue.Queue()
+    with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=rate // BLOCKS_PER_SECOND,
+                        callback=lambda data, frames, t, status: blocks.put(data.copy())):
+        while True:
+            yield blocks.get()
