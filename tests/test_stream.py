@@ -1,0 +1,324 @@
+"""Live streaming (voxtral_ref/stream.py): for any chunking, a closed session's token ids equal offline's and
+HF's golden ids; tokens come out as soon as the audio allows; memory stays flat; the API's edges."""
+
+import copy
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import voxtral_ref
+from voxtral_ref import VoxtralError
+from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN, delay_tokens
+from voxtral_ref.model import Model
+from voxtral_ref.stream import LOOK_AHEAD
+
+from conftest import MODEL_DIRS, golden_cases, load_case
+
+CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
+EDGE_SIZES = [1, 159, 160, 1279, 1280, 1281]          # around a hop and a token
+PRIME_SIZES = [2, 3, 7, 13, 641, 1277, 1283, 7919]
+_offline = {}
+
+
+def offline(model, case):
+    """(golden case, offline Transcript), computed once per model and case."""
+    key = (id(model), case)
+    if key not in _offline:
+        g = load_case(case)
+        _offline[key] = g, model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]))
+    return _offline[key]
+
+
+def run_stream(session, audio, sizes, every=1, max_tokens=None):
+    """Feed `audio` in chunks of sizes cycled from `sizes` (0 = an empty feed), step after every `every`
+    feeds, close; -> the concatenated emissions (ids, text)."""
+    emitted = []
+    i = j = 0
+    while i < len(audio):
+        n = sizes[j % len(sizes)]
+        session.feed(audio[i:i + n])
+        i, j = i + n, j + 1
+        if j % every == 0:
+            e = session.step(max_tokens)
+            assert len(e.latency_s) == len(e.token_ids) and (max_tokens is None or len(e.token_ids) <= max_tokens)
+            emitted.append(e)
+    emitted.append(session.close())
+    assert session.done
+    return sum((e.token_ids for e in emitted), []), "".join(e.text for e in emitted)
+
+
+def assert_equals_offline(model, case, ids, text):
+    g, off = offline(model, case)
+    assert ids == off.token_ids == g["token_ids"].tolist()
+    hf_stream = g["stream_token_ids"].tolist()     # HF's recipe may stop one token early; a prefix otherwise
+    assert ids[:len(hf_stream)] == hf_stream and len(hf_stream) >= len(ids) - 1
+    assert text == off.text
+
+
+# --- any chunking equals offline -------------------------------------------------------------------------
+chunkings = st.one_of(st.sampled_from(EDGE_SIZES + PRIME_SIZES).map(lambda n: [n]),
+                      st.lists(st.integers(0, 5000), min_size=1, max_size=30).filter(any))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES), sizes=chunkings, every=st.integers(1, 5),
+       max_tokens=st.sampled_from([None, None, 1, 3]))
+@example(case="speech_en_480", sizes=[1], every=1, max_tokens=None)
+@example(case="speech_en_80", sizes=[159], every=1, max_tokens=None)
+@example(case="speech_en_2400", sizes=[160], every=1, max_tokens=None)
+@example(case="chirp_480", sizes=[1279], every=1, max_tokens=None)
+@example(case="speech_fr_480", sizes=[1280], every=1, max_tokens=1)
+@example(case="speech_en_long_480", sizes=[1281], every=1, max_tokens=None)
+@example(case="speech_en_long_480", sizes=[10 ** 6], every=1, max_tokens=None)
+def test_any_chunking_equals_offline_and_hf(tiny_model, case, sizes, every, max_tokens):
+    g, _ = offline(tiny_model, case)
+    ids, text = run_stream(tiny_model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes, every, max_tokens)
+    assert_equals_offline(tiny_model, case, ids, text)
+
+
+def test_transcribe_stream_yields_deltas_as_they_come(tiny_mistral):
+    g, off = offline(tiny_mistral, "speech_en_480")
+    fed = []
+
+    def chunks():
+        for i in range(0, len(g["audio"]), 1280):
+            fed.append(i)
+            yield g["audio"][i:i + 1280]
+    deltas = tiny_mistral.transcribe_stream(chunks())
+    first = next(deltas)
+    assert first and len(fed) < len(g["audio"]) // 1280          # text before the audio ends
+    assert first + "".join(deltas) == off.text
+
+
+# --- when tokens come out ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("delay_ms", [80, 480, 2400])
+def test_each_token_comes_with_its_last_needed_sample(tiny_mistral, delay_ms):
+    """Token k needs real audio up to sample 1280 (delay + 1 + k) + 40: one sample fewer and it waits."""
+    audio = load_case("speech_en_480")["audio"]
+    s = tiny_mistral.stream(delay_ms=delay_ms)
+    fed = 0
+    for k in range(5):
+        need = SAMPLES_PER_TOKEN * (delay_tokens(delay_ms) + 1 + k) + LOOK_AHEAD
+        s.feed(audio[fed:need - 1])
+        assert s.step().token_ids == []
+        s.feed(audio[need - 1:need])
+        assert len(s.step().token_ids) == 1
+        fed = need
+    assert len(s.token_ids) == 5
+
+
+# --- long streams: windows wrap, memory stays flat ----------------------------------------------------------
+def test_long_stream_equals_offline_with_flat_state(tiny_mistral):
+    """A minute of audio: 3000+ encoder frames through a 48-frame window, 780 tokens through a 24-token one."""
+    audio = np.tile(load_case("speech_en_long_480")["audio"], 7)                  # 60.4 s
+    off = tiny_mistral.transcribe(audio)
+    cfg = tiny_mistral.cfg
+    assert len(off.token_ids) > 20 * cfg.decoder.sliding_window and len(set(off.token_ids)) > 20
+    s = tiny_mistral.stream()
+    rng = np.random.default_rng(0)
+    start, i, sizes = s.footprint(), 0, []
+    while i < len(audio):
+        n = int(rng.integers(1, 4000))
+        s.feed(audio[i:i + n])
+        i += n
+        s.step()
+        fp = s.footprint()
+        # after a step, only what the next token lacks remains: < 1280 + 240 samples, however much was fed
+        assert fp["audio_buffer"] < SAMPLES_PER_TOKEN + 240 and fp["arrivals"] <= fp["audio_buffer"] + 2
+        assert fp["waiting_embeddings"] < len(s._dec.prompt)
+        assert (fp["encoder_kv_slots"], fp["decoder_kv_slots"]) == (start["encoder_kv_slots"], start["decoder_kv_slots"])
+        sizes.append(fp["audio_buffer"])
+    s.close()
+    assert s.token_ids == off.token_ids and s.text == off.text
+    assert start["encoder_kv_slots"] == cfg.encoder.n_layers * (cfg.encoder.sliding_window + 4 * len(s._dec.prompt) - 1)
+    assert start["decoder_kv_slots"] == cfg.decoder.n_layers * (cfg.decoder.sliding_window + len(s._dec.prompt) - 1)
+
+
+# --- threads --------------------------------------------------------------------------------------------
+def test_feed_from_one_thread_step_from_others(tiny_model):
+    g, _ = offline(tiny_model, "speech_en_long_480")
+    s = tiny_model.stream()
+    fed = threading.Event()
+
+    def feeder():
+        rng = np.random.default_rng(1)
+        i = 0
+        while i < len(g["audio"]):
+            n = int(rng.integers(0, 3000))
+            s.feed(g["audio"][i:i + n])
+            i += n
+            time.sleep(0.0002)                                # let the steppers in mid-stream
+        fed.set()
+
+    emitted, errors = [], []
+
+    def stepper():
+        try:
+            while not fed.is_set():
+                emitted.append(s.step())
+        except Exception as e:   # surfaced by the assertion below
+            errors.append(e)
+    threads = [threading.Thread(target=feeder)] + [threading.Thread(target=stepper) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sum(len(e.token_ids) for e in emitted) > 0     # tokens came before the end
+    emitted.append(s.close())
+    ids = sum((e.token_ids for e in emitted), [])
+    assert ids == s.token_ids
+    assert_equals_offline(tiny_model, "speech_en_long_480", s.token_ids, s.text)
+
+
+# --- resampling ---------------------------------------------------------------------------------------------
+def test_soxr_stream_resampler_equals_one_shot():
+    """Why a chunked 44.1 kHz stream can equal transcribe() on the whole file: soxr's stream resampler gives
+    the one-shot resampler's samples exactly, whatever the chunking."""
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, 44100 * 2 + 17).astype(np.float32)
+    whole = soxr.resample(x, 44100, 16000, quality="HQ")
+    rs = soxr.ResampleStream(44100, 16000, 1, dtype="float32", quality="HQ")
+    parts = [rs.resample_chunk(x[i:i + n]) for i, n in zip(range(0, len(x), 997), [997] * len(x))]
+    parts.append(rs.resample_chunk(np.zeros(0, np.float32), last=True))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize("sizes", [[1], [441], [1, 4410, 7, 0, 13]])
+def test_44k_chunked_equals_whole(tiny_mistral, sizes):
+    audio = soxr.resample(load_case("speech_en_480")["audio"], 16000, 44100).astype(np.float32)
+    off = tiny_mistral.transcribe(audio, sample_rate=44100)
+    ids, text = run_stream(tiny_mistral.stream(sample_rate=44100), audio, sizes, every=7)
+    assert ids == off.token_ids and text == off.text
+
+
+# --- end of speech --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eos_model(tiny_mistral):
+    """The tiny model with EOS's (tied) embedding made a slightly louder copy of a token it emits mid-way,
+    so that EOS wins there: a model that ends a transcript early."""
+    g, off = offline(tiny_mistral, "speech_en_long_480")
+    word = off.token_ids[len(off.token_ids) // 2]
+    w = copy.copy(tiny_mistral.weights)
+    w._t = dict(w._t)
+    emb = np.array(w._t["tok_embeddings"], dtype=np.float32)
+    emb[EOS_ID] = 1.05 * emb[word]
+    w._t["tok_embeddings"] = emb
+    m = Model(tiny_mistral.cfg, w, tiny_mistral.tokenizer, tiny_mistral.backend, tiny_mistral.path)
+    ids = m.transcribe(g["audio"]).token_ids
+    assert ids[-1] == EOS_ID and len(ids) < len(off.token_ids)                   # offline stops early
+    return m, g["audio"], ids
+
+
+def test_eos_ends_the_output_not_the_session(eos_model):
+    m, audio, offline_ids = eos_model
+    s = m.stream()
+    s.feed(audio)
+    assert s.step().token_ids == offline_ids                         # everything up to EOS, EOS kept
+    s.feed(audio)                                                    # a live source goes on: accepted ...
+    assert s.step().token_ids == [] and not s.done                   # ... and ignored
+    assert s.close().token_ids == [] and s.token_ids == offline_ids and s.done
+    ids, _ = run_stream(m.stream(), audio, [1279])
+    assert ids == offline_ids
+
+
+def test_past_eos_keeps_decoding(eos_model):
+    m, audio, offline_ids = eos_model
+    s = m.stream(past_eos=True)
+    ids, _ = run_stream(s, audio, [1280])
+    assert ids[:len(offline_ids)] == offline_ids and len(ids) > len(offline_ids)
+
+
+# --- API edges --------------------------------------------------------------------------------------------
+def test_close_twice_and_use_after_close(tiny_mistral):
+    s = tiny_mistral.stream()
+    s.feed(load_case("chirp_480")["audio"])
+    first = s.close()
+    assert first.token_ids and s.done
+    again = s.close()
+    assert again.token_ids == [] and again.text == "" and s.token_ids == first.token_ids
+    with pytest.raises(VoxtralError, match="after close"):
+        s.feed(np.zeros(10, np.float32))
+    with pytest.raises(VoxtralError, match="after close"):
+        s.step()
+
+
+def test_empty_feeds_and_empty_stream(tiny_mistral):
+    s = tiny_mistral.stream()
+    for _ in range(3):
+        s.feed(np.zeros(0, np.float32))
+        s.feed([])
+        assert s.step().token_ids == []
+    e = s.close()
+    assert e.token_ids == [] and e.text == "" and s.done and s.token_ids == []
+
+
+def test_early_close_returns_everything_emitted(tiny_mistral):
+    """Closing mid-stream ends the audio there: the result is offline's on the audio fed so far."""
+    audio = load_case("speech_en_480")["audio"][:20000]
+    s = tiny_mistral.stream()
+    s.feed(audio)
+    head = s.step().token_ids
+    tail = s.close().token_ids
+    assert head and head + tail == s.token_ids == tiny_mistral.transcribe(audio).token_ids
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.array([0.0, np.nan], np.float32), "NaN"), (np.array([np.inf]), "infinite"),
+    (np.zeros((2, 2, 2), np.float32), "shape"), (np.array(["a"]), "dtype")])
+def test_bad_feeds(tiny_mistral, bad, words):
+    s = tiny_mistral.stream()
+    with pytest.raises(VoxtralError, match=words):
+        s.feed(bad)
+    assert s.close().token_ids == []                                  # the bad chunk was not queued
+
+
+@pytest.mark.parametrize("kwargs, words", [({"delay_ms": 100}, "delay_ms"), ({"sample_rate": 0}, "sample_rate"),
+                                           ({"sample_rate": 44100.0}, "sample_rate")])
+def test_bad_session_settings(tiny_mistral, kwargs, words):
+    with pytest.raises(VoxtralError, match=words):
+        tiny_mistral.stream(**kwargs)
+
+
+@pytest.mark.parametrize("max_tokens", [-1, 1.5, True])
+def test_bad_max_tokens(tiny_mistral, max_tokens):
+    with pytest.raises(VoxtralError, match="max_tokens"):
+        tiny_mistral.stream().step(max_tokens)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+def cli(args, stdin_path=None):
+    with open(stdin_path or "/dev/null", "rb") as f:
+        return subprocess.run([sys.executable, "-m", "voxtral_ref.cli", "stream", "--model", str(MODEL_DIRS["mistral"])]
+                              + args, stdin=f, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "s16le"])
+def test_cli_stream_prints_offline_text(tiny_mistral, tmp_path, fmt):
+    g, off = offline(tiny_mistral, "speech_en_480")
+    pcm = np.round(g["audio"] * 32768).astype("<i2")                # golden audio is exact 16-bit PCM
+    path = tmp_path / f"a.{fmt}"
+    if fmt == "wav":
+        sf.write(path, pcm, 16000, subtype="PCM_16")
+    else:
+        pcm.tofile(path)
+    r = cli(["--format", fmt], path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == off.text + "\n"
+    assert f"{len(off.token_ids)} tokens" in r.stderr and "latency" in r.stderr
+
+
+def test_cli_stream_errors_are_one_line(tmp_path):
+    path = tmp_path / "junk"
+    path.write_bytes(b"not audio at all" * 10)
+    checks = [([], "WAV")] + ([(["--from-mic"], "sounddevice")] if importlib.util.find_spec("sounddevice") is None else [])
+    for args, words in checks:
+        r = cli(args, path)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
