@@ -15,7 +15,6 @@ import soxr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import voxtral_ref
 from voxtral_ref import VoxtralError
 from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN, delay_tokens
 from voxtral_ref.model import Model

@@ -63,7 +63,8 @@ class Emission:
     """What one step() or close() produced."""
     token_ids: list = field(default_factory=list)   # generated ids, specials included (as Transcript)
     text: str = ""                                  # the text delta; all deltas joined = the transcript
-    latency_s: list = field(default_factory=list)   # per token: from the feed() that completed its audio
+    # per token: seconds from the feed() (or, for the right pad, the close()) that completed its audio
+    latency_s: list = field(default_factory=list)
 
 
 class StreamSession:
