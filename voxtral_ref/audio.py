@@ -1,5 +1,9 @@
 """Stage 0: whatever the user has -> mono float32 samples at 16 kHz, validated."""
 
+import io
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from .config import SAMPLE_RATE
@@ -51,3 +55,33 @@ def pcm_to_float(a):
     if info.min == 0:                                                       # unsigned PCM is offset
         return (a.astype(np.float64) - (info.max + 1) / 2) / ((info.max + 1) / 2)
     return a.astype(np.float64) / -float(info.min)
+
+
+# libsndfile (through soundfile) decodes these; for anything else ffmpeg is one pipe away.
+READABLE = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF"
+FFMPEG_HINT = "convert it on the fly: ffmpeg -i in.m4a -f wav - | voxtral-ref transcribe -"
+
+
+def read_audio(source):
+    """(samples, sample rate) of an audio file, or of all of stdin when `source` is "-". Samples are
+    float32 [N] (mono) or [N, channels]; integer PCM comes scaled to [-1, 1) (int16 / 32768)."""
+    import soundfile as sf
+
+    if source == "-":
+        if sys.stdin.isatty():
+            raise VoxtralError("audio '-' means stdin, but stdin is a terminal: pipe audio in (e.g. "
+                               "ffmpeg -i in.m4a -f wav - | voxtral-ref transcribe -)")
+        # libsndfile needs to seek (headers, trailing chunks), which a pipe cannot: read it all first.
+        name, f = "stdin", io.BytesIO(sys.stdin.buffer.read())
+    else:
+        name = f = Path(source)
+        if not f.exists():
+            raise VoxtralError(f"audio file not found: {f}")
+        if f.is_dir():
+            raise VoxtralError(f"{f} is a directory, not an audio file")
+    try:
+        return sf.read(f, dtype="float32", always_2d=False)
+    except sf.LibsndfileError as e:
+        raise VoxtralError(f"cannot decode {name} ({e.error_string.rstrip('.')}): this reads {READABLE}; {FFMPEG_HINT}") from None
+    except OSError as e:
+        raise VoxtralError(f"cannot read {name}: {e.strerror or e}") from None

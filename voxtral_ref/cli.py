@@ -1,57 +1,296 @@
 """`voxtral-ref` command line. stdout carries transcripts and data; stderr carries progress and errors.
-Every VoxtralError becomes one line on stderr and a non-zero exit, never a traceback."""
+Every VoxtralError, usage mistake and warning becomes one line on stderr (errors exit non-zero), never a
+traceback."""
 
 import argparse
 import json
 import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
 
 from .errors import VoxtralError
+from .hub import DEFAULT_REPO
 from .oracle import add_oracle_parsers
 from .stream import add_stream_parser
 
+FORMATS = ("txt", "json", "srt", "vtt")
 
+
+# --- transcribe -------------------------------------------------------------------------------------------
 def cmd_transcribe(args):
-    import soundfile as sf
+    from .config import delay_tokens
 
-    from . import load
-    model = load(args.model, backend=args.backend)
-    for path in args.audio:
+    formats = FORMATS if args.format == "all" else (args.format,)
+    # Everything that can be checked without the model is checked before it loads (a real checkpoint takes
+    # a while) and before any audio is transcribed (a long file takes longer).
+    if args.delay_ms is not None:
+        delay_tokens(args.delay_ms)
+    if len(formats) > 1 and args.output_dir is None:
+        raise VoxtralError("-f all writes one file per format: add -o DIR")
+    if args.audio.count("-") > 1:
+        raise VoxtralError("stdin ('-') can be read only once")
+    out_dir = output_dir(args.output_dir, args.audio) if args.output_dir else None
+    model = load_model(args)
+    failed = 0
+    for src in args.audio:                            # one model for all files; a bad file does not stop the rest
         try:
-            audio, sr = sf.read(path, dtype="float32", always_2d=False)
-        except (sf.LibsndfileError, OSError) as e:
-            raise VoxtralError(f"cannot read audio {path}: {e}") from None
-        r = model.transcribe(audio, sample_rate=sr, delay_ms=args.delay_ms)
-        if args.format == "json":
-            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "delay_ms": r.delay_ms}, ensure_ascii=False))
+            transcribe_file(model, src, formats, out_dir, args)
+        except VoxtralError as e:
+            error_line(e)
+            failed += 1
+    return 2 if failed else 0
+
+
+def transcribe_file(model, src, formats, out_dir, args):
+    from .audio import read_audio, to_mono_16k
+    from .config import delay_tokens
+    from .subtitles import duration_ms, n_decode_steps, segments
+
+    name = stem(src) if src == "-" else src
+    t0 = time.perf_counter()
+    audio, sr = read_audio(src)
+    try:
+        x = to_mono_16k(audio, sr)
+    except VoxtralError as e:
+        raise VoxtralError(f"{name}: {e}") from None
+    t_read = time.perf_counter() - t0
+    delay_ms = model.cfg.default_delay_ms if args.delay_ms is None else args.delay_ms
+    with progress_bar(args, name, n_decode_steps(len(x), delay_tokens(delay_ms))) as bar:
+        r = model.transcribe(x, delay_ms=delay_ms, on_token=lambda _: bar.update())
+    segs = segments(r.token_ids, model.tokenizer, r.n_samples)
+    if args.verbose:
+        seconds, enc, dec = duration_ms(r.n_samples) / 1000, r.timings["encode_s"], r.timings["decode_s"]
+        note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, encode {enc:.2f} s, decode "
+             f"{dec:.2f} s ({len(r.token_ids)} tokens, {len(r.token_ids) / max(dec, 1e-9):.1f}/s); "
+             f"{(enc + dec) / seconds:.2f}x real time; {len(segs)} segments")
+    for fmt in formats:
+        text = render(fmt, r, segs, pretty=out_dir is not None)
+        if out_dir is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
         else:
-            print(r.text, flush=True)
+            write_text(out_dir / f"{stem(src)}.{fmt}", text, args)
+
+
+def render(fmt, r, segs, pretty):
+    """One transcript in one output format. JSON to stdout is one line per file (JSON Lines)."""
+    from .subtitles import to_json, to_srt, to_vtt
+    if fmt == "txt":
+        return r.text.strip() + "\n"
+    if fmt == "json":
+        return json.dumps(to_json(r, segs), ensure_ascii=False, indent=2 if pretty else None) + "\n"
+    return (to_srt if fmt == "srt" else to_vtt)(segs)
+
+
+def stem(src):
+    return "stdin" if src == "-" else Path(src).stem
+
+
+def output_dir(path, sources):
+    """-o DIR: created if needed and proven writable now, not after an hour of transcription."""
+    d = Path(path)
+    if d.exists() and not d.is_dir():
+        raise VoxtralError(f"-o {d}: not a directory")
+    seen = {}
+    for src in sources:
+        other = seen.setdefault(stem(src), src)
+        if other != src:
+            raise VoxtralError(f"{other} and {src} would both be written as {d / stem(src)}.*: "
+                               "rename one or transcribe them separately")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise VoxtralError(f"-o {d}: cannot write there ({e.strerror or e})") from None
+    return d
+
+
+def write_text(path, text, args):
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise VoxtralError(f"cannot write {path}: {e.strerror or e}") from None
+    if args.verbose:
+        note(f"wrote {path}")
+
+
+def progress_bar(args, name, total):
+    """Decoding progress on stderr: only on a terminal, not with --quiet, and only once a file has taken
+    a couple of seconds (short files finish before a bar would help)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=name, unit="tok", file=sys.stderr, leave=False, delay=2,
+                disable=args.quiet or not sys.stderr.isatty())
+
+
+# --- info -------------------------------------------------------------------------------------------------
+def cmd_info(args):
+    model = load_model(args)
+    for key, value in describe(model):
+        print(f"{key + ':':<12} {value}")
+
+
+def describe(model):
+    """[(key, value)] lines about a loaded checkpoint and what will run it."""
+    from .config import ALLOWED_DELAYS_MS, MS_PER_TOKEN
+    from .weights import read_safetensors
+
+    c, e, d = model.cfg, model.cfg.encoder, model.cfg.decoder
+    rope = "interleaved-pair" if c.format == "mistral" else "split-half (NeoX)"
+    weight_files = sorted(model.path.glob("consolidated.safetensors" if c.format == "mistral" else "model*.safetensors"))
+    dtypes = Counter(str(t.dtype) for f in weight_files for t in read_safetensors(f).values())
+    files = [f for f in sorted(model.path.iterdir()) if f.is_file()]
+    delays = f"{ALLOWED_DELAYS_MS[0]}..{ALLOWED_DELAYS_MS[-2]} by {MS_PER_TOKEN}, {ALLOWED_DELAYS_MS[-1]}"
+    return [
+        ("model", model.path),
+        ("format", f"{c.format} ({', '.join(f.name for f in weight_files)}; q/k rows in {rope} RoPE order)"),
+        ("parameters", f"{count(model.weights.n_params())} ({model.weights.n_params():,})"),
+        ("dtypes", ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())),
+        ("files", ", ".join(f"{f.name} {size(f.stat().st_size)}" for f in files)),
+        ("encoder", f"{e.n_layers} layers, dim {e.dim}, {e.n_heads} heads x {e.head_dim}, SwiGLU {e.hidden_dim}, "
+                    f"window {e.sliding_window} frames ({e.sliding_window / 50:g} s), RoPE theta {e.rope_theta:g}"),
+        ("decoder", f"{d.n_layers} layers, dim {d.dim}, {d.n_heads} heads / {d.n_kv_heads} kv x {d.head_dim}, "
+                    f"SwiGLU {d.hidden_dim}, window {d.sliding_window} tokens, vocab {d.vocab_size}, "
+                    f"RoPE theta {d.rope_theta:g}"),
+        ("delay", f"{c.default_delay_ms} ms by default (tekken.json); --delay-ms takes {delays}"),
+        ("kernels", kernels_summary(model.backend)),
+    ]
+
+
+def kernels_summary(backend):
+    """What will run the hot loops, as far as voxtral_ref.ckernels can tell."""
+    from . import ckernels
+    if backend == "numpy":
+        built = "built" if ckernels.available() else "not built"
+        return f"NumPy (the C kernels are {built}; --backend auto uses them when built)"
+    about = getattr(ckernels, "describe", None)
+    return "C" + (f": {about()}" if callable(about) else "")
+
+
+def count(n):
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def size(n):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+# --- shared -----------------------------------------------------------------------------------------------
+def load_model(args):
+    from . import load
+    set_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load(args.model, backend=args.backend, revision=args.revision, offline=args.offline,
+                 weights_format=args.weights_format, cache_dir=args.cache_dir, progress=not getattr(args, "quiet", False))
+    if getattr(args, "verbose", False):
+        note(f"model {model.path} ({model.cfg.format} format, {count(model.weights.n_params())} parameters, "
+             f"{model.backend} backend) loaded in {time.perf_counter() - t0:.2f} s")
+    return model
+
+
+def set_threads(n):
+    if n is None:
+        return
+    from . import ckernels
+    if not (ckernels.available() and hasattr(ckernels, "set_threads")):
+        warnings.warn("--threads applies to the C kernels, which are not built here: ignored")
+        return
+    ckernels.set_threads(n)
+
+
+def positive_int(s):
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_model_args(p):
+    """--model and what picks, fetches and runs it."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_REPO,
+                   help=f"checkpoint directory, or hub repo id fetched once into the HF cache (default {DEFAULT_REPO})")
+    g.add_argument("--revision", help="hub branch, tag or commit (default main)")
+    g.add_argument("--weights-format", choices=["mistral", "hf"],
+                   help="Mistral's consolidated.safetensors (fetched by default) or HF's model*.safetensors")
+    g.add_argument("--offline", action="store_true", help="never touch the network, only the HF cache (as HF_HUB_OFFLINE=1)")
+    g.add_argument("--cache-dir", help="hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+    g.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto",
+                   help="auto: the C kernels when built, else NumPy")
+    g.add_argument("--threads", type=positive_int, help="threads for the C kernels (default: all cores)")
+
+
+def note(msg):
+    print(f"voxtral-ref: {msg}", file=sys.stderr)
+
+
+def error_line(e):
+    print(f"voxtral-ref: error: {e}", file=sys.stderr)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"voxtral-ref: warning: {message}", file=sys.stderr)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line naming it and where help is, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="voxtral-ref", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="voxtral-ref", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("transcribe", help="transcribe audio files")
-    t.add_argument("audio", nargs="+")
-    t.add_argument("--model", required=True, help="checkpoint directory")
-    t.add_argument("--delay-ms", type=int, default=None)
-    t.add_argument("--format", choices=["txt", "json"], default="txt")
-    t.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
+
+    t = sub.add_parser("transcribe", help="transcribe audio files to text, JSON or subtitles",
+                       description="Transcribe audio files (WAV, FLAC, OGG, MP3; '-' reads stdin). Text goes to "
+                                   "stdout unless -o DIR is given.")
+    t.add_argument("audio", nargs="+", help="audio files; '-' reads stdin (e.g. ffmpeg -i in.m4a -f wav - | ...)")
+    t.add_argument("-o", "--output-dir", metavar="DIR", help="write <name>.<format> files here instead of stdout")
+    t.add_argument("-f", "--format", choices=[*FORMATS, "all"], default="txt",
+                   help="txt (default), json (Whisper-like), srt, vtt, or all (needs -o)")
+    t.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 by 80, or 2400 (default 480)")
+    add_model_args(t)
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or download progress")
+    t.add_argument("-v", "--verbose", action="store_true", help="timings and written files on stderr")
     t.set_defaults(func=cmd_transcribe)
+
+    i = sub.add_parser("info", help="describe a checkpoint and the kernels that will run it")
+    add_model_args(i)
+    i.set_defaults(func=cmd_info)
+
     add_oracle_parsers(sub)                 # dump, compare, explain
     add_stream_parser(sub)                  # stream (live audio)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
-    except VoxtralError as e:
-        print(f"voxtral-ref: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("voxtral-ref: interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                 # --help, or a usage mistake already reported in one line
+        return e.code
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            return args.func(args) or 0
+        except VoxtralError as e:
+            error_line(e)
+            return 2
+        except KeyboardInterrupt:
+            print("voxtral-ref: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

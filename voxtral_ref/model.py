@@ -1,5 +1,6 @@
-"""`load(path) -> Model`: a checkpoint directory in either format, ready to transcribe."""
+"""`load(path or repo id) -> Model`: a checkpoint in either format, ready to transcribe."""
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from . import kernels
 from .audio import to_mono_16k
 from .errors import VoxtralError
 from .generate import encode, greedy_decode, pad_offline
+from .hub import DEFAULT_REPO, detect_format, resolve
 from .tokenizer import Tekken
 from .weights import load_weights
 
@@ -22,19 +24,6 @@ class Transcript:
     delay_ms: int
     n_samples: int = 0                # of the 16 kHz input, before padding
     timings: dict = field(default_factory=dict)
-
-
-def detect_format(model_dir):
-    """'mistral' (params.json + consolidated.safetensors) or 'hf' (config.json + model*.safetensors)."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise VoxtralError(f"model directory not found: {d}")
-    if (d / "params.json").exists() and (d / "consolidated.safetensors").exists():
-        return "mistral"
-    if (d / "config.json").exists() and any(d.glob("model*.safetensors")):
-        return "hf"
-    raise VoxtralError(f"{d} holds no Voxtral checkpoint: expected params.json + consolidated.safetensors "
-                       "(Mistral format) or config.json + model.safetensors (HF format)")
 
 
 def resolve_backend(backend):
@@ -50,10 +39,13 @@ def resolve_backend(backend):
     return "numpy"
 
 
-def load(model_dir, backend="auto"):
-    """Load a checkpoint directory (Mistral or HF format, with its tekken.json)."""
-    d = Path(model_dir)
-    fmt = detect_format(d)
+def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weights_format=None, cache_dir=None,
+         progress=True):
+    """Load a checkpoint (Mistral or HF format, with its tekken.json) from a directory, or from a hub repo
+    id fetched once into the Hugging Face cache (hub.resolve). `weights_format` ("mistral" or "hf")
+    picks one when a directory holds both, and which files a download fetches (default Mistral's)."""
+    d = resolve(model, revision, offline, weights_format, cache_dir, progress)
+    fmt = detect_format(d, weights_format)
     tok = Tekken(d / "tekken.json")
     read = C.from_params_json if fmt == "mistral" else C.from_config_json
     cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok.audio)
@@ -64,9 +56,10 @@ class Model:
     def __init__(self, cfg, weights, tokenizer, backend, path):
         self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
 
-    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None):
+    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None):
         """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a
-        batch gives exactly what each file gives alone)."""
+        batch gives exactly what each file gives alone). `on_token(id)` is called as each token is
+        generated (progress bars, live output)."""
         if isinstance(audio, (list, tuple)):
             return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
         delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms
@@ -75,9 +68,12 @@ class Model:
         with kernels.use(self.backend):
             if trace:
                 trace("audio", x)
+            t0 = time.perf_counter()
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
-            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace)
-        return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x))
+            t1 = time.perf_counter()
+            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token)
+        timings = {"encode_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+        return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
 
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).
