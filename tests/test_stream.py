@@ -3,10 +3,12 @@ HF's golden ids; tokens come out as soon as the audio allows; memory stays flat;
 
 import copy
 import importlib.util
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from conftest import MODEL_DIRS, golden_cases, load_case
 CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
 EDGE_SIZES = [1, 159, 160, 1279, 1280, 1281]          # around a hop and a token
 PRIME_SIZES = [2, 3, 7, 13, 641, 1277, 1283, 7919]
+REPO = Path(__file__).resolve().parent.parent         # `python -m voxtral_ref.cli` runs from the checkout
 _offline = {}
 
 
@@ -293,10 +296,10 @@ def test_bad_max_tokens(tiny_mistral, max_tokens):
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
-def cli(args, stdin_path=None):
+def cli(args, stdin_path=None, env=None):
     with open(stdin_path or "/dev/null", "rb") as f:
         return subprocess.run([sys.executable, "-m", "voxtral_ref.cli", "stream", "--model", str(MODEL_DIRS["mistral"])]
-                              + args, stdin=f, capture_output=True, text=True, timeout=120)
+                              + args, stdin=f, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
 
 
 @pytest.mark.parametrize("fmt", ["wav", "s16le"])
@@ -321,3 +324,39 @@ def test_cli_stream_errors_are_one_line(tmp_path):
     for args, words in checks:
         r = cli(args, path)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+FAKE_SOUNDDEVICE = """
+import os, signal, threading, time
+import numpy as np
+
+class InputStream:  # delivers a recording in blocks from the audio thread, then presses Ctrl-C
+    def __init__(self, samplerate, channels, dtype, blocksize, callback):
+        self.blocksize, self.callback = blocksize, callback
+
+    def __enter__(self):
+        def run():
+            x = np.load(os.environ["FAKE_MIC_NPY"])
+            for i in range(0, len(x), self.blocksize):
+                self.callback(x[i:i + self.blocksize, None], self.blocksize, None, None)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        return False
+"""
+
+
+def test_cli_from_mic_ctrl_c_flushes_everything(tiny_mistral, tmp_path):
+    """With a stand-in for sounddevice: the first Ctrl-C ends the audio, and what was captured is all
+    transcribed, exactly as offline."""
+    g, off = offline(tiny_mistral, "speech_en_480")
+    (tmp_path / "sounddevice.py").write_text(FAKE_SOUNDDEVICE)
+    np.save(tmp_path / "mic.npy", g["audio"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "FAKE_MIC_NPY": str(tmp_path / "mic.npy")}
+    r = cli(["--from-mic"], env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == off.text + "\n" and "flushing" in r.stderr

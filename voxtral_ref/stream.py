@@ -36,6 +36,7 @@ for soxr 1.1.0 its output for any chunking is identical, sample for sample, to t
 """
 
 import collections
+import signal
 import sys
 import threading
 import time
@@ -280,30 +281,38 @@ def cli_stream(args):
     from . import load
     if args.rate <= 0 or args.channels <= 0:
         raise VoxtralError(f"--rate and --channels must be positive, got {args.rate} and {args.channels}")
+    stop = threading.Event()                            # set by Ctrl-C: the audio ends there
     if args.from_mic:
-        rate, chunks = args.rate, _mic_chunks(_import_sounddevice(), args.rate)
+        rate, chunks = args.rate, _mic_chunks(_import_sounddevice(), args.rate, stop)
     elif sys.stdin is None or sys.stdin.isatty():
         raise VoxtralError("no audio on stdin: pipe a WAV file or raw PCM into `voxtral-ref stream`, or use --from-mic")
     elif args.format == "wav":
-        rate, chunks = _wav_chunks(sys.stdin.fileno())
+        rate, chunks = _wav_chunks(sys.stdin.fileno(), stop)
     else:
         rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
-                                              args.rate // BLOCKS_PER_SECOND)
+                                              args.rate // BLOCKS_PER_SECOND, stop)
     model = load(args.model, backend=args.backend)
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms"
           + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
+
+    def on_ctrl_c(signum, frame):
+        """The first Ctrl-C ends the audio and lets the session flush (never interrupting a step half-way,
+        which would lose audio); a second one aborts."""
+        print("voxtral-ref stream: stopping, flushing", file=sys.stderr)
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         for chunk in chunks:
             session.feed(chunk)
             report.fed(len(chunk))
             report.emit(session.step)
-    except KeyboardInterrupt:
-        print("voxtral-ref stream: interrupted, flushing", file=sys.stderr)
+        report.emit(session.close)
     finally:
+        signal.signal(signal.SIGINT, previous)
         chunks.close()                                  # stops the microphone
-    report.emit(session.close)
     report.finish()
 
 
@@ -337,7 +346,7 @@ class _Report:
               f"max {1e3 * self.latency_max:.1f} ms", file=sys.stderr)
 
 
-def _wav_chunks(fd):
+def _wav_chunks(fd, stop):
     """(rate, generator of [n, channels] blocks) from a WAV stream; libsndfile reads pipes given a descriptor."""
     import soundfile as sf
     try:
@@ -347,16 +356,17 @@ def _wav_chunks(fd):
 
     def blocks():
         with f:
-            while len(block := f.read(max(1, f.samplerate // BLOCKS_PER_SECOND), dtype="float32")):
-                yield block
+            block_frames = max(1, f.samplerate // BLOCKS_PER_SECOND)
+            while not stop.is_set() and len(block := f.read(block_frames, dtype="float32")):
+                yield block                                                  # [n] or [n, channels]
     return f.samplerate, blocks()
 
 
-def _raw_chunks(stream, dtype, channels, block_frames):
+def _raw_chunks(stream, dtype, channels, block_frames, stop):
     """Blocks of raw interleaved PCM as they arrive (read1 returns what the pipe has, up to a block)."""
     frame = dtype.itemsize * channels
     rest = b""
-    while data := stream.read1(block_frames * frame):
+    while not stop.is_set() and (data := stream.read1(block_frames * frame)):
         data = rest + data
         whole = len(data) // frame * frame
         rest = data[whole:]
@@ -376,11 +386,17 @@ def _import_sounddevice():
     return sounddevice
 
 
-def _mic_chunks(sd, rate):
-    """Blocks from the default input device; the audio callback hands them over through a queue."""
+def _mic_chunks(sd, rate, stop):
+    """Blocks from the default input device until `stop`; the audio callback hands them over by a queue.
+    Blocks captured before `stop` are still yielded once the device is closed."""
     import queue
     blocks = queue.Queue()
     with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=rate // BLOCKS_PER_SECOND,
                         callback=lambda data, frames, t, status: blocks.put(data.copy())):
-        while True:
-            yield blocks.get()
+        while not stop.is_set():
+            try:
+                yield blocks.get(timeout=0.05)
+            except queue.Empty:
+                pass
+    while not blocks.empty():
+        yield blocks.get()
