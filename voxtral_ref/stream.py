@@ -191,10 +191,11 @@ class StreamSession:
             if self._resampler:
                 chunks.append((self._resampler.resample_chunk(np.zeros(0, np.float32), last=True), now))
         self._n_samples += sum(len(a) for a, _ in chunks)
-        if closing:                                         # no audio at all: nothing to decode
-            right = right_pad_samples(self._n_samples, self.n_delay) if self._n_samples else 0
+        if closing:
+            right = right_pad_samples(self._n_samples, self.n_delay)
             chunks.append((np.zeros(right, np.float32), now))
             padded = N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN + self._n_samples + right
+            # offline's decoding ends with the padded audio; with no audio at all there is nothing to decode
             self._n_positions = padded // SAMPLES_PER_TOKEN if self._n_samples else 0
         end = self._buf_start + len(self._buf)
         pieces = [self._buf]
