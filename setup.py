@@ -1,3 +1,4 @@
 from setuptools import setup
 
-setup()
+# The C kernels: cffi compiles csrc/ into voxtral_ref._kernels (see csrc/build_kernels.py).
+setup(cffi_modules=["csrc/build_kernels.py:ffibuilder"])

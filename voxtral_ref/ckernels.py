@@ -1,5 +1,211 @@
-"""Placeholder until the C kernels land."""
+"""The C kernels (csrc/, compiled by cffi into voxtral_ref._kernels) behind the same signatures as the
+NumPy twins in kernels.py. Model code never imports this module directly: `kernels.use("c")` routes
+calls here.
+
+Weights are passed by pointer, never copied: float32, `ml_dtypes.bfloat16` (read-only views into the
+mmap'd checkpoint are fine) or `kernels.QuantizedWeight` (int8 + float32 group scales). Activations are
+float32 throughout, so results equal the twins to float32 rounding.
+
+Environment: VOXTRAL_REF_THREADS=n sets the thread count (default: one per available core);
+VOXTRAL_REF_ISA=scalar|avx2|avx512 caps the instruction set (default: the best the CPU has), as
+`set_threads` / `set_isa` do at run time.
+
+If the extension was not built, importing still works: `available()` is False and the kernels fall back
+to the NumPy twins with a single warning.
+"""
+
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+
+from . import kernels
+
+try:
+    from ._kernels import ffi, lib
+except ImportError:  # not built (e.g. a source checkout without `pip install .`)
+    ffi = lib = None
+
+ISA_LEVELS = ("scalar", "avx2", "avx512")
+_WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np.int8): 2}
+_warned = False
 
 
 def available():
-    return False
+    return lib is not None
+
+
+def _missing():
+    global _warned
+    if not _warned:
+        warnings.warn("the C kernels are not built (voxtral_ref._kernels missing): using the NumPy twins",
+                      stacklevel=3)
+        _warned = True
+
+
+# --- configuration --------------------------------------------------------------------------------------
+def set_threads(n):
+    """Threads for every kernel; n <= 0 restores the default (one per available core)."""
+    if lib is not None:
+        lib.vx_set_threads(int(n) if n and n > 0 else _default_threads())
+
+
+def get_threads():
+    return lib.vx_get_threads() if lib is not None else 1
+
+
+def set_isa(name):
+    """Cap the instruction set ("scalar", "avx2" or "avx512"; capped again at what the CPU supports).
+    Returns the level now in use. Used by the tests to exercise every path on one machine."""
+    if name not in ISA_LEVELS:
+        raise ValueError(f"unknown ISA level {name!r}: choose one of {', '.join(ISA_LEVELS)}")
+    if lib is None:
+        return "numpy"
+    return ISA_LEVELS[lib.vx_set_isa(ISA_LEVELS.index(name))]
+
+
+def get_isa():
+    return ISA_LEVELS[lib.vx_get_isa()] if lib is not None else "numpy"
+
+
+def supported_isas():
+    """The levels this CPU can run, lowest first."""
+    return list(ISA_LEVELS[: lib.vx_isa_best() + 1]) if lib is not None else []
+
+
+def info():
+    """One line for `voxtral-ref info`: the ISA path and threads in use."""
+    if lib is None:
+        return "C kernels: not built (NumPy fallback)"
+    level = lib.vx_get_isa()
+    detail = ffi.string(lib.vx_isa_detail(level)).decode()
+    return (f"C kernels: {ISA_LEVELS[level]} ({detail}; bf16/int8 weights widened to float32 in registers, "
+            f"float32 accumulation), {get_threads()} thread(s); CPU supports {', '.join(supported_isas())}")
+
+
+def _default_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --- kernels --------------------------------------------------------------------------------------------
+def _ptr(ctype, a):
+    return ffi.cast(ctype, a.ctypes.data)
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def linear(x, w, b=None):
+    """x [..., K] @ w[M, K].T (+ b[M]) -> [..., M] float32. See kernels.linear_np."""
+    if lib is None:
+        _missing()
+        return kernels.linear_np(x, w, b)
+    scales, group = None, 0
+    if isinstance(w, kernels.QuantizedWeight):
+        w, scales, group = w.q, _f32(w.scales), w.group
+    elif np.dtype(w.dtype) not in _WTYPES or not w.flags.c_contiguous:
+        w = _f32(w)                      # unusual dtype or layout: one float32 copy
+    if w.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-D [M, K], got shape {w.shape}")
+    m, k = w.shape
+    x = _f32(x)
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    y = np.empty(lead + (m,), np.float32)
+    bias = None if b is None else _f32(b)
+    if bias is not None and bias.shape != (m,):
+        raise ValueError(f"linear: bias shape {bias.shape} does not match {m} outputs")
+    lib.vx_linear(_ptr("float *", x2), x2.shape[0], k, _ptr("void *", w), _WTYPES[np.dtype(w.dtype)],
+                  ffi.NULL if scales is None else _ptr("float *", scales), group, m,
+                  ffi.NULL if bias is None else _ptr("float *", bias), _ptr("float *", y))
+    return y
+
+
+def quantize_int8(w, group=kernels.INT8_GROUP):
+    """Same result as kernels.quantize_int8_np (bit for bit), reading bf16 / f32 weights in place."""
+    if lib is None:
+        _missing()
+        return kernels.quantize_int8_np(w, group)
+    if np.dtype(w.dtype) not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)) or not w.flags.c_contiguous:
+        w = _f32(w)
+    m, k = kernels.check_int8_shape(w.shape, group)
+    q = np.empty((m, k), np.int8)
+    scales = np.empty((m, k // group), np.float32)
+    lib.vx_quantize_int8(_ptr("void *", w), _WTYPES[np.dtype(w.dtype)], m, k, group,
+                         _ptr("int8_t *", q), _ptr("float *", scales))
+    return kernels.QuantizedWeight(q, scales, group)
+
+
+def attention(q, k, v, q_pos, k_pos, window):
+    """Sliding-window causal GQA attention; see kernels.attention_np."""
+    if lib is None:
+        _missing()
+        return kernels.attention_np(q, k, v, q_pos, k_pos, window)
+    q, k, v = _f32(q), _f32(k), _f32(v)
+    q_pos, k_pos = np.ascontiguousarray(q_pos, np.int64), np.ascontiguousarray(k_pos, np.int64)
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,):
+        raise ValueError(f"attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"q_pos {q_pos.shape}, k_pos {k_pos.shape}")
+    # The kernel compares positions as float32 offsets from each query block; keep them exact.
+    if tq and int(q_pos.max()) - int(q_pos.min()) + int(window) >= 1 << 23:
+        return kernels.attention_np(q, k, v, q_pos, k_pos, window)
+    out = np.empty_like(q)
+    if tq and tk:
+        lib.vx_attention(_ptr("float *", q), _ptr("float *", k), _ptr("float *", v), _ptr("float *", out),
+                         tq, tk, hq, hkv, d, _ptr("int64_t *", q_pos), _ptr("int64_t *", k_pos), int(window))
+    else:
+        out.fill(np.nan)                 # no keys at all: the twin's softmax over nothing
+    return out
+
+
+def rms_norm(x, w, eps):
+    """w * x / sqrt(mean(x^2) + eps) over the last axis; see kernels.rms_norm_np."""
+    if lib is None:
+        _missing()
+        return kernels.rms_norm_np(x, w, eps)
+    x, w = _f32(x), _f32(w)
+    d = x.shape[-1]
+    if w.shape != (d,):
+        raise ValueError(f"rms_norm: weight shape {w.shape} does not match {d} features")
+    y = np.empty_like(x)
+    lib.vx_rms_norm(_ptr("float *", x), _ptr("float *", w), float(eps), _ptr("float *", y), x.size // max(d, 1), d)
+    return y
+
+
+def silu_mul(a, b):
+    """silu(a) * b elementwise; see kernels.silu_mul_np."""
+    if lib is None:
+        _missing()
+        return kernels.silu_mul_np(a, b)
+    a, b = _f32(a), _f32(b)
+    if a.shape != b.shape:
+        a, b = (_f32(t) for t in np.broadcast_arrays(a, b))
+    y = np.empty_like(a)
+    lib.vx_silu_mul(_ptr("float *", a), _ptr("float *", b), _ptr("float *", y), a.size)
+    return y
+
+
+def _configure_from_env():
+    threads, isa = os.environ.get("VOXTRAL_REF_THREADS", ""), os.environ.get("VOXTRAL_REF_ISA", "")
+    try:
+        set_threads(int(threads) if threads else 0)
+    except ValueError:
+        warnings.warn(f"ignoring VOXTRAL_REF_THREADS={threads!r}: not an integer")
+        set_threads(0)
+    try:
+        set_isa(isa or ISA_LEVELS[-1])
+    except ValueError as e:
+        warnings.warn(f"ignoring VOXTRAL_REF_ISA: {e}")
+
+
+if lib is not None:
+    _configure_from_env()

@@ -1,0 +1,63 @@
+"""cffi builder for voxtral_ref._kernels.
+
+Used by `pip install .` (setup.py: cffi_modules=["csrc/build_kernels.py:ffibuilder"]) and, for
+development, `python csrc/build_kernels.py`, which builds the module in place next to voxtral_ref/*.py.
+
+Portability: the flags are baseline (-O3, no -march), so the library runs on any x86-64; the AVX2 and
+AVX-512 loops are enabled per function with target attributes and chosen at run time (dispatch.c).
+-ffast-math is deliberately absent: the kernels must round like the NumPy twins.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ["dispatch.c", "matmul.c", "attention.c", "norms.c", "isa_scalar.c", "isa_avx2.c", "isa_avx512.c"]
+
+
+def _cdef():
+    """kernels.h without its preprocessor lines is the cdef."""
+    text = (HERE / "kernels.h").read_text()
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _openmp_flags():
+    # Apple's clang has no -fopenmp; there the kernels run single-threaded.
+    if sys.platform == "darwin" or os.environ.get("VOXTRAL_REF_NO_OPENMP"):
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def make_builder(src_dir="csrc"):
+    """The FFI builder; `src_dir` as setuptools needs it (relative to the project root, where setup.py
+    runs) or absolute (the in-place build below, which compiles from a temporary directory)."""
+    omp_compile, omp_link = _openmp_flags()
+    ffi = FFI()
+    ffi.cdef(_cdef())
+    ffi.set_source(
+        "voxtral_ref._kernels",
+        '#include "kernels.h"',
+        sources=[f"{src_dir}/{s}" for s in SOURCES],
+        include_dirs=[src_dir],
+        extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", *omp_compile],
+        extra_link_args=omp_link,
+        libraries=["m"],
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    # In-place development build: compile under build/cffi and copy the module into voxtral_ref/.
+    import shutil
+    import sysconfig
+
+    root = HERE.parent
+    out = make_builder(str(HERE)).compile(tmpdir=str(root / "build" / "cffi"), verbose=True)
+    dest = root / "voxtral_ref" / ("_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    shutil.copy(out, dest)
+    print(f"built {dest}")

@@ -1,0 +1,86 @@
+/* Run-time choice of the ISA level and of the thread count.
+ *
+ * Portability: the extension is compiled for baseline x86-64 (no -march); only the functions in
+ * isa_avx2.c / isa_avx512.c carry target attributes, and they are reached through the table chosen here
+ * from __builtin_cpu_supports (which also checks that the OS saves the wide registers). On other
+ * architectures only the scalar level is built. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "dispatch.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define VX_X86 1
+#endif
+
+static const vx_isa *const levels[] = {
+    &vx_isa_scalar,
+#ifdef VX_X86
+    &vx_isa_avx2, &vx_isa_avx512,
+#endif
+};
+
+static int best = -1;
+static int current = -1;
+static int threads = 0;
+
+int vx_isa_best(void) {
+    if (best < 0) {
+        best = VX_ISA_SCALAR;
+#ifdef VX_X86
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = VX_ISA_AVX2;
+        if (best == VX_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = VX_ISA_AVX512;
+#endif
+    }
+    return best;
+}
+
+int vx_set_isa(int level) {
+    int b = vx_isa_best();
+    current = level < VX_ISA_SCALAR ? VX_ISA_SCALAR : level > b ? b : level;
+    return current;
+}
+
+int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512) : current; }
+
+const vx_isa *vx_active(void) { return levels[vx_get_isa()]; }
+
+const char *vx_isa_name(int level) {
+    static const char *const names[] = {"scalar", "avx2", "avx512"};
+    return level >= 0 && level <= VX_ISA_AVX512 ? names[level] : "unknown";
+}
+
+const char *vx_isa_detail(int level) {
+    static const char *const detail[] = {
+        "portable C, one float at a time",
+        "AVX2 + FMA, 8 floats per vector",
+        "AVX-512F, 16 floats per vector",
+    };
+    return level >= 0 && level <= VX_ISA_AVX512 ? detail[level] : "unknown";
+}
+
+void vx_set_threads(int n) { threads = n > 0 ? n : 0; }
+
+int vx_get_threads(void) {
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int vx_threads_for(double work) {
+    int nt = vx_get_threads();
+    if (work < 32768.0) return 1;
+    return nt;
+}
+
+void *vx_alloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+        fprintf(stderr, "voxtral_ref kernels: out of memory allocating %zu bytes\n", bytes);
+        abort();
+    }
+    return p;
+}

@@ -1,0 +1,79 @@
+/* Internal: the table of ISA-specific inner loops and the helpers the drivers share.
+ *
+ * Each family has a driver (matmul.c, attention.c, norms.c: argument handling, blocking, threads;
+ * compiled once, baseline flags) and ISA-generic inner loops (*_simd.h, written against simd.h) that
+ * isa_scalar.c, isa_avx2.c and isa_avx512.c instantiate once per level into a `vx_isa` table.
+ * dispatch.c picks the table at run time. */
+#ifndef VX_DISPATCH_H
+#define VX_DISPATCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
+
+typedef struct {
+    const float *x;         /* [n, k] */
+    int64_t n, k, m;
+    const void *w;          /* [m, k] of wtype */
+    int wtype;
+    const float *scales;    /* [m, k / group] for int8 */
+    int64_t group;
+    const float *b;         /* [m] or NULL */
+    float *y;               /* [n, m] */
+} vx_linear_args;
+
+typedef struct {
+    const float *q, *k, *v; /* [tq, hq, d], [tk, hkv, d], [tk, hkv, d] */
+    float *out;             /* [tq, hq, d] */
+    int64_t tq, tk, window;
+    int hq, hkv, d;
+    const int64_t *q_pos, *k_pos;
+    int k_sorted;           /* k_pos ascending: each query block's keys are one contiguous run */
+    float scale;
+} vx_attention_args;
+
+typedef struct {
+    int level;
+    /* GEMV for n <= VX_GEMV_ROWS: outputs y[:, m0:m1] */
+    void (*gemv)(const vx_linear_args *a, int64_t m0, int64_t m1);
+    /* GEMM micro-kernel: tile[MR, NR] = sum over kc of a[kc, MR] (outer) b[kc, NR] (packed panels) */
+    int gemm_mr, gemm_nr;
+    void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *tile);
+    /* attention for the rows [row0, row0 + rows) of kv head hk; rows is attn_vw or 2 * attn_vw.
+     * scratch holds 2 * d * rows + d floats. */
+    int attn_vw;
+    void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, int rows, float *scratch);
+    void (*rms_norm)(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d);
+    void (*silu_mul)(const float *a, const float *b, float *y, int64_t n);
+} vx_isa;
+
+#define VX_GEMV_ROWS 4
+
+extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avx512;
+
+const vx_isa *vx_active(void);
+
+/* Threads worth using for `work` (roughly: elements touched); small calls stay on the calling thread
+ * because waking the team costs more than they do. */
+int vx_threads_for(double work);
+
+/* [lo, hi) of 0..n for thread t of nt, boundaries on multiples of `align`. */
+static inline void vx_split(int64_t n, int64_t align, int t, int nt, int64_t *lo, int64_t *hi) {
+    int64_t blocks = (n + align - 1) / align;
+    *lo = blocks * t / nt * align;
+    *hi = blocks * (t + 1) / nt * align;
+    if (*hi > n) *hi = n;
+    if (*lo > n) *lo = n;
+}
+
+void *vx_alloc(size_t bytes);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */
+
+#endif
