@@ -36,3 +36,38 @@ def tiny_model(request):
 @pytest.fixture(scope="session")
 def tiny_mistral():
     return voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy")
+
+
+SPEECH_WAV = GOLDEN / "audio" / "speech_en.wav"     # 16-bit PCM at 16 kHz: the audio of golden case speech_en_480
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1: voxtral_ref.hub reads it at call time, so nothing here can wait on a network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `voxtral-ref ARGS...` in-process -> (exit code, stdout, stderr)."""
+    from voxtral_ref.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def make_hub_cache(cache, model_dir, repo="mistralai/Voxtral-Mini-4B-Realtime-2602", commit="a" * 40, ref="main"):
+    """The Hugging Face cache layout a download leaves (models--org--name/snapshots/<commit>/ and
+    refs/<ref>), holding `model_dir`'s files (copies instead of symlinks to blobs). -> the snapshot dir."""
+    import shutil
+    repo_dir = Path(cache) / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        shutil.copy(f, snap / f.name)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / ref).write_text(commit)
+    return snap

@@ -160,13 +160,11 @@ def describe(model):
 
 
 def kernels_summary(backend):
-    """What will run the hot loops, as far as voxtral_ref.ckernels can tell."""
+    """The backend --backend resolves to, and what voxtral_ref.ckernels says about itself (ISA, threads)."""
     from . import ckernels
-    if backend == "numpy":
-        built = "built" if ckernels.available() else "not built"
-        return f"NumPy (the C kernels are {built}; --backend auto uses them when built)"
-    about = getattr(ckernels, "describe", None)
-    return "C" + (f": {about()}" if callable(about) else "")
+    about = getattr(ckernels, "info", None)
+    built = "C kernels built" if ckernels.available() else "C kernels not built"
+    return f"{backend} backend; " + (about() if callable(about) else built)
 
 
 def count(n):

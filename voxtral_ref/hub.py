@@ -93,12 +93,16 @@ def _snapshot(repo, revision, offline, fmt, cache_dir, progress):
                            "(private repos need hf auth login)") from None
     except LocalEntryNotFoundError as e:
         why = ("downloads are off (--offline or HF_HUB_OFFLINE=1)" if offline
-               else f"the hub cannot be reached ({str(e).splitlines()[0]})")
-        where = f"{repo} is not in the Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and {why}"
+               else f"the hub cannot be reached ({_first_line(e.__cause__ or e)})")
+        cache = Path(cache_dir or constants.HF_HUB_CACHE).resolve()
+        where = f"{repo} is neither a local directory nor in the Hugging Face cache {cache}, and {why}"
         raise VoxtralError(_not_cached(repo, revision, fmt, cache_dir, where)) from None
     except Exception as e:  # the network stack raises many types; all mean the same to the user
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise VoxtralError(f"downloading {repo} failed ({type(e).__name__}: {first})") from None
+        raise VoxtralError(f"downloading {repo} failed ({_first_line(e)})") from None
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def _not_cached(repo, revision, fmt, cache_dir, where):

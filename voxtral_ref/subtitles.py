@@ -85,9 +85,9 @@ def _pieces(token_ids, tokenizer):
     dec, pending, out = tokenizer.incremental(), [], []
     run = longest = 0
     for k, i in enumerate(token_ids):
+        run = run + 1 if i == STREAMING_PAD_ID else 0
+        longest = max(longest, run)
         if i < tokenizer.n_special:
-            run = run + 1 if i == STREAMING_PAD_ID else 0
-            longest = max(longest, run)
             continue
         pending.append((k, i))
         text = dec.feed([i])
