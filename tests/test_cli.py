@@ -164,6 +164,8 @@ def broken(tmp_path):
     nan.write_bytes(wav_bytes(np.array([0.1, np.nan] * 800, np.float32), 16000, "FLOAT"))
     m4a.write_bytes(b"\0\0\0\x20ftypM4A " + bytes(512))
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(SPEECH_WAV, tmp_path / "sub")
     return tmp_path
 
 
@@ -217,10 +219,15 @@ def test_read_only_output_dir(cli, tmp_path):
     assert "cannot write there" in one_error_line(*cli("transcribe", SPEECH_WAV, "-o", ro, "--model", MISTRAL))
 
 
-def test_a_bad_file_does_not_stop_the_others(cli, tmp_path):
-    code, out, err = cli("transcribe", tmp_path / "missing.wav", SPEECH_WAV, "--model", MISTRAL)
+def test_a_bad_file_does_not_stop_the_others(cli, broken):
+    code, out, err = cli("transcribe", broken / "talk.m4a", SPEECH_WAV, "--model", MISTRAL)
     assert code == 2 and out == cli("transcribe", SPEECH_WAV, "--model", MISTRAL)[1]
-    assert err.count("\n") == 1 and "missing.wav" in err
+    assert err.count("\n") == 1 and "talk.m4a" in err
+
+
+def test_missing_files_are_reported_before_the_model_loads(cli, tmp_path):
+    err = one_error_line(*cli("transcribe", SPEECH_WAV, tmp_path / "a.wav", tmp_path / "b.wav", "--offline"))
+    assert err == f"voxtral-ref: error: audio file not found: {tmp_path / 'a.wav'} (and 1 more)\n"
 
 
 def test_info_on_a_bad_model(cli, tmp_path):

@@ -32,10 +32,14 @@ def cmd_transcribe(args):
         raise VoxtralError("-f all writes one file per format: add -o DIR")
     if args.audio.count("-") > 1:
         raise VoxtralError("stdin ('-') can be read only once")
+    missing = [src for src in args.audio if src != "-" and not Path(src).exists()]
+    if missing:                                      # a typo should not wait for a model download
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise VoxtralError(f"audio file not found: {missing[0]}{more}")
     out_dir = output_dir(args.output_dir, args.audio) if args.output_dir else None
     model = load_model(args)
     failed = 0
-    for src in args.audio:                            # one model for all files; a bad file does not stop the rest
+    for src in args.audio:                     # one model for all files; an unreadable one does not stop the rest
         try:
             transcribe_file(model, src, formats, out_dir, args)
         except VoxtralError as e:
@@ -217,16 +221,16 @@ def positive_int(s):
 def add_model_args(p):
     """--model and what picks, fetches and runs it."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_REPO,
+    g.add_argument("--model", default=DEFAULT_REPO, metavar="DIR|REPO",
                    help=f"checkpoint directory, or hub repo id fetched once into the HF cache (default {DEFAULT_REPO})")
-    g.add_argument("--revision", help="hub branch, tag or commit (default main)")
+    g.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default main)")
     g.add_argument("--weights-format", choices=["mistral", "hf"],
                    help="Mistral's consolidated.safetensors (fetched by default) or HF's model*.safetensors")
     g.add_argument("--offline", action="store_true", help="never touch the network, only the HF cache (as HF_HUB_OFFLINE=1)")
-    g.add_argument("--cache-dir", help="hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+    g.add_argument("--cache-dir", metavar="DIR", help="hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     g.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto",
                    help="auto: the C kernels when built, else NumPy")
-    g.add_argument("--threads", type=positive_int, help="threads for the C kernels (default: all cores)")
+    g.add_argument("--threads", type=positive_int, metavar="N", help="threads for the C kernels (default: all cores)")
 
 
 def note(msg):
@@ -259,7 +263,7 @@ def build_parser():
     t.add_argument("-o", "--output-dir", metavar="DIR", help="write <name>.<format> files here instead of stdout")
     t.add_argument("-f", "--format", choices=[*FORMATS, "all"], default="txt",
                    help="txt (default), json (Whisper-like), srt, vtt, or all (needs -o)")
-    t.add_argument("--delay-ms", type=int, help="transcription delay: 80..1200 by 80, or 2400 (default 480)")
+    t.add_argument("--delay-ms", type=int, metavar="MS", help="transcription delay: 80..1200 by 80, or 2400 (default 480)")
     add_model_args(t)
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or download progress")
     t.add_argument("-v", "--verbose", action="store_true", help="timings and written files on stderr")
