@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ import soxr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from voxtral_ref import VoxtralError
+import voxtral_ref
+from voxtral_ref import VoxtralError, ckernels
 from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN, delay_tokens
 from voxtral_ref.model import Model
 from voxtral_ref.stream import LOOK_AHEAD
@@ -71,7 +71,7 @@ chunkings = st.one_of(st.sampled_from(EDGE_SIZES + PRIME_SIZES).map(lambda n: [n
                       st.lists(st.integers(0, 5000), min_size=1, max_size=30).filter(any))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=st.sampled_from(CASES), sizes=chunkings, every=st.integers(1, 5),
        max_tokens=st.sampled_from([None, None, 1, 3]))
 @example(case="speech_en_480", sizes=[1], every=1, max_tokens=None)
@@ -149,7 +149,7 @@ def test_long_stream_equals_offline_with_flat_state(tiny_mistral):
 def test_feed_from_one_thread_step_from_others(tiny_model):
     g, _ = offline(tiny_model, "speech_en_long_480")
     s = tiny_model.stream()
-    fed = threading.Event()
+    half, stepped, fed = len(g["audio"]) // 2, threading.Event(), threading.Event()
 
     def feeder():
         rng = np.random.default_rng(1)
@@ -158,7 +158,8 @@ def test_feed_from_one_thread_step_from_others(tiny_model):
             n = int(rng.integers(0, 3000))
             s.feed(g["audio"][i:i + n])
             i += n
-            time.sleep(0.0002)                                # let the steppers in mid-stream
+            if i >= half:                                   # mid-stream: make sure tokens came out already
+                stepped.wait(timeout=60)
         fed.set()
 
     emitted, errors = [], []
@@ -167,6 +168,8 @@ def test_feed_from_one_thread_step_from_others(tiny_model):
         try:
             while not fed.is_set():
                 emitted.append(s.step())
+                if emitted[-1].token_ids:
+                    stepped.set()
         except Exception as e:   # surfaced by the assertion below
             errors.append(e)
     threads = [threading.Thread(target=feeder)] + [threading.Thread(target=stepper) for _ in range(2)]
@@ -174,11 +177,20 @@ def test_feed_from_one_thread_step_from_others(tiny_model):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and sum(len(e.token_ids) for e in emitted) > 0     # tokens came before the end
+    assert not errors and stepped.is_set()
     emitted.append(s.close())
     ids = sum((e.token_ids for e in emitted), [])
     assert ids == s.token_ids
     assert_equals_offline(tiny_model, "speech_en_long_480", s.token_ids, s.text)
+
+
+@pytest.mark.skipif(not ckernels.available(), reason="the C kernels are not built")
+def test_c_backend_stream_equals_golden():
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    for case in CASES:
+        g = load_case(case)
+        ids, _ = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], [1281, 7, 4000])
+        assert ids == model.transcribe(g["audio"], delay_ms=int(g["delay_ms"])).token_ids == g["token_ids"].tolist()
 
 
 # --- resampling ---------------------------------------------------------------------------------------------
@@ -298,8 +310,9 @@ def test_bad_max_tokens(tiny_mistral, max_tokens):
 # --- CLI ------------------------------------------------------------------------------------------------
 def cli(args, stdin_path=None, env=None):
     with open(stdin_path or "/dev/null", "rb") as f:
-        return subprocess.run([sys.executable, "-m", "voxtral_ref.cli", "stream", "--model", str(MODEL_DIRS["mistral"])]
-                              + args, stdin=f, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+        command = [sys.executable, "-m", "voxtral_ref.cli", "stream", "--model", str(MODEL_DIRS["mistral"]),
+                   "--backend", "numpy", *args]
+        return subprocess.run(command, stdin=f, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
 
 
 @pytest.mark.parametrize("fmt", ["wav", "s16le"])
