@@ -82,6 +82,7 @@ def read_audio(source):
     try:
         return sf.read(f, dtype="float32", always_2d=False)
     except sf.LibsndfileError as e:
-        raise VoxtralError(f"cannot decode {name} ({e.error_string.rstrip('.')}): this reads {READABLE}; {FFMPEG_HINT}") from None
+        why = e.error_string.rstrip(".")
+        raise VoxtralError(f"cannot decode {name} ({why}): this reads {READABLE}; {FFMPEG_HINT}") from None
     except OSError as e:
         raise VoxtralError(f"cannot read {name}: {e.strerror or e}") from None

@@ -4,6 +4,7 @@ traceback."""
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -226,8 +227,10 @@ def add_model_args(p):
     g.add_argument("--revision", metavar="REV", help="hub branch, tag or commit (default main)")
     g.add_argument("--weights-format", choices=["mistral", "hf"],
                    help="Mistral's consolidated.safetensors (fetched by default) or HF's model*.safetensors")
-    g.add_argument("--offline", action="store_true", help="never touch the network, only the HF cache (as HF_HUB_OFFLINE=1)")
-    g.add_argument("--cache-dir", metavar="DIR", help="hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+    g.add_argument("--offline", action="store_true",
+                   help="never touch the network, only the HF cache (as HF_HUB_OFFLINE=1)")
+    g.add_argument("--cache-dir", metavar="DIR",
+                   help="hub cache directory (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     g.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto",
                    help="auto: the C kernels when built, else NumPy")
     g.add_argument("--threads", type=positive_int, metavar="N", help="threads for the C kernels (default: all cores)")
@@ -293,6 +296,9 @@ def main(argv=None):
         except KeyboardInterrupt:
             print("voxtral-ref: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:             # the reader left (`| head`): stop quietly, as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit-time flush cannot fail
+            return 141
 
 
 if __name__ == "__main__":
