@@ -120,7 +120,7 @@ def test_delay(cli):
 def test_quiet_and_verbose(cli, tmp_path):
     assert cli("transcribe", SPEECH_WAV, "--model", MISTRAL, "--quiet")[2] == ""
     code, _, err = cli("transcribe", SPEECH_WAV, "--model", MISTRAL, "--verbose", "-o", tmp_path)
-    assert code == 0 and "loaded in" in err and "real time" in err and f"wrote {tmp_path / 'speech_en.txt'}" in err
+    assert code == 0 and "loaded in" in err and "real-time factor" in err and f"wrote {tmp_path / 'speech_en.txt'}" in err
 
 
 def test_threads(cli, monkeypatch):

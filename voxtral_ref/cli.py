@@ -70,7 +70,7 @@ def transcribe_file(model, src, formats, out_dir, args):
         seconds, enc, dec = duration_ms(r.n_samples) / 1000, r.timings["encode_s"], r.timings["decode_s"]
         note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, encode {enc:.2f} s, decode "
              f"{dec:.2f} s ({len(r.token_ids)} tokens, {len(r.token_ids) / max(dec, 1e-9):.1f}/s); "
-             f"{(enc + dec) / seconds:.2f}x real time; {len(segs)} segments")
+             f"real-time factor {(enc + dec) / max(seconds, 1e-3):.2f}; {len(segs)} segments")
     for fmt in formats:
         text = render(fmt, r, segs, pretty=out_dir is not None)
         if out_dir is None:
