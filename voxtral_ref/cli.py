@@ -139,8 +139,10 @@ def cmd_info(args):
 
 def describe(model):
     """[(key, value)] lines about a loaded checkpoint and what will run it."""
-    from .config import ALLOWED_DELAYS_MS, MS_PER_TOKEN
+    from .config import ALLOWED_DELAYS_MS, HOP, MS_PER_TOKEN, SAMPLE_RATE
     from .weights import read_safetensors
+
+    encoder_hz = SAMPLE_RATE / HOP / 2                 # 100 mel frames a second, halved by conv2's stride
 
     c, e, d = model.cfg, model.cfg.encoder, model.cfg.decoder
     rope = "interleaved-pair" if c.format == "mistral" else "split-half (NeoX)"
@@ -155,7 +157,7 @@ def describe(model):
         ("dtypes", ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())),
         ("files", ", ".join(f"{f.name} {size(f.stat().st_size)}" for f in files)),
         ("encoder", f"{e.n_layers} layers, dim {e.dim}, {e.n_heads} heads x {e.head_dim}, SwiGLU {e.hidden_dim}, "
-                    f"window {e.sliding_window} frames ({e.sliding_window / 50:g} s), RoPE theta {e.rope_theta:g}"),
+                    f"window {e.sliding_window} frames ({e.sliding_window / encoder_hz:g} s), RoPE theta {e.rope_theta:g}"),
         ("decoder", f"{d.n_layers} layers, dim {d.dim}, {d.n_heads} heads / {d.n_kv_heads} kv x {d.head_dim}, "
                     f"SwiGLU {d.hidden_dim}, window {d.sliding_window} tokens, vocab {d.vocab_size}, "
                     f"RoPE theta {d.rope_theta:g}"),
