@@ -44,8 +44,10 @@ typedef struct {
     int level;
     /* GEMV for n <= VX_GEMV_ROWS: outputs y[:, m0:m1] */
     void (*gemv)(const vx_linear_args *a, int64_t m0, int64_t m1);
-    /* GEMM micro-kernel: tile[MR, NR] = sum over kc of a[kc, MR] (outer) b[kc, NR] (packed panels) */
+    /* GEMM: weight packing (rows j0..j0+nc, columns k0..k0+kc, into NR-wide k-major float32 panels) and
+     * the micro-kernel tile[MR, NR] = sum over kc of a[kc, MR] (outer) b[kc, NR] */
     int gemm_mr, gemm_nr;
+    void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float *bp);
     void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *tile);
     /* attention for the rows [row0, row0 + rows) of kv head hk; rows is attn_vw or 2 * attn_vw.
      * scratch holds 2 * d * rows + d floats. */

@@ -12,6 +12,7 @@ const vx_isa vx_isa_scalar = {
     .gemv = VX_NAME(gemv),
     .gemm_mr = GEMM_MR,
     .gemm_nr = GEMM_NR,
+    .pack_weights = VX_NAME(pack_weights),
     .gemm_micro = VX_NAME(gemm_micro),
     .attn_vw = VW,
     .attention_rows = VX_NAME(attention_rows),

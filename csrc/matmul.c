@@ -33,33 +33,10 @@ static void linear_gemv(const vx_linear_args *a) {
  * For each thread's range of output columns (weight rows), in blocks of NC columns and KC of k:
  * pack the weight block into NR-wide k-major panels widened to float32 (so bf16 / int8 cost one
  * conversion per element per call, not per use), then for each block of MC activation rows pack them
- * into MR-wide k-major panels and run the micro-kernel over all panel pairs. The KC x NR weight panel
- * stays in L1 while MC/MR activation panels stream past it from L2. */
-enum { KC = 256, MC_PANELS = 8, NC_PANELS = 16 };
-
-/* bp[p][kk][j] = w[j0 + p * NR + j, k0 + kk] as float32 (int8 times its scale); rows past m are 0. */
-static void pack_weights(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, int nr, float *bp) {
-    const int64_t K = a->k;
-    for (int64_t p = 0; p < nc; p += nr, bp += kc * nr) {
-        for (int j = 0; j < nr; j++) {
-            int64_t row = j0 + p + j;
-            if (row >= a->m) {
-                for (int64_t kk = 0; kk < kc; kk++) bp[kk * nr + j] = 0.0f;
-                continue;
-            }
-            size_t base = (size_t)row * K + k0;
-            if (a->wtype == VX_W_I8) {
-                const float *s = a->scales + row * (K / a->group);
-                for (int64_t kk = 0; kk < kc; kk++)
-                    bp[kk * nr + j] = weight_at(a->w, VX_W_I8, base + kk) * s[(k0 + kk) / a->group];
-            } else if (a->wtype == VX_W_BF16) {
-                for (int64_t kk = 0; kk < kc; kk++) bp[kk * nr + j] = weight_at(a->w, VX_W_BF16, base + kk);
-            } else {
-                for (int64_t kk = 0; kk < kc; kk++) bp[kk * nr + j] = weight_at(a->w, VX_W_F32, base + kk);
-            }
-        }
-    }
-}
+ * into MR-wide k-major panels and run the micro-kernel over all panel pairs.
+ * Block sizes measured on Zen 5: KC from 128 to 1024 gains ~15% (fewer passes over y, fewer activation
+ * packs; the panels stream from L2 fast enough); MC and NC matter little. */
+enum { KC = 1024, MC_PANELS = 8, NC_PANELS = 16 };
 
 /* ap[p][kk][i] = x[i0 + p * MR + i, k0 + kk]; rows past n are 0. */
 static void pack_activations(const vx_linear_args *a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, float *ap) {
@@ -106,7 +83,7 @@ static void linear_gemm(const vx_linear_args *a) {
             for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
                 int64_t kc = a->k - k0 < KC ? a->k - k0 : KC;
                 int first = k0 == 0, last = k0 + kc == a->k;
-                pack_weights(a, j0, nc, k0, kc, nr, bp);
+                isa->pack_weights(a, j0, nc, k0, kc, bp);
                 for (int64_t i0 = 0; i0 < a->n; i0 += mc_max) {
                     int64_t mc = a->n - i0 < mc_max ? a->n - i0 : mc_max;
                     pack_activations(a, i0, mc, k0, kc, mr, ap);

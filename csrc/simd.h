@@ -83,6 +83,26 @@ VX_INLINE vf vx_mask_range(vf s, vf k, vf lo, vf hi) {
 VX_INLINE vf vx_ninf_to_zero(vf a) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), a, _mm512_setzero_ps());
 }
+/* r[i][j] <- r[j][i] for a 16 x 16 block: pairs of rows interleaved, then 4 x 4 blocks within each
+ * 128-bit lane, then the lanes themselves. */
+VX_INLINE void vx_transpose(vf r[16]) {
+    vf t[16], u[16];
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 4) {
+        u[i + 0] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }   /* lane L of u[4i + c] holds column 4L + c of rows 4i..4i+3 */
+    for (int c = 0; c < 4; c++) {
+        vf v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        vf v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+}
 
 #elif VX_LEVEL == VX_LEVEL_AVX2
 #include <immintrin.h>
@@ -133,6 +153,21 @@ VX_INLINE vf vx_mask_range(vf s, vf k, vf lo, vf hi) {
 VX_INLINE vf vx_ninf_to_zero(vf a) {
     return _mm256_blendv_ps(a, _mm256_setzero_ps(), _mm256_cmp_ps(a, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
 }
+/* r[i][j] <- r[j][i] for an 8 x 8 block (same steps as the AVX-512 version, two lanes) */
+VX_INLINE void vx_transpose(vf r[8]) {
+    vf t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        u[i + 0] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+}
 
 #elif VX_LEVEL == VX_LEVEL_SCALAR
 #define VX_SUFFIX scalar
@@ -158,6 +193,7 @@ VX_INLINE float vx_hmax(vf a) { return a; }
 VX_INLINE vf vx_mask_range(vf s, vf k, vf lo, vf hi) { return (k > lo && k <= hi) ? s : -INFINITY; }
 VX_INLINE vf vx_ninf_to_zero(vf a) { return a == -INFINITY ? 0.0f : a; }
 VX_INLINE vf vx_exp(vf a) { return expf(a); }
+VX_INLINE void vx_transpose(vf r[1]) { (void)r; }
 
 #else
 #error "unknown VX_LEVEL"
