@@ -1,0 +1,266 @@
+"""Every C kernel against its NumPy twin (voxtral_ref/kernels.py), on every ISA level this CPU can run
+(the level is capped with ckernels.set_isa, so the scalar and AVX2 paths are tested on an AVX-512
+machine too), with hypothesis-drawn shapes: one row, odd sizes, non-multiples of the SIMD width, the
+GEMV / GEMM switch, window edges, GQA ratios, keys in any order.
+
+Tolerances: a float32 dot product of length K may differ from another summation order by a few ulps of
+sum |x_k w_k|, so linear is compared relative to that row scale; attention outputs are convex
+combinations of value rows, so they are compared relative to max |v|."""
+
+import contextlib
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from voxtral_ref import ckernels as ck
+from voxtral_ref import kernels
+
+pytestmark = pytest.mark.skipif(not ck.available(), reason="C kernels not built (pip install . builds them)")
+
+ISAS = [pytest.param(level, marks=pytest.mark.skipif(level not in ck.supported_isas(), reason=f"CPU lacks {level}"))
+        for level in ck.ISA_LEVELS]
+FAST = settings(max_examples=60, deadline=None)
+WTYPES = ["f32", "bf16", "int8"]
+
+
+@contextlib.contextmanager
+def isa(level):
+    before = ck.get_isa()
+    assert ck.set_isa(level) == level
+    try:
+        yield
+    finally:
+        ck.set_isa(before)
+
+
+@contextlib.contextmanager
+def threads(n):
+    before = ck.get_threads()
+    ck.set_threads(n)
+    try:
+        yield
+    finally:
+        ck.set_threads(before)
+
+
+def weight(rng, m, k, wtype, group=None):
+    w = rng.standard_normal((m, k), dtype=np.float32)
+    if wtype == "bf16":
+        return w.astype(ml_dtypes.bfloat16)
+    if wtype == "int8":
+        return kernels.quantize_int8_np(w, group or max(g for g in (64, 32, 16, 8, 5, 3, 2, 1) if k % g == 0))
+    return w
+
+
+def assert_linear_close(x, w, b):
+    y = ck.linear(x, w, b)
+    ref = kernels.linear_np(x, w, b)
+    wf = np.asarray(w, dtype=np.float32)
+    scale = np.abs(x) @ np.abs(wf).T + (0 if b is None else np.abs(b))      # [N, M] row scale of each dot
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    np.testing.assert_array_less(np.abs(y - ref), 1e-5 * scale + 1e-30)
+
+
+# --- linear ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(n=st.one_of(st.integers(1, 6), st.integers(7, 40)), k=st.integers(1, 300), m=st.integers(1, 90),
+       wtype=st.sampled_from(WTYPES), bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_linear_matches_twin(level, n, k, m, wtype, bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(m, dtype=np.float32) if bias else None
+    with isa(level):
+        assert_linear_close(x, weight(rng, m, k, wtype), b)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("wtype", WTYPES)
+@pytest.mark.parametrize("n", [1, 4, 5, 29])
+def test_linear_long_rows(level, wtype, n):
+    """K past one GEMM k-block (1024) and not a multiple of it; rows past one GEMM column block."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 1100), dtype=np.float32)
+    with isa(level):
+        assert_linear_close(x, weight(rng, 600, 1100, wtype, group=50), rng.standard_normal(600, dtype=np.float32))
+
+
+def test_linear_reads_readonly_bf16_views_and_any_leading_shape():
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((33, 70), dtype=np.float32).astype(ml_dtypes.bfloat16).tobytes()
+    w = np.frombuffer(raw, dtype=ml_dtypes.bfloat16).reshape(33, 70)          # read-only, like the mmap
+    assert not w.flags.writeable
+    x = rng.standard_normal((2, 3, 70), dtype=np.float32)
+    y = ck.linear(x, w)
+    assert y.shape == (2, 3, 33)
+    np.testing.assert_allclose(y, kernels.linear_np(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ck.linear(x[0, 0], w), kernels.linear_np(x[0, 0], w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_empty_inputs():
+    w = np.ones((4, 3), np.float32)
+    assert ck.linear(np.zeros((0, 3), np.float32), w).shape == (0, 4)
+    np.testing.assert_array_equal(ck.linear(np.zeros((2, 0), np.float32), np.zeros((4, 0), np.float32),
+                                            np.arange(4, dtype=np.float32)), [[0, 1, 2, 3]] * 2)
+
+
+# --- int8 -----------------------------------------------------------------------------------------------
+@FAST
+@given(m=st.integers(1, 20), groups=st.integers(1, 5), group=st.sampled_from([1, 7, 16, 64]),
+       bf16=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_quantize_int8_is_bit_exact_with_twin(m, groups, group, bf16, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((m, groups * group), dtype=np.float32) * rng.uniform(1e-3, 10)
+    w[0, :group] = 0                                                          # an all-zero group
+    if bf16:
+        w = w.astype(ml_dtypes.bfloat16)
+    a, b = ck.quantize_int8(w, group), kernels.quantize_int8_np(w, group)
+    np.testing.assert_array_equal(a.q, b.q)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    err = np.abs(a.dequantize() - np.asarray(w, np.float32))
+    assert np.all(err <= np.repeat(a.scales, group, axis=1) * 0.501)          # about half a step (float32 w / s)
+
+
+def test_quantize_int8_rejects_bad_groups():
+    with pytest.raises(ValueError):
+        ck.quantize_int8(np.ones((2, 10), np.float32), 4)
+    with pytest.raises(ValueError):
+        kernels.quantize_int8_np(np.ones((2, 10), np.float32), 4)
+
+
+# --- attention ------------------------------------------------------------------------------------------
+def ring_order(tk, rng):
+    """Key slots as a KV ring buffer holds them: ascending positions rotated by a random amount."""
+    return np.roll(np.arange(tk), rng.integers(0, tk))
+
+
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(tq=st.integers(1, 40), past=st.integers(0, 60), hkv=st.integers(1, 3), g=st.sampled_from([1, 2, 4]),
+       d=st.one_of(st.integers(1, 40), st.sampled_from([64, 128])), window=st.integers(1, 70),
+       order=st.sampled_from(["sorted", "ring", "shuffled"]), base=st.sampled_from([0, 12345, 10**9]),
+       sharp=st.sampled_from([1.0, 8.0]), seed=st.integers(0, 2**32 - 1))
+def test_attention_matches_twin(level, tq, past, hkv, g, d, window, order, base, sharp, seed):
+    rng = np.random.default_rng(seed)
+    tk = past + tq                                   # a cache holding `past` earlier positions plus this chunk
+    q = rng.standard_normal((tq, hkv * g, d), dtype=np.float32) * np.float32(sharp)
+    k = rng.standard_normal((tk, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((tk, hkv, d), dtype=np.float32)
+    k_pos = base + np.arange(tk, dtype=np.int64)
+    q_pos = k_pos[past:].copy()
+    perm = {"sorted": np.arange(tk), "ring": ring_order(tk, rng), "shuffled": rng.permutation(tk)}[order]
+    k, v, k_pos = k[perm], v[perm], k_pos[perm]
+    with isa(level):
+        out = ck.attention(q, k, v, q_pos, k_pos, window)
+    ref = kernels.attention_np(q, k, v, q_pos, k_pos, window)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    np.testing.assert_array_less(np.abs(out - ref), 2e-6 * np.abs(v).max() * max(1.0, sharp))
+
+
+@pytest.mark.parametrize("level", ISAS)
+def test_attention_window_edges(level):
+    """window 1 sees only itself; a key exactly `window` back is hidden, one closer is visible."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((20, 2, 8), dtype=np.float32) for _ in range(3))
+    pos = np.arange(20)
+    with isa(level):
+        np.testing.assert_allclose(ck.attention(q, k, v, pos, pos, 1), v, rtol=1e-6, atol=1e-6)
+        for w in (2, 5, 19, 20, 10**6):
+            np.testing.assert_allclose(ck.attention(q, k, v, pos, pos, w), kernels.attention_np(q, k, v, pos, pos, w),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_attention_query_that_sees_no_key_is_nan():
+    q = np.ones((2, 1, 4), np.float32)
+    k = v = np.ones((3, 1, 4), np.float32)
+    out = ck.attention(q, k, v, np.array([0, 10]), np.array([5, 6, 7]), 3)   # keys too late / too old
+    assert np.isnan(out).all()
+    out = ck.attention(q, k, v, np.array([7, 8]), np.array([5, 6, 7]), 3)
+    assert np.isfinite(out).all()
+
+
+# --- norms ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(rows=st.integers(1, 9), d=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 300.0]),
+       eps=st.sampled_from([1e-5, 1e-6]), seed=st.integers(0, 2**32 - 1))
+def test_rms_norm_matches_twin(level, rows, d, scale, eps, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, d), dtype=np.float32) * np.float32(scale)
+    w = rng.standard_normal(d, dtype=np.float32)
+    with isa(level):
+        y = ck.rms_norm(x, w, eps)
+    np.testing.assert_allclose(y, kernels.rms_norm_np(x, w, eps), rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(shape=st.sampled_from([(1,), (7,), (3, 17), (2, 9216), (5, 33)]), scale=st.sampled_from([0.1, 3.0, 30.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_silu_mul_matches_twin(level, shape, scale, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+    b = rng.standard_normal(shape, dtype=np.float32)
+    with isa(level):
+        y = ck.silu_mul(a, b)
+    with np.errstate(over="ignore"):
+        ref = kernels.silu_mul_np(a, b)
+    # absolute slack: the C exp saturates in (88, 88.72], moving results of magnitude ~1e-37 (see simd.h)
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-36)
+
+
+# --- plumbing -------------------------------------------------------------------------------------------
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(0)
+    x1, x40 = rng.standard_normal((1, 700), dtype=np.float32), rng.standard_normal((40, 700), dtype=np.float32)
+    w = rng.standard_normal((520, 700), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    q = rng.standard_normal((300, 4, 64), dtype=np.float32)
+    kv = rng.standard_normal((300, 2, 64), dtype=np.float32)
+    pos = np.arange(300)
+    runs = []
+    for n in (1, 2, 3):
+        with threads(n):
+            runs.append([ck.linear(x1, w), ck.linear(x40, w), ck.attention(q, kv, kv, pos, pos, 100),
+                         ck.rms_norm(x40, x40[0], 1e-5), ck.silu_mul(x40, x40)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_isa_and_thread_controls():
+    best = ck.supported_isas()[-1]
+    assert ck.supported_isas()[0] == "scalar"
+    with isa("scalar"):
+        assert ck.get_isa() == "scalar" and "scalar" in ck.info()
+    assert ck.set_isa("avx512") == best
+    with pytest.raises(ValueError):
+        ck.set_isa("sse9")
+    with threads(3):
+        assert ck.get_threads() == 3
+
+
+def test_backend_dispatch_reaches_the_c_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ck, "rms_norm", lambda x, w, eps: calls.append("c") or kernels.rms_norm_np(x, w, eps))
+    x = np.ones((2, 4), np.float32)
+    with kernels.use("c"):
+        kernels.rms_norm(x, x[0], 1e-5)
+    kernels.rms_norm(x, x[0], 1e-5)
+    assert calls == ["c"]
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ck, "lib", None)
+    monkeypatch.setattr(ck, "_warned", False)
+    assert not ck.available() and ck.supported_isas() == [] and "not built" in ck.info()
+    x = np.ones((2, 3), np.float32)
+    with pytest.warns(UserWarning, match="not built"):
+        y = ck.linear(x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.silu_mul(x, x)
+    np.testing.assert_array_equal(y, kernels.linear_np(x, x))
