@@ -1,0 +1,87 @@
+/* Machine probes for bench_kernels.py (bench only: built on the fly with -march=native, never shipped).
+ *
+ * read_bw:  stream a buffer once on `threads` threads with wide loads and independent accumulators;
+ *           the most a memory-bound kernel such as the decode GEMV can hope for.
+ * fma_peak: a register-blocked FMA loop over L1-resident data (12 x 2 vectors, the shape of a GEMM
+ *           micro-kernel); the most a compute-bound kernel can hope for. Returns flops. */
+#include <stdint.h>
+#include <immintrin.h>
+#include <omp.h>
+
+float read_bw(const float *p, int64_t n, int threads) {
+    float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo = n / 64 * t / nt * 64, hi = n / 64 * (t + 1) / nt * 64;
+#if defined(__AVX512F__)
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = lo; i < hi; i += 64) {
+            a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
+            a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
+            a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
+            a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#else
+        float a[16] = {0};
+        for (int64_t i = lo; i < hi; i += 16)
+            for (int j = 0; j < 16; j++) a[j] += p[i + j];
+        for (int j = 0; j < 16; j++) total += a[j];
+#endif
+    }
+    return total;
+}
+
+#if defined(__AVX512F__)
+#define VEC 16
+typedef __m512 vec;
+#define VZERO _mm512_setzero_ps()
+#define VLOAD _mm512_loadu_ps
+#define VSET1 _mm512_set1_ps
+#define VFMA _mm512_fmadd_ps
+#define VSUM _mm512_reduce_add_ps
+#else
+#define VEC 8
+typedef __m256 vec;
+#define VZERO _mm256_setzero_ps()
+#define VLOAD _mm256_loadu_ps
+#define VSET1 _mm256_set1_ps
+#define VFMA _mm256_fmadd_ps
+static inline float VSUM(__m256 v) {
+    float f[8], s = 0;
+    _mm256_storeu_ps(f, v);
+    for (int i = 0; i < 8; i++) s += f[i];
+    return s;
+}
+#endif
+
+double fma_peak(int64_t iters, int threads, float *sink) {
+    double flops = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    {
+        float a[256 * 12], b[256 * 2 * VEC];
+        for (int i = 0; i < 256 * 12; i++) a[i] = 1e-3f;
+        for (int i = 0; i < 256 * 2 * VEC; i++) b[i] = 1e-3f;
+        vec acc[12][2];
+        for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = VZERO;
+        for (int64_t it = 0; it < iters; it++) {
+            const float *pa = a, *pb = b;
+            for (int k = 0; k < 256; k++, pa += 12, pb += 2 * VEC) {
+                vec b0 = VLOAD(pb), b1 = VLOAD(pb + VEC);
+#pragma GCC unroll 12
+                for (int i = 0; i < 12; i++) {
+                    vec av = VSET1(pa[i]);
+                    acc[i][0] = VFMA(av, b0, acc[i][0]);
+                    acc[i][1] = VFMA(av, b1, acc[i][1]);
+                }
+            }
+            __asm__ volatile("" ::: "memory");
+        }
+        float s = 0;
+        for (int i = 0; i < 12; i++) s += VSUM(acc[i][0]) + VSUM(acc[i][1]);
+        sink[omp_get_thread_num()] = s;
+        flops += (double)iters * 256 * 12 * 2 * VEC * 2;
+    }
+    return flops;
+}
