@@ -14,7 +14,6 @@ import soundfile as sf
 
 import voxtral_ref
 from voxtral_ref import VoxtralError, cli, decoder, kernels, mel, oracle
-from voxtral_ref.weights import write_safetensors
 
 from conftest import GOLDEN, MODEL_DIRS, golden_cases, load_case
 

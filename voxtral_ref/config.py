@@ -9,7 +9,6 @@ values when the file does not carry them.
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import VoxtralError
 

@@ -3,9 +3,7 @@
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 
 from . import config as C
 from . import kernels

@@ -12,7 +12,6 @@ Both on-disk formats are mapped onto one set of short canonical names (see `cano
 
 import json
 import mmap
-import os
 import sys
 from pathlib import Path
 
