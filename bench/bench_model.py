@@ -1,0 +1,348 @@
+"""End-to-end speed of voxtral_ref on the full-size model (not run by CI), next to HF transformers.
+
+    python bench/make_full_checkpoint.py /work/fullsize_ckpt        # once: random weights, real shapes
+    python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
+
+Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated):
+encoder ms per second of audio, decoder prefill ms (the 39-position prompt), decode ms per token, the
+real-time factor, peak memory, and the roofline view: decode streams every decoder weight and the LM
+head once per token, so its weight GB/s is compared with this machine's read bandwidth; encoder and
+prefill are compute-bound, so their GFLOP/s are compared with the FMA peak (both yardsticks are
+measured in the same run by bench/probes.c, as in bench_kernels.py).
+
+If torch and transformers are importable, the same weights run through HF's
+VoxtralRealtimeForConditionalGeneration in a subprocess: the Mistral checkpoint is mapped onto HF's
+parameter names without copying (q/k rows permuted to HF's split-half RoPE layout, the only copies),
+in bfloat16, HF's default dtype for this model (HF computes in bf16; voxtral_ref keeps float32
+activations). HF's offline generate runs the encoder incrementally inside its decode loop, so the
+comparable figures are the totals (RTF) and time to first token.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import voxtral_ref  # noqa: E402
+from voxtral_ref import config as C  # noqa: E402
+from voxtral_ref.generate import pad_offline  # noqa: E402
+from voxtral_ref.mel import log_mel  # noqa: E402
+from voxtral_ref.weights import canonical_names, read_safetensors  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+SPEECH = ROOT / "golden" / "audio" / "speech_en.wav"
+
+
+def clip(seconds):
+    """`seconds` of 16 kHz speech: the golden English sample repeated."""
+    x, sr = soundfile.read(SPEECH, dtype="float32")
+    assert sr == C.SAMPLE_RATE
+    n = int(seconds * C.SAMPLE_RATE)
+    return np.tile(x, math.ceil(n / len(x)))[:n]
+
+
+def reset_peak_rss():
+    """Restart VmHWM from the current RSS (Linux: clear_refs 5), so the probes' buffers do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def rss_status():
+    """{VmHWM, VmRSS, RssAnon, RssFile} in GB from /proc/self/status (Linux)."""
+    out = {}
+    try:
+        for line in open("/proc/self/status"):
+            key, _, val = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(val.split()[0]) / 1e6
+    except OSError:
+        pass
+    return out
+
+
+# --- model arithmetic (FLOPs and bytes) --------------------------------------------------------------------
+def tensor_sizes(model):
+    """{canonical name: (elements, bytes as stored)}"""
+    out = {}
+    for canon, _mistral, _hf, shape in canonical_names(model.cfg):
+        n = int(np.prod(shape))
+        out[canon] = (n, n * (model.weights[canon].itemsize if len(shape) == 2 else 2))
+    return out
+
+
+def decode_bytes_per_token(sizes):
+    """Every decoder matrix and the tied LM head are read once per generated token."""
+    return sum(b for k, (n, b) in sizes.items() if k == "tok_embeddings" or (k.startswith("dec.layers.") and n > 32 * 3072 // 2))
+
+
+def linear_params(sizes, prefix):
+    return sum(n for k, (n, _) in sizes.items() if k.startswith(prefix) and k.split(".")[-1].startswith("w"))
+
+
+def encoder_flops(sizes, cfg, frames):
+    """Linears: 2 flops per weight per frame (conv1 runs at twice the frame rate); attention: 4 * head_dim
+    per visible (query, key) pair per head."""
+    e = cfg.encoder
+    lin = 2 * frames * (linear_params(sizes, "enc.layers.") + 2 * sizes["enc.conv1.weight"][0] + sizes["enc.conv2.weight"][0])
+    pairs = sum(min(i + 1, e.sliding_window) for i in range(frames))
+    return lin + e.n_layers * e.n_heads * 4 * e.head_dim * pairs
+
+
+def prefill_flops(sizes, cfg, n):
+    d = cfg.decoder
+    return 2 * n * linear_params(sizes, "dec.layers.") + d.n_layers * d.n_heads * 4 * d.head_dim * n * (n + 1) / 2
+
+
+# --- voxtral_ref -------------------------------------------------------------------------------------------
+def run_ours(args, yard):
+    from voxtral_ref import ckernels
+    reset_peak_rss()
+    t = time.perf_counter()
+    model = voxtral_ref.load(args.model, backend="c")
+    load_s = time.perf_counter() - t
+    if args.threads:
+        ckernels.set_threads(args.threads)
+    print(f"voxtral_ref: {ckernels.info()}")
+    print(f"  loaded {args.model} in {load_s:.2f} s ({model.weights.n_params() / 1e9:.2f} B parameters, mmap'd)")
+    t = time.perf_counter()
+    model.transcribe(clip(1.0))                       # faults the mmap'd weights in (a disk read the first time)
+    print(f"  warm-up (1 s clip, pages every weight in) {time.perf_counter() - t:.1f} s")
+
+    audio = clip(args.seconds)
+    stamps, anon = [], [0.0]
+
+    def on_token(_):
+        stamps.append(time.perf_counter())
+        if len(stamps) % 8 == 1:
+            anon[0] = max(anon[0], rss_status().get("RssAnon", 0.0))
+
+    t0 = time.perf_counter()
+    result = model.transcribe(audio, on_token=on_token)
+    total = time.perf_counter() - t0
+    enc_end = t0 + result.timings["encode_s"]
+    steps = np.diff(stamps)
+    cfg, sizes = model.cfg, tensor_sizes(model)
+    n_padded = len(pad_offline(audio, C.delay_tokens(cfg.default_delay_ms)))
+    frames = n_padded // C.HOP // 2
+    prompt = len(C.prompt_ids(C.delay_tokens(cfg.default_delay_ms)))
+    dec_bytes = decode_bytes_per_token(sizes)
+    decode_s = float(np.median(steps)) if len(steps) else float("nan")
+    enc_flops = encoder_flops(sizes, cfg, frames)
+    pre_flops = prefill_flops(sizes, cfg, prompt)
+    status = rss_status()
+    r = {
+        "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
+        "rtf": total / args.seconds, "tokens": len(result.token_ids),
+        "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
+        "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
+        "encoder_GFLOP/s": enc_flops / result.timings["encode_s"] / 1e9,
+        "prefill_ms": 1e3 * (stamps[0] - enc_end), "prefill_positions": prompt,
+        "prefill_GFLOP/s": pre_flops / (stamps[0] - enc_end) / 1e9,
+        "decode_ms_per_token": 1e3 * decode_s, "decode_ms_per_token_mean": 1e3 * float(np.mean(steps)),
+        "decode_weight_GB_per_token": dec_bytes / 1e9, "decode_GB/s": dec_bytes / decode_s / 1e9,
+        "time_to_first_token_s": stamps[0] - t0,
+        "peak_rss_GB": status.get("VmHWM"), "peak_anon_GB_sampled": max(anon[0], status.get("RssAnon", 0.0)),
+        "file_backed_GB": status.get("RssFile"), "token_ids": list(result.token_ids),
+    }
+    r["decode_pct_of_read_bw"] = 100 * r["decode_GB/s"] / yard["read_GB/s"]
+    r["encoder_pct_of_fma_peak"] = 100 * r["encoder_GFLOP/s"] / yard["fma_GFLOP/s"]
+    r["prefill_pct_of_fma_peak"] = 100 * r["prefill_GFLOP/s"] / yard["fma_GFLOP/s"]
+    return r
+
+
+# --- HF transformers (subprocess) --------------------------------------------------------------------------
+def hf_model(model_dir, dtype_name):
+    """VoxtralRealtimeForConditionalGeneration holding the Mistral checkpoint's tensors (shared with the
+    mmap, except the RoPE-permuted q/k rows)."""
+    import torch
+    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    ours = voxtral_ref.load(model_dir, backend="numpy")
+    cfg = ours.cfg
+    e, d = cfg.encoder, cfg.decoder
+    hcfg = VoxtralRealtimeConfig(
+        audio_config={"hidden_size": e.dim, "intermediate_size": e.hidden_dim, "num_hidden_layers": e.n_layers,
+                      "num_attention_heads": e.n_heads, "head_dim": e.head_dim, "sliding_window": e.sliding_window,
+                      "rms_norm_eps": e.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": e.rope_theta}},
+        text_config={"hidden_size": d.dim, "intermediate_size": d.hidden_dim, "num_hidden_layers": d.n_layers,
+                     "num_attention_heads": d.n_heads, "num_key_value_heads": d.n_kv_heads, "head_dim": d.head_dim,
+                     "vocab_size": d.vocab_size, "sliding_window": d.sliding_window, "rms_norm_eps": d.norm_eps,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": d.rope_theta}})
+    dtype = getattr(torch, dtype_name)
+    torch.set_default_dtype(dtype)
+    with no_init_weights():
+        model = VoxtralRealtimeForConditionalGeneration(hcfg)
+    torch.set_default_dtype(torch.float32)
+    tensors = read_safetensors(Path(model_dir) / "consolidated.safetensors")
+
+    def split_half(x, heads):                     # interleaved RoPE rows (Mistral) -> HF's split halves
+        hd = x.shape[0] // heads
+        return x.reshape(heads, hd // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    rope_heads = {"enc": {"wq": e.n_heads, "bq": e.n_heads, "wk": e.n_heads}, "dec": {"wq": d.n_heads, "wk": d.n_kv_heads}}
+    sd = {}
+    for canon, mistral, hf, _shape in canonical_names(cfg):
+        a = tensors[mistral]
+        part = canon.split(".")
+        heads = rope_heads[part[0]].get(part[-1]) if part[1:2] == ["layers"] else None
+        if heads:
+            a = np.ascontiguousarray(split_half(a, heads))
+        t = torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16) if a.dtype.itemsize == 2 else torch.from_numpy(np.asarray(a))
+        key = "model.language_model." + hf[len("language_model.model."):] if hf.startswith("language_model.model.") else "model." + hf
+        sd[key] = t.to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model.eval(), ours
+
+
+def hf_worker(args):
+    import warnings
+
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    t = time.perf_counter()
+    model, ours = hf_model(args.model, args.hf_dtype)
+    load_s = time.perf_counter() - t
+    n_delay = C.delay_tokens(ours.cfg.default_delay_ms)
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(seconds):
+        feats = log_mel(pad_offline(clip(seconds), n_delay))
+        ids = torch.tensor([C.prompt_ids(n_delay)])
+        streamer = Stamps()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, input_features=torch.from_numpy(feats)[None].to(model.dtype),
+                                 num_delay_tokens=n_delay, do_sample=False, streamer=streamer)
+        return t0, time.perf_counter() - t0, streamer.t[1:], out[0, ids.shape[1]:].tolist()   # put #0: the prompt
+
+    t = time.perf_counter()
+    run(1.0)
+    warm = time.perf_counter() - t
+    t0, total, stamps, new_ids = run(args.seconds)
+    steps = np.diff(stamps)
+    print(json.dumps({"hf_load_s": load_s, "hf_warmup_s": warm, "total_s": total, "rtf": total / args.seconds,
+                      "tokens": len(new_ids), "token_ids": new_ids, "time_to_first_token_s": stamps[0] - t0,
+                      "step_ms_per_token": 1e3 * float(np.median(steps)), "dtype": args.hf_dtype,
+                      "torch_threads": torch.get_num_threads(), "peak_rss_GB": rss_status().get("VmHWM"),
+                      "peak_anon_GB": rss_status().get("RssAnon")}))
+
+
+def run_hf(args):
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return None
+    cmd = [sys.executable, __file__, str(args.model), "--seconds", str(args.seconds), "--hf-worker",
+           "--hf-dtype", args.hf_dtype] + (["--threads", str(args.threads)] if args.threads else [])
+    print(f"HF transformers ({args.hf_dtype}), subprocess: {' '.join(cmd)}", flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        print(p.stderr[-3000:])
+        return {"error": p.stderr[-500:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# --- main --------------------------------------------------------------------------------------------------
+def yardsticks(threads):
+    import bench_kernels
+    probes = bench_kernels.build_probes()
+    m = bench_kernels.Machine(probes, threads)
+    return {"read_GB/s": m.read_gbs(), "fma_GFLOP/s": m.fma_gflops(), "threads": threads}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, help="checkpoint directory (bench/make_full_checkpoint.py writes one)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10 s)")
+    ap.add_argument("--threads", type=int, default=0, help="threads for both implementations (default: all cores)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="HF's dtype (float32 needs ~18 GB of RAM)")
+    ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, default=OUT / "model.json")
+    args = ap.parse_args()
+    if args.hf_worker:
+        return hf_worker(args)
+
+    from voxtral_ref import ckernels
+    if not ckernels.available():
+        raise SystemExit("the C kernels are not built: pip install . (or python csrc/build_kernels.py)")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    yard = yardsticks(threads)
+    print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s "
+          f"({threads} threads, bench/probes.c)")
+    ours = run_ours(args, yard)
+    rows = [
+        ("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"),
+        ("encoder (whole file)", f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
+                                 f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
+                                 f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_fma_peak']:.0f}% of FMA peak"),
+        ("decoder prefill", f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
+                            f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_fma_peak']:.0f}% of FMA peak"),
+        ("decode", f"{ours['decode_ms_per_token']:.1f} ms/token (median; mean {ours['decode_ms_per_token_mean']:.1f}); "
+                   f"{ours['decode_weight_GB_per_token']:.2f} GB of weights per token -> {ours['decode_GB/s']:.1f} GB/s "
+                   f"= {ours['decode_pct_of_read_bw']:.0f}% of read bandwidth"),
+        ("tokens / total / RTF", f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
+                                 f"(first token after {ours['time_to_first_token_s']:.2f} s)"),
+        ("memory", f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
+                   f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB"),
+    ]
+    print("voxtral_ref (C kernels)")
+    for k, v in rows:
+        print(f"  {k:<22} {v}")
+    hf = None if args.no_hf else run_hf(args)
+    if hf and "error" not in hf:
+        a, b = ours["token_ids"], hf["token_ids"]
+        hf["same_ids_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        hf["ratio_total_ours_over_hf"] = ours["total_s"] / hf["total_s"]
+        hf["ratio_first_token_ours_over_hf"] = ours["time_to_first_token_s"] / hf["time_to_first_token_s"]
+        print(f"HF transformers ({hf['dtype']}, {hf['torch_threads']} threads)")
+        print(f"  {'tokens / total / RTF':<22} {hf['tokens']} tokens, {hf['total_s']:.2f} s, RTF {hf['rtf']:.2f} "
+              f"(first token after {hf['time_to_first_token_s']:.2f} s); {hf['step_ms_per_token']:.1f} ms per step "
+              f"(encoder 4 frames + decoder)")
+        print(f"  {'memory':<22} peak RSS {hf['peak_rss_GB']:.2f} GB, anonymous {hf['peak_anon_GB']:.2f} GB")
+        print(f"  {'token ids':<22} the first {hf['same_ids_prefix']} of {len(ours['token_ids'])} equal ours "
+              f"(HF rounds activations to {hf['dtype']}; random weights have small logit gaps)")
+        print(f"  ours / HF: total time {hf['ratio_total_ours_over_hf']:.2f}x, "
+              f"time to first token {hf['ratio_first_token_ours_over_hf']:.2f}x")
+    report = {"yardsticks": yard, "voxtral_ref": ours, "hf": hf, "command": " ".join(sys.argv)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(json.dumps({"summary": {k: ours[k] for k in ("rtf", "decode_ms_per_token", "prefill_ms", "encoder_ms_per_audio_s",
+                                                       "decode_pct_of_read_bw", "peak_rss_GB")} |
+                      ({"hf_rtf": hf["rtf"], "ours_over_hf_total": hf["ratio_total_ours_over_hf"]} if hf and "error" not in hf else {})},
+                     indent=1))
+    print(f"full report: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
