@@ -53,11 +53,18 @@ ffibuilder = make_builder()
 
 if __name__ == "__main__":
     # In-place development build: compile under build/cffi and copy the module into voxtral_ref/.
+    import importlib.machinery
     import shutil
     import sysconfig
 
     root = HERE.parent
     out = make_builder(str(HERE)).compile(tmpdir=str(root / "build" / "cffi"), verbose=True)
-    dest = root / "voxtral_ref" / ("_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    # the name `pip install -e .` gives it (cffi builds for the stable ABI), so either build replaces the
+    # other instead of one shadowing the other
+    suffix = ".abi3.so" if ".abi3.so" in importlib.machinery.EXTENSION_SUFFIXES else sysconfig.get_config_var("EXT_SUFFIX")
+    dest = root / "voxtral_ref" / ("_kernels" + suffix)
+    for stale in (root / "voxtral_ref").glob("_kernels.*"):
+        if stale.suffix in (".so", ".pyd"):
+            stale.unlink()
     shutil.copy(out, dest)
     print(f"built {dest}")
