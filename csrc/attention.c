@@ -1,9 +1,71 @@
-/* vx_attention: splits the work into (kv head, block of rows) tasks over the threads; the per-block
- * loop is in attention_simd.h. */
+/* vx_attention: splits the work over the threads and, for decode-like calls, merges the per-key-range
+ * partial softmaxes. The loops themselves are in attention_simd.h. */
 #include <math.h>
 #include <stdlib.h>
 
 #include "dispatch.h"
+
+/* Many rows per kv head (prefill, encoder): tasks are (kv head, block of 2 * VW rows). */
+static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows) {
+    const int rows = 2 * isa->attn_vw;
+    const int64_t nblocks = (nrows + rows - 1) / rows, ntasks = nblocks * a->hkv;
+    int nt = vx_threads_for((double)nrows * a->hkv * (a->tk < a->window ? a->tk : a->window) * a->d);
+    if (nt > ntasks) nt = (int)ntasks;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * a->d * rows + a->d));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < ntasks; t++) isa->attention_rows(a, (int)(t % a->hkv), (t / a->hkv) * rows, scratch);
+        free(scratch);
+    }
+}
+
+/* Few rows per kv head (decode, streaming): tasks are ranges of keys, each for every head, leaving a
+ * partial (max m, sum l, unnormalised o) per row; merged here as
+ *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
+static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
+    const int H = a->hkv, D = a->d, g = a->hq / a->hkv, vw = isa->attn_vw;
+    int64_t qmin = INT64_MAX, qmax = INT64_MIN, j_lo, j_hi;
+    for (int64_t i = 0; i < a->tq; i++) {
+        qmin = a->q_pos[i] < qmin ? a->q_pos[i] : qmin;
+        qmax = a->q_pos[i] > qmax ? a->q_pos[i] : qmax;
+    }
+    vx_key_range(a, qmin, qmax, &j_lo, &j_hi);
+    int nt = vx_threads_for((double)nrows * H * (j_hi - j_lo) * D);
+    int64_t chunk = (j_hi - j_lo + 2 * nt - 1) / (2 * nt);   /* two ranges per thread evens out the tail */
+    chunk = (chunk < 8 * vw ? 8 * vw : chunk + vw - 1) / vw * vw;
+    const int64_t nchunks = j_hi > j_lo ? (j_hi - j_lo + chunk - 1) / chunk : 1;
+    const size_t per = (size_t)H * nrows * (2 + D);
+    float *state = vx_alloc(sizeof(float) * per * nchunks);
+    if (nt > nchunks) nt = (int)nchunks;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = vx_alloc(sizeof(float) * D * (2 * vw + 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunks; c++) {
+            int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;
+            isa->attention_keys(a, j0, j1, nrows, state + c * per, scratch);
+        }
+        free(scratch);
+    }
+    for (int hk = 0; hk < H; hk++)
+        for (int r = 0; r < nrows; r++) {
+            const size_t row = (size_t)hk * nrows + r;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t c = 0; c < nchunks; c++) m = fmaxf(m, state[c * per + row]);
+            float *out = a->out + ((r / g) * a->hq + hk * g + r % g) * D;
+            for (int d = 0; d < D; d++) out[d] = 0.0f;
+            for (int64_t c = 0; c < nchunks; c++) {
+                const float *st = state + c * per;
+                float w = st[row] == -INFINITY ? 0.0f : expf(st[row] - m);   /* a range that saw nothing */
+                l += st[(size_t)H * nrows + row] * w;
+                const float *o = st + (size_t)2 * H * nrows + row * D;
+                for (int d = 0; d < D; d++) out[d] += o[d] * w;
+            }
+            for (int d = 0; d < D; d++) out[d] /= l;               /* 0 / 0 = NaN if no key was visible */
+        }
+    free(state);
+}
 
 void vx_attention(const float *q, const float *k, const float *v, float *out, int64_t tq, int64_t tk,
                   int hq, int hkv, int d, const int64_t *q_pos, const int64_t *k_pos, int64_t window) {
@@ -15,15 +77,8 @@ void vx_attention(const float *q, const float *k, const float *v, float *out, in
             break;
         }
     const int64_t nrows = tq * (hq / hkv);          /* rows of one kv head: (query, head of the group) */
-    const int rows = nrows <= isa->attn_vw ? isa->attn_vw : 2 * isa->attn_vw;
-    const int64_t nblocks = (nrows + rows - 1) / rows, ntasks = nblocks * hkv;
-    int nt = vx_threads_for((double)nrows * hkv * (tk < window ? tk : window) * d);
-    if (nt > ntasks) nt = (int)ntasks;
-#pragma omp parallel num_threads(nt)
-    {
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * d * rows + d));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntasks; t++) isa->attention_rows(&a, (int)(t % hkv), (t / hkv) * rows, rows, scratch);
-        free(scratch);
-    }
+    if (nrows <= isa->attn_vw)
+        by_keys(isa, &a, (int)nrows);
+    else
+        by_rows(isa, &a, nrows);
 }

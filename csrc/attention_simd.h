@@ -1,32 +1,51 @@
-/* Inner loop of vx_attention, written once against simd.h and instantiated per ISA level.
+/* Inner loops of vx_attention, written once against simd.h and instantiated per ISA level.
  *
- * One call handles a block of R = RV * VW "rows" of one kv head, a row being a (query, query head of the
- * group) pair, so the hq / hkv query heads sharing a kv head share every key and value load (GQA). The
- * vectors run across rows, not across d: the query block is transposed once into qt[d][R] and the
- * output accumulated in ot[d][R], so each key row K[j, :] (contiguous in the cache) is used through
- * scalar broadcasts, scores come out one vector per key with no horizontal sums, and the online softmax
- * (running max m, running sum l, rescaling by exp(m_old - m_new)) is vector arithmetic across rows.
- * Keys go in blocks of BK; masking compares positions relative to the block's smallest query position,
- * small exact integers in float32. */
+ * A "row" is a (query, query head of the group) pair of one kv head, so the hq / hkv query heads sharing a
+ * kv head share every key and value load (GQA). Two loops, by the number of rows per kv head:
+ *   attention_block  (prefill, encoder: more than VW rows per kv head) vectors run across rows;
+ *   attention_keys   (decode, streaming: at most VW rows per kv head) vectors run along d.
+ * Both keep an online softmax (running max m, running sum l, rescaling by exp(m_old - m_new)) in float32,
+ * take keys in blocks, and mask by comparing positions relative to the block's smallest query position:
+ * small exact integers in float32 (the Python wrapper keeps them below 2^23). */
 
+/* Key j of kv head hk: its K and V rows and its position relative to qmin, clamped to [-window - 1,
+ * span + 1] (which keeps every visibility test unchanged). Keys at or past j_hi pad the block: a zero row
+ * that no query sees. `any` / `all` track whether some / every query of the block sees the key. */
+static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, int64_t j_hi, int64_t qmin, int64_t qmax,
+                                 int64_t span, const float *zero_row, const float **kr, const float **vr, float *kp,
+                                 int *any, int *all) {
+    const int64_t W = a->window;
+    if (j >= j_hi) {
+        *kr = *vr = zero_row, *kp = (float)(-W - 1), *all = 0;
+        return;
+    }
+    int64_t p = a->k_pos[j], rel = p - qmin;
+    *any |= p > qmin - W && p <= qmax;
+    *all &= p > qmax - W && p <= qmin;
+    *kp = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
+    *kr = a->k + (j * a->hkv + hk) * a->d;
+    *vr = a->v + (j * a->hkv + hk) * a->d;
+}
+
+/* More rows (prefill, encoder), 2 * VW per task: the query block is transposed once into qt[d][R] and
+ * the output accumulated in ot[d][R], so each key row K[j, :] is used through scalar broadcasts, the
+ * scores come out one vector per key, and the softmax is vector arithmetic across rows. */
 #define ATT_BK (VW == 8 ? 4 : 8)
-#define ATT_RV_MAX 2   /* row vectors per block: 1 when a block has at most VW rows (decode), else 2 */
+#define ATT_RV 2   /* rows = ATT_RV * VW */
 
-VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0, float *scratch, const int RV) {
-    const int R = RV * VW;
-    const int D = a->d, g = a->hq / a->hkv;
+VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {
+    const int R = ATT_RV * VW, D = a->d, g = a->hq / a->hkv;
     const int64_t nrows = a->tq * g, W = a->window;
     float *qt = scratch, *ot = scratch + (size_t)D * R, *zero_row = scratch + (size_t)2 * D * R;
     int nr = (int)(nrows - row0 < R ? nrows - row0 : R);
 
-    /* the rows: their query vectors (transposed), positions, and output slots */
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nr; r++) {
         int64_t p = a->q_pos[(row0 + r) / g];
         qmin = p < qmin ? p : qmin;
         qmax = p > qmax ? p : qmax;
     }
-    float qrel[ATT_RV_MAX * VW];
+    float qrel[ATT_RV * VW];
     for (int r = 0; r < R; r++) {
         int64_t i = (row0 + r) / g, h = (int64_t)hk * g + (row0 + r) % g;
         const float *qrow = a->q + (i * a->hq + h) * D;
@@ -34,63 +53,37 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
         qrel[r] = r < nr ? (float)(a->q_pos[i] - qmin) : -3.0e7f;   /* padding rows see no key */
     }
     for (int d = 0; d < D; d++) zero_row[d] = 0.0f;
-    vf qhi[ATT_RV_MAX], qlo[ATT_RV_MAX], m[ATT_RV_MAX], l[ATT_RV_MAX];
-    for (int v = 0; v < RV; v++) {
+    vf qhi[ATT_RV], qlo[ATT_RV], m[ATT_RV], l[ATT_RV];
+    for (int v = 0; v < ATT_RV; v++) {
         qhi[v] = vx_load(qrel + v * VW);
         qlo[v] = vx_sub(qhi[v], vx_set1((float)W));
         m[v] = vx_set1(-INFINITY);
         l[v] = vx_zero();
     }
-
-    /* the keys any row can see: with sorted positions a binary search bounds them */
-    int64_t j_lo = 0, j_hi = a->tk;
-    if (a->k_sorted) {
-        int64_t lo = 0, hi = a->tk;
-        while (lo < hi) {  /* first key with k_pos > qmin - W */
-            int64_t mid = (lo + hi) / 2;
-            if (a->k_pos[mid] > qmin - W) hi = mid; else lo = mid + 1;
-        }
-        j_lo = lo;
-        hi = a->tk;
-        while (lo < hi) {  /* first key with k_pos > qmax */
-            int64_t mid = (lo + hi) / 2;
-            if (a->k_pos[mid] > qmax) hi = mid; else lo = mid + 1;
-        }
-        j_hi = lo;
-    }
+    int64_t j_lo, j_hi;
+    vx_key_range(a, qmin, qmax, &j_lo, &j_hi);
     const int64_t span = qmax - qmin;
     for (int64_t j0 = j_lo; j0 < j_hi; j0 += ATT_BK) {
         const float *kr[ATT_BK], *vr[ATT_BK];
         float kp[ATT_BK];
         int any = 0, all = 1;
-        for (int jj = 0; jj < ATT_BK; jj++) {
-            int64_t j = j0 + jj;
-            if (j >= j_hi) {
-                kr[jj] = vr[jj] = zero_row, kp[jj] = (float)(-W - 1), all = 0;
-                continue;
-            }
-            int64_t p = a->k_pos[j], rel = p - qmin;
-            any |= p > qmin - W && p <= qmax;
-            all &= p > qmax - W && p <= qmin;
-            kp[jj] = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
-            kr[jj] = a->k + (j * a->hkv + hk) * D;
-            vr[jj] = a->v + (j * a->hkv + hk) * D;
-        }
+        for (int jj = 0; jj < ATT_BK; jj++)
+            attention_key(a, hk, j0 + jj, j_hi, qmin, qmax, span, zero_row, &kr[jj], &vr[jj], &kp[jj], &any, &all);
         if (!any) continue;
 
-        vf s[ATT_BK][ATT_RV_MAX];
+        vf s[ATT_BK][ATT_RV];
         for (int jj = 0; jj < ATT_BK; jj++)
-            for (int v = 0; v < RV; v++) s[jj][v] = vx_zero();
+            for (int v = 0; v < ATT_RV; v++) s[jj][v] = vx_zero();
         for (int d = 0; d < D; d++) {
-            vf qv[ATT_RV_MAX];
-            for (int v = 0; v < RV; v++) qv[v] = vx_load(qt + d * R + v * VW);
+            vf qv[ATT_RV];
+            for (int v = 0; v < ATT_RV; v++) qv[v] = vx_load(qt + d * R + v * VW);
             for (int jj = 0; jj < ATT_BK; jj++) {
                 vf kb = vx_set1(kr[jj][d]);
-                for (int v = 0; v < RV; v++) s[jj][v] = vx_fma(kb, qv[v], s[jj][v]);
+                for (int v = 0; v < ATT_RV; v++) s[jj][v] = vx_fma(kb, qv[v], s[jj][v]);
             }
         }
-        vf corr[ATT_RV_MAX];
-        for (int v = 0; v < RV; v++) {
+        vf corr[ATT_RV];
+        for (int v = 0; v < ATT_RV; v++) {
             vf mb = vx_set1(-INFINITY);
             for (int jj = 0; jj < ATT_BK; jj++) {
                 s[jj][v] = vx_mul(s[jj][v], vx_set1(a->scale));
@@ -109,15 +102,15 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
             m[v] = mnew;
         }
         for (int d = 0; d < D; d++)
-            for (int v = 0; v < RV; v++) {
+            for (int v = 0; v < ATT_RV; v++) {
                 vf o = vx_mul(vx_load(ot + d * R + v * VW), corr[v]);
                 for (int jj = 0; jj < ATT_BK; jj++) o = vx_fma(vx_set1(vr[jj][d]), s[jj][v], o);
                 vx_store(ot + d * R + v * VW, o);
             }
     }
 
-    float lsum[ATT_RV_MAX * VW];
-    for (int v = 0; v < RV; v++) vx_store(lsum + v * VW, l[v]);
+    float lsum[ATT_RV * VW];
+    for (int v = 0; v < ATT_RV; v++) vx_store(lsum + v * VW, l[v]);
     for (int r = 0; r < nr; r++) {
         int64_t i = (row0 + r) / g, h = (int64_t)hk * g + (row0 + r) % g;
         float *orow = a->out + (i * a->hq + h) * D;
@@ -125,9 +118,130 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
     }
 }
 
-VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, int64_t row0, int rows, float *scratch) {
-    if (rows <= VW)
-        attention_block(a, hk, row0, scratch, 1);
+/* At most VW rows per kv head (decode: the hq / hkv query heads of one token; streaming: a few frames).
+ * Vectors across rows would leave most lanes idle, so here they run along d, VW keys at a time: a row's
+ * VW partial dot products are transposed and summed into one vector of VW scores (no per-key horizontal
+ * sums), the online softmax runs along that vector, and the output row accumulates p_j * v_j.
+ * The work is split by keys, not heads: each call takes a range of keys for every kv head, so the cache
+ * is swept in memory order (a key's heads are contiguous; one head's keys are hkv * d floats apart, a
+ * stride that defeats the hardware prefetchers and the TLB: 1.5x faster from DRAM), and leaves a partial (m, l, o) per row that the
+ * driver merges across key ranges (as flash-decoding does).
+ * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
+ * (the model's head sizes: q and o rows then live in registers), else 0. */
+VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
+                                float *zero_row, const int DC) {
+    const int D = DC ? DC : a->d, DV = D / VW * VW, g = a->hq / a->hkv, H = a->hkv;
+    const int64_t W = a->window;
+    float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
+    float *kbuf = zero_row + D, *vbuf = kbuf + VW * D;
+    float qrel[VW] = {0};
+    int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+    for (int r = 0; r < nrows; r++) {
+        int64_t p = a->q_pos[r / g];
+        qmin = p < qmin ? p : qmin;
+        qmax = p > qmax ? p : qmax;
+    }
+    for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
+    for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
+    for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
+    for (int d = 0; d < D; d++) zero_row[d] = 0.0f;
+    const int64_t span = qmax - qmin;
+    for (int64_t jb = j0; jb < j1; jb += VW) {
+        const float *kr[VW], *vr[VW];
+        float kp[VW];
+        int any = 0, all = 1;
+        for (int jj = 0; jj < VW; jj++)               /* positions are shared by every head */
+            attention_key(a, 0, jb + jj, j1, qmin, qmax, span, zero_row, &kr[jj], &vr[jj], &kp[jj], &any, &all);
+        if (!any) continue;
+        for (int hk = 0; hk < H; hk++) {
+            const float *krh[VW], *vrh[VW];
+            for (int jj = 0; jj < VW; jj++) {
+                krh[jj] = kr[jj] == zero_row ? zero_row : kr[jj] + hk * D;
+                vrh[jj] = vr[jj] == zero_row ? zero_row : vr[jj] + hk * D;
+                /* With several rows, copy the block's rows together first: in the cache they are
+                 * hkv * d floats apart, 4 KB in the decoder, so all VW of them fall in the same L1 sets
+                 * and each row's pass would refetch them (2x slower). */
+                if (nrows > 1) {
+                    memcpy(kbuf + jj * D, krh[jj], sizeof(float) * D), krh[jj] = kbuf + jj * D;
+                    memcpy(vbuf + jj * D, vrh[jj], sizeof(float) * D), vrh[jj] = vbuf + jj * D;
+                }
+            }
+            for (int r = 0; r < nrows; r++) {
+                const float *qrow = a->q + ((r / g) * a->hq + hk * g + r % g) * D;
+                float *orow = os + (hk * nrows + r) * D, *m = ms + hk * nrows + r, *l = ls + hk * nrows + r;
+                vf acc[VW];                            /* VW independent FMA chains */
+                VX_UNROLL
+                for (int jj = 0; jj < VW; jj++) acc[jj] = vx_zero();
+                for (int d = 0; d < DV; d += VW) {
+                    vf qv = vx_load(qrow + d);
+                    VX_UNROLL
+                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(krh[jj] + d), acc[jj]);
+                }
+                vx_transpose(acc);                     /* lane jj of acc[i]: part i of key jj's sum */
+                VX_UNROLL
+                for (int i = 1; i < VW; i += 2) acc[i - 1] = vx_add(acc[i - 1], acc[i]);   /* a tree: short chains */
+                VX_UNROLL
+                for (int i = 2; i < VW; i += 4) acc[i - 2] = vx_add(acc[i - 2], acc[i]);
+                VX_UNROLL
+                for (int i = 4; i < VW; i += 8) acc[i - 4] = vx_add(acc[i - 4], acc[i]);
+                VX_UNROLL
+                for (int i = 8; i < VW; i += 16) acc[i - 8] = vx_add(acc[i - 8], acc[i]);
+                vf s = acc[0];
+                if (DV < D) {                          /* d not a multiple of VW */
+                    float t[VW];
+                    vx_store(t, s);
+                    for (int jj = 0; jj < VW; jj++)
+                        for (int d = DV; d < D; d++) t[jj] += qrow[d] * krh[jj][d];
+                    s = vx_load(t);
+                }
+                s = vx_mul(s, vx_set1(a->scale));
+                if (!all) s = vx_mask_range(s, vx_load(kp), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
+                float mb = vx_hmax(s), mnew = *m > mb ? *m : mb;
+                float msafe = mnew == -INFINITY ? 0.0f : mnew;   /* a row that saw nothing yet stays at 0 */
+                vf corr = vx_exp(vx_set1(*m - msafe));           /* not expf: a call would spill every register */
+                vf p = vx_exp(vx_sub(s, vx_set1(msafe)));
+                *l = *l * vx_hmax(corr) + vx_hsum(p);
+                *m = mnew;
+                float pj[VW];
+                vx_store(pj, p);
+                if (DC) {                              /* output row in registers, one broadcast per key */
+                    vf ov[DC / VW > 0 ? DC / VW : 1];
+                    VX_UNROLL
+                    for (int i = 0; i < DC / VW; i++) ov[i] = vx_mul(vx_load(orow + i * VW), corr);
+                    for (int jj = 0; jj < VW; jj++) {
+                        vf pv = vx_set1(pj[jj]);
+                        VX_UNROLL
+                        for (int i = 0; i < DC / VW; i++) ov[i] = vx_fma(pv, vx_load(vrh[jj] + i * VW), ov[i]);
+                    }
+                    VX_UNROLL
+                    for (int i = 0; i < DC / VW; i++) vx_store(orow + i * VW, ov[i]);
+                } else {
+                    for (int d = 0; d < DV; d += VW) {
+                        vf ov = vx_mul(vx_load(orow + d), corr);
+                        for (int jj = 0; jj < VW; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vrh[jj] + d), ov);
+                        vx_store(orow + d, ov);
+                    }
+                    for (int d = DV; d < D; d++) {
+                        float t = orow[d] * vx_hmax(corr);
+                        for (int jj = 0; jj < VW; jj++) t += pj[jj] * vrh[jj][d];
+                        orow[d] = t;
+                    }
+                }
+            }
+        }
+    }
+}
+
+VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
+                                          float *scratch) {   /* scratch: a zero row, then VW K and VW V rows */
+    if (a->d == 128)
+        attention_keys_d(a, j0, j1, nrows, state, scratch, 128);
+    else if (a->d == 64)
+        attention_keys_d(a, j0, j1, nrows, state, scratch, 64);
     else
-        attention_block(a, hk, row0, scratch, 2);
+        attention_keys_d(a, j0, j1, nrows, state, scratch, 0);
+}
+
+VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {
+    attention_block(a, hk, row0, scratch);
 }

@@ -49,10 +49,13 @@ typedef struct {
     int gemm_mr, gemm_nr;
     void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float *bp);
     void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *tile);
-    /* attention for the rows [row0, row0 + rows) of kv head hk; rows is attn_vw or 2 * attn_vw.
-     * scratch holds 2 * d * rows + d floats. */
+    /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
+     * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
+     * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
+     * o [hkv][nrows][d]), scratch of (2 * attn_vw + 1) * d floats. */
     int attn_vw;
-    void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, int rows, float *scratch);
+    void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
+    void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch);
     void (*rms_norm)(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d);
     void (*silu_mul)(const float *a, const float *b, float *y, int64_t n);
 } vx_isa;
@@ -74,6 +77,25 @@ static inline void vx_split(int64_t n, int64_t align, int t, int nt, int64_t *lo
     *hi = blocks * (t + 1) / nt * align;
     if (*hi > n) *hi = n;
     if (*lo > n) *lo = n;
+}
+
+/* [j_lo, j_hi): the keys a query in [qmin, qmax] can see, by binary search when k_pos is sorted, else
+ * all of them (masking sorts out the rest). */
+static inline void vx_key_range(const vx_attention_args *a, int64_t qmin, int64_t qmax, int64_t *j_lo, int64_t *j_hi) {
+    *j_lo = 0, *j_hi = a->tk;
+    if (!a->k_sorted) return;
+    int64_t lo = 0, hi = a->tk;
+    while (lo < hi) {  /* first key with k_pos > qmin - window */
+        int64_t mid = (lo + hi) / 2;
+        if (a->k_pos[mid] > qmin - a->window) hi = mid; else lo = mid + 1;
+    }
+    *j_lo = lo;
+    hi = a->tk;
+    while (lo < hi) {  /* first key with k_pos > qmax */
+        int64_t mid = (lo + hi) / 2;
+        if (a->k_pos[mid] > qmax) hi = mid; else lo = mid + 1;
+    }
+    *j_hi = lo;
 }
 
 void *vx_alloc(size_t bytes);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */

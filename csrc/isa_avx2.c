@@ -17,6 +17,7 @@ const vx_isa vx_isa_avx2 = {
     .gemm_micro = VX_NAME(gemm_micro),
     .attn_vw = VW,
     .attention_rows = VX_NAME(attention_rows),
+    .attention_keys = VX_NAME(attention_keys),
     .rms_norm = VX_NAME(rms_norm),
     .silu_mul = VX_NAME(silu_mul),
 };

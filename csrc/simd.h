@@ -28,6 +28,10 @@
 #error "define VX_LEVEL before including simd.h"
 #endif
 
+/* Loops over the lanes or registers of a block must be fully unrolled, or their arrays of vectors go to
+ * memory: say so rather than rely on the compiler's size heuristics. */
+#define VX_UNROLL _Pragma("GCC unroll 16")
+
 #define VX_CAT_(a, b) a##_##b
 #define VX_CAT(a, b) VX_CAT_(a, b)
 
@@ -87,13 +91,16 @@ VX_INLINE vf vx_ninf_to_zero(vf a) {
  * 128-bit lane, then the lanes themselves. */
 VX_INLINE void vx_transpose(vf r[16]) {
     vf t[16], u[16];
+    VX_UNROLL
     for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    VX_UNROLL
     for (int i = 0; i < 16; i += 4) {
         u[i + 0] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
         u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
         u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
         u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
     }   /* lane L of u[4i + c] holds column 4L + c of rows 4i..4i+3 */
+    VX_UNROLL
     for (int c = 0; c < 4; c++) {
         vf v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
         vf v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
