@@ -32,8 +32,9 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     }
     vx_key_range(a, qmin, qmax, &j_lo, &j_hi);
     int nt = vx_threads_for((double)nrows * H * (j_hi - j_lo) * D);
-    int64_t chunk = (j_hi - j_lo + 2 * nt - 1) / (2 * nt);   /* two ranges per thread evens out the tail */
-    chunk = (chunk < 8 * vw ? 8 * vw : chunk + vw - 1) / vw * vw;
+    /* Fixed-size key ranges (a multiple of every VW), not one per thread: the merge order, hence the
+     * rounding, then depends on the shapes only, and the thread count never changes a result. */
+    const int64_t chunk = 256;
     const int64_t nchunks = j_hi > j_lo ? (j_hi - j_lo + chunk - 1) / chunk : 1;
     const size_t per = (size_t)H * nrows * (2 + D);
     float *state = vx_alloc(sizeof(float) * per * nchunks);

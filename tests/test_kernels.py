@@ -162,6 +162,27 @@ def test_attention_matches_twin(level, tq, past, hkv, g, d, window, order, base,
 
 
 @pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("tq,g,d,window", [(1, 4, 128, 300), (1, 1, 64, 10**6), (3, 2, 33, 250), (4, 1, 64, 750)])
+def test_attention_decode_over_a_long_cache(level, tq, g, d, window):
+    """Decode-shaped calls split the keys over threads and merge partial softmaxes: a ring cache longer
+    than the window leaves whole key ranges that no query sees."""
+    rng = np.random.default_rng(d)
+    tk, hkv = 1100, 2
+    q = rng.standard_normal((tq, hkv * g, d), dtype=np.float32) * np.float32(3)
+    k, v = (rng.standard_normal((tk, hkv, d), dtype=np.float32) for _ in range(2))
+    k_pos = np.roll(np.arange(5000, 5000 + tk), 357)
+    q_pos = np.arange(5000 + tk - tq, 5000 + tk)
+    ref = kernels.attention_np(q, k, v, q_pos, k_pos, window)
+    outs = []
+    for n in (1, 2, 3):
+        with isa(level), threads(n):
+            outs.append(ck.attention(q, k, v, q_pos, k_pos, window))
+    np.testing.assert_array_less(np.abs(outs[0] - ref), 1e-5 * np.abs(v).max())
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])                 # the thread count changes nothing
+
+
+@pytest.mark.parametrize("level", ISAS)
 def test_attention_window_edges(level):
     """window 1 sees only itself; a key exactly `window` back is hidden, one closer is visible."""
     rng = np.random.default_rng(0)
