@@ -45,10 +45,11 @@ typedef struct {
     /* GEMV for n <= VX_GEMV_ROWS: outputs y[:, m0:m1] */
     void (*gemv)(const vx_linear_args *a, int64_t m0, int64_t m1);
     /* GEMM: weight packing (rows j0..j0+nc, columns k0..k0+kc, into NR-wide k-major float32 panels) and
-     * the micro-kernel tile[MR, NR] = sum over kc of a[kc, MR] (outer) b[kc, NR] */
+     * the micro-kernel c[MR, NR] (row stride ldc) = (or += if accumulate) sum over kc of a[kc, MR] (outer)
+     * b[kc, NR] */
     int gemm_mr, gemm_nr;
     void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float *bp);
-    void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *tile);
+    void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int accumulate);
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],

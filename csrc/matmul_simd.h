@@ -98,7 +98,7 @@ VX_FN static void VX_NAME(gemv)(const vx_linear_args *a, int64_t m0, int64_t m1)
 #undef GEMV_CASE
 
 /* ---- GEMM micro-kernel -------------------------------------------------------------------------------
- * tile[MR, NR] = sum_k a[k, 0:MR] (x) b[k, 0:NR]: a is a packed panel of MR activation rows, b a packed
+ * c[MR, NR] (row stride ldc) = or += sum_k a[k, 0:MR] (x) b[k, 0:NR]: a is a packed panel of MR activation rows, b a packed
  * panel of NR weight rows already widened to float32, both k-major. One broadcast of a and NV vector
  * loads of b feed MR * NV independent FMAs per k. */
 #if VW == 16
@@ -150,7 +150,7 @@ VX_FN static void VX_NAME(pack_weights)(const vx_linear_args *a, int64_t j0, int
         }
 }
 
-VX_FN static void VX_NAME(gemm_micro)(int64_t kc, const float *a, const float *b, float *tile) {
+VX_FN static void VX_NAME(gemm_micro)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int accumulate) {
     vf acc[GEMM_MR][GEMM_NV];
     for (int i = 0; i < GEMM_MR; i++)
         for (int j = 0; j < GEMM_NV; j++) acc[i][j] = vx_zero();
@@ -163,5 +163,8 @@ VX_FN static void VX_NAME(gemm_micro)(int64_t kc, const float *a, const float *b
         }
     }
     for (int i = 0; i < GEMM_MR; i++)
-        for (int j = 0; j < GEMM_NV; j++) vx_store(tile + i * GEMM_NR + j * VW, acc[i][j]);
+        for (int j = 0; j < GEMM_NV; j++) {
+            float *ci = c + i * ldc + j * VW;
+            vx_store(ci, accumulate ? vx_add(vx_load(ci), acc[i][j]) : acc[i][j]);
+        }
 }

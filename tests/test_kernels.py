@@ -80,6 +80,16 @@ def test_linear_matches_twin(level, n, k, m, wtype, bias, seed):
 
 @pytest.mark.parametrize("level", ISAS)
 @pytest.mark.parametrize("wtype", WTYPES)
+def test_linear_many_rows(level, wtype):
+    """More activation rows than the GEMM packs at once (1024), odd sizes everywhere."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1100, 37), dtype=np.float32)
+    with isa(level):
+        assert_linear_close(x, weight(rng, 45, 37, wtype), rng.standard_normal(45, dtype=np.float32))
+
+
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("wtype", WTYPES)
 @pytest.mark.parametrize("n", [1, 4, 5, 29])
 def test_linear_long_rows(level, wtype, n):
     """K past one GEMM k-block (1024) and not a multiple of it; rows past one GEMM column block."""
