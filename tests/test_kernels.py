@@ -111,6 +111,15 @@ def test_linear_reads_readonly_bf16_views_and_any_leading_shape():
     np.testing.assert_allclose(ck.linear(x[0, 0], w), kernels.linear_np(x[0, 0], w), rtol=1e-5, atol=1e-5)
 
 
+def test_linear_other_weight_dtypes_are_values():
+    """A plain int8 / float16 / float64 array is a weight like any other (converted), not a quantised one."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 16), dtype=np.float32)
+    for w in (rng.integers(-5, 5, (7, 16)).astype(np.int8), rng.standard_normal((7, 16)).astype(np.float16),
+              rng.standard_normal((7, 16)), rng.standard_normal((16, 7), dtype=np.float32).T):
+        np.testing.assert_allclose(ck.linear(x, w), kernels.linear_np(x, w).astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_empty_inputs():
     w = np.ones((4, 3), np.float32)
     assert ck.linear(np.zeros((0, 3), np.float32), w).shape == (0, 4)

@@ -28,7 +28,8 @@ except ImportError:  # not built (e.g. a source checkout without `pip install .`
     ffi = lib = None
 
 ISA_LEVELS = ("scalar", "avx2", "avx512")
-_WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np.int8): 2}
+_WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np.int8): 2}   # csrc/kernels.h
+_FLOAT_WTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))   # read in place; int8 only with its scales
 _warned = False
 
 
@@ -107,8 +108,11 @@ def linear(x, w, b=None):
         return kernels.linear_np(x, w, b)
     scales, group = None, 0
     if isinstance(w, kernels.QuantizedWeight):
-        w, scales, group = w.q, _f32(w.scales), w.group
-    elif np.dtype(w.dtype) not in _WTYPES or not w.flags.c_contiguous:
+        w, scales, group = np.ascontiguousarray(w.q, np.int8), _f32(w.scales), w.group
+        m, k = kernels.check_int8_shape(w.shape, group)
+        if scales.shape != (m, k // group):
+            raise ValueError(f"linear: int8 scales of shape {scales.shape}, expected {(m, k // group)}")
+    elif np.dtype(w.dtype) not in _FLOAT_WTYPES or not w.flags.c_contiguous:
         w = _f32(w)                      # unusual dtype or layout: one float32 copy
     if w.ndim != 2:
         raise ValueError(f"linear: weight must be 2-D [M, K], got shape {w.shape}")
@@ -133,7 +137,7 @@ def quantize_int8(w, group=kernels.INT8_GROUP):
     if lib is None:
         _missing()
         return kernels.quantize_int8_np(w, group)
-    if np.dtype(w.dtype) not in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)) or not w.flags.c_contiguous:
+    if np.dtype(w.dtype) not in _FLOAT_WTYPES or not w.flags.c_contiguous:
         w = _f32(w)
     m, k = kernels.check_int8_shape(w.shape, group)
     q = np.empty((m, k), np.int8)
