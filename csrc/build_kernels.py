@@ -25,9 +25,9 @@ def _cdef():
 
 
 def _openmp_flags():
-    # Apple's clang has no -fopenmp; there the kernels run single-threaded.
+    # Apple's clang has no -fopenmp; there the kernels run single-threaded (the pragmas are then inert).
     if sys.platform == "darwin" or os.environ.get("VOXTRAL_REF_NO_OPENMP"):
-        return [], []
+        return ["-Wno-unknown-pragmas", "-Wno-unused-variable"], []
     return ["-fopenmp"], ["-fopenmp"]
 
 

