@@ -50,6 +50,9 @@ typedef struct {
     int gemm_mr, gemm_nr;
     void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float *bp);
     void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int accumulate);
+    /* vx_quantize_int8 for rows [m0, m1) */
+    void (*quantize_int8)(const void *w, int wtype, int64_t m0, int64_t m1, int64_t k, int64_t group, int8_t *q,
+                          float *scales);
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],

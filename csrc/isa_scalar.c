@@ -14,6 +14,7 @@ const vx_isa vx_isa_scalar = {
     .gemm_nr = GEMM_NR,
     .pack_weights = VX_NAME(pack_weights),
     .gemm_micro = VX_NAME(gemm_micro),
+    .quantize_int8 = VX_NAME(quantize_int8),
     .attn_vw = VW,
     .attention_rows = VX_NAME(attention_rows),
     .attention_keys = VX_NAME(attention_keys),

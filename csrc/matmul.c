@@ -1,21 +1,8 @@
 /* vx_linear (y = x @ w.T + b) and vx_quantize_int8: argument handling, blocking, packing, threads.
  * The inner loops are in matmul_simd.h. */
-#include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "dispatch.h"
-
-static float weight_at(const void *w, int wtype, size_t i) {
-    if (wtype == VX_W_BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
-        float f;
-        memcpy(&f, &u, sizeof f);
-        return f;
-    }
-    if (wtype == VX_W_I8) return (float)((const int8_t *)w)[i];
-    return ((const float *)w)[i];
-}
 
 /* ---- n <= 4: GEMV, weight rows split evenly over the threads (each streams its share once) ---- */
 static void linear_gemv(const vx_linear_args *a) {
@@ -130,21 +117,14 @@ void vx_linear(const float *x, int64_t n, int64_t k, const void *w, int wtype, c
         linear_gemm(&a);
 }
 
-/* ---- int8 quantisation ---------------------------------------------------------------------------- */
+/* ---- int8 quantisation (loop in matmul_simd.h), rows split over the threads ---------------------- */
 void vx_quantize_int8(const void *w, int wtype, int64_t m, int64_t k, int64_t group, int8_t *q, float *scales) {
+    const vx_isa *isa = vx_active();
     int nt = vx_threads_for((double)m * k);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < m; i++)
-        for (int64_t g = 0; g < k / group; g++) {
-            size_t base = (size_t)i * k + g * group;
-            float amax = 0.0f;
-            for (int64_t j = 0; j < group; j++) amax = fmaxf(amax, fabsf(weight_at(w, wtype, base + j)));
-            float s = amax / 127.0f;
-            float safe = s > 0.0f ? s : 1.0f;
-            scales[i * (k / group) + g] = s;
-            for (int64_t j = 0; j < group; j++) {
-                float r = nearbyintf(weight_at(w, wtype, base + j) / safe);   /* ties to even, as np.rint */
-                q[base + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-            }
-        }
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        vx_split(m, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        isa->quantize_int8(w, wtype, lo, hi, k, group, q, scales);
+    }
 }

@@ -98,9 +98,9 @@ VX_FN static void VX_NAME(gemv)(const vx_linear_args *a, int64_t m0, int64_t m1)
 #undef GEMV_CASE
 
 /* ---- GEMM micro-kernel -------------------------------------------------------------------------------
- * c[MR, NR] (row stride ldc) = or += sum_k a[k, 0:MR] (x) b[k, 0:NR]: a is a packed panel of MR activation rows, b a packed
- * panel of NR weight rows already widened to float32, both k-major. One broadcast of a and NV vector
- * loads of b feed MR * NV independent FMAs per k. */
+ * c[MR, NR] (row stride ldc) = or += sum_k a[k, 0:MR] (x) b[k, 0:NR]: a is a packed panel of MR
+ * activation rows, b a packed panel of NR weight rows already widened to float32, both k-major. One
+ * broadcast of a and NV vector loads of b feed MR * NV independent FMAs per k. */
 #if VW == 16
 #define GEMM_MR 12
 #define GEMM_NV 2
@@ -166,5 +166,27 @@ VX_FN static void VX_NAME(gemm_micro)(int64_t kc, const float *a, const float *b
         for (int j = 0; j < GEMM_NV; j++) {
             float *ci = c + i * ldc + j * VW;
             vx_store(ci, accumulate ? vx_add(vx_load(ci), acc[i][j]) : acc[i][j]);
+        }
+}
+
+/* ---- int8 quantisation of rows [m0, m1) --------------------------------------------------------------
+ * Plain C: with the ISA's target attributes the compiler vectorises it, and IEEE division and
+ * round-to-nearest-even are exact operations, so every level matches the twin bit for bit. */
+VX_FN static void VX_NAME(quantize_int8)(const void *w, int wtype, int64_t m0, int64_t m1, int64_t k, int64_t group,
+                                         int8_t *q, float *scales) {
+    for (int64_t i = m0; i < m1; i++)
+        for (int64_t g = 0; g < k / group; g++) {
+            const int64_t base = i * k + g * group;
+            float amax = 0.0f;
+            for (int64_t j = 0; j < group; j++) {
+                float v = fabsf(gemv_load_w1(w, wtype, base + j));
+                amax = v > amax ? v : amax;
+            }
+            const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
+            scales[i * (k / group) + g] = s;
+            for (int64_t j = 0; j < group; j++) {
+                float r = nearbyintf(gemv_load_w1(w, wtype, base + j) / safe);   /* ties to even, as np.rint */
+                q[base + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+            }
         }
 }
