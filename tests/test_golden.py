@@ -109,3 +109,17 @@ def test_batch_equals_each_alone(model):
     assert [r.token_ids for r in alone] == [g["alone_token_ids_0"].tolist(), g["alone_token_ids_1"].tolist()]
     for r, row in zip(alone, g["token_ids"]):
         assert row[:len(r.token_ids)].tolist() == r.token_ids
+
+
+@pytest.mark.parametrize("case", ["speech_en_long_480", "speech_en_80"])
+def test_long_audio_path_gives_the_same_ids(model, case, monkeypatch):
+    """Past LONG_AUDIO_SAMPLES, transcribe() runs through the streaming session (flat memory); with the
+    threshold lowered, the golden cases take that path and must still give HF's ids."""
+    from voxtral_ref import model as model_module
+    monkeypatch.setattr(model_module, "LONG_AUDIO_SAMPLES", 1000)
+    monkeypatch.setattr(model_module, "SESSION_FEED", 7919)
+    g = load_case(case)
+    seen = []
+    r = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]), on_token=seen.append)
+    assert "encode_s" not in r.timings                       # it did take the session path
+    assert r.token_ids == seen == g["token_ids"].tolist()

@@ -67,10 +67,12 @@ def transcribe_file(model, src, formats, out_dir, args):
         r = model.transcribe(x, delay_ms=delay_ms, on_token=lambda _: bar.update())
     segs = segments(r.token_ids, model.tokenizer, r.n_samples)
     if args.verbose:
-        seconds, enc, dec = duration_ms(r.n_samples) / 1000, r.timings["encode_s"], r.timings["decode_s"]
-        note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, encode {enc:.2f} s, decode "
-             f"{dec:.2f} s ({len(r.token_ids)} tokens, {len(r.token_ids) / max(dec, 1e-9):.1f}/s); "
-             f"real-time factor {(enc + dec) / max(seconds, 1e-3):.2f}; {len(segs)} segments")
+        seconds, tm = duration_ms(r.n_samples) / 1000, r.timings
+        split = (f"encode {tm['encode_s']:.2f} s, decode {tm['decode_s']:.2f} s" if "encode_s" in tm
+                 else f"encode + decode {tm['total_s']:.2f} s (long audio: through a streaming session)")
+        note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, {split} "
+             f"({len(r.token_ids)} tokens); real-time factor {tm['total_s'] / max(seconds, 1e-3):.2f}; "
+             f"{len(segs)} segments")
     for fmt in formats:
         text = render(fmt, r, segs, pretty=out_dir is not None)
         if out_dir is None:

@@ -4,7 +4,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-
 from . import config as C
 from . import kernels
 from .audio import to_mono_16k
@@ -13,6 +12,12 @@ from .generate import encode, greedy_decode, pad_offline
 from .hub import DEFAULT_REPO, detect_format, resolve
 from .tokenizer import Tekken
 from .weights import load_weights
+
+# Offline transcription holds the whole file's encoder states ([T/2, 1280] floats and their q/k/v, about
+# 2 GB per 10 minutes on the real model). Longer audio runs through the streaming session instead: the
+# same token ids (tests/test_stream.py, tests/test_golden.py), memory flat in the file's length.
+LONG_AUDIO_SAMPLES = 10 * 60 * C.SAMPLE_RATE
+SESSION_FEED = 60 * C.SAMPLE_RATE                     # samples fed per session step on that path
 
 
 @dataclass
@@ -63,15 +68,32 @@ class Model:
         delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms
         n_delay = C.delay_tokens(delay_ms)
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
+        t0 = time.perf_counter()
+        if trace is None and len(x) > LONG_AUDIO_SAMPLES:
+            ids = self._transcribe_in_session(x, delay_ms, on_token)
+            timings = {"total_s": time.perf_counter() - t0}          # encoding and decoding interleave
+            return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
         with kernels.use(self.backend):
             if trace:
                 trace("audio", x)
-            t0 = time.perf_counter()
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
             t1 = time.perf_counter()
             ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token)
-        timings = {"encode_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+        t2 = time.perf_counter()
+        timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0}
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
+
+    def _transcribe_in_session(self, x, delay_ms, on_token):
+        session = self.stream(delay_ms)
+        for start in range(0, len(x), SESSION_FEED):
+            session.feed(x[start:start + SESSION_FEED])
+            for t in session.step().token_ids:
+                if on_token:
+                    on_token(t)
+        for t in session.close().token_ids:
+            if on_token:
+                on_token(t)
+        return session.token_ids
 
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).
