@@ -25,8 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from voxtral_ref import ckernels as ck  # noqa: E402
-from voxtral_ref import kernels  # noqa: E402
+from voxtral_ref import ckernels as ck
+from voxtral_ref import kernels
 
 OUT = ROOT / "bench" / "out"
 RNG = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def bench_gemv(m, quick):
                 read, t = 0.0, float("inf")
                 for _ in range(3):
                     read = max(read, m.read_gbs())
-                    t = min(t, best_time(lambda: [ck.linear(x, w) for w in mats], repeats=2, min_time=0))
+                    t = min(t, best_time(lambda x=x, mats=mats: [ck.linear(x, w) for w in mats], repeats=2, min_time=0))
                 gbs = nbytes / t / 1e9
                 rows.append({"kernel": f"GEMV {wname} {name}", "n": n, "M": mm, "K": kk, "weight": wname,
                              "ms": 1e3 * t / count, "GB/s": gbs, "read_GB/s": read, "pct_of_read": 100 * gbs / read,
@@ -201,7 +201,7 @@ def bench_gemv(m, quick):
                 r = rows[-1]
                 print(f"  {r['kernel']:<38} n={n}  {r['ms']:7.3f} ms  {gbs:6.1f} GB/s  = {r['pct_of_read']:5.1f}% of "
                       f"read {read:5.1f} GB/s", flush=True)
-            del mats
+            mats = None                 # freed before the next shape's matrices are made
     return rows
 
 
@@ -219,9 +219,9 @@ def bench_gemm(m, peak, quick):
         wq = kernels.quantize_int8_np(w, 64)
         wf = np.asarray(w, np.float32)
         flop = 2 * n * kk * mm
-        t_bf16 = best_time(lambda: ck.linear(x, w))
-        t_int8 = best_time(lambda: ck.linear(x, wq))
-        t_np = best_time(lambda: x @ wf.T)
+        t_bf16 = best_time(lambda x=x, w=w: ck.linear(x, w))
+        t_int8 = best_time(lambda x=x, wq=wq: ck.linear(x, wq))
+        t_np = best_time(lambda x=x, wf=wf: x @ wf.T)
         r = {"kernel": f"GEMM {name}", "n": n, "K": kk, "M": mm, "ms_bf16": 1e3 * t_bf16,
              "GFLOP/s_bf16": flop / t_bf16 / 1e9, "GFLOP/s_int8": flop / t_int8 / 1e9,
              "pct_of_peak": 100 * flop / t_bf16 / 1e9 / peak, "GFLOP/s_numpy_f32": flop / t_np / 1e9}
@@ -248,8 +248,9 @@ def bench_attention(peak, quick):
             k, v = np.roll(k, tk // 3, axis=0), np.roll(v, tk // 3, axis=0)
         visible = int(((kp[None, :] > qp[:, None] - W) & (kp[None, :] <= qp[:, None])).sum())
         flop = 4 * d * visible * hq
-        t = best_time(lambda: ck.attention(q, k, v, qp, kp, W))
-        t_np = best_time(lambda: kernels.attention_np(q, k, v, qp, kp, W), repeats=1, min_time=0)
+        args = (q, k, v, qp, kp, W)
+        t = best_time(lambda args=args: ck.attention(*args))
+        t_np = best_time(lambda args=args: kernels.attention_np(*args), repeats=1, min_time=0)
         r = {"kernel": f"attention {name}", "Tq": tq, "Tk": tk, "Hq": hq, "Hkv": hkv, "D": d, "window": W,
              "ms": 1e3 * t, "GFLOP/s": flop / t / 1e9, "pct_of_peak": 100 * flop / t / 1e9 / peak,
              "KV_GB/s": 2 * k.nbytes / t / 1e9, "numpy_ms": 1e3 * t_np}

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,11 +33,11 @@ import soundfile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import voxtral_ref  # noqa: E402
-from voxtral_ref import config as C  # noqa: E402
-from voxtral_ref.generate import pad_offline  # noqa: E402
-from voxtral_ref.mel import log_mel  # noqa: E402
-from voxtral_ref.weights import canonical_names, read_safetensors  # noqa: E402
+import voxtral_ref
+from voxtral_ref import config as C
+from voxtral_ref.generate import pad_offline
+from voxtral_ref.mel import log_mel
+from voxtral_ref.weights import canonical_names, read_safetensors
 
 OUT = ROOT / "bench" / "out"
 SPEECH = ROOT / "golden" / "audio" / "speech_en.wav"
@@ -65,10 +64,11 @@ def rss_status():
     """{VmHWM, VmRSS, RssAnon, RssFile} in GB from /proc/self/status (Linux)."""
     out = {}
     try:
-        for line in open("/proc/self/status"):
-            key, _, val = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0]) / 1e6
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(val.split()[0]) / 1e6
     except OSError:
         pass
     return out
@@ -174,7 +174,10 @@ def hf_model(model_dir, dtype_name):
     """VoxtralRealtimeForConditionalGeneration holding the Mistral checkpoint's tensors (shared with the
     mmap, except the RoPE-permuted q/k rows)."""
     import torch
-    from transformers import VoxtralRealtimeConfig, VoxtralRealtimeForConditionalGeneration
+    from transformers import (
+        VoxtralRealtimeConfig,
+        VoxtralRealtimeForConditionalGeneration,
+    )
     from transformers.initialization import no_init_weights
 
     ours = voxtral_ref.load(model_dir, backend="numpy")
@@ -269,7 +272,7 @@ def run_hf(args):
     cmd = [sys.executable, __file__, str(args.model), "--seconds", str(args.seconds), "--hf-worker",
            "--hf-dtype", args.hf_dtype] + (["--threads", str(args.threads)] if args.threads else [])
     print(f"HF transformers ({args.hf_dtype}), subprocess: {' '.join(cmd)}", flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if p.returncode:
         print(p.stderr[-3000:])
         return {"error": p.stderr[-500:]}
@@ -306,23 +309,22 @@ def main():
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s "
           f"({threads} threads, bench/probes.c)")
     ours = run_ours(args, yard)
-    rows = [
-        ("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"),
-        ("encoder (whole file)", f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
-                                 f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
-                                 f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_fma_peak']:.0f}% of FMA peak"),
-        ("decoder prefill", f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
-                            f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_fma_peak']:.0f}% of FMA peak"),
-        ("decode", f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
-                   f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
-                   f"per token -> {ours['decode_GB/s']:.1f} GB/s median, {ours['decode_GB/s_p10']:.1f} fastest decile "
-                   f"= {ours['decode_pct_of_read_bw']:.0f}% / {ours['decode_pct_of_read_bw_p10']:.0f}% of the read bandwidth "
-                   f"({yard['read_GB/s']:.1f} GB/s before, {yard['read_GB/s_after']:.1f} after)"),
-        ("tokens / total / RTF", f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
-                                 f"(first token after {ours['time_to_first_token_s']:.2f} s)"),
-        ("memory", f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
-                   f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB"),
-    ]
+    enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
+           f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
+           f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_fma_peak']:.0f}% of FMA peak")
+    pre = (f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
+           f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_fma_peak']:.0f}% of FMA peak")
+    dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
+           f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
+           f"per token -> {ours['decode_GB/s']:.1f} GB/s median, {ours['decode_GB/s_p10']:.1f} fastest decile "
+           f"= {ours['decode_pct_of_read_bw']:.0f}% / {ours['decode_pct_of_read_bw_p10']:.0f}% of the read bandwidth "
+           f"({yard['read_GB/s']:.1f} GB/s before, {yard['read_GB/s_after']:.1f} after)")
+    tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
+           f"(first token after {ours['time_to_first_token_s']:.2f} s)")
+    mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
+           f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB")
+    rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
+            ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
     print("voxtral_ref (C kernels)")
     for k, v in rows:
         print(f"  {k:<22} {v}")
