@@ -1,0 +1,23 @@
+/* One ISA level's table of inner loops. Included by isa_scalar.c, isa_avx2.c and isa_avx512.c, each of
+ * which first defines VX_LEVEL (simd.h's vector layer), VX_TABLE (the table's name) and VX_TABLE_LEVEL. */
+#include "dispatch.h"
+#include "simd.h"
+
+#include "attention_simd.h"
+#include "matmul_simd.h"
+#include "norms_simd.h"
+
+const vx_isa VX_TABLE = {
+    .level = VX_TABLE_LEVEL,
+    .gemv = VX_NAME(gemv),
+    .gemm_mr = GEMM_MR,
+    .gemm_nr = GEMM_NR,
+    .pack_weights = VX_NAME(pack_weights),
+    .gemm_micro = VX_NAME(gemm_micro),
+    .quantize_int8 = VX_NAME(quantize_int8),
+    .attn_vw = VW,
+    .attention_rows = VX_NAME(attention_rows),
+    .attention_keys = VX_NAME(attention_keys),
+    .rms_norm = VX_NAME(rms_norm),
+    .silu_mul = VX_NAME(silu_mul),
+};
