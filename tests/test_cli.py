@@ -219,6 +219,13 @@ def test_read_only_output_dir(cli, tmp_path):
     assert "cannot write there" in one_error_line(*cli("transcribe", SPEECH_WAV, "-o", ro, "--model", MISTRAL))
 
 
+def test_output_dir_that_cannot_be_created(cli, tmp_path):
+    """Runs as root too (root ignores directory permissions): a file stands where the directory would go."""
+    (tmp_path / "afile").write_text("")
+    err = one_error_line(*cli("transcribe", SPEECH_WAV, "-o", tmp_path / "afile" / "sub", "--model", MISTRAL))
+    assert "cannot write there" in err
+
+
 def test_a_bad_file_does_not_stop_the_others(cli, broken):
     code, out, err = cli("transcribe", broken / "talk.m4a", SPEECH_WAV, "--model", MISTRAL)
     assert code == 2 and out == cli("transcribe", SPEECH_WAV, "--model", MISTRAL)[1]
