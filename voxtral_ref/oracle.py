@@ -128,18 +128,10 @@ def select(names, patterns):
     return [n for n in names if any(hit(n, p) for p in patterns)]
 
 
-def read_audio(path):
-    """(samples, sample rate) of an audio file, as soundfile reads it."""
-    import soundfile as sf
-    try:
-        return sf.read(path, dtype="float32", always_2d=False)
-    except (sf.LibsndfileError, OSError) as e:
-        raise VoxtralError(f"cannot read audio {path}: {e}") from None
-
-
 def _load(args):
     """The model and the audio of a dump or explain command line."""
     from . import load
+    from .audio import read_audio
     return (load(args.model, backend=args.backend), *read_audio(args.audio))
 
 
