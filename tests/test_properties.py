@@ -81,9 +81,12 @@ def test_conv_stem_is_causal(t, more, seed):
          "enc.conv2.weight": rng.standard_normal((c, c, 3)).astype(np.float32) * 0.1,
          "enc.conv2.bias": rng.standard_normal(c).astype(np.float32)}
     mel = rng.standard_normal((128, 2 * (t + more))).astype(np.float32)
-    short, full = conv_stem(mel[:, :2 * t], w), conv_stem(mel, w)
+    (short, _), (full, _) = conv_stem(mel[:, :2 * t], w), conv_stem(mel, w)
     assert short.shape == (t, c) and full.shape == (t + more, c)
     np.testing.assert_allclose(short, full[:t], rtol=1e-6, atol=1e-6)
+    _, history = conv_stem(mel[:, :2 * t], w)                    # the stream's padding cache
+    rest, _ = conv_stem(mel[:, 2 * t:], w, history)
+    np.testing.assert_allclose(np.concatenate([short, rest]), full, rtol=1e-6, atol=1e-6)
 
 
 @FAST

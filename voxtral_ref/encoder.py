@@ -28,19 +28,22 @@ def conv_left_pad(stride, kernel=3):
 
 
 def conv_stem(mel, w, history=None, trace=None):
-    """mel [128, T] -> [T/2, C] (T even). `history` maps "conv1"/"conv2" to the frames that precede this
-    chunk (streaming); None means the start of the audio, i.e. zeros, as HF's causal padding."""
-    x = mel.T                                                                    # [T, 128]
+    """mel [128, T] -> ([T/2, C], history) for even T. `history` maps "conv1"/"conv2" to the input frames
+    that precede this chunk; None means the start of the audio, i.e. zeros, HF's causal padding. The
+    returned history is what the next chunk needs (a stream's conv padding cache; offline ignores it)."""
     c1 = w["enc.conv1.weight"].shape[0]
-    h1 = history["conv1"] if history else np.zeros((conv_left_pad(1), x.shape[1]), np.float32)
-    y1 = kernels.gelu(conv1d(np.concatenate([h1, x]), w["enc.conv1.weight"], w["enc.conv1.bias"], 1))  # [T, C]
+    h1 = history["conv1"] if history else np.zeros((conv_left_pad(1), mel.shape[0]), np.float32)
+    x1 = np.concatenate([h1, mel.T])                                             # [2 + T, 128]
+    y1 = kernels.gelu(conv1d(x1, w["enc.conv1.weight"], w["enc.conv1.bias"], 1))  # [T, C]
     if trace:
         trace("conv1", y1)
     h2 = history["conv2"] if history else np.zeros((conv_left_pad(2), c1), np.float32)
-    y2 = kernels.gelu(conv1d(np.concatenate([h2, y1]), w["enc.conv2.weight"], w["enc.conv2.bias"], 2))  # [T/2, C]
+    x2 = np.concatenate([h2, y1])                                                # [1 + T, C]
+    y2 = kernels.gelu(conv1d(x2, w["enc.conv2.weight"], w["enc.conv2.bias"], 2))  # [T/2, C]
     if trace:
         trace("conv2", y2)
-    return y2
+    # stride 2 and even T: the next output's window starts at x2's last frame
+    return y2, {"conv1": x1[-conv_left_pad(1):], "conv2": x2[-conv_left_pad(2):]}
 
 
 def encoder_layer(x, pos, w, cfg, interleaved, cache=None):

@@ -33,7 +33,7 @@ def encode(weights, padded, trace=None):
     mel = log_mel(padded)                                                             # [128, T], T % 8 == 0
     if trace:
         trace("mel", mel)
-    x = conv_stem(mel, weights, trace=trace)                                          # [T/2, 1280]
+    x, _ = conv_stem(mel, weights, trace=trace)                                        # [T/2, 1280]
     x = encoder_transformer(x, np.arange(len(x)), weights, interleaved, trace=trace)  # [T/2, 1280]
     a = downsample(x, weights.cfg.downsample)                                         # [T/8, 5120]
     if trace:

@@ -50,7 +50,7 @@ from .attention import KVCache
 from .audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
 from .config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
                      delay_tokens, right_pad_samples)
-from .encoder import conv_left_pad, conv_stem, encoder_transformer
+from .encoder import conv_stem, encoder_transformer
 from .errors import VoxtralError
 from .generate import Decoder
 from .mel import log_mel_frames
@@ -223,10 +223,7 @@ class StreamSession:
         """The next n audio embeddings from the buffer, which starts 200 samples before their first frame."""
         w, ds = self._model.weights, self._model.cfg.downsample
         mel = log_mel_frames(self._buf, n * MEL_FRAMES_PER_TOKEN)                 # [128, 8n]
-        stages = {}
-        x = conv_stem(mel, w, self._history, trace=stages.__setitem__)           # [4n, C]
-        # The next tokens' causal context: conv_stem's trace hands us its conv1 output.
-        self._history = {"conv1": mel.T[-conv_left_pad(1):], "conv2": stages["conv1"][-conv_left_pad(2):]}
+        x, self._history = conv_stem(mel, w, self._history)                     # [4n, C]
         pos = np.arange(self._n_embeds * ds, (self._n_embeds + n) * ds)          # absolute encoder frames [4n]
         x = encoder_transformer(x, pos, w, self._dec.interleaved, self._enc_caches)  # [4n, C]
         out = adapter(downsample(x, ds), w["adapter.w_in"], w["adapter.w_out"])  # [n, 4C] -> [n, dim]
