@@ -90,7 +90,8 @@ def build_probes():
     from cffi import FFI
     ffi = FFI()
     ffi.cdef("float read_bw(const float *p, int64_t n, int threads);"
-             "double fma_peak(int64_t iters, int threads, float *sink);")
+             "double fma_peak(int64_t iters, int threads, float *sink);"
+             "double bf16dot_peak(int64_t iters, int threads, float *sink);")
     ffi.set_source("_probes", (ROOT / "bench" / "probes.c").read_text(),
                    extra_compile_args=["-O3", "-march=native", "-fopenmp"], extra_link_args=["-fopenmp"])
     path = ffi.compile(tmpdir=str(OUT / "probes"))
@@ -111,11 +112,16 @@ class Machine:
         t = best_time(lambda: self.p.lib.read_bw(self.ptr, n, threads or self.threads), repeats=3, min_time=0)
         return self.buf.nbytes / t / 1e9
 
-    def fma_gflops(self, threads=None):
+    def fma_gflops(self, threads=None, probe="fma_peak"):
         n, iters = threads or self.threads, 4000
         sink = self.p.ffi.new("float[]", 256)
-        flops = self.p.lib.fma_peak(1, n, sink) * iters
-        return flops / best_time(lambda: self.p.lib.fma_peak(iters, n, sink), repeats=5, min_time=0) / 1e9
+        run = getattr(self.p.lib, probe)
+        flops = run(1, n, sink) * iters
+        return flops / best_time(lambda: run(iters, n, sink), repeats=5, min_time=0) / 1e9 if flops else float("nan")
+
+    def bf16dot_gflops(self, threads=None):
+        """the bf16 dot-product peak (nan without AVX512-BF16)"""
+        return self.fma_gflops(threads, "bf16dot_peak")
 
     def memcpy_gbs(self):
         a = self.buf[: 1 << 27]
@@ -139,6 +145,11 @@ def validate():
         wf = np.asarray(weight, np.float32)
         scale = np.abs(x) @ np.abs(wf).T
         rows.append((name, max_rel_error(ck.linear(x, weight), x @ wf.T, scale), "|dy| / sum|x w|"))
+    x = RNG.standard_normal((700, 1280), dtype=np.float32)
+    wd = random_bf16((5120, 1280))
+    xr, wf = kernels.round_bf16(x), np.asarray(wd, np.float32)
+    rows.append(("linear bf16-precision GEMM n=700 1280->5120", max_rel_error(ck.linear(x, wd, precision="bf16"),
+                 xr @ wf.T, np.abs(xr) @ np.abs(wf).T), "|dy| / sum|x w|"))
     t, W = 900, 750
     q, k, v = (RNG.standard_normal((t, 32, 64), dtype=np.float32) for _ in range(3))
     pos = np.arange(t)
@@ -205,7 +216,7 @@ def bench_gemv(m, quick):
     return rows
 
 
-def bench_gemm(m, peak, quick):
+def bench_gemm(m, peak, peak_bf16, quick):
     shapes = [("enc wq/wk/wv, 10 s", 700, 1280, 2048), ("enc wo, 10 s", 700, 2048, 1280),
               ("enc w1/w3, 10 s", 700, 1280, 5120), ("enc w2, 10 s", 700, 5120, 1280),
               ("conv2 (im2col), 10 s", 700, 3840, 1280), ("adapter in, 10 s", 175, 5120, 3072),
@@ -220,14 +231,18 @@ def bench_gemm(m, peak, quick):
         wf = np.asarray(w, np.float32)
         flop = 2 * n * kk * mm
         t_bf16 = best_time(lambda x=x, w=w: ck.linear(x, w))
+        t_dot = best_time(lambda x=x, w=w: ck.linear(x, w, precision="bf16"))
         t_int8 = best_time(lambda x=x, wq=wq: ck.linear(x, wq))
         t_np = best_time(lambda x=x, wf=wf: x @ wf.T)
         r = {"kernel": f"GEMM {name}", "n": n, "K": kk, "M": mm, "ms_bf16": 1e3 * t_bf16,
              "GFLOP/s_bf16": flop / t_bf16 / 1e9, "GFLOP/s_int8": flop / t_int8 / 1e9,
-             "pct_of_peak": 100 * flop / t_bf16 / 1e9 / peak, "GFLOP/s_numpy_f32": flop / t_np / 1e9}
+             "pct_of_peak": 100 * flop / t_bf16 / 1e9 / peak, "GFLOP/s_numpy_f32": flop / t_np / 1e9,
+             "ms_bf16_precision": 1e3 * t_dot, "GFLOP/s_bf16_precision": flop / t_dot / 1e9,
+             "pct_of_bf16dot_peak": 100 * flop / t_dot / 1e9 / peak_bf16}
         rows.append(r)
-        print(f"  {r['kernel']:<30} n={n:<4} {kk:>5}->{mm:<5} bf16 {r['GFLOP/s_bf16']:6.1f} GF/s ({r['pct_of_peak']:4.1f}% of peak)"
-              f"  int8 {r['GFLOP/s_int8']:6.1f}  numpy f32 (OpenBLAS, f32 copy of W) {r['GFLOP/s_numpy_f32']:6.1f}", flush=True)
+        print(f"  {r['kernel']:<30} n={n:<4} {kk:>5}->{mm:<5} bf16 W {r['GFLOP/s_bf16']:6.1f} GF/s ({r['pct_of_peak']:4.1f}% of FMA peak)"
+              f"  x in bf16 too {r['GFLOP/s_bf16_precision']:6.1f} ({r['pct_of_bf16dot_peak']:4.1f}% of bf16 dot peak)"
+              f"  int8 W {r['GFLOP/s_int8']:6.1f}  numpy f32 (OpenBLAS, f32 copy of W) {r['GFLOP/s_numpy_f32']:6.1f}", flush=True)
     return rows
 
 
@@ -295,13 +310,15 @@ def main():
     print("machine")
     read1, read_n, memcpy = m.read_gbs(1), m.read_gbs(), m.memcpy_gbs()
     peak1, peak_n = m.fma_gflops(1), m.fma_gflops()
+    dot1, dot_n = m.bf16dot_gflops(1), m.bf16dot_gflops()
     print(f"  read bandwidth  1 thread {read1:6.1f} GB/s   {threads} threads {read_n:6.1f} GB/s   "
           f"(numpy memcpy, read+write counted: {memcpy:.1f} GB/s)")
     print(f"  FMA peak (-march=native probe)  1 thread {peak1:6.1f} GFLOP/s   {threads} threads {peak_n:6.1f} GFLOP/s")
+    print(f"  bf16 dot-product peak           1 thread {dot1:6.1f} GFLOP/s   {threads} threads {dot_n:6.1f} GFLOP/s")
     print("GEMV (memory-bound: weight bytes streamed per second vs the read bandwidth, best of 3 alternated runs each)")
     gemv = bench_gemv(m, args.quick)
-    print("GEMM (compute-bound; % of the FMA peak above)")
-    gemm = bench_gemm(m, peak_n, args.quick)
+    print("GEMM (compute-bound; % of the FMA / bf16 dot peak above)")
+    gemm = bench_gemm(m, peak_n, dot_n, args.quick)
     print("attention")
     att = bench_attention(peak_n, args.quick)
     print("elementwise")
@@ -309,7 +326,8 @@ def main():
 
     report = {"info": ck.info(), "isa": ck.get_isa(), "threads": threads, "cpu": platform.processor() or platform.machine(),
               "machine": {"read_GB/s_1_thread": read1, f"read_GB/s_{threads}_threads": read_n, "memcpy_GB/s": memcpy,
-                          "fma_peak_GFLOP/s_1_thread": peak1, f"fma_peak_GFLOP/s_{threads}_threads": peak_n},
+                          "fma_peak_GFLOP/s_1_thread": peak1, f"fma_peak_GFLOP/s_{threads}_threads": peak_n,
+                          "bf16dot_peak_GFLOP/s_1_thread": dot1, f"bf16dot_peak_GFLOP/s_{threads}_threads": dot_n},
               "validation": validation, "gemv": gemv, "gemm": gemm, "attention": att, "elementwise": elem,
               "command": " ".join([Path(sys.executable).name] + sys.argv), "cwd": os.getcwd()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
  * read_bw:  stream a buffer once on `threads` threads with wide loads and independent accumulators;
  *           the most a memory-bound kernel such as the decode GEMV can hope for.
  * fma_peak: a register-blocked FMA loop over L1-resident data (12 x 2 vectors, the shape of a GEMM
- *           micro-kernel); the most a compute-bound kernel can hope for. Returns flops. */
+ *           micro-kernel); the most a compute-bound kernel can hope for. Returns flops.
+ * bf16dot_peak: the same loop with the AVX512-BF16 dot-product instruction (32 multiply-adds each), the
+ *           ceiling of the bf16-precision GEMM; 0 where the CPU lacks it. */
 #include <stdint.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -84,4 +86,39 @@ double fma_peak(int64_t iters, int threads, float *sink) {
         flops += (double)iters * 256 * 12 * 2 * VEC * 2;
     }
     return flops;
+}
+
+double bf16dot_peak(int64_t iters, int threads, float *sink) {
+#if defined(__AVX512BF16__)
+    double flops = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : flops)
+    {
+        uint32_t a[256 * 12], b[256 * 32];
+        for (int i = 0; i < 256 * 12; i++) a[i] = 0x3a833a83u;     /* a pair of bf16 1e-3 */
+        for (int i = 0; i < 256 * 32; i++) b[i] = 0x3a833a83u;
+        __m512 acc[12][2];
+        for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t it = 0; it < iters; it++) {
+            const uint32_t *pa = a, *pb = b;
+            for (int k = 0; k < 256; k++, pa += 12, pb += 32) {
+                __m512bh b0 = (__m512bh)_mm512_loadu_si512(pb), b1 = (__m512bh)_mm512_loadu_si512(pb + 16);
+#pragma GCC unroll 12
+                for (int i = 0; i < 12; i++) {
+                    __m512bh av = (__m512bh)_mm512_set1_epi32((int)pa[i]);
+                    acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+                    acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+                }
+            }
+            __asm__ volatile("" ::: "memory");
+        }
+        float s = 0;
+        for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(acc[i][0]) + _mm512_reduce_add_ps(acc[i][1]);
+        sink[omp_get_thread_num()] = s;
+        flops += (double)iters * 256 * 12 * 2 * 32 * 2;
+    }
+    return flops;
+#else
+    (void)iters, (void)threads, (void)sink;
+    return 0.0;
+#endif
 }

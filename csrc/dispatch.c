@@ -16,7 +16,7 @@
 static const vx_isa *const levels[] = {
     &vx_isa_scalar,
 #ifdef VX_X86
-    &vx_isa_avx2, &vx_isa_avx512,
+    &vx_isa_avx2, &vx_isa_avx512, &vx_isa_avx512_bf16,
 #endif
 };
 
@@ -31,6 +31,8 @@ int vx_isa_best(void) {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = VX_ISA_AVX2;
         if (best == VX_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = VX_ISA_AVX512;
+        if (best == VX_ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16"))
+            best = VX_ISA_AVX512_BF16;
 #endif
     }
     return best;
@@ -42,13 +44,13 @@ int vx_set_isa(int level) {
     return current;
 }
 
-int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512) : current; }
+int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512_BF16) : current; }
 
 const vx_isa *vx_active(void) { return levels[vx_get_isa()]; }
 
 const char *vx_isa_name(int level) {
-    static const char *const names[] = {"scalar", "avx2", "avx512"};
-    return level >= 0 && level <= VX_ISA_AVX512 ? names[level] : "unknown";
+    static const char *const names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+    return level >= 0 && level <= VX_ISA_AVX512_BF16 ? names[level] : "unknown";
 }
 
 const char *vx_isa_detail(int level) {
@@ -56,8 +58,9 @@ const char *vx_isa_detail(int level) {
         "portable C, one float at a time",
         "AVX2 + FMA, 8 floats per vector",
         "AVX-512F, 16 floats per vector",
+        "AVX-512F, 16 floats per vector, and bf16 dot products for bf16-precision matmuls",
     };
-    return level >= 0 && level <= VX_ISA_AVX512 ? detail[level] : "unknown";
+    return level >= 0 && level <= VX_ISA_AVX512_BF16 ? detail[level] : "unknown";
 }
 
 void vx_set_threads(int n) { threads = n > 0 ? n : 0; }

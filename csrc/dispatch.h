@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -22,6 +23,7 @@ static inline int omp_get_num_threads(void) { return 1; }
 typedef struct {
     const float *x;         /* [n, k] */
     int64_t n, k, m;
+    int xtype;              /* VX_X_F32 or VX_X_BF16 (x rounded to bfloat16 first) */
     const void *w;          /* [m, k] of wtype */
     int wtype;
     const float *scales;    /* [m, k / group] for int8 */
@@ -40,16 +42,26 @@ typedef struct {
     float scale;
 } vx_attention_args;
 
+/* A GEMM micro-kernel and its weight packing. Both operands are packed k-major into 32-bit elements that
+ * hold `kstep` consecutive k values: one float32 (kstep 1) or a pair of bf16 (kstep 2, the lower k in the
+ * low half, the layout of the bf16 dot-product instruction).
+ *   pack_weights: weight rows j0..j0+nc, columns k0..k0+kc -> NR-wide panels bp[panel][step][NR]
+ *   micro: c[MR, NR] (row stride ldc) = (or += if accumulate) sum over `steps` of a[step, MR] (outer)
+ *          b[step, NR] */
+typedef struct {
+    int mr, nr, kstep;
+    void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, void *bp);
+    void (*micro)(int64_t steps, const void *a, const void *b, float *c, int64_t ldc, int accumulate);
+} vx_gemm_kernel;
+
 typedef struct {
     int level;
     /* GEMV for n <= VX_GEMV_ROWS: outputs y[:, m0:m1] */
     void (*gemv)(const vx_linear_args *a, int64_t m0, int64_t m1);
-    /* GEMM: weight packing (rows j0..j0+nc, columns k0..k0+kc, into NR-wide k-major float32 panels) and
-     * the micro-kernel c[MR, NR] (row stride ldc) = (or += if accumulate) sum over kc of a[kc, MR] (outer)
-     * b[kc, NR] */
-    int gemm_mr, gemm_nr;
-    void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, float *bp);
-    void (*gemm_micro)(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int accumulate);
+    /* GEMM on float32 (weights widened when packed); gemm_bf16dot, where not NULL, multiplies bf16 x by
+     * bf16 weights directly (used for VX_X_BF16 with bf16 weights) */
+    vx_gemm_kernel gemm;
+    const vx_gemm_kernel *gemm_bf16dot;
     /* vx_quantize_int8 for rows [m0, m1) */
     void (*quantize_int8)(const void *w, int wtype, int64_t m0, int64_t m1, int64_t k, int64_t group, int8_t *q,
                           float *scales);
@@ -66,7 +78,7 @@ typedef struct {
 
 #define VX_GEMV_ROWS 4
 
-extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avx512;
+extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avx512, vx_isa_avx512_bf16;
 
 const vx_isa *vx_active(void);
 
@@ -100,6 +112,20 @@ static inline void vx_key_range(const vx_attention_args *a, int64_t qmin, int64_
         if (a->k_pos[mid] > qmax) hi = mid; else lo = mid + 1;
     }
     *j_hi = lo;
+}
+
+/* float32 -> bfloat16 bits, rounding to nearest even as ml_dtypes does; NaN stays a (quiet) NaN */
+static inline uint16_t vx_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float vx_round_bf16(float f) {
+    uint32_t u = (uint32_t)vx_f32_to_bf16(f) << 16;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 void *vx_alloc(size_t bytes);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */

@@ -1,7 +1,10 @@
-/* The inner loops instantiated for the avx512 level (see simd.h, dispatch.h and isa_table.h). */
+/* The inner loops instantiated for the avx512 and avx512bf16 levels (see simd.h, dispatch.h and isa_table.h). */
 #if defined(__x86_64__) || defined(__i386__)
 #define VX_LEVEL VX_LEVEL_AVX512
 #define VX_TABLE vx_isa_avx512
 #define VX_TABLE_LEVEL VX_ISA_AVX512
 #include "isa_table.h"
+
+/* the same loops plus the bf16 dot-product GEMM (matmul_simd.h), for CPUs with AVX512-BF16 */
+const vx_isa vx_isa_avx512_bf16 = {.level = VX_ISA_AVX512_BF16, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot};
 #endif

@@ -7,17 +7,14 @@
 #include "matmul_simd.h"
 #include "norms_simd.h"
 
-const vx_isa VX_TABLE = {
-    .level = VX_TABLE_LEVEL,
-    .gemv = VX_NAME(gemv),
-    .gemm_mr = GEMM_MR,
-    .gemm_nr = GEMM_NR,
-    .pack_weights = VX_NAME(pack_weights),
-    .gemm_micro = VX_NAME(gemm_micro),
-    .quantize_int8 = VX_NAME(quantize_int8),
-    .attn_vw = VW,
-    .attention_rows = VX_NAME(attention_rows),
-    .attention_keys = VX_NAME(attention_keys),
-    .rms_norm = VX_NAME(rms_norm),
-    .silu_mul = VX_NAME(silu_mul),
-};
+#define VX_TABLE_ENTRIES                                                                        \
+    .gemv = VX_NAME(gemv),                                                                      \
+    .gemm = {GEMM_MR, GEMM_NR, 1, VX_NAME(pack_weights), VX_NAME(gemm_micro)},                \
+    .quantize_int8 = VX_NAME(quantize_int8),                                                    \
+    .attn_vw = VW,                                                                              \
+    .attention_rows = VX_NAME(attention_rows),                                                  \
+    .attention_keys = VX_NAME(attention_keys),                                                  \
+    .rms_norm = VX_NAME(rms_norm),                                                              \
+    .silu_mul = VX_NAME(silu_mul)
+
+const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES};

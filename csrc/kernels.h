@@ -4,7 +4,8 @@
  * Conventions for every kernel:
  *   - tensors are dense, row-major (C-contiguous), the last index fastest; shapes are given as [a, b, c];
  *   - activations, biases, norm weights and outputs are float32; products and sums are float32, so the
- *     results equal the NumPy twins in voxtral_ref/kernels.py up to float32 rounding order;
+ *     results equal the NumPy twins in voxtral_ref/kernels.py up to float32 rounding order (a linear
+ *     asked for bf16 precision first rounds its input x to bfloat16, as its twin does);
  *   - weights may be float32, bfloat16 (raw uint16 bits, read in place from the mmap'd checkpoint and
  *     widened exactly in registers) or int8 with float32 group scales;
  *   - outputs never alias inputs;
@@ -16,28 +17,31 @@
 #include <stdint.h>
 
 /* ---- runtime (dispatch.c) ---------------------------------------------------------------------- */
-enum { VX_ISA_SCALAR = 0, VX_ISA_AVX2 = 1, VX_ISA_AVX512 = 2 };
+enum { VX_ISA_SCALAR = 0, VX_ISA_AVX2 = 1, VX_ISA_AVX512 = 2, VX_ISA_AVX512_BF16 = 3 };
 
 int vx_isa_best(void);                   /* highest level this CPU (and OS) supports */
 int vx_set_isa(int level);               /* use min(level, best); returns the level now in use */
 int vx_get_isa(void);
-const char *vx_isa_name(int level);      /* "scalar", "avx2", "avx512" */
+const char *vx_isa_name(int level);      /* "scalar", "avx2", "avx512", "avx512bf16" */
 const char *vx_isa_detail(int level);    /* one line: what the level uses */
 void vx_set_threads(int n);              /* n <= 0: the OpenMP default (one per core) */
 int vx_get_threads(void);                /* 1 when built without OpenMP */
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */
 enum { VX_W_F32 = 0, VX_W_BF16 = 1, VX_W_I8 = 2 };
+enum { VX_X_F32 = 0, VX_X_BF16 = 1 };
 
 /* y = x @ w.T (+ b)
- *   x      [n, k] float32
+ *   x      [n, k] float32; xtype VX_X_BF16 rounds it to bfloat16 (nearest even) before the products, the
+ *          precision of a bf16 model's matmul inputs. With bf16 weights the products are then exact and
+ *          the avx512bf16 level uses the CPU's bf16 dot-product instruction (twice the float32 FMA rate).
  *   w      [m, k] of wtype: float32, bfloat16 (uint16 bits) or int8
  *   scales [m, k / group] float32 when wtype is VX_W_I8 (the weight is w[i, j] * scales[i, j / group];
  *          group divides k), else NULL
  *   b      [m] float32 or NULL
  *   y      [n, m] float32
  * n <= 4 streams w once (decode GEMV, memory-bound); larger n runs a packed, cache-blocked GEMM. */
-void vx_linear(const float *x, int64_t n, int64_t k, const void *w, int wtype, const float *scales,
+void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, const float *scales,
                int64_t group, int64_t m, const float *b, float *y);
 
 /* Symmetric per-group int8: for each row i and group j of `group` consecutive columns,

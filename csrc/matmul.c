@@ -19,27 +19,37 @@ static void linear_gemv(const vx_linear_args *a) {
 /* ---- larger n: GEMM, blocked as in BLIS (Goto & van de Geijn) -----------------------------------
  * Activations: NB rows at a time are packed once, by all threads together, into MR-wide k-major panels
  * (for every k block). Weights: each thread takes a range of output columns (weight rows) and, per block
- * of NC columns and KC of k, packs them into NR-wide k-major panels widened to float32 (one conversion
- * per element and call, not per use); then the micro-kernel runs over all panel pairs, MC rows at a time
- * so the activation panels it re-reads stay in L2.
+ * of NC columns and KC of k, packs them into NR-wide k-major panels (float32, or bf16 pairs for the dot
+ * product kernel: one conversion per element and call, not per use); then the micro-kernel runs over all
+ * panel pairs, MC rows at a time so the activation panels it re-reads stay in L2.
  * Block sizes measured on Zen 5: KC from 128 to 1024 gains ~15% (fewer passes over y; the panels stream
  * from L2 fast enough); MC and NC matter little. Packing the activations once instead of once per column
  * block, and writing full tiles straight into y, gained another ~15%. */
-enum { KC = 1024, MC_PANELS = 8, NC_PANELS = 16, NB = 1024 };
+enum { KC = 1024, MC_PANELS = 8, NC_PANELS = 16, NB = 1024 };   /* KC even: k-pairs never straddle blocks */
 
-/* rows [i0, i0 + rows) of x, all of k, into ap[k block][panel][kk][i] (rows past n are 0) */
-static void pack_activations(const vx_linear_args *a, int64_t i0, int64_t rows, int mr, int64_t panel, float *ap) {
+/* rows [i0, i0 + rows) of x, all of k, into ap[k block][panel][step][i] as the kernel's 32-bit elements:
+ * float32 (rounded to bf16 precision for VX_X_BF16) or bf16 pairs; rows past n are 0 */
+static void pack_activations(const vx_linear_args *a, const vx_gemm_kernel *g, int64_t i0, int64_t rows, int64_t panel,
+                             void *ap) {
+    const int mr = g->mr;
     const int64_t npanels = (rows + mr - 1) / mr;
     for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
-        const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC;
-        float *dst = ap + k0 * npanels * mr + panel * kc * mr;
+        const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC, steps = (kc + g->kstep - 1) / g->kstep;
+        const int64_t offset = k0 / g->kstep * npanels * mr + panel * steps * mr;
         for (int i = 0; i < mr; i++) {
             const int64_t row = i0 + panel * mr + i;
-            const float *x = a->x + row * a->k + k0;
-            if (row >= a->n || row >= i0 + rows)
-                for (int64_t kk = 0; kk < kc; kk++) dst[kk * mr + i] = 0.0f;
-            else
-                for (int64_t kk = 0; kk < kc; kk++) dst[kk * mr + i] = x[kk];
+            const float *x = row < a->n && row < i0 + rows ? a->x + row * a->k + k0 : NULL;
+            if (g->kstep == 2) {
+                uint32_t *dst = (uint32_t *)ap + offset;
+                for (int64_t s = 0; s < steps; s++) {
+                    uint32_t lo = x ? vx_f32_to_bf16(x[2 * s]) : 0, hi = x && 2 * s + 1 < kc ? vx_f32_to_bf16(x[2 * s + 1]) : 0;
+                    dst[s * mr + i] = lo | hi << 16;
+                }
+            } else {
+                float *dst = (float *)ap + offset;
+                for (int64_t kk = 0; kk < kc; kk++)
+                    dst[kk * mr + i] = !x ? 0.0f : a->xtype == VX_X_BF16 ? vx_round_bf16(x[kk]) : x[kk];
+            }
         }
     }
 }
@@ -53,38 +63,38 @@ static void merge_edge_tile(const vx_linear_args *a, const float *tile, int mr, 
     }
 }
 
-static void linear_gemm(const vx_linear_args *a) {
-    const vx_isa *isa = vx_active();
-    const int mr = isa->gemm_mr, nr = isa->gemm_nr;
+static void linear_gemm(const vx_linear_args *a, const vx_gemm_kernel *g) {
+    const int mr = g->mr, nr = g->nr;
     const int64_t mc_max = (int64_t)MC_PANELS * mr, nc_max = (int64_t)NC_PANELS * nr;
     const int64_t nb_max = (NB + mr - 1) / mr * mr;
-    float *ap = vx_alloc(sizeof(float) * (size_t)(a->n < nb_max ? (a->n + mr - 1) / mr * mr : nb_max) * a->k);
+    const int64_t k_elems = (KC + g->kstep - 1) / g->kstep * ((a->k + KC - 1) / KC);   /* 32-bit elements per row */
+    uint32_t *ap = vx_alloc(4 * (size_t)(a->n < nb_max ? (a->n + mr - 1) / mr * mr : nb_max) * k_elems);
     int nt = vx_threads_for((double)a->n * a->m * a->k / 16);
 #pragma omp parallel num_threads(nt)
     {
-        float *bp = vx_alloc(sizeof(float) * KC * nc_max);
+        uint32_t *bp = vx_alloc(4 * (size_t)KC * nc_max);
         float *tile = vx_alloc(sizeof(float) * mr * nr);
         int64_t lo, hi;
         vx_split(a->m, nr, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
         for (int64_t n0 = 0; n0 < a->n; n0 += nb_max) {
             const int64_t nb = a->n - n0 < nb_max ? a->n - n0 : nb_max, npanels = (nb + mr - 1) / mr;
 #pragma omp for schedule(static)
-            for (int64_t p = 0; p < npanels; p++) pack_activations(a, n0, nb, mr, p, ap);
+            for (int64_t p = 0; p < npanels; p++) pack_activations(a, g, n0, nb, p, ap);
             /* (the implicit barrier: every panel is packed) */
             for (int64_t j0 = lo; j0 < hi; j0 += nc_max) {
                 const int64_t nc = hi - j0 < nc_max ? hi - j0 : nc_max;
                 for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
-                    const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC;
-                    const float *apk = ap + k0 * npanels * mr;
-                    isa->pack_weights(a, j0, nc, k0, kc, bp);
+                    const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC, steps = (kc + g->kstep - 1) / g->kstep;
+                    const uint32_t *apk = ap + k0 / g->kstep * npanels * mr;
+                    g->pack_weights(a, j0, nc, k0, kc, bp);
                     for (int64_t i0 = 0; i0 < nb; i0 += mc_max)
                         for (int64_t jp = 0; jp < nc; jp += nr)
                             for (int64_t ip = i0; ip < i0 + mc_max && ip < nb; ip += mr) {
                                 const int64_t row = n0 + ip, col = j0 + jp;
                                 if (row + mr <= a->n && col + nr <= a->m) {
-                                    isa->gemm_micro(kc, apk + ip * kc, bp + jp * kc, a->y + row * a->m + col, a->m, k0 > 0);
+                                    g->micro(steps, apk + ip * steps, bp + jp * steps, a->y + row * a->m + col, a->m, k0 > 0);
                                 } else {
-                                    isa->gemm_micro(kc, apk + ip * kc, bp + jp * kc, tile, nr, 0);
+                                    g->micro(steps, apk + ip * steps, bp + jp * steps, tile, nr, 0);
                                     merge_edge_tile(a, tile, mr, nr, row, col, k0 == 0);
                                 }
                             }
@@ -102,19 +112,30 @@ static void linear_gemm(const vx_linear_args *a) {
     free(ap);
 }
 
-void vx_linear(const float *x, int64_t n, int64_t k, const void *w, int wtype, const float *scales,
+void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, const float *scales,
                int64_t group, int64_t m, const float *b, float *y) {
-    vx_linear_args a = {x, n, k, m, w, wtype, scales, group, b, y};
+    vx_linear_args a = {x, n, k, m, xtype, w, wtype, scales, group, b, y};
     if (n <= 0 || m <= 0) return;
     if (k == 0) {   /* an empty sum: the bias alone */
         for (int64_t i = 0; i < n; i++)
             for (int64_t j = 0; j < m; j++) y[i * m + j] = b ? b[j] : 0.0f;
         return;
     }
-    if (n <= VX_GEMV_ROWS)
+    const vx_isa *isa = vx_active();
+    if (n <= VX_GEMV_ROWS) {
+        float *xr = NULL;
+        if (xtype == VX_X_BF16) {   /* a few rows: round a copy, the GEMV then runs as for float32 */
+            xr = vx_alloc(sizeof(float) * (size_t)(n * k));
+            for (int64_t i = 0; i < n * k; i++) xr[i] = vx_round_bf16(x[i]);
+            a.x = xr;
+        }
         linear_gemv(&a);
-    else
-        linear_gemm(&a);
+        free(xr);
+    } else if (xtype == VX_X_BF16 && wtype == VX_W_BF16 && isa->gemm_bf16dot) {
+        linear_gemm(&a, isa->gemm_bf16dot);
+    } else {
+        linear_gemm(&a, &isa->gemm);
+    }
 }
 
 /* ---- int8 quantisation (loop in matmul_simd.h), rows split over the threads ---------------------- */

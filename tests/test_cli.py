@@ -50,6 +50,19 @@ def test_txt_to_stdout(cli, fmt, tiny_model):
         assert out == tiny_model.transcribe(audio, sr).text.strip() + "\n"
 
 
+def test_precision_reaches_the_model(cli, monkeypatch):
+    """--precision bf16 loads the model in bf16 precision and prints that model's transcript."""
+    seen, real_load = [], voxtral_ref.load
+    monkeypatch.setattr(voxtral_ref, "load", lambda *a, **k: seen.append(k["precision"]) or real_load(*a, **k))
+    code, out, err = cli("transcribe", SPEECH_WAV, "-f", "json", "--model", MISTRAL, "--backend", "numpy",
+                         "--precision", "bf16")
+    audio, sr = sf.read(SPEECH_WAV, dtype="float32")
+    want = real_load(MISTRAL, backend="numpy", precision="bf16").transcribe(audio, sr)
+    assert (code, seen) == (0, ["bf16"]) and json.loads(out)["token_ids"] == want.token_ids
+    code, _, err = cli("transcribe", SPEECH_WAV, "--model", MISTRAL, "--precision", "fp8")
+    assert code == 2 and "invalid choice" in err and "Traceback" not in err
+
+
 def test_json(cli, tiny_mistral):
     code, out, err = cli("transcribe", SPEECH_WAV, "-f", "json", "--model", MISTRAL, "--backend", "numpy")
     assert code == 0

@@ -193,6 +193,22 @@ def test_c_backend_stream_equals_golden():
         assert ids == model.transcribe(g["audio"], delay_ms=int(g["delay_ms"])).token_ids == g["token_ids"].tolist()
 
 
+@pytest.mark.parametrize("sizes", [[1], [160], [1281], [7, 4000, 1281]])
+def test_bf16_precision_stream_equals_offline(sizes):
+    """precision="bf16" holds in the session too: its ids equal the bf16 offline ids, which differ from the
+    float32 ones on the long case (C backend: token 109 is a near tie), so a session that fell back to
+    float32 would fail here. Chunkings are fixed: in bf16 the rounding of each matmul input turns
+    float32-level differences between chunked and whole computation into bf16 steps (5e-3 of the scale on
+    this tiny model), enough to flip a near tie; 1 of 144 chunked runs did so on the NumPy backend."""
+    backend = "c" if ckernels.available() else "numpy"
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, precision="bf16")
+    for case in CASES:
+        g = load_case(case)
+        ids, text = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes)
+        off = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]))
+        assert ids == off.token_ids and text == off.text
+
+
 # --- resampling ---------------------------------------------------------------------------------------------
 def test_soxr_stream_resampler_equals_one_shot():
     """Why a chunked 44.1 kHz stream can equal transcribe() on the whole file: soxr's stream resampler gives

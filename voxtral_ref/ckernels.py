@@ -7,7 +7,7 @@ mmap'd checkpoint are fine) or `kernels.QuantizedWeight` (int8 + float32 group s
 float32 throughout, so results equal the twins to float32 rounding.
 
 Environment: VOXTRAL_REF_THREADS=n sets the thread count (default: one per available core);
-VOXTRAL_REF_ISA=scalar|avx2|avx512 caps the instruction set (default: the best the CPU has), as
+VOXTRAL_REF_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set (default: the best the CPU has), as
 `set_threads` / `set_isa` do at run time.
 
 If the extension was not built, importing still works: `available()` is False and the kernels fall back
@@ -27,8 +27,9 @@ try:
 except ImportError:  # not built (e.g. a source checkout without `pip install .`)
     ffi = lib = None
 
-ISA_LEVELS = ("scalar", "avx2", "avx512")
+ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")
 _WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np.int8): 2}   # csrc/kernels.h
+_XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
 _FLOAT_WTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))   # read in place; int8 only with its scales
 _warned = False
 
@@ -57,7 +58,7 @@ def get_threads():
 
 
 def set_isa(name):
-    """Cap the instruction set ("scalar", "avx2" or "avx512"; capped again at what the CPU supports).
+    """Cap the instruction set ("scalar", "avx2", "avx512" or "avx512bf16"; capped again at what the CPU supports).
     Returns the level now in use. Used by the tests to exercise every path on one machine."""
     if name not in ISA_LEVELS:
         raise ValueError(f"unknown ISA level {name!r}: choose one of {', '.join(ISA_LEVELS)}")
@@ -101,11 +102,12 @@ def _f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def linear(x, w, b=None):
-    """x [..., K] @ w[M, K].T (+ b[M]) -> [..., M] float32. See kernels.linear_np."""
+def linear(x, w, b=None, precision="f32"):
+    """x [..., K] @ w[M, K].T (+ b[M]) -> [..., M] float32, x first rounded to bf16 if precision is
+    "bf16". See kernels.linear_np."""
     if lib is None:
         _missing()
-        return kernels.linear_np(x, w, b)
+        return kernels.linear_np(x, w, b, precision)
     scales, group = None, 0
     if isinstance(w, kernels.QuantizedWeight):
         w, scales, group = np.ascontiguousarray(w.q, np.int8), _f32(w.scales), w.group
@@ -126,7 +128,7 @@ def linear(x, w, b=None):
     bias = None if b is None else _f32(b)
     if bias is not None and bias.shape != (m,):
         raise ValueError(f"linear: bias shape {bias.shape} does not match {m} outputs")
-    lib.vx_linear(_ptr("float *", x2), x2.shape[0], k, _ptr("void *", w), _WTYPES[np.dtype(w.dtype)],
+    lib.vx_linear(_ptr("float *", x2), x2.shape[0], k, _XTYPES[precision], _ptr("void *", w), _WTYPES[np.dtype(w.dtype)],
                   ffi.NULL if scales is None else _ptr("float *", scales), group, m,
                   ffi.NULL if bias is None else _ptr("float *", bias), _ptr("float *", y))
     return y

@@ -196,7 +196,8 @@ def load_model(args):
     set_threads(args.threads)
     t0 = time.perf_counter()
     model = load(args.model, backend=args.backend, revision=args.revision, offline=args.offline,
-                 weights_format=args.weights_format, cache_dir=args.cache_dir, progress=not getattr(args, "quiet", False))
+                 weights_format=args.weights_format, cache_dir=args.cache_dir, progress=not getattr(args, "quiet", False),
+                 precision=args.precision)
     if getattr(args, "verbose", False):
         note(f"model {model.path} ({model.cfg.format} format, {count(model.weights.n_params())} parameters, "
              f"{model.backend} backend) loaded in {time.perf_counter() - t0:.2f} s")
@@ -238,6 +239,9 @@ def add_model_args(p):
     g.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto",
                    help="auto: the C kernels when built, else NumPy")
     g.add_argument("--threads", type=positive_int, metavar="N", help="threads for the C kernels (default: all cores)")
+    g.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="matmul inputs in float32 (default, the oracle path) or rounded to bf16 as in a bf16 model: "
+                        "about 1.8x faster encoding where the CPU has bf16 dot products")
 
 
 def note(msg):

@@ -1,8 +1,11 @@
 """The hot operations, each as a readable NumPy twin, and the one place that picks NumPy or C.
 
 Model code calls `kernels.linear`, `kernels.attention`, ...; which implementation runs is chosen per call
-by the backend in force (`with kernels.use("c"): ...`, set by `Model`). The NumPy twins below are the
-specification: every C kernel in csrc/ is tested against its twin.
+by the backend in force (`with kernels.use("c"): ...`, set by `Model`), and so is the precision of the
+matmul inputs: "f32" (the oracle path) or "bf16", where every linear first rounds its input to bfloat16,
+the precision a bf16 model's matmuls see (HF's torch_dtype=bfloat16), which lets CPUs with bf16 dot
+products run the GEMMs twice as fast. Products and sums stay float32 in both. The NumPy twins below are
+the specification: every C kernel in csrc/ is tested against its twin.
 
 Layouts (all row-major, float32 activations):
   linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint), b [M] f32 or None -> [N, M]
@@ -13,21 +16,27 @@ Layouts (all row-major, float32 activations):
 import contextlib
 import contextvars
 
+import ml_dtypes
 import numpy as np
 from scipy.special import erf
 
 BACKENDS = ("numpy", "c")
+PRECISIONS = ("f32", "bf16")
 _backend = contextvars.ContextVar("voxtral_ref_backend", default="numpy")
+_precision = contextvars.ContextVar("voxtral_ref_precision", default="f32")
 
 
 @contextlib.contextmanager
-def use(backend):
-    """Run the enclosed calls on `backend` ("numpy" or "c")."""
-    token = _backend.set(backend)
+def use(backend, precision="f32"):
+    """Run the enclosed calls on `backend` ("numpy" or "c") with matmul inputs in `precision`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    tokens = _backend.set(backend), _precision.set(precision)
     try:
         yield
     finally:
-        _backend.reset(token)
+        _backend.reset(tokens[0])
+        _precision.reset(tokens[1])
 
 
 def _c():
@@ -39,7 +48,14 @@ def _c():
 
 
 # --- twins ------------------------------------------------------------------------------------------------
-def linear_np(x, w, b=None):
+def round_bf16(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), kept as float32."""
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def linear_np(x, w, b=None, precision="f32"):
+    if precision == "bf16":
+        x = round_bf16(x)                      # the only rounding: products and sums stay float32
     y = x @ np.asarray(w, dtype=np.float32).T  # [N, K] @ [K, M] -> [N, M]
     return y if b is None else y + b
 
@@ -133,8 +149,8 @@ def gelu(x):
 
 # --- dispatch -------------------------------------------------------------------------------------------
 def linear(x, w, b=None):
-    c = _c()
-    return c.linear(x, w, b) if c else linear_np(x, w, b)
+    c, precision = _c(), _precision.get()
+    return c.linear(x, w, b, precision) if c else linear_np(x, w, b, precision)
 
 
 def attention(q, k, v, q_pos, k_pos, window):

@@ -158,7 +158,7 @@ class StreamSession:
         with self._lock:
             pending, self._pending = self._pending, []
         ids, latency = [], []
-        with kernels.use(self._model.backend):
+        with kernels.use(self._model.backend, self._model.precision):
             self._take_audio(pending, closing)
             while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
                 embeds = self._next_embeds()                                      # [len(prompt) or 1, dim]
@@ -272,6 +272,8 @@ def add_stream_parser(subparsers):
     s.add_argument("--past-eos", action="store_true",
                    help="keep decoding after EOS (Mistral's realtime guidance); by default text stops at EOS, as offline")
     s.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
+    s.add_argument("--precision", choices=kernels.PRECISIONS, default="f32",
+                   help="matmul inputs in float32 (default) or rounded to bf16 (faster where the CPU has bf16 dot products)")
     s.set_defaults(func=cli_stream)
 
 
@@ -289,7 +291,7 @@ def cli_stream(args):
     else:
         rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
                                               args.rate // BLOCKS_PER_SECOND, stop)
-    model = load(args.model, backend=args.backend)
+    model = load(args.model, backend=args.backend, precision=args.precision)
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms"
