@@ -3,19 +3,21 @@
     python bench/make_full_checkpoint.py /work/fullsize_ckpt        # once: random weights, real shapes
     python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
 
-Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated):
-encoder ms per second of audio, decoder prefill ms (the 39-position prompt), decode ms per token, the
-real-time factor, peak memory, and the roofline view: decode streams every decoder weight and the LM
-head once per token, so its weight GB/s is compared with this machine's read bandwidth; encoder and
-prefill are compute-bound, so their GFLOP/s are compared with the FMA peak (both yardsticks are
-measured in the same run by bench/probes.c, as in bench_kernels.py).
+Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
+per --precision (f32 and bf16 matmul inputs by default): encoder ms per second of audio, decoder prefill
+ms (the 39-position prompt), decode ms per token, the real-time factor, peak memory, and the roofline
+view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
+with this machine's read bandwidth; encoder and prefill are compute-bound, so their GFLOP/s are compared
+with the FMA peak (f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run
+by bench/probes.c, as in bench_kernels.py).
 
 If torch and transformers are importable, the same weights run through HF's
 VoxtralRealtimeForConditionalGeneration in a subprocess: the Mistral checkpoint is mapped onto HF's
 parameter names without copying (q/k rows permuted to HF's split-half RoPE layout, the only copies),
 in bfloat16, HF's default dtype for this model (HF computes in bf16; voxtral_ref keeps float32
 activations). HF's offline generate runs the encoder incrementally inside its decode loop, so the
-comparable figures are the totals (RTF) and time to first token.
+comparable figures are the totals (RTF) and time to first token; its offline encoder (get_audio_features
+on the whole padded clip, the same work as our encode()) is timed separately against ours.
 """
 
 import argparse
@@ -108,15 +110,15 @@ def prefill_flops(sizes, cfg, n):
 
 
 # --- voxtral_ref -------------------------------------------------------------------------------------------
-def run_ours(args, yard):
+def run_ours(args, yard, precision):
     from voxtral_ref import ckernels
     reset_peak_rss()
     t = time.perf_counter()
-    model = voxtral_ref.load(args.model, backend="c")
+    model = voxtral_ref.load(args.model, backend="c", precision=precision)
     load_s = time.perf_counter() - t
     if args.threads:
         ckernels.set_threads(args.threads)
-    print(f"voxtral_ref: {ckernels.info()}")
+    print(f"voxtral_ref, precision {precision}: {ckernels.info()}")
     print(f"  loaded {args.model} in {load_s:.2f} s ({model.weights.n_params() / 1e9:.2f} B parameters, mmap'd)")
     t = time.perf_counter()
     model.transcribe(clip(1.0))                       # faults the mmap'd weights in (a disk read the first time)
@@ -145,7 +147,7 @@ def run_ours(args, yard):
     pre_flops = prefill_flops(sizes, cfg, prompt)
     status = rss_status()
     r = {
-        "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
+        "precision": precision, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
         "rtf": total / args.seconds, "tokens": len(result.token_ids),
         "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
         "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
@@ -164,8 +166,10 @@ def run_ours(args, yard):
     read = max(yard["read_GB/s"], yard["read_GB/s_after"])
     r["decode_pct_of_read_bw"] = 100 * r["decode_GB/s"] / read
     r["decode_pct_of_read_bw_p10"] = 100 * r["decode_GB/s_p10"] / read
-    r["encoder_pct_of_fma_peak"] = 100 * r["encoder_GFLOP/s"] / yard["fma_GFLOP/s"]
-    r["prefill_pct_of_fma_peak"] = 100 * r["prefill_GFLOP/s"] / yard["fma_GFLOP/s"]
+    peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() == "avx512bf16" else yard["fma_GFLOP/s"]
+    r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
+    r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
+    r["prefill_pct_of_peak"] = 100 * r["prefill_GFLOP/s"] / peak
     return r
 
 
@@ -241,6 +245,13 @@ def hf_worker(args):
         def end(self):
             pass
 
+    def encoder_s(seconds):
+        feats = torch.from_numpy(log_mel(pad_offline(clip(seconds), n_delay)))[None].to(model.dtype)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.get_audio_features(input_features=feats, use_cache=False)
+        return time.perf_counter() - t0
+
     def run(seconds):
         feats = log_mel(pad_offline(clip(seconds), n_delay))
         ids = torch.tensor([C.prompt_ids(n_delay)])
@@ -256,9 +267,13 @@ def hf_worker(args):
     warm = time.perf_counter() - t
     t0, total, stamps, new_ids = run(args.seconds)
     steps = np.diff(stamps)
+    encoder_s(1.0)
+    enc_s = encoder_s(args.seconds)
+    padded_s = len(pad_offline(clip(args.seconds), n_delay)) / C.SAMPLE_RATE
     print(json.dumps({"hf_load_s": load_s, "hf_warmup_s": warm, "total_s": total, "rtf": total / args.seconds,
                       "tokens": len(new_ids), "token_ids": new_ids, "time_to_first_token_s": stamps[0] - t0,
                       "step_ms_per_token": 1e3 * float(np.median(steps)), "dtype": args.hf_dtype,
+                      "encoder_s": enc_s, "encoder_ms_per_padded_s": 1e3 * enc_s / padded_s,
                       "torch_threads": torch.get_num_threads(), "peak_rss_GB": rss_status().get("VmHWM"),
                       "peak_anon_GB": rss_status().get("RssAnon")}))
 
@@ -284,7 +299,8 @@ def yardsticks(threads):
     import bench_kernels
     probes = bench_kernels.build_probes()
     m = bench_kernels.Machine(probes, threads)
-    return {"read_GB/s": m.read_gbs(), "fma_GFLOP/s": m.fma_gflops(), "threads": threads}
+    return {"read_GB/s": m.read_gbs(), "fma_GFLOP/s": m.fma_gflops(), "bf16dot_GFLOP/s": m.bf16dot_gflops(),
+            "threads": threads}
 
 
 def main():
@@ -292,6 +308,8 @@ def main():
     ap.add_argument("model", type=Path, help="checkpoint directory (bench/make_full_checkpoint.py writes one)")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10 s)")
     ap.add_argument("--threads", type=int, default=0, help="threads for both implementations (default: all cores)")
+    ap.add_argument("--precision", nargs="+", choices=["f32", "bf16"], default=["f32", "bf16"],
+                    help="voxtral_ref's matmul input precision(s) to run (default both)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="HF's dtype (float32 needs ~18 GB of RAM)")
@@ -306,50 +324,59 @@ def main():
         raise SystemExit("the C kernels are not built: pip install . (or python csrc/build_kernels.py)")
     threads = args.threads or len(os.sched_getaffinity(0))
     yard = yardsticks(threads)
-    print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s "
-          f"({threads} threads, bench/probes.c)")
-    ours = run_ours(args, yard)
-    enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
-           f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
-           f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_fma_peak']:.0f}% of FMA peak")
-    pre = (f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
-           f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_fma_peak']:.0f}% of FMA peak")
-    dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
-           f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
-           f"per token -> {ours['decode_GB/s']:.1f} GB/s median, {ours['decode_GB/s_p10']:.1f} fastest decile "
-           f"= {ours['decode_pct_of_read_bw']:.0f}% / {ours['decode_pct_of_read_bw_p10']:.0f}% of the read bandwidth "
-           f"({yard['read_GB/s']:.1f} GB/s before, {yard['read_GB/s_after']:.1f} after)")
-    tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
-           f"(first token after {ours['time_to_first_token_s']:.2f} s)")
-    mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
-           f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB")
-    rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
-            ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
-    print("voxtral_ref (C kernels)")
-    for k, v in rows:
-        print(f"  {k:<22} {v}")
+    print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "
+          f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s ({threads} threads, bench/probes.c)")
+    runs = {}
+    for precision in args.precision:
+        ours = runs[precision] = run_ours(args, yard, precision)
+        peak = f"% of {ours['compute_peak']} peak"
+        enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
+               f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
+               f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
+        pre = (f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
+               f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_peak']:.0f}{peak}")
+        dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
+               f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
+               f"per token -> {ours['decode_GB/s']:.1f} GB/s median, {ours['decode_GB/s_p10']:.1f} fastest decile "
+               f"= {ours['decode_pct_of_read_bw']:.0f}% / {ours['decode_pct_of_read_bw_p10']:.0f}% of the read bandwidth "
+               f"({yard['read_GB/s']:.1f} GB/s before, {yard['read_GB/s_after']:.1f} after)")
+        tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
+               f"(first token after {ours['time_to_first_token_s']:.2f} s)")
+        mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
+               f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB")
+        rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
+                ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
+        print(f"voxtral_ref (C kernels, precision {precision})")
+        for k, v in rows:
+            print(f"  {k:<22} {v}")
     hf = None if args.no_hf else run_hf(args)
     if hf and "error" not in hf:
-        a, b = ours["token_ids"], hf["token_ids"]
-        hf["same_ids_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        hf["ratio_total_ours_over_hf"] = ours["total_s"] / hf["total_s"]
-        hf["ratio_first_token_ours_over_hf"] = ours["time_to_first_token_s"] / hf["time_to_first_token_s"]
         print(f"HF transformers ({hf['dtype']}, {hf['torch_threads']} threads)")
+        print(f"  {'encoder (whole file)':<22} {hf['encoder_s']:.2f} s = {hf['encoder_ms_per_padded_s']:.0f} ms per padded "
+              f"second (get_audio_features, oneDNN)")
         print(f"  {'tokens / total / RTF':<22} {hf['tokens']} tokens, {hf['total_s']:.2f} s, RTF {hf['rtf']:.2f} "
               f"(first token after {hf['time_to_first_token_s']:.2f} s); {hf['step_ms_per_token']:.1f} ms per step "
               f"(encoder 4 frames + decoder)")
         print(f"  {'memory':<22} peak RSS {hf['peak_rss_GB']:.2f} GB, anonymous {hf['peak_anon_GB']:.2f} GB")
-        print(f"  {'token ids':<22} the first {hf['same_ids_prefix']} of {len(ours['token_ids'])} equal ours "
-              f"(HF rounds activations to {hf['dtype']}; random weights have small logit gaps)")
-        print(f"  ours / HF: total time {hf['ratio_total_ours_over_hf']:.2f}x, "
-              f"time to first token {hf['ratio_first_token_ours_over_hf']:.2f}x")
-    report = {"yardsticks": yard, "voxtral_ref": ours, "hf": hf, "command": " ".join(sys.argv)}
+        hf["ours_over_hf"] = {}
+        for precision, ours in runs.items():
+            a, b = ours["token_ids"], hf["token_ids"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            ratios = hf["ours_over_hf"][precision] = {
+                "same_ids_prefix": same, "total": ours["total_s"] / hf["total_s"],
+                "first_token": ours["time_to_first_token_s"] / hf["time_to_first_token_s"],
+                "encoder": ours["encoder_s"] / hf["encoder_s"]}
+            print(f"  ours ({precision}) / HF: total time {ratios['total']:.2f}x, encoder {ratios['encoder']:.2f}x, "
+                  f"time to first token {ratios['first_token']:.2f}x; the first {same} of {len(a)} token ids equal "
+                  f"(HF rounds every activation to {hf['dtype']}; random weights have small logit gaps)")
+    report = {"yardsticks": yard, "voxtral_ref": runs, "hf": hf, "command": " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    print(json.dumps({"summary": {k: ours[k] for k in ("rtf", "decode_ms_per_token", "prefill_ms", "encoder_ms_per_audio_s",
-                                                       "decode_pct_of_read_bw", "decode_pct_of_read_bw_p10", "peak_rss_GB")} |
-                      ({"hf_rtf": hf["rtf"], "ours_over_hf_total": hf["ratio_total_ours_over_hf"]} if hf and "error" not in hf else {})},
-                     indent=1))
+    keys = ("rtf", "decode_ms_per_token", "prefill_ms", "encoder_ms_per_padded_s", "decode_pct_of_read_bw", "peak_rss_GB")
+    summary = {p: {k: r[k] for k in keys} for p, r in runs.items()}
+    if hf and "error" not in hf:
+        summary["hf"] = {"rtf": hf["rtf"], "encoder_ms_per_padded_s": hf["encoder_ms_per_padded_s"]}
+    print(json.dumps({"summary": summary}, indent=1))
     print(f"full report: {args.json}")
 
 

@@ -34,7 +34,8 @@ enum { VX_X_F32 = 0, VX_X_BF16 = 1 };
 /* y = x @ w.T (+ b)
  *   x      [n, k] float32; xtype VX_X_BF16 rounds it to bfloat16 (nearest even) before the products, the
  *          precision of a bf16 model's matmul inputs. With bf16 weights the products are then exact and
- *          the avx512bf16 level uses the CPU's bf16 dot-product instruction (twice the float32 FMA rate).
+ *          the avx512bf16 level uses the CPU's bf16 dot-product instruction (twice the float32 FMA rate;
+ *          it reads subnormal bf16 as 0, a difference below 1e-38 per product).
  *   w      [m, k] of wtype: float32, bfloat16 (uint16 bits) or int8
  *   scales [m, k / group] float32 when wtype is VX_W_I8 (the weight is w[i, j] * scales[i, j / group];
  *          group divides k), else NULL
