@@ -69,4 +69,11 @@ void vx_rms_norm(const float *x, const float *w, float eps, float *y, int64_t ro
 /* y = a / (1 + exp(-a)) * b elementwise (SwiGLU); a, b, y [n]. */
 void vx_silu_mul(const float *a, const float *b, float *y, int64_t n);
 
+/* Rotary embedding into the split-half layout (HF's). For each row r, head j and i < d/2, with
+ *   (p, q) = (x[r, j, 2i], x[r, j, 2i + 1]) if interleaved (Mistral's checkpoint layout),
+ *            (x[r, j, i], x[r, j, i + d/2]) otherwise:
+ *   y[r, j, i] = p cos[r, i] - q sin[r, i],   y[r, j, i + d/2] = q cos[r, i] + p sin[r, i].
+ * x, y [t, h, d] (d even); cos, sin [t, d/2]. */
+void vx_rope(const float *x, const float *cos, const float *sin, float *y, int64_t t, int h, int d, int interleaved);
+
 #endif

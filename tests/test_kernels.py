@@ -281,6 +281,26 @@ def test_silu_mul_matches_twin(level, shape, scale, seed):
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-36)
 
 
+# --- rope -----------------------------------------------------------------------------------------------
+@FAST
+@given(t=st.integers(1, 40), h=st.integers(1, 9), half=st.integers(1, 70), interleaved=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_rope_matches_twin(t, h, half, interleaved, seed):
+    """Both layouts, odd head counts and half-widths, large angles (positions up to 1e6)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, h, 2 * half), dtype=np.float32)
+    angles = rng.uniform(0, 1e6, (t, half)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    y = ck.rope(x, cos, sin, interleaved)
+    np.testing.assert_allclose(y, kernels.rope_np(x, cos, sin, interleaved), rtol=0, atol=1e-6 * np.abs(x).max())
+
+
+def test_rope_rejects_bad_shapes():
+    x = np.ones((3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="rope"):
+        ck.rope(x, np.ones((3, 3), np.float32), np.ones((3, 3), np.float32))
+
+
 # --- plumbing -------------------------------------------------------------------------------------------
 def test_thread_count_does_not_change_results():
     rng = np.random.default_rng(0)
@@ -293,6 +313,7 @@ def test_thread_count_does_not_change_results():
     for n in (1, 2, 3):
         with threads(n):
             runs.append([ck.linear(x1, w), ck.linear(x40, w), ck.attention(q, kv, kv, pos, pos, 100),
+                         ck.rope(q, q[:, 0, :32], q[:, 1, :32], True),
                          ck.rms_norm(x40, x40[0], 1e-5), ck.silu_mul(x40, x40)])
     for other in runs[1:]:
         for a, b in zip(runs[0], other):

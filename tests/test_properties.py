@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voxtral_ref import kernels
-from voxtral_ref.attention import KVCache, interleaved_to_split_half, rope, rope_angles
+from voxtral_ref.attention import KVCache, rope_angles
+from voxtral_ref.kernels import interleaved_to_split_half, rope_np
 from voxtral_ref.encoder import conv_stem
 from voxtral_ref.mel import log_mel, log_mel_frames, mel_filters
 
@@ -98,7 +99,7 @@ def test_rope_layouts_agree_and_preserve_norms(hd, seed):
     x = rng.standard_normal((5, 3, hd)).astype(np.float32)
     pos = rng.integers(0, 100000, 5)
     cos, sin = rope_angles(pos, hd, 1e6)
-    y = rope(interleaved_to_split_half(x), cos, sin)
+    y = rope_np(x, cos, sin, interleaved=True)
     xi = x.reshape(5, 3, hd // 2, 2)                              # interleaved pairs, done directly
     c, s = cos[:, None], sin[:, None]
     direct = np.stack([xi[..., 0] * c - xi[..., 1] * s, xi[..., 1] * c + xi[..., 0] * s], -1).reshape(5, 3, hd)

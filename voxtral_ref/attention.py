@@ -1,5 +1,6 @@
-"""Self-attention shared by the encoder and the decoder: projections, RoPE, sliding-window attention and
-the rolling KV cache that bounds memory for streams of any length."""
+"""Self-attention shared by the encoder and the decoder: projections, RoPE (angles here, the rotation in
+kernels.rope), sliding-window attention and the rolling KV cache that bounds memory for streams of any
+length."""
 
 import numpy as np
 
@@ -13,23 +14,6 @@ def rope_angles(pos, head_dim, theta):
         np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim))  # [hd/2]
     angles = pos.astype(np.float32)[:, None] * inv_freq[None, :]             # [T, hd/2]
     return np.cos(angles), np.sin(angles)
-
-
-def rope(x, cos, sin):
-    """Split-half ("NeoX") rotary embedding, HF's layout: the pair (i, i + hd/2) rotates by angle i.
-    x [T, H, hd]; cos, sin [T, hd/2] -> [T, H, hd]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]                                    # [T, H, hd/2] each
-    c, s = cos[:, None, :], sin[:, None, :]                                  # [T, 1, hd/2]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)       # [T, H, hd]
-
-
-def interleaved_to_split_half(x):
-    """Mistral's consolidated checkpoint lays q/k rows out for RoPE on adjacent pairs (2i, 2i+1); HF's
-    converter permutes the rows to (i, i + hd/2). Permuting the projection's OUTPUT columns the same way
-    is exact and costs no copy of the weights: [T, H, hd] -> [T, H, hd]."""
-    t, h, hd = x.shape
-    return x.reshape(t, h, hd // 2, 2).transpose(0, 1, 3, 2).reshape(t, h, hd)
 
 
 class KVCache:
@@ -67,10 +51,8 @@ def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window,
     q = kernels.linear(x, w["wq"], w.get("bq")).reshape(t, n_heads, head_dim)      # [T, H, hd]
     k = kernels.linear(x, w["wk"]).reshape(t, n_kv_heads, head_dim)                # [T, Hkv, hd]
     v = kernels.linear(x, w["wv"], w.get("bv")).reshape(t, n_kv_heads, head_dim)   # [T, Hkv, hd]
-    if interleaved:
-        q, k = interleaved_to_split_half(q), interleaved_to_split_half(k)
     cos, sin = rope_angles(pos, head_dim, rope_theta)                              # [T, hd/2]
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    q, k = kernels.rope(q, cos, sin, interleaved), kernels.rope(k, cos, sin, interleaved)  # split-half out
     k_pos = pos
     if cache is not None:
         k, v, k_pos = cache.update(k, v, pos)                                      # [S, Hkv, hd]

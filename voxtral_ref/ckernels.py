@@ -173,6 +173,21 @@ def attention(q, k, v, q_pos, k_pos, window):
     return out
 
 
+def rope(x, cos, sin, interleaved=False):
+    """Rotary embedding into split-half layout; see kernels.rope_np."""
+    if lib is None:
+        _missing()
+        return kernels.rope_np(x, cos, sin, interleaved)
+    x, cos, sin = _f32(x), _f32(cos), _f32(sin)
+    t, h, d = x.shape
+    if d % 2 or cos.shape != (t, d // 2) or sin.shape != cos.shape:
+        raise ValueError(f"rope: bad shapes x {x.shape}, cos {cos.shape}, sin {sin.shape}")
+    y = np.empty_like(x)
+    lib.vx_rope(_ptr("float *", x), _ptr("float *", cos), _ptr("float *", sin), _ptr("float *", y), t, h, d,
+                int(bool(interleaved)))
+    return y
+
+
 def rms_norm(x, w, eps):
     """w * x / sqrt(mean(x^2) + eps) over the last axis; see kernels.rms_norm_np."""
     if lib is None:

@@ -10,6 +10,7 @@ the specification: every C kernel in csrc/ is tested against its twin.
 Layouts (all row-major, float32 activations):
   linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint), b [M] f32 or None -> [N, M]
   attention  q [Tq, Hq, D], k/v [Tk, Hkv, D] f32, q_pos [Tq] / k_pos [Tk] int absolute positions -> [Tq, Hq, D]
+  rope       x [T, H, D] f32, cos/sin [T, D/2] f32 -> [T, H, D] (split-half layout)
   int8       QuantizedWeight: q [M, K] int8, scales [M, K / group] f32; the weight is q * scale
 """
 
@@ -86,6 +87,26 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     return out
 
 
+def interleaved_to_split_half(x):
+    """Mistral's consolidated checkpoint lays q/k rows out for RoPE on adjacent pairs (2i, 2i+1); HF's
+    converter permutes the rows to (i, i + hd/2). Permuting the projection's OUTPUT columns the same way
+    is exact and costs no copy of the weights: [T, H, hd] -> [T, H, hd]."""
+    t, h, hd = x.shape
+    return x.reshape(t, h, hd // 2, 2).transpose(0, 1, 3, 2).reshape(t, h, hd)
+
+
+def rope_np(x, cos, sin, interleaved=False):
+    """Split-half ("NeoX") rotary embedding, HF's layout: the pair (i, i + hd/2) rotates by angle i.
+    x [T, H, hd] (its pairs adjacent if `interleaved`, Mistral's layout); cos, sin [T, hd/2] -> [T, H, hd]
+    in split-half layout."""
+    if interleaved:
+        x = interleaved_to_split_half(x)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]                                    # [T, H, hd/2] each
+    c, s = cos[:, None, :], sin[:, None, :]                                  # [T, 1, hd/2]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)       # [T, H, hd]
+
+
 def rms_norm_np(x, w, eps):
     """w * x / sqrt(mean(x^2) + eps) over the last axis, in float32 (HF's RMSNorm)."""
     return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)))
@@ -156,6 +177,11 @@ def linear(x, w, b=None):
 def attention(q, k, v, q_pos, k_pos, window):
     c = _c()
     return c.attention(q, k, v, q_pos, k_pos, window) if c else attention_np(q, k, v, q_pos, k_pos, window)
+
+
+def rope(x, cos, sin, interleaved=False):
+    c = _c()
+    return c.rope(x, cos, sin, interleaved) if c else rope_np(x, cos, sin, interleaved)
 
 
 def rms_norm(x, w, eps):
