@@ -45,11 +45,15 @@ typedef struct {
 /* A GEMM micro-kernel and its weight packing. Both operands are packed k-major into 32-bit elements that
  * hold `kstep` consecutive k values: one float32 (kstep 1) or a pair of bf16 (kstep 2, the lower k in the
  * low half, the layout of the bf16 dot-product instruction).
+ *   pack_panel: MR activation rows -> an activation panel ap[step][MR]
  *   pack_weights: weight rows j0..j0+nc, columns k0..k0+kc -> NR-wide panels bp[panel][step][NR]
  *   micro: c[MR, NR] (row stride ldc) = (or += if accumulate) sum over `steps` of a[step, MR] (outer)
  *          b[step, NR] */
 typedef struct {
     int mr, nr, kstep;
+    /* an activation panel: `rows` (<= MR) rows of x (row stride ldx), kc values each (rounded to bf16 first
+     * if xtype says so), into dst[step][MR]; rows past `rows` are 0 */
+    void (*pack_panel)(const float *x, int64_t ldx, int rows, int64_t kc, int xtype, uint32_t *dst);
     void (*pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, void *bp);
     void (*micro)(int64_t steps, const void *a, const void *b, float *c, int64_t ldc, int accumulate);
 } vx_gemm_kernel;

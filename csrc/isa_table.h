@@ -9,7 +9,7 @@
 
 #define VX_TABLE_ENTRIES                                                                        \
     .gemv = VX_NAME(gemv),                                                                      \
-    .gemm = {GEMM_MR, GEMM_NR, 1, VX_NAME(pack_weights), VX_NAME(gemm_micro)},                \
+    .gemm = {GEMM_MR, GEMM_NR, 1, VX_NAME(pack_panel), VX_NAME(pack_weights), VX_NAME(gemm_micro)}, \
     .quantize_int8 = VX_NAME(quantize_int8),                                                    \
     .attn_vw = VW,                                                                              \
     .attention_rows = VX_NAME(attention_rows),                                                  \

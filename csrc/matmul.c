@@ -27,30 +27,17 @@ static void linear_gemv(const vx_linear_args *a) {
  * block, and writing full tiles straight into y, gained another ~15%. */
 enum { KC = 1024, MC_PANELS = 8, NC_PANELS = 16, NB = 1024 };   /* KC even: k-pairs never straddle blocks */
 
-/* rows [i0, i0 + rows) of x, all of k, into ap[k block][panel][step][i] as the kernel's 32-bit elements:
- * float32 (rounded to bf16 precision for VX_X_BF16) or bf16 pairs; rows past n are 0 */
+/* rows [i0, i0 + rows) of x, all of k, into ap[k block][panel][step][i] as the kernel's 32-bit elements
+ * (g->pack_panel: float32, rounded to bf16 precision for VX_X_BF16, or bf16 pairs); rows past n are 0 */
 static void pack_activations(const vx_linear_args *a, const vx_gemm_kernel *g, int64_t i0, int64_t rows, int64_t panel,
-                             void *ap) {
+                             uint32_t *ap) {
     const int mr = g->mr;
-    const int64_t npanels = (rows + mr - 1) / mr;
+    const int64_t npanels = (rows + mr - 1) / mr, row = i0 + panel * mr;
+    const int64_t end = a->n < i0 + rows ? a->n : i0 + rows;
+    const int valid = (int)(end - row < mr ? end - row : mr);
     for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
         const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC, steps = (kc + g->kstep - 1) / g->kstep;
-        const int64_t offset = k0 / g->kstep * npanels * mr + panel * steps * mr;
-        for (int i = 0; i < mr; i++) {
-            const int64_t row = i0 + panel * mr + i;
-            const float *x = row < a->n && row < i0 + rows ? a->x + row * a->k + k0 : NULL;
-            if (g->kstep == 2) {
-                uint32_t *dst = (uint32_t *)ap + offset;
-                for (int64_t s = 0; s < steps; s++) {
-                    uint32_t lo = x ? vx_f32_to_bf16(x[2 * s]) : 0, hi = x && 2 * s + 1 < kc ? vx_f32_to_bf16(x[2 * s + 1]) : 0;
-                    dst[s * mr + i] = lo | hi << 16;
-                }
-            } else {
-                float *dst = (float *)ap + offset;
-                for (int64_t kk = 0; kk < kc; kk++)
-                    dst[kk * mr + i] = !x ? 0.0f : a->xtype == VX_X_BF16 ? vx_round_bf16(x[kk]) : x[kk];
-            }
-        }
+        g->pack_panel(a->x + row * a->k + k0, a->k, valid, kc, a->xtype, ap + k0 / g->kstep * npanels * mr + panel * steps * mr);
     }
 }
 

@@ -112,6 +112,33 @@ VX_FN static void VX_NAME(gemv)(const vx_linear_args *a, int64_t m0, int64_t m1)
 #define GEMM_NV 4
 #endif
 #define GEMM_NR (GEMM_NV * VW)
+_Static_assert(VW == 1 || GEMM_MR <= VW, "pack_panel transposes MR rows within VW-row blocks");
+
+/* dst[kk][i] = x[i][kk] for i < rows, else 0: blocks of VW columns of all MR rows transposed in registers
+ * (MR <= VW at every level). Rounding to bf16 precision (VX_X_BF16 where the CPU has no bf16 dot
+ * product, or the weights are not bf16) takes the scalar loop. */
+VX_FN static void VX_NAME(pack_panel)(const float *x, int64_t ldx, int rows, int64_t kc, int xtype, uint32_t *dst) {
+    float *d = (float *)dst;
+    int64_t kk = 0;
+    if (VW > 1 && xtype != VX_X_BF16)
+        for (; kk + VW <= kc; kk += VW) {
+            vf r[VW];
+            float t[VW];
+            VX_UNROLL
+            for (int i = 0; i < VW; i++) r[i] = i < rows ? vx_load(x + i * ldx + kk) : vx_zero();
+            vx_transpose(r);
+            VX_UNROLL
+            for (int j = 0; j < VW; j++) {
+                vx_store(t, r[j]);
+                memcpy(d + (kk + j) * GEMM_MR, t, sizeof(float) * GEMM_MR);
+            }
+        }
+    for (; kk < kc; kk++)
+        for (int i = 0; i < GEMM_MR; i++) {
+            const float v = i < rows ? x[i * ldx + kk] : 0.0f;
+            d[kk * GEMM_MR + i] = xtype == VX_X_BF16 ? vx_round_bf16(v) : v;
+        }
+}
 
 /* Packing: bp[p][kk][j] = w[j0 + p * NR + j, k0 + kk] widened to float32 (int8 times its scale), rows
  * past m zero. Blocks of VW rows x VW columns are loaded row-wise and transposed in registers, which
@@ -181,6 +208,31 @@ VX_FN static void VX_NAME(gemm_micro)(int64_t kc, const void *av_, const void *b
 #define BF16DOT_MR 12
 #define BF16DOT_NR 32
 
+/* dst[s][i] = the bf16 pair (x[i][2s], x[i][2s + 1]) for i < rows (0 past kc or rows): 32 values of each
+ * row per conversion, then a 16 x 16 transpose of the pairs. VCVTNE2PS2BF16 rounds to nearest even like
+ * vx_f32_to_bf16 and reads a subnormal as 0, as the dot product would read a subnormal bf16 anyway. */
+VX_BF16DOT_FN static void pack_panel_bf16dot(const float *x, int64_t ldx, int rows, int64_t kc, int xtype,
+                                             uint32_t *dst) {
+    (void)xtype;   /* always bf16: the dot product multiplies bf16 */
+    int64_t s = 0;
+    for (; 2 * s + 32 <= kc; s += 16) {
+        vf r[16];
+        VX_UNROLL
+        for (int i = 0; i < 16; i++)
+            r[i] = i < rows ? (vf)_mm512_cvtne2ps_pbh(vx_load(x + i * ldx + 2 * s + 16), vx_load(x + i * ldx + 2 * s))
+                            : vx_zero();
+        vx_transpose(r);
+        VX_UNROLL
+        for (int j = 0; j < 16; j++) _mm512_mask_storeu_ps(dst + (s + j) * BF16DOT_MR, (1 << BF16DOT_MR) - 1, r[j]);
+    }
+    for (; 2 * s < kc; s++)
+        for (int i = 0; i < BF16DOT_MR; i++) {
+            const float *xi = x + i * ldx;
+            uint32_t lo = i < rows ? vx_f32_to_bf16(xi[2 * s]) : 0, hi = i < rows && 2 * s + 1 < kc ? vx_f32_to_bf16(xi[2 * s + 1]) : 0;
+            dst[s * BF16DOT_MR + i] = lo | hi << 16;
+        }
+}
+
 /* bp[p][s][j] = bf16 pair (w[j0 + p * NR + j, k0 + 2s], w[.., k0 + 2s + 1]); rows past m and the odd
  * k past kc are 0 */
 VX_BF16DOT_FN static void pack_weights_bf16dot(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc,
@@ -238,7 +290,8 @@ VX_BF16DOT_FN static void gemm_micro_bf16dot(int64_t steps, const void *av_, con
         }
 }
 
-static const vx_gemm_kernel gemm_bf16dot = {BF16DOT_MR, BF16DOT_NR, 2, pack_weights_bf16dot, gemm_micro_bf16dot};
+static const vx_gemm_kernel gemm_bf16dot = {BF16DOT_MR, BF16DOT_NR, 2, pack_panel_bf16dot, pack_weights_bf16dot,
+                                            gemm_micro_bf16dot};
 #endif
 
 /* ---- int8 quantisation of rows [m0, m1) --------------------------------------------------------------
