@@ -112,6 +112,13 @@ class Machine:
         t = best_time(lambda: self.p.lib.read_bw(self.ptr, n, threads or self.threads), repeats=3, min_time=0)
         return self.buf.nbytes / t / 1e9
 
+    def read_gbs_once(self, nbytes=1 << 28):
+        """one quick streaming read of nbytes (a few ms), for sampling the bandwidth during a run"""
+        n = nbytes // 4
+        t = time.perf_counter()
+        self.p.lib.read_bw(self.ptr, n, self.threads)
+        return nbytes / (time.perf_counter() - t) / 1e9
+
     def fma_gflops(self, threads=None, probe="fma_peak"):
         n, iters = threads or self.threads, 4000
         sink = self.p.ffi.new("float[]", 256)

@@ -7,7 +7,8 @@ Reports, for one offline transcription of a clip of --seconds (speech from golde
 per --precision (f32 and bf16 matmul inputs by default): encoder ms per second of audio, decoder prefill
 ms (the 39-position prompt), decode ms per token, the real-time factor, peak memory, and the roofline
 view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
-with this machine's read bandwidth; encoder and prefill are compute-bound, so their GFLOP/s are compared
+with this machine's read bandwidth, probed every 8 tokens during the run (each probe against the step
+right after it, since the bandwidth drifts by 2x within minutes here); encoder and prefill are compute-bound, so their GFLOP/s are compared
 with the FMA peak (f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run
 by bench/probes.c, as in bench_kernels.py).
 
@@ -125,18 +126,23 @@ def run_ours(args, yard, precision):
     print(f"  warm-up (1 s clip, pages every weight in) {time.perf_counter() - t:.1f} s")
 
     audio = clip(args.seconds)
-    stamps, anon = [], [0.0]
+    stamps, resumed, anon, probes = [], [], [0.0], []
+    m = machine(yard["threads"])
 
     def on_token(_):
         stamps.append(time.perf_counter())
         if len(stamps) % 8 == 1:
             anon[0] = max(anon[0], rss_status().get("RssAnon", 0.0))
+            # this host's bandwidth drifts by 2x within minutes: probe it between tokens (the probe's time
+            # is not counted in the next step) and compare each probe with the step that follows it
+            probes.append((len(stamps), m.read_gbs_once()))
+        resumed.append(time.perf_counter())
 
     t0 = time.perf_counter()
     result = model.transcribe(audio, on_token=on_token)
     total = time.perf_counter() - t0
     enc_end = t0 + result.timings["encode_s"]
-    steps = np.diff(stamps)
+    steps = np.array(stamps[1:]) - np.array(resumed[:-1])                 # step k: resumed k-1 -> token k
     cfg, sizes = model.cfg, tensor_sizes(model)
     n_padded = len(pad_offline(audio, C.delay_tokens(cfg.default_delay_ms)))
     frames = n_padded // C.HOP // 2
@@ -159,13 +165,14 @@ def run_ours(args, yard, precision):
         "decode_weight_GB_per_token": dec_bytes / 1e9, "decode_GB/s": dec_bytes / decode_s / 1e9,
         "decode_GB/s_p10": dec_bytes / float(np.percentile(steps, 10)) / 1e9,
         "time_to_first_token_s": stamps[0] - t0,
-        "peak_rss_GB": status.get("VmHWM"), "peak_anon_GB_sampled": max(anon[0], status.get("RssAnon", 0.0)),
+        # the bandwidth probe's buffer (resident in this process, not the model's) is taken out
+        "probe_buffer_GB": m.buf.nbytes / 1e9, "peak_rss_GB": status.get("VmHWM") - m.buf.nbytes / 1e9,
+        "peak_anon_GB_sampled": max(anon[0], status.get("RssAnon", 0.0)) - m.buf.nbytes / 1e9,
         "file_backed_GB": status.get("RssFile"), "token_ids": list(result.token_ids),
     }
-    yard["read_GB/s_after"] = yardsticks(yard["threads"])["read_GB/s"]   # this host's bandwidth drifts
-    read = max(yard["read_GB/s"], yard["read_GB/s_after"])
-    r["decode_pct_of_read_bw"] = 100 * r["decode_GB/s"] / read
-    r["decode_pct_of_read_bw_p10"] = 100 * r["decode_GB/s_p10"] / read
+    paired = [(dec_bytes / steps[k - 1] / 1e9, bw) for k, bw in probes if k - 1 < len(steps)]
+    r["read_GB/s_probes"] = [bw for _, bw in paired]
+    r["decode_pct_of_read_bw"] = 100 * float(np.median([d / bw for d, bw in paired]))   # each step vs the probe just before
     peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() == "avx512bf16" else yard["fma_GFLOP/s"]
     r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
     r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
@@ -295,10 +302,15 @@ def run_hf(args):
 
 
 # --- main --------------------------------------------------------------------------------------------------
-def yardsticks(threads):
+def machine(threads, _cache={}):
     import bench_kernels
-    probes = bench_kernels.build_probes()
-    m = bench_kernels.Machine(probes, threads)
+    if threads not in _cache:
+        _cache[threads] = bench_kernels.Machine(bench_kernels.build_probes(), threads)
+    return _cache[threads]
+
+
+def yardsticks(threads):
+    m = machine(threads)
     return {"read_GB/s": m.read_gbs(), "fma_GFLOP/s": m.fma_gflops(), "bf16dot_GFLOP/s": m.bf16dot_gflops(),
             "threads": threads}
 
@@ -335,15 +347,17 @@ def main():
                f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
         pre = (f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
                f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_peak']:.0f}{peak}")
+        bws = ours["read_GB/s_probes"]
         dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
                f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
-               f"per token -> {ours['decode_GB/s']:.1f} GB/s median, {ours['decode_GB/s_p10']:.1f} fastest decile "
-               f"= {ours['decode_pct_of_read_bw']:.0f}% / {ours['decode_pct_of_read_bw_p10']:.0f}% of the read bandwidth "
-               f"({yard['read_GB/s']:.1f} GB/s before, {yard['read_GB/s_after']:.1f} after)")
+               f"per token -> {ours['decode_GB/s']:.1f} GB/s median = {ours['decode_pct_of_read_bw']:.0f}% of the read "
+               f"bandwidth (median over {len(bws)} steps of step / probe just before; probes "
+               f"{min(bws):.1f}-{max(bws):.1f} GB/s)")
         tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
                f"(first token after {ours['time_to_first_token_s']:.2f} s)")
         mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
-               f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB")
+               f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} GB "
+               f"bandwidth-probe buffer excluded)")
         rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
                 ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
         print(f"voxtral_ref (C kernels, precision {precision})")
