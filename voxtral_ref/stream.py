@@ -294,7 +294,7 @@ def cli_stream(args):
     model = load(args.model, backend=args.backend, precision=args.precision)
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
-    print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms"
+    print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms, {model.precision} precision"
           + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
 
     def on_ctrl_c(signum, frame):
