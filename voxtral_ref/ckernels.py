@@ -82,8 +82,8 @@ def info():
         return "C kernels: not built (NumPy fallback)"
     level = lib.vx_get_isa()
     detail = ffi.string(lib.vx_isa_detail(level)).decode()
-    return (f"C kernels: {ISA_LEVELS[level]} ({detail}; bf16/int8 weights widened to float32 in registers, "
-            f"float32 accumulation), {get_threads()} thread(s); CPU supports {', '.join(supported_isas())}")
+    return (f"C kernels: {ISA_LEVELS[level]} ({detail}; float32 accumulation), {get_threads()} thread(s); "
+            f"CPU supports {', '.join(supported_isas())}")
 
 
 def _default_threads():
