@@ -312,7 +312,8 @@ def test_thread_count_does_not_change_results():
     runs = []
     for n in (1, 2, 3):
         with threads(n):
-            runs.append([ck.linear(x1, w), ck.linear(x40, w), ck.attention(q, kv, kv, pos, pos, 100),
+            runs.append([ck.linear(x1, w), ck.linear(x40, w), ck.linear(x1, w, precision="bf16"),
+                         ck.linear(x40, w, precision="bf16"), ck.attention(q, kv, kv, pos, pos, 100),
                          ck.rope(q, q[:, 0, :32], q[:, 1, :32], True),
                          ck.rms_norm(x40, x40[0], 1e-5), ck.silu_mul(x40, x40)])
     for other in runs[1:]:
