@@ -105,6 +105,18 @@ def test_linear_long_rows(level, wtype, precision, n):
 
 
 @pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("wtype", WTYPES)
+@pytest.mark.parametrize("n", [1, 3])
+def test_linear_gemv_long_rows(level, wtype, n):
+    """GEMV rows longer than L1 holds x for (7000 inputs = 28 KB, as the decoder's 9216), int8 groups of
+    350 (not a multiple of the vector width)."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 7000), dtype=np.float32)
+    with isa(level):
+        assert_linear_close(x, weight(rng, 37, 7000, wtype, group=350), rng.standard_normal(37, dtype=np.float32))
+
+
+@pytest.mark.parametrize("level", ISAS)
 @pytest.mark.parametrize("n", [3, 40])
 @pytest.mark.parametrize("wdtype", [np.float32, ml_dtypes.bfloat16])
 def test_bf16_precision_rounds_x_like_ml_dtypes(level, n, wdtype):
