@@ -108,8 +108,8 @@ def test_linear_long_rows(level, wtype, precision, n):
 @pytest.mark.parametrize("wtype", WTYPES)
 @pytest.mark.parametrize("n", [1, 3])
 def test_linear_gemv_long_rows(level, wtype, n):
-    """GEMV rows longer than L1 holds x for (7000 inputs = 28 KB, as the decoder's 9216), int8 groups of
-    350 (not a multiple of the vector width)."""
+    """Long GEMV rows (7000 inputs, like the decoder's 9216-wide w2) with int8 groups of 350, not a
+    multiple of the vector width."""
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, 7000), dtype=np.float32)
     with isa(level):
