@@ -1,6 +1,7 @@
 """`load(path or repo id) -> Model`: a checkpoint in either format, ready to transcribe."""
 
 import ctypes
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ def keep_freed_memory_for_reuse():
     free, so every layer's [T, 5120] temporaries are page-faulted and zeroed again: 10-20% of the encoder's
     time on the full model (sys time 0.3-0.9 s of a 6 s encode). Serving them from the heap instead, and
     trimming it only beyond 256 MB free, lets numpy reuse the same pages (sys time 0.04 s). Process-wide,
-    so done once at load; a no-op where the C library has no mallopt (not glibc)."""
+    so done once at load; a no-op off Linux, or where the C library has no mallopt."""
+    if not sys.platform.startswith("linux"):
+        return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt:
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                                 # glibc's malloc.h
