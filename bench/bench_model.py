@@ -4,7 +4,8 @@
     python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
 
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
-per --precision (f32 and bf16 matmul inputs by default): encoder ms per second of audio, decoder prefill
+per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 decoder weights, by default):
+encoder ms per second of audio, load time (int8 quantises at load), decoder prefill
 ms (the 39-position prompt), decode ms per token, the real-time factor, peak memory, and the roofline
 view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
 with this machine's read bandwidth, probed every 8 tokens during the run (each probe against the step
@@ -79,17 +80,19 @@ def rss_status():
 
 # --- model arithmetic (FLOPs and bytes) --------------------------------------------------------------------
 def tensor_sizes(model):
-    """{canonical name: (elements, bytes as stored)}"""
+    """{canonical name: (elements, bytes as used: the file's, or int8 plus scales once quantised)}, and
+    "lm_head" for the output projection (the tied embedding, or its int8 copy)"""
     out = {}
     for canon, _mistral, _hf, shape in canonical_names(model.cfg):
         n = int(np.prod(shape))
-        out[canon] = (n, n * (model.weights[canon].itemsize if len(shape) == 2 else 2))
+        out[canon] = (n, model.weights[canon].nbytes if len(shape) == 2 else 2 * n)
+    out["lm_head"] = (out["tok_embeddings"][0], model.weights.lm_head.nbytes)
     return out
 
 
 def decode_bytes_per_token(sizes):
-    """Every decoder matrix and the tied LM head are read once per generated token."""
-    return sum(b for k, (n, b) in sizes.items() if k == "tok_embeddings" or (k.startswith("dec.layers.") and n > 32 * 3072 // 2))
+    """Every decoder matrix and the LM head are read once per generated token."""
+    return sum(b for k, (n, b) in sizes.items() if k == "lm_head" or (k.startswith("dec.layers.") and n > 32 * 3072 // 2))
 
 
 def linear_params(sizes, prefix):
@@ -111,15 +114,16 @@ def prefill_flops(sizes, cfg, n):
 
 
 # --- voxtral_ref -------------------------------------------------------------------------------------------
-def run_ours(args, yard, precision):
+def run_ours(args, yard, run):
+    precision, _, quantize = run.partition("+")
     from voxtral_ref import ckernels
     reset_peak_rss()
     t = time.perf_counter()
-    model = voxtral_ref.load(args.model, backend="c", precision=precision)
+    model = voxtral_ref.load(args.model, backend="c", precision=precision, quantize=quantize or None)
     load_s = time.perf_counter() - t
     if args.threads:
         ckernels.set_threads(args.threads)
-    print(f"voxtral_ref, precision {precision}: {ckernels.info()}")
+    print(f"voxtral_ref, {run}: {ckernels.info()}")
     print(f"  loaded {args.model} in {load_s:.2f} s ({model.weights.n_params() / 1e9:.2f} B parameters, mmap'd)")
     t = time.perf_counter()
     model.transcribe(clip(1.0))                       # faults the mmap'd weights in (a disk read the first time)
@@ -153,7 +157,7 @@ def run_ours(args, yard, precision):
     pre_flops = prefill_flops(sizes, cfg, prompt)
     status = rss_status()
     r = {
-        "precision": precision, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
+        "run": run, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
         "rtf": total / args.seconds, "tokens": len(result.token_ids),
         "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
         "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
@@ -320,8 +324,9 @@ def main():
     ap.add_argument("model", type=Path, help="checkpoint directory (bench/make_full_checkpoint.py writes one)")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10 s)")
     ap.add_argument("--threads", type=int, default=0, help="threads for both implementations (default: all cores)")
-    ap.add_argument("--precision", nargs="+", choices=["f32", "bf16"], default=["f32", "bf16"],
-                    help="voxtral_ref's matmul input precision(s) to run (default both)")
+    ap.add_argument("--runs", nargs="+", choices=["f32", "bf16", "f32+int8", "bf16+int8"],
+                    default=["f32", "bf16", "bf16+int8"],
+                    help="voxtral_ref configurations: matmul input precision, +int8 for int8 decoder weights")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="HF's dtype (float32 needs ~18 GB of RAM)")
@@ -339,8 +344,8 @@ def main():
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "
           f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s ({threads} threads, bench/probes.c)")
     runs = {}
-    for precision in args.precision:
-        ours = runs[precision] = run_ours(args, yard, precision)
+    for run in args.runs:
+        ours = runs[run] = run_ours(args, yard, run)
         peak = f"% of {ours['compute_peak']} peak"
         enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
                f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
@@ -360,7 +365,7 @@ def main():
                f"bandwidth-probe buffer excluded)")
         rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
                 ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
-        print(f"voxtral_ref (C kernels, precision {precision})")
+        print(f"voxtral_ref (C kernels, {run}; loaded in {ours['load_s']:.1f} s)")
         for k, v in rows:
             print(f"  {k:<22} {v}")
     hf = None if args.no_hf else run_hf(args)
@@ -373,14 +378,14 @@ def main():
               f"(encoder 4 frames + decoder)")
         print(f"  {'memory':<22} peak RSS {hf['peak_rss_GB']:.2f} GB, anonymous {hf['peak_anon_GB']:.2f} GB")
         hf["ours_over_hf"] = {}
-        for precision, ours in runs.items():
+        for run, ours in runs.items():
             a, b = ours["token_ids"], hf["token_ids"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            ratios = hf["ours_over_hf"][precision] = {
+            ratios = hf["ours_over_hf"][run] = {
                 "same_ids_prefix": same, "total": ours["total_s"] / hf["total_s"],
                 "first_token": ours["time_to_first_token_s"] / hf["time_to_first_token_s"],
                 "encoder": ours["encoder_s"] / hf["encoder_s"]}
-            print(f"  ours ({precision}) / HF: total time {ratios['total']:.2f}x, encoder {ratios['encoder']:.2f}x, "
+            print(f"  ours ({run}) / HF: total time {ratios['total']:.2f}x, encoder {ratios['encoder']:.2f}x, "
                   f"time to first token {ratios['first_token']:.2f}x; the first {same} of {len(a)} token ids equal "
                   f"(HF rounds every activation to {hf['dtype']}; random weights have small logit gaps)")
     report = {"yardsticks": yard, "voxtral_ref": runs, "hf": hf, "command": " ".join(sys.argv)}

@@ -50,17 +50,19 @@ def test_txt_to_stdout(cli, fmt, tiny_model):
         assert out == tiny_model.transcribe(audio, sr).text.strip() + "\n"
 
 
-def test_precision_reaches_the_model(cli, monkeypatch):
-    """--precision bf16 loads the model in bf16 precision and prints that model's transcript."""
+def test_precision_and_quantize_reach_the_model(cli, monkeypatch):
+    """--precision bf16 --quantize int8 loads the model that way and prints that model's transcript."""
     seen, real_load = [], voxtral_ref.load
-    monkeypatch.setattr(voxtral_ref, "load", lambda *a, **k: seen.append(k["precision"]) or real_load(*a, **k))
+    monkeypatch.setattr(voxtral_ref, "load",
+                        lambda *a, **k: seen.append((k["precision"], k["quantize"])) or real_load(*a, **k))
     code, out, err = cli("transcribe", SPEECH_WAV, "-f", "json", "--model", MISTRAL, "--backend", "numpy",
-                         "--precision", "bf16")
+                         "--precision", "bf16", "--quantize", "int8")
     audio, sr = sf.read(SPEECH_WAV, dtype="float32")
-    want = real_load(MISTRAL, backend="numpy", precision="bf16").transcribe(audio, sr)
-    assert (code, seen) == (0, ["bf16"]) and json.loads(out)["token_ids"] == want.token_ids
-    code, _, err = cli("transcribe", SPEECH_WAV, "--model", MISTRAL, "--precision", "fp8")
-    assert code == 2 and "invalid choice" in err and "Traceback" not in err
+    want = real_load(MISTRAL, backend="numpy", precision="bf16", quantize="int8").transcribe(audio, sr)
+    assert (code, seen) == (0, [("bf16", "int8")]) and json.loads(out)["token_ids"] == want.token_ids
+    for flag, value in (("--precision", "fp8"), ("--quantize", "int4")):
+        code, _, err = cli("transcribe", SPEECH_WAV, "--model", MISTRAL, flag, value)
+        assert code == 2 and "invalid choice" in err and "Traceback" not in err
 
 
 def test_json(cli, tiny_mistral):

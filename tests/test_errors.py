@@ -114,6 +114,7 @@ def test_impossible_sample_rate(tiny_mistral, rate):
     expect_error(lambda: tiny_mistral.transcribe(np.zeros(1600, np.float32), sample_rate=rate), "sample_rate")
 
 
-def test_unknown_backend_or_precision():
+def test_unknown_backend_precision_or_quantize():
     expect_error(lambda: voxtral_ref.load(MODEL_DIRS["mistral"], backend="gpu"), "backend")
     expect_error(lambda: voxtral_ref.load(MODEL_DIRS["mistral"], precision="fp16"), "precision")
+    expect_error(lambda: voxtral_ref.load(MODEL_DIRS["mistral"], quantize="int4"), "quantize")

@@ -1,10 +1,12 @@
 """Every stage against the HF transformers oracle (golden/, made by golden/make_golden.py), in both
 on-disk formats, on every backend that is built. Greedy token ids must be identical.
 
-precision="bf16" (matmul inputs rounded to bfloat16) is checked against the same float32 oracle with
-the bf16 tolerance below, and its ids with the rule in test_bf16_precision_ids_follow_hf."""
+The approximate modes, precision="bf16" (matmul inputs rounded to bfloat16) and quantize="int8" (int8
+decoder weights), are checked against the same float32 oracle with the tolerance below, and their ids
+with the rule in test_approximate_mode_ids_follow_hf."""
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -30,7 +32,11 @@ REL_TOL = 1e-4
 #   of an encoder layer's input moves its output by 5e-3 (1e-4 in float32). The worst stage error seen
 #   against the float32 oracle is 1.1e-2 of the scale; a bug (a wrong k-pair order, a missing rounding
 #   step applied twice) is O(1) or 1e-4, so 2e-2 separates them.
-BF16_REL_TOL = 2e-2
+# - quantize="int8": each decoder weight moves by up to half its group's scale (max|w| / 254); the
+#   encoder is untouched (3e-6), the decoder stages and logits move by up to 6.6e-3 of the scale. The
+#   same 2e-2 bound holds both modes.
+APPROX_REL_TOL = 2e-2
+APPROX_MODES = {"bf16": {"precision": "bf16"}, "int8": {"quantize": "int8"}}
 
 CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
 BACKENDS = ["numpy"] + (["c"] if ckernels.available() else [])
@@ -102,10 +108,11 @@ def test_decoder_logits_match_generate_logits(traced, case):
     assert max_rel_err(chosen, g["generate_logits"]) <= REL_TOL
 
 
-@pytest.fixture(scope="module", params=[(f, b) for f in MODEL_DIRS for b in BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
-def traced_bf16(request):
-    fmt, backend = request.param
-    return tracer(voxtral_ref.load(MODEL_DIRS[fmt], backend=backend, precision="bf16"))
+@pytest.fixture(scope="module", params=[(m, f, b) for m in APPROX_MODES for f in MODEL_DIRS for b in BACKENDS],
+                ids=lambda p: "-".join(p))
+def traced_approx(request):
+    mode, fmt, backend = request.param
+    return tracer(voxtral_ref.load(MODEL_DIRS[fmt], backend=backend, **APPROX_MODES[mode]))
 
 
 def first_divergence(ours, ref):
@@ -114,11 +121,12 @@ def first_divergence(ours, ref):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bf16_precision_ids_follow_hf(traced_bf16, case):
-    """bf16 rounding moves each logit by up to BF16_REL_TOL of the scale, so a greedy choice may flip only
-    where HF's own top two logits are closer than twice that; after a flip the texts legitimately part.
-    So: the ids equal HF's up to the first difference, and that difference (if any) is at such a near tie."""
-    g, r, _ = traced_bf16(case)
+def test_approximate_mode_ids_follow_hf(traced_approx, case):
+    """bf16 rounding or int8 weights move each logit by up to APPROX_REL_TOL of the scale, so a greedy
+    choice may flip only where HF's own top two logits are closer than twice that; after a flip the texts
+    legitimately part. So: the ids equal HF's up to the first difference, and that difference (if any) is
+    at such a near tie."""
+    g, r, _ = traced_approx(case)
     ref = g["token_ids"].tolist()
     i = first_divergence(r.token_ids, ref)
     if i == len(ref) == len(r.token_ids):
@@ -126,22 +134,53 @@ def test_bf16_precision_ids_follow_hf(traced_bf16, case):
     assert i < min(len(ref), len(r.token_ids)), "one sequence stops early at a point where the other goes on"
     top2 = np.sort(g["generate_logits"][i])[-2:]
     gap = (top2[1] - top2[0]) / np.abs(g["generate_logits"][i]).max()
-    assert gap < 2 * BF16_REL_TOL, f"token {i} differs from HF's though HF's margin there is {gap:.3f} of scale"
+    assert gap < 2 * APPROX_REL_TOL, f"token {i} differs from HF's though HF's margin there is {gap:.3f} of scale"
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bf16_precision_stages_stay_within_bf16_error(traced_bf16, case):
-    """Every stage within BF16_REL_TOL of the float32 oracle, the decoder's positions up to the first
+def test_approximate_mode_stages_stay_within_tolerance(traced_approx, case):
+    """Every stage within APPROX_REL_TOL of the float32 oracle, the decoder's positions up to the first
     differing id (beyond it the inputs differ)."""
-    g, r, ours = traced_bf16(case)
+    g, r, ours = traced_approx(case)
     n_same = len(g["prompt_ids"]) + first_divergence(r.token_ids, g["token_ids"].tolist())
     names = [n for n in g if n not in ("audio", "padded_audio", "mel", "generate_logits")
              and g[n].dtype == np.float32 and g[n].ndim]
     errors = {n: max_rel_err(ours[n][:n_same], g[n][:n_same]) if SEQUENCE.match(n) else max_rel_err(ours[n], g[n])
               for n in names}
-    bad = {n: e for n, e in errors.items() if not e <= BF16_REL_TOL}
-    assert not bad, f"stages over {BF16_REL_TOL:g} of scale: {bad}"
-    assert max(errors.values()) > 1e-4          # the rounding did happen: not silently the float32 path
+    bad = {n: e for n, e in errors.items() if not e <= APPROX_REL_TOL}
+    assert not bad, f"stages over {APPROX_REL_TOL:g} of scale: {bad}"
+    assert max(errors.values()) > 1e-4          # the approximation did happen: not silently the float32 path
+
+
+def test_int8_quantizes_exactly_the_decoder_matrices_and_lm_head():
+    from voxtral_ref.kernels import QuantizedWeight
+    from voxtral_ref.weights import DECODER_MATRICES
+    w = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKENDS[-1], quantize="int8").weights
+    plain = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy").weights
+    for name in plain._t:
+        quantized = name.startswith("dec.layers.") and name.rsplit(".", 1)[1] in DECODER_MATRICES
+        assert isinstance(w._t[name], QuantizedWeight) == quantized, name
+        if quantized:       # round trip within half a scale step
+            err = np.abs(w._t[name].dequantize() - np.asarray(plain._t[name], np.float32))
+            assert (err <= w._t[name].scales.repeat(w._t[name].group, 1) / 2 + 1e-7).all(), name
+    assert isinstance(w.lm_head, QuantizedWeight) and w.lm_head.shape == plain.lm_head.shape
+    assert w.n_params() == plain.n_params()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc")
+def test_release_pages_drops_a_tensor_from_rss_not_its_values(tmp_path):
+    """quantize="int8" releases the bf16 pages it replaced: RSS drops, and the file's values stay readable."""
+    from voxtral_ref.weights import read_safetensors, release_pages, write_safetensors
+
+    def rss_file_kb():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile"))
+    write_safetensors(tmp_path / "w.safetensors", {"w": np.arange(2 << 20, dtype=np.float32).reshape(1024, 2048)})
+    w = read_safetensors(tmp_path / "w.safetensors")["w"]                       # 8 MB, mmap'd
+    total = float(w.sum())
+    before = rss_file_kb()
+    release_pages(w)
+    assert before - rss_file_kb() > 7000
+    assert float(w.sum()) == total
 
 
 def test_both_formats_give_identical_outputs():

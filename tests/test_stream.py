@@ -193,15 +193,17 @@ def test_c_backend_stream_equals_golden():
         assert ids == model.transcribe(g["audio"], delay_ms=int(g["delay_ms"])).token_ids == g["token_ids"].tolist()
 
 
-@pytest.mark.parametrize("sizes", [[1], [160], [1281], [7, 4000, 1281]])
-def test_bf16_precision_stream_equals_offline(sizes):
-    """precision="bf16" holds in the session too: its ids equal the bf16 offline ids, which differ from the
-    float32 ones on the long case (C backend: token 109 is a near tie), so a session that fell back to
-    float32 would fail here. Chunkings are fixed: in bf16 the rounding of each matmul input turns
-    float32-level differences between chunked and whole computation into bf16 steps (5e-3 of the scale on
-    this tiny model), enough to flip a near tie; 1 of 144 chunked runs did so on the NumPy backend."""
+@pytest.mark.parametrize("sizes", [[1], [1281], [7, 4000, 1281]])
+@pytest.mark.parametrize("mode", [{"precision": "bf16"}, {"quantize": "int8"}], ids=["bf16", "int8"])
+def test_approximate_modes_stream_equals_offline(mode, sizes):
+    """The session runs the model's mode too: its ids equal that mode's offline ids, which differ from the
+    float32 ones on the long case (bf16 on C at token 109, int8 at token 75: near ties), so a session that
+    fell back to float32 would fail here. Chunkings are fixed: in bf16 the rounding of each matmul input
+    turns float32-level differences between chunked and whole computation into bf16 steps (5e-3 of the
+    scale on this tiny model), enough to flip a near tie; 1 of 144 chunked runs did so on the NumPy
+    backend. int8 changes only the weights, so it is as exact as float32."""
     backend = "c" if ckernels.available() else "numpy"
-    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, precision="bf16")
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, **mode)
     for case in CASES:
         g = load_case(case)
         ids, text = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes)

@@ -55,9 +55,9 @@ def decoder_forward(h, pos, weights, ada, interleaved, caches, trace=None):
     return x
 
 
-def lm_head(x, tok_embeddings):
-    """Tied output projection: [T, 3072] -> [T, V] logits."""
-    return kernels.linear(x, tok_embeddings)                                             # [T, V]
+def lm_head(x, w):
+    """Output projection, tied to the token embedding (or its int8 copy): [T, 3072] -> [T, V] logits."""
+    return kernels.linear(x, w)                                                          # [T, V]
 
 
 def ada_scales(weights, n_delay, trace=None):

@@ -71,7 +71,7 @@ class Decoder:
         if self.trace:
             self.trace("decoder_in", h)
         x = decoder_forward(h, pos, self.weights, self.ada, self.interleaved, self.caches, self.trace)
-        logits = lm_head(x if self.trace else x[-1:], self.weights["tok_embeddings"])  # [t or 1, V]
+        logits = lm_head(x if self.trace else x[-1:], self.weights.lm_head)           # [t or 1, V]
         if self.trace:
             self.trace("logits", logits)
         token = int(np.argmax(logits[-1]))

@@ -127,7 +127,7 @@ class QuantizedWeight:
 
     def __init__(self, q, scales, group):
         self.q, self.scales, self.group = q, scales, group      # [M, K] int8, [M, K / group] f32
-        self.shape = q.shape
+        self.shape, self.ndim, self.size = q.shape, q.ndim, q.size
         self.dtype = np.dtype(np.int8)
 
     @property
@@ -142,6 +142,11 @@ class QuantizedWeight:
     def __array__(self, dtype=None, copy=None):
         w = self.dequantize()
         return w if dtype is None else w.astype(dtype, copy=False)
+
+
+def int8_group(k):
+    """INT8_GROUP, or the largest power of two below it dividing k (the tiny test models' widths)."""
+    return next(g for g in (INT8_GROUP, 32, 16, 8, 4, 2, 1) if k % g == 0)
 
 
 def check_int8_shape(shape, group):

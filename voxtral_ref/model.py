@@ -60,21 +60,29 @@ def resolve_backend(backend):
 
 
 def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weights_format=None, cache_dir=None,
-         progress=True, precision="f32"):
+         progress=True, precision="f32", quantize=None):
     """Load a checkpoint (Mistral or HF format, with its tekken.json) from a directory, or from a hub repo
     id fetched once into the Hugging Face cache (hub.resolve). `weights_format` ("mistral" or "hf")
     picks one when a directory holds both, and which files a download fetches (default Mistral's).
     `precision` of the matmul inputs: "f32" (the oracle path) or "bf16" (rounded to bfloat16 as in a bf16
-    model; about 1.8x faster encoding where the CPU has bf16 dot products; see kernels.py)."""
+    model; about 1.8x faster encoding where the CPU has bf16 dot products; see kernels.py).
+    `quantize="int8"` replaces the decoder's matrices and LM head by int8 copies with a float32 scale per
+    64 inputs (kernels.quantize_int8, made at load time): half the bytes each decoded token streams."""
     if precision not in kernels.PRECISIONS:
         raise VoxtralError(f"unknown precision {precision!r}: choose f32 or bf16")
+    if quantize not in (None, "int8"):
+        raise VoxtralError(f"unknown quantize {quantize!r}: choose int8, or None for the file's weights")
     d = resolve(model, revision, offline, weights_format, cache_dir, progress)
     fmt = detect_format(d, weights_format)
     tok = Tekken(d / "tekken.json")
     read = C.from_params_json if fmt == "mistral" else C.from_config_json
     cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok.audio)
     keep_freed_memory_for_reuse()
-    return Model(cfg, load_weights(d, cfg), tok, resolve_backend(backend), d, precision)
+    weights, backend = load_weights(d, cfg), resolve_backend(backend)
+    if quantize:
+        with kernels.use(backend):
+            weights.quantize_decoder(lambda w: kernels.quantize_int8(w, kernels.int8_group(w.shape[1])))
+    return Model(cfg, weights, tok, backend, d, precision)
 
 
 class Model:

@@ -274,6 +274,7 @@ def add_stream_parser(subparsers):
     s.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
     s.add_argument("--precision", choices=kernels.PRECISIONS, default="f32",
                    help="matmul inputs in float32 (default) or rounded to bf16 (faster where the CPU has bf16 dot products)")
+    s.add_argument("--quantize", choices=["int8"], default=None, help="int8 decoder weights, made at load")
     s.set_defaults(func=cli_stream)
 
 
@@ -291,7 +292,7 @@ def cli_stream(args):
     else:
         rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
                                               args.rate // BLOCKS_PER_SECOND, stop)
-    model = load(args.model, backend=args.backend, precision=args.precision)
+    model = load(args.model, backend=args.backend, precision=args.precision, quantize=args.quantize)
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms, {model.precision} precision"

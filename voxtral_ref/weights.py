@@ -147,12 +147,32 @@ def canonical_names(cfg):
     return rows
 
 
+# The decoder matrices that every decoded token streams (with the LM head): what `quantize_decoder` makes int8.
+DECODER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def release_pages(t):
+    """Drop an mmap'd tensor's pages from this process (they stay in the page cache; touching them again
+    re-reads them), so a tensor replaced by a quantised copy stops counting in RSS."""
+    mm = t
+    while isinstance(mm, (np.ndarray, memoryview)):                      # view -> view -> memoryview -> mmap
+        mm = mm.base if isinstance(mm, np.ndarray) else mm.obj
+    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+        return
+    start = t.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE                      # whole pages inside the tensor
+    hi = (start + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class Weights:
     """Canonical name -> tensor. Matrices stay in their file dtype (bf16 or f32, mmap'd); vectors (norms,
     biases) and conv kernels, a few MB in all, are converted to float32 once."""
 
     def __init__(self, tensors, cfg, source):
         self.cfg, self.source, self._t, self._small, self._layers = cfg, source, {}, {}, {}
+        self._lm_head = None                                   # an int8 copy once quantised; else the tied embedding
         fmt_col = 1 if cfg.format == "mistral" else 2
         missing = []
         for row in canonical_names(cfg):
@@ -184,6 +204,25 @@ class Weights:
             n = len(prefix) + 1
             self._layers[prefix] = {k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")}
         return self._layers[prefix]
+
+    @property
+    def lm_head(self):
+        """The output projection [V, 3072]: the tied token embedding, or its int8 copy."""
+        return self._t["tok_embeddings"] if self._lm_head is None else self._lm_head
+
+    def quantize_decoder(self, quantize):
+        """Replace the decoder's DECODER_MATRICES and the LM head by `quantize(w)` (int8, see model.load):
+        decoding is memory-bound and streams exactly these every token. The embedding lookup keeps the
+        file's rows; the replaced tensors' pages are released. Call before any layer() is built."""
+        for canon in list(self._t):
+            part = canon.split(".")
+            if part[:2] == ["dec", "layers"] and part[-1] in DECODER_MATRICES:
+                t = self._t[canon]
+                self._t[canon] = quantize(t)
+                release_pages(t)
+        emb = self._t["tok_embeddings"]
+        self._lm_head = quantize(emb)
+        release_pages(emb)
 
     def n_params(self):
         return sum(int(t.size) for t in self._t.values())
