@@ -348,15 +348,15 @@ def test_cli_stream_prints_offline_text(tiny_mistral, tmp_path, fmt):
     assert f"{len(off.token_ids)} tokens" in r.stderr and "latency" in r.stderr
 
 
-def test_cli_stream_precision(tmp_path):
-    """--precision bf16 reaches the session's model: the text is the bf16 offline text."""
+def test_cli_stream_precision_and_quantize(tmp_path):
+    """--precision bf16 --quantize int8 reach the session's model: the text is that model's offline text."""
     g = load_case("speech_en_480")
     path = tmp_path / "a.wav"
     sf.write(path, np.round(g["audio"] * 32768).astype("<i2"), 16000, subtype="PCM_16")
-    off = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy", precision="bf16").transcribe(g["audio"])
-    r = cli(["--precision", "bf16"], path)
+    off = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy", precision="bf16", quantize="int8").transcribe(g["audio"])
+    r = cli(["--precision", "bf16", "--quantize", "int8"], path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == off.text + "\n" and "bf16 precision" in r.stderr
+    assert r.stdout == off.text + "\n" and "bf16 precision, int8 decoder weights" in r.stderr
 
 
 def test_cli_stream_errors_are_one_line(tmp_path):

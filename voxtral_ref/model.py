@@ -82,13 +82,13 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     if quantize:
         with kernels.use(backend):
             weights.quantize_decoder(lambda w: kernels.quantize_int8(w, kernels.int8_group(w.shape[1])))
-    return Model(cfg, weights, tok, backend, d, precision)
+    return Model(cfg, weights, tok, backend, d, precision, quantize)
 
 
 class Model:
-    def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32"):
+    def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32", quantize=None):
         self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
-        self.precision = precision
+        self.precision, self.quantize = precision, quantize
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None):
         """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a

@@ -296,6 +296,7 @@ def cli_stream(args):
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms, {model.precision} precision"
+          + (f", {model.quantize} decoder weights" if model.quantize else "")
           + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
 
     def on_ctrl_c(signum, frame):
