@@ -213,7 +213,8 @@ class Weights:
     def quantize_decoder(self, quantize):
         """Replace the decoder's DECODER_MATRICES and the LM head by `quantize(w)` (int8, see model.load):
         decoding is memory-bound and streams exactly these every token. The embedding lookup keeps the
-        file's rows; the replaced tensors' pages are released. Call before any layer() is built."""
+        file's rows; the replaced tensors' pages are released."""
+        self._layers.clear()                                   # layer dicts hold the tensors they were built from
         for canon in list(self._t):
             part = canon.split(".")
             if part[:2] == ["dec", "layers"] and part[-1] in DECODER_MATRICES:
