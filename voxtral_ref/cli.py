@@ -241,7 +241,7 @@ def add_model_args(p):
     g.add_argument("--threads", type=positive_int, metavar="N", help="threads for the C kernels (default: all cores)")
     g.add_argument("--precision", choices=["f32", "bf16"], default="f32",
                    help="matmul inputs in float32 (default, the oracle path) or rounded to bf16 as in a bf16 model: "
-                        "about 1.8x faster encoding where the CPU has bf16 dot products")
+                        "1.5-1.8x faster encoding where the CPU has bf16 dot products")
     g.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 decoder weights, made at load (a float32 scale per 64 inputs): decoding streams "
                         "half the bytes per token")

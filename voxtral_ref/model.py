@@ -65,7 +65,7 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     id fetched once into the Hugging Face cache (hub.resolve). `weights_format` ("mistral" or "hf")
     picks one when a directory holds both, and which files a download fetches (default Mistral's).
     `precision` of the matmul inputs: "f32" (the oracle path) or "bf16" (rounded to bfloat16 as in a bf16
-    model; about 1.8x faster encoding where the CPU has bf16 dot products; see kernels.py).
+    model; 1.5-1.8x faster encoding measured where the CPU has bf16 dot products; see kernels.py).
     `quantize="int8"` replaces the decoder's matrices and LM head by int8 copies with a float32 scale per
     64 inputs (kernels.quantize_int8, made at load time): half the bytes each decoded token streams."""
     if precision not in kernels.PRECISIONS:
