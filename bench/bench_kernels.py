@@ -25,8 +25,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from voxtral_ref import ckernels as ck
-from voxtral_ref import kernels
+from voxtral_ref.runtime import ckernels as ck
+from voxtral_ref.runtime import kernels
 
 OUT = ROOT / "bench" / "out"
 RNG = np.random.default_rng(0)

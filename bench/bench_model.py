@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import voxtral_ref
 from voxtral_ref import config as C
-from voxtral_ref.generate import pad_offline
-from voxtral_ref.mel import log_mel
-from voxtral_ref.weights import canonical_names, read_safetensors
+from voxtral_ref.stages.generate import pad_offline
+from voxtral_ref.stages.mel import log_mel
+from voxtral_ref.checkpoint.weights import canonical_names, read_safetensors
 
 OUT = ROOT / "bench" / "out"
 SPEECH = ROOT / "golden" / "audio" / "speech_en.wav"
@@ -116,7 +116,7 @@ def prefill_flops(sizes, cfg, n):
 # --- voxtral_ref -------------------------------------------------------------------------------------------
 def run_ours(args, yard, run):
     precision, _, quantize = run.partition("+")
-    from voxtral_ref import ckernels
+    from voxtral_ref.runtime import ckernels
     reset_peak_rss()
     t = time.perf_counter()
     model = voxtral_ref.load(args.model, backend="c", precision=precision, quantize=quantize or None)
@@ -336,7 +336,7 @@ def main():
     if args.hf_worker:
         return hf_worker(args)
 
-    from voxtral_ref import ckernels
+    from voxtral_ref.runtime import ckernels
     if not ckernels.available():
         raise SystemExit("the C kernels are not built: pip install . (or python csrc/build_kernels.py)")
     threads = args.threads or len(os.sched_getaffinity(0))

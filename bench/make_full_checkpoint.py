@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from voxtral_ref.config import DecoderConfig, EncoderConfig, ModelConfig
-from voxtral_ref.weights import canonical_names
+from voxtral_ref.checkpoint.weights import canonical_names
 
 GOLDEN_TEKKEN = Path(__file__).resolve().parent.parent / "golden" / "models" / "tiny_mistral" / "tekken.json"
 

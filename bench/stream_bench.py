@@ -17,7 +17,7 @@ import numpy as np
 
 import voxtral_ref
 from voxtral_ref.config import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens
-from voxtral_ref.stream import LOOK_AHEAD
+from voxtral_ref.runtime.stream import LOOK_AHEAD
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
 

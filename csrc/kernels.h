@@ -4,7 +4,7 @@
  * Conventions for every kernel:
  *   - tensors are dense, row-major (C-contiguous), the last index fastest; shapes are given as [a, b, c];
  *   - activations, biases, norm weights and outputs are float32; products and sums are float32, so the
- *     results equal the NumPy twins in voxtral_ref/kernels.py up to float32 rounding order (a linear
+ *     results equal the NumPy twins in voxtral_ref/runtime/kernels.py up to float32 rounding order (a linear
  *     asked for bf16 precision first rounds its input x to bfloat16, as its twin does);
  *   - weights may be float32, bfloat16 (raw uint16 bits, read in place from the mmap'd checkpoint and
  *     widened exactly in registers) or int8 with float32 group scales;

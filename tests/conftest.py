@@ -43,14 +43,14 @@ SPEECH_WAV = GOLDEN / "audio" / "speech_en.wav"     # 16-bit PCM at 16 kHz: the 
 
 @pytest.fixture
 def offline(monkeypatch):
-    """HF_HUB_OFFLINE=1: voxtral_ref.hub reads it at call time, so nothing here can wait on a network."""
+    """HF_HUB_OFFLINE=1: voxtral_ref.checkpoint.hub reads it at call time, so nothing here can wait on a network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture
 def cli(capsys):
     """Run `voxtral-ref ARGS...` in-process -> (exit code, stdout, stderr)."""
-    from voxtral_ref.cli import main
+    from voxtral_ref.apps.cli import main
 
     def run(*args):
         code = main([str(a) for a in args])

@@ -1,4 +1,4 @@
-"""Reading audio (voxtral_ref/audio.py): file formats, PCM flavours, stdin, and the messages for what
+"""Reading audio (voxtral_ref/stages/audio.py): file formats, PCM flavours, stdin, and the messages for what
 cannot be read."""
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from voxtral_ref import VoxtralError
-from voxtral_ref.audio import read_audio, to_mono_16k
+from voxtral_ref.stages.audio import read_audio, to_mono_16k
 
 from conftest import SPEECH_WAV
 

@@ -1,4 +1,4 @@
-"""`voxtral-ref transcribe` and `voxtral-ref info`, in-process through voxtral_ref.cli.main (and once
+"""`voxtral-ref transcribe` and `voxtral-ref info`, in-process through voxtral_ref.apps.cli.main (and once
 through the console script): every format and flag on the tiny checkpoints, and every bad input answered
 by one line on stderr with a non-zero exit."""
 
@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 import voxtral_ref
-from voxtral_ref.subtitles import n_decode_steps, segments, to_srt, to_vtt
+from voxtral_ref.apps.subtitles import n_decode_steps, segments, to_srt, to_vtt
 
 from conftest import MODEL_DIRS, SPEECH_WAV, load_case, make_hub_cache
 from test_audio import fake_stdin, tone, wav_bytes
@@ -139,7 +139,7 @@ def test_quiet_and_verbose(cli, tmp_path):
 
 
 def test_threads(cli, monkeypatch):
-    from voxtral_ref import ckernels
+    from voxtral_ref.runtime import ckernels
     code, _, err = cli("transcribe", SPEECH_WAV, "--model", MISTRAL, "--backend", "numpy", "--threads", "2")
     if not hasattr(ckernels, "set_threads") or not ckernels.available():
         assert code == 0 and err.startswith("voxtral-ref: warning: --threads applies to the C kernels")
@@ -260,9 +260,9 @@ def test_info_on_a_bad_model(cli, tmp_path):
 def test_console_script(tmp_path):
     """What `pip install .` puts on PATH: pyproject's entry point, run as a separate process."""
     entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["voxtral-ref"]
-    assert entry == "voxtral_ref.cli:main"
+    assert entry == "voxtral_ref.apps.cli:main"
     exe = shutil.which("voxtral-ref")
-    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from voxtral_ref.cli import main; sys.exit(main())"]
+    cmd = [exe] if exe else [sys.executable, "-c", "import sys; from voxtral_ref.apps.cli import main; sys.exit(main())"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
     make_hub_cache(tmp_path, MISTRAL)                      # the default --model, found through HF_HUB_CACHE
     ok = subprocess.run(cmd + ["transcribe", str(SPEECH_WAV), "-f", "srt"], env=env, capture_output=True,
@@ -276,7 +276,7 @@ def test_console_script(tmp_path):
 
 def test_a_reader_that_leaves_early(tmp_path):
     """`voxtral-ref transcribe ... | head -c 1` with the pipe already closed: no traceback."""
-    cmd = [sys.executable, "-m", "voxtral_ref.cli", "transcribe", str(SPEECH_WAV), "--model", str(MISTRAL)]
+    cmd = [sys.executable, "-m", "voxtral_ref.apps.cli", "transcribe", str(SPEECH_WAV), "--model", str(MISTRAL)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     p.stdout.close()

@@ -8,7 +8,7 @@ import pytest
 
 import voxtral_ref
 from voxtral_ref import VoxtralError
-from voxtral_ref.weights import read_safetensors, write_safetensors
+from voxtral_ref.checkpoint.weights import read_safetensors, write_safetensors
 
 from conftest import MODEL_DIRS
 

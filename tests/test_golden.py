@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import voxtral_ref
-from voxtral_ref import ckernels
-from voxtral_ref.oracle import capture
+from voxtral_ref.runtime import ckernels
+from voxtral_ref.apps.oracle import capture
 
 from conftest import MODEL_DIRS, golden_cases, load_case
 
@@ -153,8 +153,8 @@ def test_approximate_mode_stages_stay_within_tolerance(traced_approx, case):
 
 
 def test_int8_quantizes_exactly_the_decoder_matrices_and_lm_head():
-    from voxtral_ref.kernels import QuantizedWeight
-    from voxtral_ref.weights import DECODER_MATRICES
+    from voxtral_ref.runtime.kernels import QuantizedWeight
+    from voxtral_ref.checkpoint.weights import DECODER_MATRICES
     w = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKENDS[-1], quantize="int8").weights
     plain = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy").weights
     for name in plain._t:
@@ -170,7 +170,7 @@ def test_int8_quantizes_exactly_the_decoder_matrices_and_lm_head():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc")
 def test_release_pages_drops_a_tensor_from_rss_not_its_values(tmp_path):
     """quantize="int8" releases the bf16 pages it replaced: RSS drops, and the file's values stay readable."""
-    from voxtral_ref.weights import read_safetensors, release_pages, write_safetensors
+    from voxtral_ref.checkpoint.weights import read_safetensors, release_pages, write_safetensors
 
     def rss_file_kb():
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile"))

@@ -1,4 +1,4 @@
-"""--model resolution (voxtral_ref/hub.py): local directories, and hub repo ids served from a fake Hugging
+"""--model resolution (voxtral_ref/checkpoint/hub.py): local directories, and hub repo ids served from a fake Hugging
 Face cache. HF_HUB_OFFLINE=1 throughout: there is no network here and no test may wait for one."""
 
 import shutil
@@ -8,7 +8,7 @@ import pytest
 
 import voxtral_ref
 from voxtral_ref import VoxtralError
-from voxtral_ref.hub import DEFAULT_REPO, detect_format, looks_local, resolve
+from voxtral_ref.checkpoint.hub import DEFAULT_REPO, detect_format, looks_local, resolve
 
 from conftest import MODEL_DIRS, make_hub_cache
 

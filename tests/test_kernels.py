@@ -1,4 +1,4 @@
-"""Every C kernel against its NumPy twin (voxtral_ref/kernels.py), on every ISA level this CPU can run
+"""Every C kernel against its NumPy twin (voxtral_ref/runtime/kernels.py), on every ISA level this CPU can run
 (the level is capped with ckernels.set_isa, so the scalar and AVX2 paths are tested on an AVX-512
 machine too), with hypothesis-drawn shapes: one row, odd sizes, non-multiples of the SIMD width, the
 GEMV / GEMM switch, window edges, GQA ratios, keys in any order.
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxtral_ref import ckernels as ck
-from voxtral_ref import kernels
+from voxtral_ref.runtime import ckernels as ck
+from voxtral_ref.runtime import kernels
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="C kernels not built (pip install . builds them)")
 

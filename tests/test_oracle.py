@@ -1,4 +1,4 @@
-"""voxtral-ref dump / compare / explain (voxtral_ref/oracle.py), on the tiny checkpoint against the HF
+"""voxtral-ref dump / compare / explain (voxtral_ref/apps/oracle.py), on the tiny checkpoint against the HF
 transformers tensors: golden/cases once they exist, else the earlier oracle run in /tmp/oracle, whose HF
 hook names differ from ours (so it exercises --map)."""
 
@@ -13,7 +13,10 @@ import pytest
 import soundfile as sf
 
 import voxtral_ref
-from voxtral_ref import VoxtralError, cli, decoder, kernels, mel, oracle
+from voxtral_ref import VoxtralError
+from voxtral_ref.apps import cli, oracle
+from voxtral_ref.runtime import kernels
+from voxtral_ref.stages import decoder, mel
 
 from conftest import GOLDEN, MODEL_DIRS, golden_cases, load_case
 

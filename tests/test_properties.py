@@ -5,11 +5,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxtral_ref import kernels
-from voxtral_ref.attention import KVCache, rope_angles
-from voxtral_ref.kernels import interleaved_to_split_half, rope_np
-from voxtral_ref.encoder import conv_stem
-from voxtral_ref.mel import log_mel, log_mel_frames, mel_filters
+from voxtral_ref.runtime import kernels
+from voxtral_ref.stages.attention import KVCache, rope_angles
+from voxtral_ref.runtime.kernels import interleaved_to_split_half, rope_np
+from voxtral_ref.stages.encoder import conv_stem
+from voxtral_ref.stages.mel import log_mel, log_mel_frames, mel_filters
 
 FAST = settings(max_examples=25, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Live streaming (voxtral_ref/stream.py): for any chunking, a closed session's token ids equal offline's and
+"""Live streaming (voxtral_ref/runtime/stream.py): for any chunking, a closed session's token ids equal offline's and
 HF's golden ids; tokens come out as soon as the audio allows; memory stays flat; the API's edges."""
 
 import copy
@@ -17,17 +17,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import voxtral_ref
-from voxtral_ref import VoxtralError, ckernels
+from voxtral_ref import VoxtralError
+from voxtral_ref.runtime import ckernels
 from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN, delay_tokens
 from voxtral_ref.model import Model
-from voxtral_ref.stream import LOOK_AHEAD
+from voxtral_ref.runtime.stream import LOOK_AHEAD
 
 from conftest import MODEL_DIRS, golden_cases, load_case
 
 CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
 EDGE_SIZES = [1, 159, 160, 1279, 1280, 1281]          # around a hop and a token
 PRIME_SIZES = [2, 3, 7, 13, 641, 1277, 1283, 7919]
-REPO = Path(__file__).resolve().parent.parent         # `python -m voxtral_ref.cli` runs from the checkout
+REPO = Path(__file__).resolve().parent.parent         # `python -m voxtral_ref.apps.cli` runs from the checkout
 _offline = {}
 
 
@@ -328,7 +329,7 @@ def test_bad_max_tokens(tiny_mistral, max_tokens):
 # --- CLI ------------------------------------------------------------------------------------------------
 def cli(args, stdin_path=None, env=None):
     with open(stdin_path or "/dev/null", "rb") as f:
-        command = [sys.executable, "-m", "voxtral_ref.cli", "stream", "--model", str(MODEL_DIRS["mistral"]),
+        command = [sys.executable, "-m", "voxtral_ref.apps.cli", "stream", "--model", str(MODEL_DIRS["mistral"]),
                    "--backend", "numpy", *args]
         return subprocess.run(command, stdin=f, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
 

@@ -1,4 +1,4 @@
-"""The token clock and segmentation (voxtral_ref/subtitles.py) on hand-made id sequences, the tiny model's
+"""The token clock and segmentation (voxtral_ref/apps/subtitles.py) on hand-made id sequences, the tiny model's
 real timing behaviour, and golden srt/vtt files for one tiny case."""
 
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from voxtral_ref.config import N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, STREAMING_PAD_ID, STREAMING_WORD_ID, prompt_ids
-from voxtral_ref.oracle import capture
-from voxtral_ref.subtitles import (Segment, emitted_at_ms, n_decode_steps, segments, text_span_ms, to_json, to_srt,
+from voxtral_ref.apps.oracle import capture
+from voxtral_ref.apps.subtitles import (Segment, emitted_at_ms, n_decode_steps, segments, text_span_ms, to_json, to_srt,
                                    to_vtt)
 from voxtral_ref.model import Transcript
-from voxtral_ref.tokenizer import Tekken
+from voxtral_ref.stages.tokenizer import Tekken
 
 from conftest import MODEL_DIRS
 

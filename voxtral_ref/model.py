@@ -7,13 +7,13 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import config as C
-from . import kernels
-from .audio import to_mono_16k
+from .runtime import kernels
+from .stages.audio import to_mono_16k
 from .errors import VoxtralError
-from .generate import encode, greedy_decode, pad_offline
-from .hub import DEFAULT_REPO, detect_format, resolve
-from .tokenizer import Tekken
-from .weights import load_weights
+from .stages.generate import encode, greedy_decode, pad_offline
+from .checkpoint.hub import DEFAULT_REPO, detect_format, resolve
+from .stages.tokenizer import Tekken
+from .checkpoint.weights import load_weights
 
 # Offline transcription holds the whole file's encoder states ([T/2, 1280] floats and their q/k/v, about
 # 2 GB per 10 minutes on the real model). Longer audio runs through the streaming session instead: the
@@ -51,7 +51,7 @@ def resolve_backend(backend):
         raise VoxtralError(f"unknown backend {backend!r}: choose auto, c or numpy")
     if backend == "numpy":
         return "numpy"
-    from . import ckernels
+    from .runtime import ckernels
     if ckernels.available():
         return "c"
     if backend == "c":
@@ -129,10 +129,10 @@ class Model:
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).
         For any chunking, a closed session's token_ids equal transcribe()'s."""
-        from .stream import StreamSession
+        from .runtime.stream import StreamSession
         return StreamSession(self, delay_ms, sample_rate, past_eos)
 
     def transcribe_stream(self, chunks, sample_rate=C.SAMPLE_RATE, delay_ms=None):
         """Iterable of audio chunks -> iterator of text deltas, each yielded as soon as it is decoded."""
-        from .stream import text_deltas
+        from .runtime.stream import text_deltas
         return text_deltas(self.stream(delay_ms, sample_rate), chunks)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SAMPLE_RATE
-from .errors import VoxtralError
+from ..config import SAMPLE_RATE
+from ..errors import VoxtralError
 
 
 RESAMPLE_QUALITY = "HQ"                   # soxr's high quality; its one-shot and stream resamplers agree exactly

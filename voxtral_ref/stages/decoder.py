@@ -8,7 +8,7 @@ per-layer MLP whose output rescales the FFN branch's norm, `RMSNorm(h) * (1 + ad
 
 import numpy as np
 
-from . import kernels
+from ..runtime import kernels
 from .attention import self_attention
 
 

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import VoxtralError
+from ..errors import VoxtralError
 
 DEFAULT_REPO = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 # The files that identify each on-disk format; tekken.json (and a shard index) come along when fetching.

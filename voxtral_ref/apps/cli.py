@@ -12,17 +12,17 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from .errors import VoxtralError
-from .hub import DEFAULT_REPO
+from ..errors import VoxtralError
+from ..checkpoint.hub import DEFAULT_REPO
 from .oracle import add_oracle_parsers
-from .stream import add_stream_parser
+from ..runtime.stream import add_stream_parser
 
 FORMATS = ("txt", "json", "srt", "vtt")
 
 
 # --- transcribe -------------------------------------------------------------------------------------------
 def cmd_transcribe(args):
-    from .config import delay_tokens
+    from ..config import delay_tokens
 
     formats = FORMATS if args.format == "all" else (args.format,)
     # Everything that can be checked without the model is checked before it loads (a real checkpoint takes
@@ -50,8 +50,8 @@ def cmd_transcribe(args):
 
 
 def transcribe_file(model, src, formats, out_dir, args):
-    from .audio import read_audio, to_mono_16k
-    from .config import delay_tokens
+    from ..stages.audio import read_audio, to_mono_16k
+    from ..config import delay_tokens
     from .subtitles import duration_ms, n_decode_steps, segments
 
     name = stem(src) if src == "-" else src
@@ -141,8 +141,8 @@ def cmd_info(args):
 
 def describe(model):
     """[(key, value)] lines about a loaded checkpoint and what will run it."""
-    from .config import ALLOWED_DELAYS_MS, HOP, MS_PER_TOKEN, SAMPLE_RATE
-    from .weights import read_safetensors
+    from ..config import ALLOWED_DELAYS_MS, HOP, MS_PER_TOKEN, SAMPLE_RATE
+    from ..checkpoint.weights import read_safetensors
 
     encoder_hz = SAMPLE_RATE / HOP / 2                 # 100 mel frames a second, halved by conv2's stride
 
@@ -170,7 +170,7 @@ def describe(model):
 
 def kernels_summary(backend):
     """The backend --backend resolves to, and what voxtral_ref.ckernels says about itself (ISA, threads)."""
-    from . import ckernels
+    from ..runtime import ckernels
     about = getattr(ckernels, "info", None)
     built = "C kernels built" if ckernels.available() else "C kernels not built"
     return f"{backend} backend; " + (about() if callable(about) else built)
@@ -192,7 +192,7 @@ def size(n):
 
 # --- shared -----------------------------------------------------------------------------------------------
 def load_model(args):
-    from . import load
+    from .. import load
     set_threads(args.threads)
     t0 = time.perf_counter()
     model = load(args.model, backend=args.backend, revision=args.revision, offline=args.offline,
@@ -207,7 +207,7 @@ def load_model(args):
 def set_threads(n):
     if n is None:
         return
-    from . import ckernels
+    from ..runtime import ckernels
     if not (ckernels.available() and hasattr(ckernels, "set_threads")):
         warnings.warn("--threads applies to the C kernels, which are not built here: ignored")
         return

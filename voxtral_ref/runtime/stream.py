@@ -45,15 +45,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
-from .adapter import adapter, downsample
-from .attention import KVCache
-from .audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
-from .config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
+from ..stages.adapter import adapter, downsample
+from ..stages.attention import KVCache
+from ..stages.audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
+from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
                      delay_tokens, right_pad_samples)
-from .encoder import conv_stem, encoder_transformer
-from .errors import VoxtralError
-from .generate import Decoder
-from .mel import log_mel_frames
+from ..stages.encoder import conv_stem, encoder_transformer
+from ..errors import VoxtralError
+from ..stages.generate import Decoder
+from ..stages.mel import log_mel_frames
 
 HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
 LOOK_AHEAD = HALF_WINDOW - HOP            # 40 samples (2.5 ms) past a token's 1280 for its last frame
@@ -279,7 +279,7 @@ def add_stream_parser(subparsers):
 
 
 def cli_stream(args):
-    from . import load
+    from .. import load
     if args.rate <= 0 or args.channels <= 0:
         raise VoxtralError(f"--rate and --channels must be positive, got {args.rate} and {args.channels}")
     stop = threading.Event()                            # set by Ctrl-C: the audio ends there

@@ -11,7 +11,7 @@ import numpy as np
 
 from .adapter import adapter, downsample
 from .attention import KVCache
-from .config import EOS_ID, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, prompt_ids, right_pad_samples
+from ..config import EOS_ID, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, prompt_ids, right_pad_samples
 from .decoder import ada_scales, decoder_forward, embed, lm_head
 from .encoder import conv_stem, encoder_transformer
 from .mel import log_mel

@@ -32,8 +32,8 @@ and, at the next word, once they pass MAX_CHARS characters or MAX_SECONDS second
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .config import MS_PER_TOKEN, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN, STREAMING_PAD_ID
-from .config import prompt_ids, right_pad_samples
+from ..config import MS_PER_TOKEN, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN, STREAMING_PAD_ID
+from ..config import prompt_ids, right_pad_samples
 
 PAUSE_MS = 800                   # silence this long ends a cue: longer than the gaps between words
 MAX_CHARS = 84                   # two subtitle lines of 42 characters

@@ -19,10 +19,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .config import (EOS_ID, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_LEFT_PAD_TOKENS, SAMPLE_RATE, STREAMING_PAD_ID,
+from ..config import (EOS_ID, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_LEFT_PAD_TOKENS, SAMPLE_RATE, STREAMING_PAD_ID,
                      STREAMING_WORD_ID, delay_tokens, prompt_ids)
-from .errors import VoxtralError
-from .weights import read_safetensors, write_safetensors
+from ..errors import VoxtralError
+from ..checkpoint.weights import read_safetensors, write_safetensors
 
 
 class Stage(NamedTuple):
@@ -130,13 +130,13 @@ def select(names, patterns):
 
 def _load(args):
     """The model and the audio of a dump or explain command line."""
-    from . import load
-    from .audio import read_audio
+    from .. import load
+    from ..stages.audio import read_audio
     return (load(args.model, backend=args.backend), *read_audio(args.audio))
 
 
 def cmd_dump(args):
-    from . import __version__
+    from .. import __version__
     model, audio, sr = _load(args)
     names = select(stage_names(model.cfg), args.stages or ["*"])       # a bad pattern fails before the run
     r, tensors, _ = capture(model, audio, sr, args.delay_ms)

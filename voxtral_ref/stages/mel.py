@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from .config import HOP, LOG_MEL_FLOOR, N_FFT, N_MELS, SAMPLE_RATE
+from ..config import HOP, LOG_MEL_FLOOR, N_FFT, N_MELS, SAMPLE_RATE
 
 
 def hann_window(n=N_FFT):

@@ -23,7 +23,7 @@ import numpy as np
 from . import kernels
 
 try:
-    from ._kernels import ffi, lib
+    from .._kernels import ffi, lib
 except ImportError:  # not built (e.g. a source checkout without `pip install .`)
     ffi = lib = None
 

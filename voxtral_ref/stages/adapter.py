@@ -4,7 +4,7 @@ Four consecutive 50 Hz frames are concatenated (a plain row-major reshape, frame
 embedding covers 80 ms, then projected by Linear(5120 -> 3072), exact GELU, Linear(3072 -> 3072).
 """
 
-from . import kernels
+from ..runtime import kernels
 
 
 def downsample(x, factor):

@@ -4,7 +4,7 @@ length."""
 
 import numpy as np
 
-from . import kernels
+from ..runtime import kernels
 
 
 def rope_angles(pos, head_dim, theta):

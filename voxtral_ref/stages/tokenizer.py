@@ -9,7 +9,7 @@ import base64
 import codecs
 import json
 
-from .errors import VoxtralError
+from ..errors import VoxtralError
 
 
 class Tekken:

@@ -8,7 +8,7 @@ Everything is causal: frame j never depends on a later mel frame, which is what 
 
 import numpy as np
 
-from . import kernels
+from ..runtime import kernels
 from .attention import self_attention
 
 

@@ -1,0 +1,1 @@
+"""What users run: the CLI, the oracle tools (dump / compare / explain), subtitles."""

@@ -1,0 +1,1 @@
+"""Checkpoint files: the safetensors reader and writer, the name maps of both on-disk formats, the hub."""
