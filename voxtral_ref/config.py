@@ -8,7 +8,12 @@ values when the file does not carry them.
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 from .errors import VoxtralError
 
@@ -38,13 +43,17 @@ STREAMING_WORD_ID = 33                    # emitted at word boundaries
 N_SPECIAL_TOKENS = 1000
 
 ALLOWED_DELAYS_MS = tuple(range(80, 1201, 80)) + (2400,)
+# Largest sliding window accepted (encoder frames or decoder tokens; the real model's are 750 and 8192): a
+# stream session allocates its KV rings at the full window, so a typo of 10**8 must not reach it.
+MAX_WINDOW = 1 << 16
 
 
 def delay_tokens(delay_ms):
     """480 ms -> 6. The model was trained for multiples of 80 ms in 80..1200, and 2400."""
-    if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, float)) or delay_ms not in ALLOWED_DELAYS_MS:
+    # any integer type (np.int64 from an array included), never a float or a bool: 480.0 is a mistake somewhere
+    if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, np.integer)) or delay_ms not in ALLOWED_DELAYS_MS:
         raise VoxtralError(
-            f"delay_ms={delay_ms!r} is not supported: use a multiple of 80 from 80 to 1200, or 2400"
+            f"delay_ms={delay_ms!r} is not supported: use an integer multiple of 80 from 80 to 1200, or 2400"
         )
     return int(delay_ms) // MS_PER_TOKEN
 
@@ -98,7 +107,9 @@ class ModelConfig:
     format: str = "mistral"
     default_delay_ms: int = DEFAULT_DELAY_MS
 
-    def validate(self):
+    def validate(self, where="config"):
+        """Ranges and cross-checks no single field shows; `where` names the file in the message. Every
+        dimension is checked against the tensors' shapes later, before anything is allocated (weights.py)."""
         e, d = self.encoder, self.decoder
         checks = [
             (e.head_dim % 2 == 0 and d.head_dim % 2 == 0, "head_dim must be even for RoPE"),
@@ -106,102 +117,209 @@ class ModelConfig:
             (e.n_mels == N_MELS, f"num_mel_bins {e.n_mels} != {N_MELS}: the front end is fixed at 128 mel bins"),
             (self.downsample == DOWNSAMPLE, f"downsample_factor {self.downsample} != 4 (8 mel frames per token)"),
             (d.vocab_size > N_SPECIAL_TOKENS, f"vocab_size {d.vocab_size} leaves no room for text tokens"),
+            (self.default_delay_ms in ALLOWED_DELAYS_MS, f"transcription_delay_ms {self.default_delay_ms} in tekken.json"),
         ]
-        for v in (e.dim, e.n_layers, e.n_heads, e.hidden_dim, e.sliding_window, d.dim, d.n_layers,
-                  d.n_heads, d.n_kv_heads, d.hidden_dim, d.sliding_window, d.ada_dim):
-            checks.append((isinstance(v, int) and v > 0, f"config value {v!r} must be a positive integer"))
+        for part, c in (("encoder", e), ("decoder", d)):
+            # a base <= 1 makes every RoPE frequency >= 1 (0 divides by zero): no trained model has one
+            checks.append((c.rope_theta > 1, f"{part} rope_theta {c.rope_theta:g} must be > 1 (the model's is 1e6)"))
+            checks.append((0 < c.norm_eps < 1, f"{part} norm_eps {c.norm_eps:g} must be in (0, 1) (the model's is 1e-5)"))
+            # a session allocates its KV rings at the full window before the first sample arrives
+            checks.append((c.sliding_window <= MAX_WINDOW, f"{part} sliding_window {c.sliding_window} exceeds "
+                                                           f"{MAX_WINDOW} (the model's are 750 and 8192)"))
         for ok, msg in checks:
             if not ok:
-                raise VoxtralError(f"inconsistent config: {msg}")
-        if self.default_delay_ms not in ALLOWED_DELAYS_MS:
-            raise VoxtralError(f"inconsistent config: transcription_delay_ms {self.default_delay_ms} in tekken.json")
+                raise VoxtralError(f"{where}: inconsistent config: {msg}")
         return self
 
 
-def _read_json(path):
+# The reader for every JSON file of a checkpoint; they come from the hub or from anyone, so nothing in them
+# is trusted: a FIFO or device named params.json would block, NaN/Infinity and duplicate keys are not JSON
+# (RFC 8259; Python's json module accepts both), and a deeply nested file would exhaust the recursion limit.
+MAX_JSON_BYTES = 256 << 20                # tekken.json, the largest, is about 15 MB
+
+
+def regular_file_size(path):
+    """Size of `path` if it is a regular file (symlinks followed); otherwise one clear VoxtralError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        st = os.stat(path)
     except FileNotFoundError:
         raise VoxtralError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VoxtralError(f"{path} is not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:                      # ValueError: a NUL byte in the name
+        raise VoxtralError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise VoxtralError(f"{path} is not a regular file (a directory, FIFO or device): refusing to read it")
+    return st.st_size
 
 
-def _get(d, key, where, default=None, required=True):
-    if key in d and d[key] is not None:
-        return d[key]
-    if required and default is None:
-        raise VoxtralError(f"{where} lacks the key {key!r}")
-    return default
+def parse_json(raw, where):
+    """Strict JSON (bytes or str) -> object, or a VoxtralError naming `where`."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON value")
 
+    def finite(text):
+        x = float(text)
+        if not math.isfinite(x):
+            raise ValueError(f"number {text} overflows a float")
+        return x
 
-def from_params_json(path, tekken_audio=None):
-    """Mistral-native params.json (as shipped next to consolidated.safetensors)."""
-    p = _read_json(path)
+    def no_duplicates(pairs):
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            raise ValueError(f"duplicate key {dup!r}")
+        return d
     try:
+        return json.loads(raw, object_pairs_hook=no_duplicates, parse_constant=no_constant, parse_float=finite)
+    except RecursionError:
+        raise VoxtralError(f"{where} is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:           # JSONDecodeError is a ValueError
+        raise VoxtralError(f"{where} is not valid JSON ({show(str(e), 120)})") from None
+
+
+def read_json(path):
+    if regular_file_size(path) > MAX_JSON_BYTES:
+        raise VoxtralError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB: not a checkpoint's JSON file")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise VoxtralError(f"cannot read {path}: {e.strerror or e}") from None
+    return parse_json(raw, path)
+
+
+def show(value, limit=60):
+    """repr for a message, cut short: a fuzzed file can put megabytes where a number belongs."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+# --- typed fields: a bool is not an integer, a string is not a number, a null is not a section ----------
+def section(d, key, where, required=True):
+    v = d.get(key)
+    if v is None and not required:
+        return {}
+    if not isinstance(v, dict):
+        raise VoxtralError(f"{where}: {key} must be a JSON object, got {show(v)}")
+    return v
+
+
+def _value(d, key, where, default):
+    v = d.get(key)
+    if v is None:
+        if default is None:
+            raise VoxtralError(f"{where} lacks the key {key!r}")
+        return default
+    return v
+
+
+def int_field(d, key, where, default=None):
+    v = _value(d, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise VoxtralError(f"{where}: {key} must be a positive integer, got {show(v)}")
+    return v
+
+
+def float_field(d, key, where, default=None):
+    v = _value(d, key, where, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise VoxtralError(f"{where}: {key} must be a positive finite number, got {show(v)}")
+    return float(v)
+
+
+def from_params_json(path, tekken=None):
+    """Mistral-native params.json (as shipped next to consolidated.safetensors), checked against tekken.json."""
+    p = read_json(path)
+    if not isinstance(p, dict):
+        raise VoxtralError(f"{path}: not a JSON object")
+    try:
+        ea = p["multimodal"]["whisper_model_args"]["encoder_args"]
         wma = p["multimodal"]["whisper_model_args"]
-        ea = wma["encoder_args"]
     except (KeyError, TypeError):
         raise VoxtralError(f"{path}: no multimodal.whisper_model_args.encoder_args: not a Voxtral checkpoint") from None
+    w = f"{path}: encoder_args"
+    if not isinstance(ea, dict) or not isinstance(wma, dict):
+        raise VoxtralError(f"{w} must be a JSON object, got {show(ea)}")
     enc = EncoderConfig(
-        dim=_get(ea, "dim", path), n_layers=_get(ea, "n_layers", path), n_heads=_get(ea, "n_heads", path),
-        head_dim=_get(ea, "head_dim", path), hidden_dim=_get(ea, "hidden_dim", path),
-        rope_theta=float(_get(ea, "rope_theta", path)), norm_eps=float(_get(ea, "norm_eps", path, 1e-5)),
-        sliding_window=_get(ea, "sliding_window", path, 750),
-        n_mels=_get(ea.get("audio_encoding_args", {}), "num_mel_bins", path, N_MELS),
+        dim=int_field(ea, "dim", w), n_layers=int_field(ea, "n_layers", w), n_heads=int_field(ea, "n_heads", w),
+        head_dim=int_field(ea, "head_dim", w), hidden_dim=int_field(ea, "hidden_dim", w),
+        rope_theta=float_field(ea, "rope_theta", w), norm_eps=float_field(ea, "norm_eps", w, 1e-5),
+        sliding_window=int_field(ea, "sliding_window", w, 750),
+        n_mels=int_field(section(ea, "audio_encoding_args", w, False), "num_mel_bins", w, N_MELS),
     )
-    if ea.get("n_kv_heads", enc.n_heads) != enc.n_heads:
-        raise VoxtralError(f"inconsistent config: encoder n_kv_heads {ea['n_kv_heads']} != n_heads {enc.n_heads}")
+    if int_field(ea, "n_kv_heads", w, enc.n_heads) != enc.n_heads:
+        raise VoxtralError(f"{w}: inconsistent config: n_kv_heads {ea['n_kv_heads']} != n_heads {enc.n_heads}")
     dec = DecoderConfig(
-        dim=_get(p, "dim", path), n_layers=_get(p, "n_layers", path), n_heads=_get(p, "n_heads", path),
-        n_kv_heads=_get(p, "n_kv_heads", path), head_dim=_get(p, "head_dim", path),
-        hidden_dim=_get(p, "hidden_dim", path), rope_theta=float(_get(p, "rope_theta", path)),
-        norm_eps=float(_get(p, "norm_eps", path, 1e-5)), sliding_window=_get(p, "sliding_window", path, 8192),
-        vocab_size=_get(p, "vocab_size", path), ada_dim=_get(p, "ada_rms_norm_t_cond_dim", path, 32),
+        dim=int_field(p, "dim", path), n_layers=int_field(p, "n_layers", path), n_heads=int_field(p, "n_heads", path),
+        n_kv_heads=int_field(p, "n_kv_heads", path), head_dim=int_field(p, "head_dim", path),
+        hidden_dim=int_field(p, "hidden_dim", path), rope_theta=float_field(p, "rope_theta", path),
+        norm_eps=float_field(p, "norm_eps", path, 1e-5), sliding_window=int_field(p, "sliding_window", path, 8192),
+        vocab_size=int_field(p, "vocab_size", path), ada_dim=int_field(p, "ada_rms_norm_t_cond_dim", path, 32),
     )
-    ds = wma.get("downsample_args", {}).get("downsample_factor", DOWNSAMPLE)
-    return ModelConfig(enc, dec, ds, "mistral", _delay_from_tekken(tekken_audio)).validate()
+    ds = int_field(section(wma, "downsample_args", w, False), "downsample_factor", w, DOWNSAMPLE)
+    return _checked(ModelConfig(enc, dec, ds, "mistral", _delay_from_tekken(tekken)), path, tekken)
 
 
-def from_config_json(path, tekken_audio=None):
-    """HF `config.json` (model_type voxtral_realtime)."""
-    c = _read_json(path)
-    if c.get("model_type") != "voxtral_realtime":
-        raise VoxtralError(f"{path}: model_type {c.get('model_type')!r} is not 'voxtral_realtime'")
-    a, t = c.get("audio_config") or {}, c.get("text_config") or {}
+def from_config_json(path, tekken=None):
+    """HF `config.json` (model_type voxtral_realtime), checked against tekken.json."""
+    c = read_json(path)
+    if not isinstance(c, dict) or c.get("model_type") != "voxtral_realtime":
+        model_type = c.get("model_type") if isinstance(c, dict) else None
+        raise VoxtralError(f"{path}: model_type {show(model_type)} is not 'voxtral_realtime'")
+    # HF builds a missing (or null) sub-config from its defaults, which are the real model's values
+    wa, wt = f"{path}: audio_config", f"{path}: text_config"
+    a, t = section(c, "audio_config", path, False), section(c, "text_config", path, False)
     # HF's encoder config class defaults rope_theta to 1e4 while the real model uses 1e6; a config.json
     # without it would make HF itself use 1e4, so we follow the file and only default like HF does.
-    a_rope = (a.get("rope_parameters") or {}).get("rope_theta", a.get("rope_theta", 1e4))
-    t_rope = (t.get("rope_parameters") or {}).get("rope_theta", t.get("rope_theta", 1e6))
+    a_rope = float_field(section(a, "rope_parameters", wa, False), "rope_theta", wa, a.get("rope_theta", 1e4))
+    t_rope = float_field(section(t, "rope_parameters", wt, False), "rope_theta", wt, t.get("rope_theta", 1e6))
     enc = EncoderConfig(
-        dim=a.get("hidden_size", 1280), n_layers=a.get("num_hidden_layers", 32),
-        n_heads=a.get("num_attention_heads", 32), head_dim=a.get("head_dim", 64),
-        hidden_dim=a.get("intermediate_size", 5120), rope_theta=float(a_rope),
-        norm_eps=float(a.get("rms_norm_eps", 1e-5)), sliding_window=a.get("sliding_window", 750),
-        n_mels=a.get("num_mel_bins", N_MELS),
+        dim=int_field(a, "hidden_size", wa, 1280), n_layers=int_field(a, "num_hidden_layers", wa, 32),
+        n_heads=int_field(a, "num_attention_heads", wa, 32), head_dim=int_field(a, "head_dim", wa, 64),
+        hidden_dim=int_field(a, "intermediate_size", wa, 5120), rope_theta=a_rope,
+        norm_eps=float_field(a, "rms_norm_eps", wa, 1e-5), sliding_window=int_field(a, "sliding_window", wa, 750),
+        n_mels=int_field(a, "num_mel_bins", wa, N_MELS),
     )
     dec = DecoderConfig(
-        dim=t.get("hidden_size", 3072), n_layers=t.get("num_hidden_layers", 26),
-        n_heads=t.get("num_attention_heads", 32), n_kv_heads=t.get("num_key_value_heads", 8),
-        head_dim=t.get("head_dim", 128), hidden_dim=t.get("intermediate_size", 9216),
-        rope_theta=float(t_rope), norm_eps=float(t.get("rms_norm_eps", 1e-5)),
-        sliding_window=t.get("sliding_window") or 8192, vocab_size=t.get("vocab_size", 131072),
+        dim=int_field(t, "hidden_size", wt, 3072), n_layers=int_field(t, "num_hidden_layers", wt, 26),
+        n_heads=int_field(t, "num_attention_heads", wt, 32), n_kv_heads=int_field(t, "num_key_value_heads", wt, 8),
+        head_dim=int_field(t, "head_dim", wt, 128), hidden_dim=int_field(t, "intermediate_size", wt, 9216),
+        rope_theta=t_rope, norm_eps=float_field(t, "rms_norm_eps", wt, 1e-5),
+        sliding_window=int_field(t, "sliding_window", wt, 8192), vocab_size=int_field(t, "vocab_size", wt, 131072),
     )
-    return ModelConfig(enc, dec, c.get("downsample_factor", DOWNSAMPLE), "hf", _delay_from_tekken(tekken_audio)).validate()
+    ds = int_field(c, "downsample_factor", path, DOWNSAMPLE)
+    return _checked(ModelConfig(enc, dec, ds, "hf", _delay_from_tekken(tekken)), path, tekken)
 
 
-def _delay_from_tekken(audio):
+def _checked(cfg, path, tekken):
+    """validate(), then the tokenizer against the model: the decoder's special ids (BOS, EOS, the streaming
+    pads) are the fixed ranks below 1000, and every id the LM head can produce must decode."""
+    cfg.validate(path)
+    if tekken is not None:
+        if tekken.n_special != N_SPECIAL_TOKENS:
+            raise VoxtralError(f"{tekken.path}: default_num_special_tokens is {tekken.n_special}; this model's "
+                               f"special ids assume {N_SPECIAL_TOKENS}")
+        if tekken.vocab_size != cfg.decoder.vocab_size:
+            raise VoxtralError(f"{tekken.path}: default_vocab_size {tekken.vocab_size} != the model's vocab_size "
+                               f"{cfg.decoder.vocab_size} in {path}")
+    return cfg
+
+
+def _delay_from_tekken(tekken):
     """Check tekken.json's `audio` section against the fixed front end; return its default delay."""
+    audio = tekken.audio if tekken is not None else {}
     if not audio:
         return DEFAULT_DELAY_MS
-    enc = audio.get("audio_encoding_config") or {}
+    where = f"{tekken.path}: audio"
+    enc = section(audio, "audio_encoding_config", where, False)
     expect = {"sampling_rate": (audio.get("sampling_rate"), SAMPLE_RATE),
               "frame_rate": (audio.get("frame_rate"), FRAME_RATE),
               "hop_length": (enc.get("hop_length"), HOP), "window_size": (enc.get("window_size"), N_FFT),
               "num_mel_bins": (enc.get("num_mel_bins"), N_MELS),
               "streaming_n_left_pad_tokens": (audio.get("streaming_n_left_pad_tokens"), N_LEFT_PAD_TOKENS)}
     for key, (got, want) in expect.items():
-        if got is not None and not math.isclose(float(got), float(want)):
-            raise VoxtralError(f"inconsistent config: tekken.json audio.{key} = {got}, this model needs {want}")
-    return int(audio.get("transcription_delay_ms", DEFAULT_DELAY_MS))
+        if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float)) or got != want):
+            raise VoxtralError(f"{where}.{key} = {show(got)}, this model needs {want}")
+    delay = audio.get("transcription_delay_ms", DEFAULT_DELAY_MS)
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay not in ALLOWED_DELAYS_MS:
+        raise VoxtralError(f"{where}.transcription_delay_ms = {show(delay)}: expected a multiple of 80 from 80 "
+                           "to 1200, or 2400")
+    return delay

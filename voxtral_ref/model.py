@@ -76,7 +76,7 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     fmt = detect_format(d, weights_format)
     tok = Tekken(d / "tekken.json")
     read = C.from_params_json if fmt == "mistral" else C.from_config_json
-    cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok.audio)
+    cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok)
     keep_freed_memory_for_reuse()
     weights, backend = load_weights(d, cfg), resolve_backend(backend)
     if quantize:

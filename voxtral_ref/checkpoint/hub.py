@@ -54,6 +54,8 @@ def looks_local(model):
 def resolve(model=DEFAULT_REPO, revision=None, offline=None, weights_format=None, cache_dir=None, progress=True):
     """--model -> the checkpoint directory. An existing directory (or anything path-shaped) is used as is;
     an `org/name` repo id is looked up in the HF cache and downloaded there if needed."""
+    if weights_format not in (None, *FORMATS):
+        raise VoxtralError(f"unknown weights_format {weights_format!r}: choose mistral or hf")
     p = Path(model).expanduser()
     if p.exists() or looks_local(model):
         if p.exists() and not p.is_dir():

@@ -11,13 +11,16 @@ Both on-disk formats are mapped onto one set of short canonical names (see `cano
 """
 
 import json
+import math
 import mmap
+import re
 import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from ..config import parse_json, read_json, regular_file_size, show
 from ..errors import VoxtralError
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
@@ -26,15 +29,14 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_safetensors(path):
-    """{name: read-only ndarray view into the mmap'd file}. Validates the header against the file size."""
+    """{name: read-only ndarray view into the mmap'd file}. The header is checked by the format's rules
+    (check_header) before any view is made."""
     path = Path(path)
     if sys.byteorder != "little":
         raise VoxtralError("safetensors files are little-endian; this machine is not")
+    size = regular_file_size(path)                  # a FIFO would block open(), a directory fail oddly
     try:
-        size = path.stat().st_size
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise VoxtralError(f"missing file: {path}") from None
     except OSError as e:
         raise VoxtralError(f"cannot read {path}: {e.strerror}") from None
     with f:
@@ -44,30 +46,59 @@ def read_safetensors(path):
         n = int.from_bytes(head, "little")
         if n > _MAX_HEADER or 8 + n > size:
             raise VoxtralError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise VoxtralError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise VoxtralError(f"{path} is corrupt: its safetensors header is not a JSON object")
-        header.pop("__metadata__", None)
-        data_len = size - 8 - n
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    tensors = {}
+        layout = check_header(parse_json(f.read(n), f"{path}'s safetensors header"), size - 8 - n, path)
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return {name: np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=8 + n + start).reshape(shape)
+            for name, dtype, shape, start in layout}
+
+
+def check_header(header, data_len, path):
+    """A parsed safetensors header -> [(name, dtype, shape, start)], by the format's rules (those the
+    reference `safetensors` implementation enforces): `__metadata__` maps strings to strings; every tensor
+    has a known dtype, a shape of non-negative integers and data_offsets [start, end] of non-negative
+    integers whose span holds exactly prod(shape) elements (computed in Python integers: no int64 wrap-
+    around), and the tensors, sorted by offset, tile the data block exactly: contiguous, no overlap, no gap,
+    nothing past the end. Anything else is one VoxtralError naming the file and the tensor."""
+    if not isinstance(header, dict):
+        raise VoxtralError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise VoxtralError(f"{path} is corrupt: __metadata__ must map strings to strings, got {show(meta)}")
+    spans = []
     for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise VoxtralError(f"{path} is corrupt or uses an unsupported dtype for tensor {name!r}: {info!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if end > data_len:
-            raise VoxtralError(f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte data block")
-        if end - start != count * np.dtype(dtype).itemsize:
-            raise VoxtralError(f"{path} is corrupt: tensor {name!r} has {end - start} bytes for shape {shape}")
-        tensors[name] = np.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start).reshape(shape)
-    return tensors
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise VoxtralError(f"{path} is corrupt: tensor {show(name)} is {show(info)}, not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise VoxtralError(f"{path}: tensor {show(name)} has dtype {show(dtype)}; this reads {', '.join(DTYPES)}")
+        if not isinstance(shape, list) or not all(_count(s) for s in shape):
+            raise VoxtralError(f"{path} is corrupt: tensor {show(name)} has shape {show(shape)}, "
+                               "expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise VoxtralError(f"{path} is corrupt: tensor {show(name)} has data_offsets {show(offsets)}, "
+                               "expected [start, end] with 0 <= start <= end")
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise VoxtralError(f"{path} is corrupt: tensor {show(name)} spans {offsets[1] - offsets[0]} bytes, "
+                               f"its shape {show(shape)} of {dtype} needs {nbytes}")
+        spans.append((offsets[0], offsets[1], name, DTYPES[dtype], tuple(shape)))
+    end = 0
+    for start, stop, name, _, _ in sorted(spans):
+        if start != end:
+            raise VoxtralError(f"{path} is corrupt: tensor {show(name)} starts at byte {start} of the data block, "
+                               f"where the tensors before it end at {end} (tensors must be contiguous, not overlap)")
+        end = stop
+    if end != data_len:
+        what = "truncated" if end > data_len else "corrupt"
+        raise VoxtralError(f"{path} is {what}: its tensors need {end} bytes, the data block has {data_len}")
+    return [(name, dtype, shape, start) for start, _, name, dtype, shape in spans]
+
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -93,6 +124,9 @@ def write_safetensors(path, tensors, metadata=None):
 
 # --- names ------------------------------------------------------------------------------------------------
 _MISTRAL_PREFIX = "mm_streams_embeddings.embedding_module."
+_WHISPER = _MISTRAL_PREFIX + "whisper_encoder."
+LAYER_PREFIXES = {"encoder": (_WHISPER + "transformer.layers.", "audio_tower.layers."),   # (mistral, hf)
+                  "decoder": ("layers.", "language_model.model.layers.")}
 _ENC_LAYER = {  # canonical suffix: (mistral suffix, hf suffix)
     "attention_norm": ("attention_norm.weight", "self_attn_layer_norm.weight"),
     "wq": ("attention.wq.weight", "self_attn.q_proj.weight"), "bq": ("attention.wq.bias", "self_attn.q_proj.bias"),
@@ -119,7 +153,7 @@ _DEC_LAYER = {
 def canonical_names(cfg):
     """[(canonical name, mistral name, hf name, shape)] for every tensor the model reads."""
     e, d = cfg.encoder, cfg.decoder
-    W = _MISTRAL_PREFIX + "whisper_encoder."
+    W = _WHISPER
     qe, qd, kvd = e.n_heads * e.head_dim, d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     rows = [
         ("tok_embeddings", _MISTRAL_PREFIX + "tok_embeddings.weight", "language_model.model.embed_tokens.weight", (d.vocab_size, d.dim)),
@@ -138,12 +172,13 @@ def canonical_names(cfg):
     dec_shapes = {"attention_norm": (d.dim,), "wq": (qd, d.dim), "wk": (kvd, d.dim), "wv": (kvd, d.dim),
                   "wo": (d.dim, qd), "ffn_norm": (d.dim,), "w1": (d.hidden_dim, d.dim), "w2": (d.dim, d.hidden_dim),
                   "w3": (d.hidden_dim, d.dim), "ada_down": (d.ada_dim, d.dim), "ada_up": (d.dim, d.ada_dim)}
+    (enc_m, enc_h), (dec_m, dec_h) = LAYER_PREFIXES["encoder"], LAYER_PREFIXES["decoder"]
     for i in range(e.n_layers):
         for k, (m, h) in _ENC_LAYER.items():
-            rows.append((f"enc.layers.{i}.{k}", f"{W}transformer.layers.{i}.{m}", f"audio_tower.layers.{i}.{h}", enc_shapes[k]))
+            rows.append((f"enc.layers.{i}.{k}", f"{enc_m}{i}.{m}", f"{enc_h}{i}.{h}", enc_shapes[k]))
     for i in range(d.n_layers):
         for k, (m, h) in _DEC_LAYER.items():
-            rows.append((f"dec.layers.{i}.{k}", f"layers.{i}.{m}", f"language_model.model.layers.{i}.{h}", dec_shapes[k]))
+            rows.append((f"dec.layers.{i}.{k}", f"{dec_m}{i}.{m}", f"{dec_h}{i}.{h}", dec_shapes[k]))
     return rows
 
 
@@ -230,19 +265,73 @@ class Weights:
 
 
 def load_weights(model_dir, cfg):
+    """The checkpoint's tensors as `Weights`, after every check that needs no weight values read: headers,
+    shard paths, layer counts, then (in Weights) each tensor's name, shape and dtype against the config; the
+    small tensors (norms, biases, conv kernels) are then checked for NaN and infinities, which would make
+    every logit NaN and every id 0. The large matrices are left to `voxtral-ref info --verify`."""
     model_dir = Path(model_dir)
     if cfg.format == "mistral":
         path = model_dir / "consolidated.safetensors"
-        return Weights(read_safetensors(path), cfg, str(path))
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise VoxtralError(f"{index} is corrupt: no weight_map") from None
+        tensors, source = read_safetensors(path), str(path)
     else:
-        files = ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        tensors.update(read_safetensors(model_dir / name))
-    return Weights(tensors, cfg, str(model_dir))
+        tensors, source = _read_hf_shards(model_dir), str(model_dir)
+    check_layer_counts(tensors, cfg, source)
+    weights = Weights(tensors, cfg, source)
+    bad = [disk for canon, disk in _disk_names(cfg) if tensors[disk].ndim != 2 and not np.isfinite(weights[canon]).all()]
+    if bad:
+        raise VoxtralError(f"{source}: NaN or infinite values in {', '.join(bad[:3])}"
+                           + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": a corrupt checkpoint")
+    return weights
+
+
+def _disk_names(cfg):
+    col = 1 if cfg.format == "mistral" else 2
+    return [(row[0], row[col]) for row in canonical_names(cfg)]
+
+
+def _read_hf_shards(model_dir):
+    """HF's model.safetensors, or the shards model.safetensors.index.json lists. A shard name is a path
+    relative to the checkpoint directory and must stay inside it (an index naming /etc/passwd or ../x is
+    refused before anything is opened); each tensor is in exactly the shard the index says."""
+    index = model_dir / "model.safetensors.index.json"
+    if not index.exists():
+        return read_safetensors(model_dir / "model.safetensors")
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise VoxtralError(f"{index} is corrupt: expected a weight_map of tensor name -> shard file name")
+    for shard in set(weight_map.values()):
+        parts = Path(shard).parts
+        if not parts or Path(shard).is_absolute() or ".." in parts or not shard.endswith(".safetensors"):
+            raise VoxtralError(f"{index}: shard {show(shard)} is not a .safetensors file inside {model_dir}")
+    tensors, where = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        for name, t in read_safetensors(model_dir / shard).items():
+            if name in tensors:
+                raise VoxtralError(f"{model_dir}: tensor {name} is in both {where[name]} and {shard}")
+            tensors[name], where[name] = t, shard
+    wrong = [n for n, shard in weight_map.items() if where.get(n) != shard]
+    if wrong:
+        raise VoxtralError(f"{index}: tensor {show(wrong[0])} is not in the shard {weight_map[wrong[0]]} it names")
+    return tensors
+
+
+def check_layer_counts(tensors, cfg, source):
+    """The config's n_layers against the layers the file holds, before anything is built from n_layers: a
+    config saying 1 layer would otherwise run a truncated model, one saying 10**9 would build 10**9 rows."""
+    for part, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
+        prefix = re.escape(LAYER_PREFIXES[part][0 if cfg.format == "mistral" else 1])
+        found = {int(m.group(1)) for name in tensors if (m := re.match(prefix + r"(\d+)\.", name))}
+        if found != set(range(c.n_layers)):
+            held = f"layers {min(found)}..{max(found)}" if found else "no layers"
+            raise VoxtralError(f"{source} holds {part} {held} ({len(found)} in all), the config says "
+                               f"n_layers {c.n_layers}")
+
+
+def count_nonfinite(t, rows=4096):
+    """NaN and infinite values in a tensor, a block of rows at a time (no float32 copy of a large matrix)."""
+    if t.dtype.kind != "f" and t.dtype != ml_dtypes.bfloat16:
+        return 0
+    flat = t.reshape(len(t), -1) if t.ndim else t.reshape(1, 1)
+    return sum(int(flat[i:i + rows].size - np.count_nonzero(np.isfinite(flat[i:i + rows])))
+               for i in range(0, len(flat), rows))

@@ -6,28 +6,33 @@ several tokens, so bytes are concatenated before UTF-8 decoding (incrementally, 
 """
 
 import base64
+import binascii
 import codecs
-import json
 
+from ..config import int_field, read_json, section, show
 from ..errors import VoxtralError
 
 
 class Tekken:
     def __init__(self, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            cfg = data["config"]
-            self.n_special = int(cfg["default_num_special_tokens"])
-            n_text = int(cfg["default_vocab_size"]) - self.n_special
-            vocab = data["vocab"][:n_text]
-            self._bytes = [base64.b64decode(v["token_bytes"]) for v in vocab]
-            self.audio = data.get("audio") or {}
-            self.special_names = {int(s["rank"]): s["token_str"] for s in data.get("special_tokens", [])}
-        except FileNotFoundError:
-            raise VoxtralError(f"missing file: {path} (the Tekken tokenizer shipped with the model)") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VoxtralError(f"{path} is not a valid tekken.json ({type(e).__name__}: {e})") from None
+        """Read and check tekken.json: every id below default_vocab_size must decode to something definite,
+        or a bad file would give an empty or shifted transcript and exit 0."""
+        self.path = path
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise VoxtralError(f"{path}: not a JSON object (the Tekken tokenizer shipped with the model)")
+        cfg = section(data, "config", path)
+        self.n_special = int_field(cfg, "default_num_special_tokens", f"{path}: config")
+        self.vocab_size = int_field(cfg, "default_vocab_size", f"{path}: config")
+        n_text = self.vocab_size - self.n_special
+        vocab = data.get("vocab")
+        if not isinstance(vocab, list) or n_text < 1 or len(vocab) < n_text:
+            n = len(vocab) if isinstance(vocab, list) else show(vocab)
+            raise VoxtralError(f"{path}: vocab holds {n} tokens; default_vocab_size {self.vocab_size} - "
+                               f"default_num_special_tokens {self.n_special} = {n_text} needed")
+        self._bytes = [_token_bytes(v, i, path) for i, v in enumerate(vocab[:n_text])]
+        self.audio = section(data, "audio", path, required=False)
+        self.special_names = _special_names(data.get("special_tokens", []), self.n_special, path)
 
     def token_bytes(self, i):
         """UTF-8 bytes of one id; b"" for special tokens (and ids past the vocab)."""
@@ -40,6 +45,27 @@ class Tekken:
     def incremental(self):
         """A decoder that turns ids into text pieces as they arrive, never splitting a character."""
         return _Incremental(self)
+
+
+def _token_bytes(entry, rank, path):
+    b64 = entry.get("token_bytes") if isinstance(entry, dict) else None
+    try:
+        if not isinstance(b64, str):
+            raise ValueError
+        return base64.b64decode(b64, validate=True)
+    except (ValueError, binascii.Error):
+        raise VoxtralError(f"{path}: vocab entry {rank} {show(entry)} has no base64 token_bytes") from None
+
+
+def _special_names(specials, n_special, path):
+    """{rank: name} of the special tokens (names are for display; the model's special ids are fixed)."""
+    names = {}
+    for s in specials if isinstance(specials, list) else [specials]:
+        rank, name = (s.get("rank"), s.get("token_str")) if isinstance(s, dict) else (None, None)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < n_special or not isinstance(name, str):
+            raise VoxtralError(f"{path}: special token {show(s)}: expected {{rank: 0..{n_special - 1}, token_str: string}}")
+        names[rank] = name
+    return names
 
 
 class _Incremental:
