@@ -32,6 +32,7 @@ _WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np
 _XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
 _FLOAT_WTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))   # read in place; int8 only with its scales
 _warned = False
+MAX_THREADS_PER_CORE = 4
 
 
 def available():
@@ -48,9 +49,15 @@ def _missing():
 
 # --- configuration --------------------------------------------------------------------------------------
 def set_threads(n):
-    """Threads for every kernel; n <= 0 restores the default (one per available core)."""
-    if lib is not None:
-        lib.vx_set_threads(int(n) if n and n > 0 else _default_threads())
+    """Threads for every kernel; n <= 0 restores the default (one per available core). More than
+    MAX_THREADS_PER_CORE per available core is capped, with a warning: OpenMP aborts (or the process
+    crashes) when asked for tens of thousands of threads, and beyond the cores they only add contention."""
+    if lib is None:
+        return
+    n, cap = int(n) if n and n > 0 else _default_threads(), MAX_THREADS_PER_CORE * _default_threads()
+    if n > cap:
+        warnings.warn(f"{n} threads capped at {cap} ({MAX_THREADS_PER_CORE} per available core)")
+    lib.vx_set_threads(min(n, cap))
 
 
 def get_threads():

@@ -241,15 +241,23 @@ class StreamSession:
 
 
 def text_deltas(session, chunks):
-    """Feed each chunk, yield each non-empty text delta as soon as it is decoded, then close."""
-    for chunk in chunks:
-        session.feed(chunk)
-        delta = session.step().text
-        if delta:
-            yield delta
+    """Feed each chunk, yield each non-empty text delta as soon as it is decoded, then close. A chunk that
+    fails (NaN samples, a source that raises) ends the audio there: the text of everything fed before it is
+    still decoded and yielded, then the error is raised."""
+    error = None
+    try:
+        for chunk in chunks:
+            session.feed(chunk)
+            delta = session.step().text
+            if delta:
+                yield delta
+    except Exception as e:
+        error = e
     delta = session.close().text
     if delta:
         yield delta
+    if error is not None:
+        raise error
 
 
 # --- `voxtral-ref stream` -------------------------------------------------------------------------------------
@@ -306,16 +314,24 @@ def cli_stream(args):
         stop.set()
         signal.signal(signal.SIGINT, previous)
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    error = None
     try:
-        for chunk in chunks:
-            session.feed(chunk)
-            report.fed(len(chunk))
-            report.emit(session.step)
+        try:
+            for chunk in chunks:
+                session.feed(chunk)
+                report.fed(len(chunk))
+                report.emit(session.step)
+        except Exception as e:                          # a bad chunk ends the audio: flush what came before
+            error = e
         report.emit(session.close)
     finally:
         signal.signal(signal.SIGINT, previous)
         chunks.close()                                  # stops the microphone
     report.finish()
+    if error is not None:
+        raise error
+    if not report.samples:                              # as `transcribe` refuses empty input
+        raise VoxtralError("no audio arrived (0 samples): the stream was empty")
 
 
 class _Report:
