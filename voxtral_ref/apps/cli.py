@@ -3,6 +3,7 @@ Every VoxtralError, usage mistake and warning becomes one line on stderr (errors
 traceback."""
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -38,6 +39,10 @@ def cmd_transcribe(args):
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise VoxtralError(f"audio file not found: {missing[0]}{more}")
     out_dir = output_dir(args.output_dir, args.audio) if args.output_dir else None
+    if out_dir is None and isinstance(sys.stdout, ClosedStdout):
+        raise VoxtralError("stdout is closed: nothing can receive the transcripts; write them to files with -o DIR")
+    if out_dir is not None:
+        refuse_overwriting_inputs(out_dir, args.audio, formats)
     model = load_model(args)
     failed = 0
     for src in args.audio:                     # one model for all files; an unreadable one does not stop the rest
@@ -96,6 +101,16 @@ def stem(src):
     return "stdin" if src == "-" else Path(src).stem
 
 
+def refuse_overwriting_inputs(out_dir, sources, formats):
+    """An input named like an output (`talk.txt` holding audio, -o next to it) would be overwritten."""
+    for src in sources:
+        for fmt in formats:
+            out = out_dir / f"{stem(src)}.{fmt}"
+            if src != "-" and out.exists() and os.path.samefile(out, src):
+                raise VoxtralError(f"-o {out_dir} would overwrite the input {src} with its {fmt} transcript: "
+                                   "choose another directory")
+
+
 def output_dir(path, sources):
     """-o DIR: created if needed and proven writable now, not after an hour of transcription."""
     d = Path(path)
@@ -137,6 +152,28 @@ def cmd_info(args):
     model = load_model(args)
     for key, value in describe(model):
         print(f"{key + ':':<12} {value}")
+    if args.verify:
+        print(f"{'verify:':<12} {verify_weights(model)}")
+
+
+def weight_files(model):
+    return sorted(model.path.glob("consolidated.safetensors" if model.cfg.format == "mistral" else "model*.safetensors"))
+
+
+def verify_weights(model):
+    """`info --verify`: every value of every tensor in the weight files, NaN and infinities counted. load()
+    checks only the small tensors; a NaN in a matrix makes every logit NaN and every id 0, silently."""
+    from ..checkpoint.weights import count_nonfinite, read_safetensors
+    bad, n = [], 0
+    for f in weight_files(model):
+        for name, t in read_safetensors(f).items():
+            n, k = n + 1, count_nonfinite(t)
+            if k:
+                bad.append(f"{name} ({k} values)")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise VoxtralError(f"{len(bad)} of {n} tensors hold NaN or infinite values: {', '.join(bad[:3])}{more}")
+    return f"{n} tensors, every value finite"
 
 
 def describe(model):
@@ -148,13 +185,13 @@ def describe(model):
 
     c, e, d = model.cfg, model.cfg.encoder, model.cfg.decoder
     rope = "interleaved-pair" if c.format == "mistral" else "split-half (NeoX)"
-    weight_files = sorted(model.path.glob("consolidated.safetensors" if c.format == "mistral" else "model*.safetensors"))
-    dtypes = Counter(str(t.dtype) for f in weight_files for t in read_safetensors(f).values())
+    files = weight_files(model)
+    dtypes = Counter(str(t.dtype) for f in files for t in read_safetensors(f).values())
     files = [f for f in sorted(model.path.iterdir()) if f.is_file()]
     delays = f"{ALLOWED_DELAYS_MS[0]}..{ALLOWED_DELAYS_MS[-2]} by {MS_PER_TOKEN}, {ALLOWED_DELAYS_MS[-1]}"
     return [
         ("model", model.path),
-        ("format", f"{c.format} ({', '.join(f.name for f in weight_files)}; q/k rows in {rope} RoPE order)"),
+        ("format", f"{c.format} ({', '.join(f.name for f in files)}; q/k rows in {rope} RoPE order)"),
         ("parameters", f"{count(model.weights.n_params())} ({model.weights.n_params():,})"),
         ("dtypes", ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())),
         ("files", ", ".join(f"{f.name} {size(f.stat().st_size)}" for f in files)),
@@ -285,6 +322,8 @@ def build_parser():
 
     i = sub.add_parser("info", help="describe a checkpoint and the kernels that will run it")
     add_model_args(i)
+    i.add_argument("--verify", action="store_true",
+                   help="also read every weight and report NaN or infinite values (reads the whole checkpoint)")
     i.set_defaults(func=cmd_info)
 
     add_oracle_parsers(sub)                 # dump, compare, explain
@@ -292,7 +331,40 @@ def build_parser():
     return p
 
 
+class ClosedStdout(io.TextIOBase):
+    """sys.stdout when the shell closed it (`>&-`): output has nowhere to go, so writing it is an error."""
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        raise VoxtralError("stdout is closed: nothing can receive the output")
+
+
+def park_closed_stdio():
+    """A std stream the shell closed (`<&-`, `>&-`, `2>&-`) leaves its descriptor free: the next file opened
+    would take it, and stray writes to fd 1 or 2 would land in that file. /dev/null takes the descriptor
+    instead; sys.stdout refuses writes, sys.stderr discards them (the exit code still tells), and a closed
+    sys.stdin stays None for read_audio and `stream` to report."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)                   # the lowest free descriptor: this one
+    if sys.stdout is None:
+        sys.stdout = ClosedStdout()
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+
+
+def silence_stdout():
+    """After a failed write, point fd 1 at /dev/null so the interpreter's exit-time flush cannot fail too."""
+    if not isinstance(sys.stdout, ClosedStdout):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv=None):
+    park_closed_stdio()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:                 # --help, or a usage mistake already reported in one line
@@ -300,7 +372,9 @@ def main(argv=None):
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line
         try:
-            return args.func(args) or 0
+            code = args.func(args) or 0
+            sys.stdout.flush()              # `> /dev/full` fails here, inside the handlers below
+            return code
         except VoxtralError as e:
             error_line(e)
             return 2
@@ -308,8 +382,15 @@ def main(argv=None):
             print("voxtral-ref: interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:             # the reader left (`| head`): stop quietly, as other Unix tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so the exit-time flush cannot fail
+            silence_stdout()
             return 141
+        except OSError as e:                # a full disk or an I/O error, on stdout or on a file
+            error_line(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+            silence_stdout()
+            return 2
+        except MemoryError:
+            error_line("out of memory")
+            return 2
 
 
 if __name__ == "__main__":
