@@ -17,6 +17,7 @@ from ..errors import VoxtralError
 from ..checkpoint.hub import DEFAULT_REPO
 from .oracle import add_oracle_parsers
 from ..runtime.stream import add_stream_parser
+from .serve import add_serve_parser
 
 FORMATS = ("txt", "json", "srt", "vtt")
 
@@ -328,6 +329,7 @@ def build_parser():
 
     add_oracle_parsers(sub)                 # dump, compare, explain
     add_stream_parser(sub)                  # stream (live audio)
+    add_serve_parser(sub)                   # serve (realtime server; the [serve] extra)
     return p
 
 

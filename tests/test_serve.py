@@ -1,0 +1,432 @@
+"""`voxtral-ref serve` on 127.0.0.1 (ephemeral ports) with the tiny model: both WebSocket dialects, the
+official `openai` client, HTTP uploads, bad input, disconnects, auth, limits, idle timeout and SIGTERM.
+Every final transcript is compared with offline `Model.transcribe` of the same audio."""
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+openai = pytest.importorskip("openai")
+import soundfile as sf  # noqa: E402
+import soxr  # noqa: E402
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+import voxtral_ref  # noqa: E402
+from voxtral_ref.apps.serve.http import GracefulServer, Limits, ServerState, build_app  # noqa: E402
+from voxtral_ref.apps.serve import bind  # noqa: E402
+from voxtral_ref.apps.subtitles import segments, to_srt, to_vtt  # noqa: E402
+
+from conftest import MODEL_DIRS, SPEECH_WAV  # noqa: E402
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+
+
+@pytest.fixture(scope="module")
+def speech():
+    x, sr = sf.read(SPEECH_WAV, dtype="int16")
+    assert sr == 16000
+    return x                                                            # [N] int16 @ 16 kHz
+
+
+@pytest.fixture(scope="module")
+def speech24(speech):
+    """The same speech as OpenAI's audio/pcm: int16 at 24 kHz."""
+    y = soxr.resample(speech.astype(np.float32) / 32768, 16000, 24000)
+    return (np.clip(y, -1, 32767 / 32768) * 32768).astype(np.int16)
+
+
+@contextlib.contextmanager
+def running(model, api_key=None, cors=(), **limits):
+    """A server in a thread on 127.0.0.1:<free port> -> (port, state); stopped (drained) on exit."""
+    state = ServerState(model, NAME, Limits(**limits))
+    sock = bind("127.0.0.1", 0)
+    import uvicorn
+    config = uvicorn.Config(build_app(state, api_key, cors), ws="websockets-sansio",
+                            ws_max_size=state.limits.max_message_bytes, log_level="warning")
+    server = GracefulServer(config, state)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1], state
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running(model, max_sessions=8, max_buffer_s=8.0, max_message_bytes=256 << 10,
+                 max_upload_bytes=1 << 20) as s:
+        yield s
+
+
+def b64(samples):
+    return base64.b64encode(np.ascontiguousarray(samples, "<i2").tobytes()).decode()
+
+
+def send(ws, type_, **fields):
+    ws.send(json.dumps({"type": type_, **fields}))
+
+
+def recv(ws, timeout=10):
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def until(ws, last_type):
+    """Events up to and including the first of type `last_type`."""
+    events = []
+    while not events or events[-1]["type"] != last_type:
+        events.append(recv(ws))
+    return events
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def vllm_stream(port, audio, chunk=1600, final=True):
+    """vLLM's client sequence over the whole `audio` -> all events after session.created."""
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        assert recv(ws)["type"] == "session.created"
+        send(ws, "session.update", model=NAME)
+        send(ws, "input_audio_buffer.commit")
+        for i in range(0, len(audio), chunk):
+            send(ws, "input_audio_buffer.append", audio=b64(audio[i:i + chunk]))
+        send(ws, "input_audio_buffer.commit", final=final)
+        return until(ws, "transcription.done")
+
+
+def http(url, headers=None):
+    """GET -> (status, headers, body text), without raising on 4xx."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def clean(message):
+    """What a client is told never carries a traceback or a server path."""
+    assert "Traceback" not in message and "/work" not in message and ".py" not in message, message
+
+
+# --- the protocols --------------------------------------------------------------------------------------
+def test_vllm_protocol_final_equals_offline(server, model, speech):
+    port, state = server
+    offline = model.transcribe(speech)
+    events = vllm_stream(port, speech, chunk=1280)
+    deltas = [e["delta"] for e in events if e["type"] == "transcription.delta"]
+    done = events[-1]
+    assert [e["type"] for e in events[:-1]] == ["transcription.delta"] * len(deltas)
+    assert done["text"] == "".join(deltas) == offline.text
+    assert done["usage"]["completion_tokens"] == len(offline.token_ids)
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + len(offline.token_ids)
+    wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+def test_vllm_next_utterance_after_done(server, model, speech):
+    """After transcription.done, the next commit starts a new utterance on the same connection."""
+    port, _ = server
+    a, b = speech[:24000], speech[24000:]
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        recv(ws)
+        send(ws, "session.update", model=NAME)
+        texts = []
+        for part in (a, b):
+            send(ws, "input_audio_buffer.commit")
+            send(ws, "input_audio_buffer.append", audio=b64(part))
+            send(ws, "input_audio_buffer.commit", final=True)
+            texts.append(until(ws, "transcription.done")[-1]["text"])
+    assert texts == [model.transcribe(a).text, model.transcribe(b).text]
+
+
+def test_openai_realtime_client_transcription(server, model, speech24):
+    """The official openai package's realtime client, two items in one session: each completed transcript
+    equals offline transcription of that item's 24 kHz audio."""
+    port, _ = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    items = [speech24[:30000], speech24[30000:]]
+    with client.realtime.connect(model=NAME, extra_query={"intent": "transcription"}) as conn:
+        assert conn.recv().type == "session.created"
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": NAME},
+            "turn_detection": None}}})
+        updated = conn.recv()
+        assert updated.type == "session.updated"
+        results = []
+        for item in items:
+            for i in range(0, len(item), 4800):
+                conn.input_audio_buffer.append(audio=b64(item[i:i + 4800]))
+            conn.input_audio_buffer.commit()
+            deltas, committed = [], None
+            for event in conn:
+                if event.type == "input_audio_buffer.committed":
+                    committed = event
+                elif event.type == "conversation.item.input_audio_transcription.delta":
+                    deltas.append(event)
+                elif event.type == "conversation.item.input_audio_transcription.completed":
+                    break
+                else:
+                    pytest.fail(f"unexpected event {event}")
+            assert {d.item_id for d in deltas} <= {committed.item_id} and event.item_id == committed.item_id
+            assert event.transcript == "".join(d.delta for d in deltas)
+            assert event.usage.seconds == pytest.approx(len(item) / 24000, abs=1e-3)
+            results.append((committed, event.transcript))
+    assert results[0][0].previous_item_id is None and results[1][0].previous_item_id == results[0][0].item_id
+    assert [t for _, t in results] == [model.transcribe(item, sample_rate=24000).text for item in items]
+
+
+def test_http_transcriptions_with_openai_client(server, model, speech, tmp_path):
+    port, state = server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, speech, 16000)
+    offline = model.transcribe(speech)
+    segs = segments(offline.token_ids, model.tokenizer, len(speech))
+
+    def create(**kw):
+        with open(wav, "rb") as f:
+            return client.audio.transcriptions.create(**{"model": NAME, "file": f, **kw})
+    assert create().text == offline.text.strip()
+    assert create(response_format="text").strip() == offline.text.strip()
+    assert create(response_format="srt") == to_srt(segs)
+    assert create(response_format="vtt") == to_vtt(segs)
+    verbose = create(response_format="verbose_json")
+    assert verbose.text == offline.text.strip() and verbose.duration == pytest.approx(len(speech) / 16000)
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == \
+        [(s.start_ms / 1000, s.end_ms / 1000, s.text) for s in segs]
+    events = list(create(stream=True))
+    assert events[-1].type == "transcript.text.done" and events[-1].text == offline.text
+    assert "".join(e.delta for e in events[:-1]) == offline.text
+    with pytest.raises(openai.NotFoundError):
+        create(model="whisper-1")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.audio.transcriptions.create(model=NAME, file=("notes.txt", b"not audio at all"))
+    clean(str(e.value))
+    with pytest.raises(openai.BadRequestError):
+        create(response_format="docx")
+    wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+def test_models_health_metrics(server):
+    port, _ = server
+    base = f"http://127.0.0.1:{port}"
+    assert json.loads(http(f"{base}/health")[2])["status"] == "ok"
+    assert [m["id"] for m in json.loads(http(f"{base}/v1/models")[2])["data"]] == [NAME]
+    vllm_stream(port, np.zeros(8000, np.int16))
+    text = http(f"{base}/metrics")[2]
+    for series in ("voxtral_open_sessions", "voxtral_queued_audio_seconds", "voxtral_pass_seconds_count",
+                   "voxtral_pass_sessions_bucket", "voxtral_session_lag_seconds_count",
+                   "voxtral_token_latency_seconds_count"):
+        assert series in text
+    assert float(re.search(r"^voxtral_pass_seconds_count (\S+)", text, re.M).group(1)) > 0
+    assert "access-control-allow-origin" not in http(f"{base}/v1/models", {"Origin": "http://x.example"})[1]
+
+
+# --- faults ---------------------------------------------------------------------------------------------
+def test_bad_input_gets_error_events_and_session_goes_on(server, model, speech):
+    port, _ = server
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        recv(ws)
+        cases = [
+            (lambda: ws.send("{not json"), "invalid_json"),
+            (lambda: ws.send(b"\x00\x01"), "invalid_json"),
+            (lambda: ws.send("[1, 2]"), "invalid_event"),
+            (lambda: send(ws, "input_audio_buffer.append"), "invalid_event"),
+            (lambda: send(ws, "input_audio_buffer.append", audio="***"), "invalid_audio"),
+            (lambda: send(ws, "input_audio_buffer.append", audio=base64.b64encode(b"abc").decode()), "invalid_audio"),
+            (lambda: send(ws, "input_audio_buffer.append", audio=""), "invalid_audio"),
+            (lambda: send(ws, "response.create"), "unknown_event"),
+            (lambda: send(ws, "input_audio_buffer.commit"), "model_not_validated"),
+            (lambda: send(ws, "session.update", model="other"), "model_not_found"),
+        ]
+        for act, code in cases:
+            act()
+            e = recv(ws)
+            assert (e["type"], e["code"]) == ("error", code), e
+            clean(e["error"])
+        send(ws, "session.update", model=NAME)
+        send(ws, "input_audio_buffer.commit")
+        send(ws, "input_audio_buffer.append", audio=b64(speech))
+        send(ws, "input_audio_buffer.commit", final=True)
+        assert until(ws, "transcription.done")[-1]["text"] == model.transcribe(speech).text
+
+
+def test_openai_bad_input_errors(server, model, speech24):
+    port, _ = server
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as ws:
+        recv(ws)
+        cases = [
+            ({"type": "input_audio_buffer.commit", "event_id": "c1"}, "input_audio_buffer_commit_empty"),
+            ({"type": "conversation.item.create", "event_id": "c2"}, "unknown_event"),
+            ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}},
+             "invalid_value"),
+            ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcmu"}}}}},
+             "invalid_value"),
+            ({"type": "session.update", "session": {"audio": {"input": {"transcription": {"model": "gpt-4o"}}}}},
+             "model_not_found"),
+            ({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"odd").decode()}, "invalid_audio"),
+        ]
+        for event, code in cases:
+            ws.send(json.dumps(event))
+            e = recv(ws)
+            assert e["type"] == "error" and e["error"]["code"] == code, e
+            assert e["error"]["event_id"] == event.get("event_id")
+            clean(e["error"]["message"])
+        send(ws, "input_audio_buffer.append", audio=b64(speech24[:9600]))
+        send(ws, "input_audio_buffer.clear")                             # this item is dropped
+        assert until(ws, "input_audio_buffer.cleared")
+        send(ws, "input_audio_buffer.append", audio=b64(speech24))
+        send(ws, "input_audio_buffer.commit")
+        done = until(ws, "conversation.item.input_audio_transcription.completed")[-1]
+    assert done["transcript"] == model.transcribe(speech24, sample_rate=24000).text
+
+
+def test_disconnect_mid_stream_frees_session_others_unaffected(server, model, speech):
+    port, state = server
+    offline = model.transcribe(speech).text
+    results = []
+    other = threading.Thread(target=lambda: results.append(vllm_stream(port, speech, chunk=800)[-1]["text"]))
+    for _ in range(3):
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+            recv(ws)
+            send(ws, "session.update", model=NAME)
+            send(ws, "input_audio_buffer.commit")
+            send(ws, "input_audio_buffer.append", audio=b64(speech[:20000]))
+            if not other.is_alive() and not results:
+                other.start()
+            ws.close_socket()                              # vanish without a close handshake
+    other.join(20)
+    assert results == [offline]
+    wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+# --- access and limits ----------------------------------------------------------------------------------
+def test_api_key_and_cors(model):
+    with running(model, api_key="s3cret", cors=("http://app.example",)) as (port, _):
+        base = f"http://127.0.0.1:{port}"
+        assert http(f"{base}/health")[0] == 200                           # liveness needs no key
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, _, body = http(f"{base}/v1/models", headers)
+            assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        status, headers, _ = http(f"{base}/v1/models", {"Authorization": "Bearer s3cret", "Origin": "http://app.example"})
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        with pytest.raises(InvalidStatus) as e:
+            connect(f"ws://127.0.0.1:{port}/v1/realtime")
+        assert e.value.response.status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list()] == [NAME]
+        with client.realtime.connect(model=NAME, extra_query={"intent": "transcription"}) as conn:
+            assert conn.recv().type == "session.created"
+
+
+def test_limits(model, speech):
+    with running(model, max_sessions=2, max_buffer_s=2.0, max_message_bytes=64 << 10,
+                 max_upload_bytes=50_000) as (port, state):
+        url = f"ws://127.0.0.1:{port}/v1/realtime"
+        with connect(url) as a, connect(url) as b:
+            recv(a), recv(b)
+            with connect(url) as c:                                         # one too many
+                e = recv(c)
+                assert e["code"] == "too_many_sessions"
+                with pytest.raises(ConnectionClosed):
+                    c.recv(timeout=5)
+                assert c.close_code == 1013
+            # buffered audio is capped: before the commit nothing is decoded, so 2 s fill the buffer
+            send(a, "session.update", model=NAME)
+            for i in range(0, 40000, 10000):
+                send(a, "input_audio_buffer.append", audio=b64(speech[i:i + 10000]))
+            assert recv(a)["code"] == "audio_buffer_full"                  # the 4th chunk: 2.5 s > 2 s
+            send(a, "input_audio_buffer.commit", final=True)
+            assert until(a, "transcription.done")[-1]["text"] == model.transcribe(speech[:30000]).text
+            # a message over the limit closes that connection (1009) and only that one
+            b.send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (70 << 10)}))
+            with pytest.raises(ConnectionClosed):
+                b.recv(timeout=5)
+            assert b.close_code == 1009
+        wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.audio.transcriptions.create(model=NAME, file=("big.wav", b"\0" * 60_000))
+        assert e.value.status_code == 413 and e.value.body["code"] == "file_too_large"
+
+
+def test_idle_timeout_finishes_stream_with_final_event(model, speech24):
+    with running(model, idle_timeout_s=0.5) as (port, state):
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as ws:
+            recv(ws)
+            send(ws, "input_audio_buffer.append", audio=b64(speech24[:20000]))
+            events = until(ws, "error")                                    # then the client stays silent
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+        types = [e["type"] for e in events]
+        assert "input_audio_buffer.committed" in types and events[-1]["error"]["code"] == "idle_timeout"
+        done = events[-2]
+        assert done["type"] == "conversation.item.input_audio_transcription.completed"
+        assert done["transcript"] == model.transcribe(speech24[:20000], sample_rate=24000).text
+        assert ws.close_code == 1000
+        wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+def test_sigterm_flushes_open_streams_and_exits_0(model, speech, speech24):
+    proc = subprocess.Popen([sys.executable, "-m", "voxtral_ref.apps.cli", "serve", "--model",
+                             str(MODEL_DIRS["mistral"]), "--backend", "c", "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "VOXTRAL_REF_API_KEY": ""})
+    try:
+        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())):
+            assert proc.poll() is None, "the server did not start"
+        port = int(m.group(1))
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime") as v, \
+                connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as o:
+            recv(v), recv(o)
+            send(v, "session.update", model=NAME)
+            send(v, "input_audio_buffer.commit")
+            send(v, "input_audio_buffer.append", audio=b64(speech[:30000]))            # no final commit
+            send(o, "input_audio_buffer.append", audio=b64(speech24[:30000]))          # no commit
+            send(o, "input_audio_buffer.append", audio="%%%")
+            assert recv(o)["type"] == "error"                  # every event before the signal was read
+            proc.send_signal(signal.SIGTERM)
+            v_done = until(v, "transcription.done")[-1]
+            o_events = until(o, "conversation.item.input_audio_transcription.completed")
+            for ws in (v, o):
+                with pytest.raises(ConnectionClosed):
+                    ws.recv(timeout=5)
+                assert ws.close_code == 1001
+        assert proc.wait(15) == 0
+        assert v_done["text"] == model.transcribe(speech[:30000]).text
+        assert "input_audio_buffer.committed" in [e["type"] for e in o_events]
+        assert o_events[-1]["transcript"] == model.transcribe(speech24[:30000], sample_rate=24000).text
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,387 @@
+"""The ASGI application: routes, Bearer auth, limits, metrics, and POST /v1/audio/transcriptions.
+
+Errors to clients are OpenAI's JSON shape, {"error": {"message", "type", "param", "code"}}, with messages
+written for the client: never a traceback or a server path (those go to the server's stderr).
+"""
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import time
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+import uvicorn
+
+from ...config import SAMPLE_RATE
+from ...errors import VoxtralError
+from ...model import Transcript
+from ..subtitles import segments, to_json, to_srt, to_vtt
+from .sessions import Scheduler
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+OPEN_PATHS = ("/health",)                 # liveness probes need no key
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 64                # WebSocket clients plus uploads in progress
+    max_buffer_s: float = 30.0            # audio a session may hold ahead of the decoder
+    max_message_bytes: int = 1 << 20      # one WebSocket message
+    max_upload_bytes: int = 25 << 20      # one upload (OpenAI's own limit)
+    idle_timeout_s: float = 60.0          # a WebSocket client silent this long is finished and closed
+
+
+class Metrics:
+    """Prometheus series, in a registry of their own (one per app, so tests can run several)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.open_sessions = Gauge("voxtral_open_sessions", "Transcriptions in progress", registry=r)
+        self.clients = Gauge("voxtral_clients", "WebSocket clients and uploads admitted", registry=r)
+        self.queued_audio = Gauge("voxtral_queued_audio_seconds",
+                                  "Audio received and not yet decoded, summed over sessions", registry=r)
+        self.pass_seconds = Histogram("voxtral_pass_seconds", "Time of one model pass over the sessions",
+                                      buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.pass_sessions = Histogram("voxtral_pass_sessions", "Sessions advanced in one pass",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.session_lag = Histogram("voxtral_session_lag_seconds",
+                                     "Per session after each pass: audio received and not yet decoded",
+                                     buckets=(.1, .25, .5, 1, 2, 5, 10, 30, 60), registry=r)
+        self.token_latency = Histogram("voxtral_token_latency_seconds",
+                                       "From the arrival of the audio a token needs to the token",
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.errors = Counter("voxtral_client_errors", "Error events and responses sent, by code", ["code"],
+                              registry=r)
+
+
+@dataclass
+class ServerState:
+    model: object
+    model_name: str
+    limits: Limits
+    metrics: Metrics = field(default_factory=Metrics)
+    scheduler: Scheduler = None
+    clients: set = field(default_factory=set)   # admitted WebSocket connections and uploads
+    draining: bool = False
+    created: int = 0                            # when the server started (for /v1/models)
+    settled: asyncio.Event = None               # set whenever no client is left
+
+    def admit(self, client):
+        """Reserve a place for a client -> None, or why not (an error code)."""
+        if self.draining:
+            return "shutting_down"
+        if len(self.clients) >= self.limits.max_sessions:
+            return "too_many_sessions"
+        self.clients.add(client)
+        self.settled.clear()
+        self.metrics.clients.set(len(self.clients))
+        return None
+
+    def release(self, client):
+        self.clients.discard(client)
+        self.metrics.clients.set(len(self.clients))
+        if not self.clients:
+            self.settled.set()
+
+    async def drain(self):
+        """Stop admitting; finish every WebSocket client with its final events; let uploads complete."""
+        self.draining = True
+        for c in list(self.clients):
+            if hasattr(c, "shutdown"):
+                c.shutdown()
+        await self.settled.wait()
+
+
+REFUSALS = {"shutting_down": "the server is shutting down", "too_many_sessions": "the server is at its session limit"}
+
+
+def error_body(message, code, type_="invalid_request_error", param=None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(state, status, message, code, param=None):
+    state.metrics.errors.labels(code).inc()
+    type_ = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse(error_body(message, code, type_, param), status_code=status)
+
+
+# --- routes -------------------------------------------------------------------------------------------
+async def health(request):
+    state = request.app.state.server
+    if state.draining:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    return JSONResponse({"status": "ok", "sessions": state.scheduler.count()})
+
+
+async def models(request):
+    state = request.app.state.server
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "voxtral_ref"}]})
+
+
+async def metrics(request):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    state = request.app.state.server
+    state.metrics.queued_audio.set(sum(state.scheduler.lags()))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class TooLarge(Exception):
+    pass
+
+
+def limited(receive, limit):
+    """The request body's receive channel, refusing more than `limit` bytes (whatever Content-Length says)."""
+    seen = 0
+
+    async def receive_limited():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise TooLarge()
+        return message
+    return receive_limited
+
+
+def decode_upload(data):
+    """An uploaded file's bytes -> [N] mono float32 at 16 kHz (what Model.transcribe does to its input)."""
+    import soundfile as sf
+    from ...stages.audio import READABLE, to_mono_16k
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise VoxtralError(f"cannot decode the uploaded file: this server reads {READABLE}") from e
+    return to_mono_16k(samples, rate)
+
+
+async def transcriptions(request):
+    """OpenAI's POST /v1/audio/transcriptions: multipart `file`, `model`, `response_format`, `stream`."""
+    state = request.app.state.server
+    limit = state.limits.max_upload_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
+        return error_response(state, 413, f"the upload is larger than {limit} bytes", "file_too_large", "file")
+    try:
+        form = await Request(request.scope, limited(request.receive, limit)).form(max_files=1, max_fields=16)
+        upload = form.get("file")
+        data = await upload.read() if hasattr(upload, "read") else None
+    except TooLarge:
+        return error_response(state, 413, f"the upload is larger than {limit} bytes", "file_too_large", "file")
+    except Exception:                                  # noqa: BLE001 - any malformed body is the client's
+        return error_response(state, 400, "the body is not a valid multipart/form-data upload", "invalid_request")
+    if data is None:
+        return error_response(state, 400, "a `file` part with the audio is required", "invalid_request", "file")
+    model = form.get("model")
+    if model != state.model_name:
+        return error_response(state, 404, f"the model {model!r} does not exist: this server serves "
+                              f"{state.model_name!r}", "model_not_found", "model")
+    fmt = form.get("response_format") or "json"
+    if fmt not in RESPONSE_FORMATS:
+        return error_response(state, 400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
+                              f"got {fmt!r}", "invalid_value", "response_format")
+    stream = (form.get("stream") or "false").lower() == "true"
+    try:
+        audio = decode_upload(data)
+    except VoxtralError as e:
+        return error_response(state, 400, str(e), "invalid_audio", "file")
+    refused = state.admit(request)
+    if refused:
+        return error_response(state, 503, REFUSALS[refused], refused)
+    try:
+        results = asyncio.Queue()
+        s = state.scheduler.open(SAMPLE_RATE, lambda e, final, err: results.put_nowait((e, final, err)),
+                                 upload=audio)
+    except BaseException:
+        state.release(request)
+        raise
+
+    def cleanup():
+        state.scheduler.forget(s)
+        state.release(request)
+    if stream:
+        return _Finally(StreamingResponse(_sse(state, s, results), media_type="text/event-stream"), cleanup)
+    try:
+        while True:
+            result = await _next_or_disconnect(request, results)
+            if result is None:
+                return Response(status_code=499)       # nobody is listening any more
+            e, final, err = result
+            if final:
+                break
+    finally:
+        cleanup()
+    if err is not None:
+        return error_response(state, 500, _failure(err), "processing_error")
+    r = Transcript(s.stream.text, s.stream.token_ids, s.stream.delay_ms, len(audio))
+    return _render(fmt, r, state.model.tokenizer)
+
+
+class _Finally:
+    """A response that runs `cleanup` once it is over, however it ends (sent, or the client hung up)."""
+
+    def __init__(self, response, cleanup):
+        self.response, self.cleanup = response, cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.cleanup()
+
+
+async def _next_or_disconnect(request, results):
+    """The next result of the session, or None if the client hangs up first (the body is read, so what
+    receive() brings next is the disconnect)."""
+    get = asyncio.ensure_future(results.get())
+    gone = asyncio.ensure_future(request.receive())
+    try:
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not get.done():
+        get.cancel()
+        return None
+    return get.result()
+
+
+async def _sse(state, s, results):
+    """transcript.text.delta events as tokens are decoded, then transcript.text.done."""
+    while True:
+        e, final, err = await results.get()
+        if err is not None:
+            state.metrics.errors.labels("processing_error").inc()
+            yield _event({"type": "error", **error_body(_failure(err), "processing_error", "server_error")})
+            return
+        if e.text:
+            yield _event({"type": "transcript.text.delta", "delta": e.text})
+        if final:
+            yield _event({"type": "transcript.text.done", "text": s.stream.text,
+                          "usage": {"type": "duration", "seconds": round(s.received_s, 3)}})
+            return
+
+
+def _event(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _failure(err):
+    """What a client is told when its transcription fails: VoxtralError messages are written for users;
+    anything else is the server's problem, logged there."""
+    return str(err) if isinstance(err, VoxtralError) else "the transcription failed (see the server's log)"
+
+
+def _render(fmt, r, tokenizer):
+    """One finished transcript in an OpenAI response_format; srt, vtt and verbose_json's segments come from
+    the token clock (apps/subtitles.py), as `voxtral-ref transcribe -f srt|vtt|json` writes them."""
+    usage = {"type": "duration", "seconds": round(r.n_samples / SAMPLE_RATE, 3)}
+    if fmt == "json":
+        return JSONResponse({"text": r.text.strip(), "usage": usage})
+    if fmt == "text":
+        return PlainTextResponse(r.text.strip() + "\n")
+    segs = segments(r.token_ids, tokenizer, r.n_samples)
+    if fmt == "srt":
+        return PlainTextResponse(to_srt(segs))
+    if fmt == "vtt":
+        return PlainTextResponse(to_vtt(segs), media_type="text/vtt")
+    return JSONResponse({"task": "transcribe", "duration": r.n_samples / SAMPLE_RATE, **to_json(r, segs),
+                         "usage": usage})
+
+
+# --- auth ---------------------------------------------------------------------------------------------
+class BearerAuth:
+    """ASGI middleware: every request but OPEN_PATHS needs `Authorization: Bearer <key>`, the header
+    OpenAI's clients send, on HTTP and on the WebSocket handshake alike."""
+
+    def __init__(self, app, api_key):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        body = json.dumps(error_body("a valid `Authorization: Bearer <api key>` header is required",
+                                     "invalid_api_key")).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:                                          # a server without denial responses: HTTP 403
+            await send({"type": "websocket.close", "code": 1008})
+
+
+def build_app(state, api_key=None, cors_origins=()):
+    """The Starlette app; the model's thread starts with it and stops with it."""
+    from .protocols import realtime
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.created = int(time.time())
+        state.settled = asyncio.Event()
+        state.settled.set()
+        state.scheduler = Scheduler(state.model, asyncio.get_running_loop(), state.metrics)
+        try:
+            yield
+        finally:
+            state.scheduler.stop()
+
+    middleware = []
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                                     allow_headers=["*"]))
+    if api_key:
+        middleware.append(Middleware(BearerAuth, api_key=api_key))
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        WebSocketRoute("/v1/realtime", realtime),
+    ], middleware=middleware, lifespan=lifespan)
+    app.state.server = state
+    return app
+
+
+# --- the server -----------------------------------------------------------------------------------------
+def serve(state, sock, api_key=None, cors_origins=()):
+    """Run on a bound socket until SIGTERM/SIGINT, or until `should_exit` is set from another thread."""
+    config = uvicorn.Config(build_app(state, api_key, cors_origins), ws="websockets-sansio",
+                            ws_max_size=state.limits.max_message_bytes, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    GracefulServer(config, state).run(sockets=[sock])
+
+
+class GracefulServer(uvicorn.Server):
+    """The first SIGTERM/SIGINT drains the clients (final events sent, connections closed) before uvicorn
+    stops. uvicorn alone closes open WebSockets with 1012 and no final event, then re-raises the signal,
+    which exits non-zero. A second signal stops at once."""
+
+    def __init__(self, config, state):
+        super().__init__(config)
+        self.state, self.loop = state, None
+
+    async def startup(self, sockets=None):
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame):
+        if self.state.draining or self.loop is None:
+            self.force_exit = self.should_exit = True
+            return
+        self.state.draining = True
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self):
+        await self.state.drain()
+        self.should_exit = True

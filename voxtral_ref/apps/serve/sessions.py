@@ -1,0 +1,204 @@
+"""The server's session layer: many transcriptions, one model, one thread that runs it.
+
+Every live WebSocket utterance and every uploaded file is a `Session` around a `StreamSession`. The event
+loop only queues audio (`StreamSession.feed` is cheap and thread-safe) and asks for the end; the
+`Scheduler`'s single thread owns the model and runs passes: each pass takes every session that has work
+and calls `advance` on them, which decodes at most TOKENS_PER_PASS tokens per session. So a session that
+is far behind (a client sending faster than real time, a long upload) is caught up in slices between
+the others' turns, a silent client costs nothing, and the event loop never waits on the model.
+`advance` is the one place the model runs: a batching engine that steps many sessions in one pass
+replaces its loop and nothing else.
+
+Results go back to the event loop with `loop.call_soon_threadsafe`; a session forgotten in the meantime
+(its client disconnected) drops them, and its memory goes with its last reference.
+"""
+
+import threading
+import time
+import traceback
+import sys
+
+import numpy as np
+
+from ...config import EOS_ID, MS_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN
+from ...errors import VoxtralError
+
+TOKENS_PER_PASS = 25                 # 2 s of audio per session per pass: catching up never starves the others
+
+
+class Session:
+    """One transcription. Fields written by the event loop (audio, end) are read by the scheduler's
+    thread under the scheduler's lock; the stream itself is only stepped by that thread."""
+
+    def __init__(self, model, sample_rate, deliver, started=True):
+        self.stream = model.stream(None, sample_rate)
+        self.sample_rate = sample_rate
+        self.deliver = deliver          # deliver(emission, final, error) in the event loop thread
+        self.started = started          # vLLM's protocol decodes only once the client commits
+        self.received = 0               # samples fed, at sample_rate
+        self.n_tokens = 0               # tokens decoded so far
+        self.fresh = False              # audio fed since the last pass
+        self.behind = False             # the last pass hit TOKENS_PER_PASS: more audio is decodable
+        self.ending = False             # the client ended the audio
+        self.finished = False           # the final emission was made
+        self.forgotten = False          # the client is gone: drop whatever comes back
+        self.upload = None              # [N] 16 kHz audio still to feed (files), a slice per pass
+        self.at_eos = False             # decoding stopped at EOS, as offline does: later audio is dropped
+
+    @property
+    def received_s(self):
+        return self.received / self.sample_rate
+
+    def lag_s(self):
+        """Seconds of received audio the decoder has not reached yet (0 after EOS: nothing more will be
+        decoded). Token n comes out once (n + 1 + delay) tokens of audio are in, so n tokens cover
+        (n + delay) * 80 ms; the result has the token clock's 80 ms granularity."""
+        if self.at_eos:
+            return 0.0
+        upload = 0 if self.upload is None else len(self.upload) / SAMPLE_RATE
+        covered = (self.n_tokens + self.stream.n_delay) * MS_PER_TOKEN / 1000
+        return max(0.0, self.received_s - covered) + upload
+
+    def has_work(self):
+        if self.finished or self.forgotten or not self.started:
+            return False
+        return self.fresh or self.behind or self.ending or self.upload is not None
+
+    def top_up(self):
+        """Uploads are fed one pass of audio at a time, once the decoder has caught up, so the stream's
+        buffer holds a slice and not the whole file."""
+        if self.upload is None or self.behind:
+            return
+        n = TOKENS_PER_PASS * SAMPLES_PER_TOKEN
+        piece, rest = self.upload[:n], self.upload[n:]
+        self.stream.feed(piece)
+        self.received += len(piece)
+        self.upload = rest if len(rest) else None
+        self.fresh = True
+
+
+def advance(sessions):
+    """One pass over the sessions that have work -> [(session, Emission or None, final, error)]. Each
+    decodes at most TOKENS_PER_PASS tokens; a session whose audio has ended and been caught up is
+    closed (offline's right pad, the final tokens). A failure stays with its session."""
+    out = []
+    for s in sessions:
+        try:
+            s.top_up()
+            s.fresh = False
+            if s.ending and not s.behind and s.upload is None:
+                e, final = s.stream.close(), True
+            else:
+                e, final = s.stream.step(TOKENS_PER_PASS), False
+                s.behind = len(e.token_ids) == TOKENS_PER_PASS
+            s.n_tokens += len(e.token_ids)
+            s.at_eos = s.at_eos or EOS_ID in e.token_ids
+            out.append((s, e, final, None))
+        except Exception as err:                       # noqa: BLE001 - one session's fault ends only it
+            if not isinstance(err, VoxtralError):
+                traceback.print_exc(file=sys.stderr)   # for the operator; the client gets a plain message
+            out.append((s, None, True, err))
+    return out
+
+
+class Scheduler:
+    """Owns the model: one thread runs `advance` over the sessions that have work, pass after pass."""
+
+    def __init__(self, model, loop, metrics):
+        self.model, self.loop, self.metrics = model, loop, metrics
+        self._cv = threading.Condition()
+        self._sessions = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="voxtral-ref model", daemon=True)
+        self._thread.start()
+
+    # --- called from the event loop ---------------------------------------------------------------------
+    def open(self, sample_rate, deliver, started=True, upload=None):
+        """A new Session; with `upload` ([N] 16 kHz samples) a whole file, ended from the start."""
+        with self._cv:
+            s = Session(self.model, sample_rate, deliver, started)
+            s.upload, s.ending = upload, upload is not None
+            self._sessions.append(s)
+            self._cv.notify()
+            self.metrics.open_sessions.set(len(self._sessions))
+            return s
+
+    def forget(self, s):
+        """The client is gone (or cleared the audio): the session leaves at once, mid-pass results are
+        dropped."""
+        with self._cv:
+            s.forgotten = True
+            if s in self._sessions:
+                self._sessions.remove(s)
+            self.metrics.open_sessions.set(len(self._sessions))
+
+    def feed(self, s, samples):
+        """Queue audio (int16 or float PCM at the session's rate)."""
+        with self._cv:
+            s.stream.feed(samples)
+            s.received += len(samples)
+            s.fresh = True
+            self._cv.notify()
+
+    def start(self, s):
+        with self._cv:
+            s.started = True
+            self._cv.notify()
+
+    def end(self, s):
+        """End of audio: the session is caught up, closed, and its final emission delivered."""
+        with self._cv:
+            s.ending = s.started = True
+            self._cv.notify()
+
+    def lags(self):
+        with self._cv:
+            return [s.lag_s() for s in self._sessions]
+
+    def count(self):
+        with self._cv:
+            return len(self._sessions)
+
+    def stop(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    # --- the model's thread -----------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or any(s.has_work() for s in self._sessions))
+                if self._stop:
+                    return
+                batch = [s for s in self._sessions if s.has_work()]
+            t0 = time.perf_counter()
+            results = advance(batch)
+            self.metrics.pass_seconds.observe(time.perf_counter() - t0)
+            self.metrics.pass_sessions.observe(len(batch))
+            with self._cv:
+                for s, e, final, err in results:
+                    if final:
+                        s.finished = True
+                        if s in self._sessions:
+                            self._sessions.remove(s)
+                    if e is not None:
+                        for t in e.latency_s:
+                            self.metrics.token_latency.observe(t)
+                    if not s.forgotten:
+                        self.metrics.session_lag.observe(s.lag_s())
+                        self.loop.call_soon_threadsafe(_deliver, s, e, final, err)
+                self.metrics.open_sessions.set(len(self._sessions))
+
+
+def _deliver(s, e, final, err):
+    if not s.forgotten:
+        s.deliver(e, final, err)
+
+
+def pcm16(raw):
+    """Little-endian 16-bit PCM bytes -> int16 samples [N]; an odd byte count is refused, not truncated."""
+    if len(raw) % 2:
+        raise VoxtralError(f"PCM16 audio must have an even number of bytes, got {len(raw)}")
+    return np.frombuffer(raw, "<i2")
