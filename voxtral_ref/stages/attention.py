@@ -2,9 +2,15 @@
 kernels.rope), sliding-window attention and the rolling KV cache that bounds memory for streams of any
 length."""
 
+import contextvars
+
 import numpy as np
 
 from ..runtime import kernels
+
+# Opt-in observer for the oracle's attention maps (`voxtral-ref dump --attention`): called as
+# probe(q, k, q_pos, k_pos, window) with every call's roped queries [T, H, hd] and keys [S, Hkv, hd].
+ATTENTION_PROBE = contextvars.ContextVar("voxtral_ref_attention_probe", default=None)
 
 
 def rope_angles(pos, head_dim, theta):
@@ -56,5 +62,7 @@ def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window,
     k_pos = pos
     if cache is not None:
         k, v, k_pos = cache.update(k, v, pos)                                      # [S, Hkv, hd]
+    if ATTENTION_PROBE.get():
+        ATTENTION_PROBE.get()(q, k, pos, k_pos, window)
     o = kernels.attention(q, k, v, pos, k_pos, window)                             # [T, H, hd]
     return kernels.linear(o.reshape(t, n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]
