@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ import soundfile as sf
 import voxtral_ref
 from voxtral_ref import VoxtralError
 from voxtral_ref.apps import cli, oracle
-from voxtral_ref.runtime import kernels
-from voxtral_ref.stages import decoder, mel
+from voxtral_ref.apps.oracle.compare import Context
 
 from conftest import GOLDEN, MODEL_DIRS, golden_cases, load_case
 
@@ -136,13 +134,13 @@ def test_perturbed_stage_is_reported_as_the_first_divergence(tiny, capsys):
     assert rc == 1
     marked = [line for line in out.splitlines() if line.startswith(">> ")]
     assert len(marked) == 1 and marked[0].split()[1] == "encoder.layers.1" and marked[0].endswith("FAIL")
-    assert out.splitlines()[-1].endswith("3 over tolerance (|err| <= 0 + 0.0001 * max|ref|; token ids exact); "
-                                         "first divergence: encoder.layers.1")
+    assert "3 over tolerance (|err| <= 0 + 0.0001 * max|ref| per row; token ids exact)" in out
+    assert out.splitlines()[-1] == "verdict: the first divergence is encoder.layers.1, first at row 0 (0 ms)"
 
 
 def test_error_within_tolerance_passes_and_tolerance_flags_work(tiny, capsys):
     logits = tiny.tensors["logits"]
-    other = perturbed(tiny, logits=logits + np.float32(1e-3) * np.abs(logits).max())
+    other = perturbed(tiny, logits=logits + np.float32(1e-3) * np.abs(logits).max(1, keepdims=True))
     assert run(capsys, "compare", tiny.dump, other)[0] == 1
     assert run(capsys, "compare", tiny.dump, other, "--rtol", "2e-3")[0] == 0
     assert run(capsys, "compare", tiny.dump, other, "--atol", "1")[0] == 0
@@ -155,7 +153,7 @@ def test_token_ids_are_compared_exactly(tiny, capsys):
     rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, token_ids=changed))
     assert rc == 1 and f"1 ids differ, the first at 3: {ids[3]} vs {ids[3] + 1}" in out
     rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, token_ids=ids[:-1]))
-    assert rc == 1 and "first divergence: token_ids" in out
+    assert rc == 1 and "first divergence is token_ids" in out and "near tie" in out
 
 
 def test_matches_the_hf_oracle(tiny, capsys):
@@ -167,7 +165,8 @@ def test_matches_the_hf_oracle(tiny, capsys):
     compared = {line.split()[0]: line for line in out.splitlines()[3:] if line.startswith("   ")}
     assert {"mel", "conv2", "encoder.layers.1", "adapter_out", "t_cond", "decoder.layers.1.ada_scale",
             "decoder_in", "decoder.layers.1", "final_norm", "logits"} <= set(compared)
-    assert f"first {n_pos} of {n_pos + 1} / {n_pos} along axis 0" in compared["logits"]
+    assert f"first {n_pos} of {n_pos + 1} / {n_pos} positions (HF's teacher-forced forward has one more)" \
+        in compared["logits"]
 
 
 def test_compare_reading_errors(tiny, capsys):
@@ -177,26 +176,6 @@ def test_compare_reading_errors(tiny, capsys):
     np.savez(other, something=np.zeros(3, np.float32))
     rc, _, err = run(capsys, "compare", tiny.dump, other)
     assert rc == 2 and "no tensor name in common" in err
-
-
-BUGS = {   # a typical porting bug -> the stage compare must blame (measured sizes: docs/tensors.md)
-    "mel floored at -8 instead of -6.5": ("mel", lambda: mock.patch.object(mel, "LOG_MEL_FLOOR", -8.0)),
-    "attention window one frame too wide": ("encoder.layers.0", lambda: mock.patch.object(
-        kernels, "attention_np", lambda q, k, v, qp, kp, w, f=kernels.attention_np: f(q, k, v, qp, kp, w + 1))),
-    "t_cond with the sin half first": ("t_cond", lambda: mock.patch.object(
-        decoder, "time_embedding", lambda n, d, f=decoder.time_embedding: np.roll(f(n, d), d // 2))),
-}
-
-
-@pytest.mark.parametrize("bug", BUGS)
-def test_typical_bugs_are_blamed_on_their_stage(tiny, bug):
-    stage, patch = BUGS[bug]
-    ref = oracle.rename(oracle.load_tensors(tiny.ref), oracle.load_name_map(tiny.map) if tiny.map else [])
-    audio, sr = sf.read(tiny.wav, dtype="float32")
-    with patch():
-        _, ours, _ = oracle.capture(voxtral_ref.load(tiny.model, backend="numpy"), audio, sr, tiny.delay_ms)
-    rows, _, _ = oracle.compare_all(ref, ours, 1e-4, 0)
-    assert next(r.name for r in rows if not r.ok) == stage
 
 
 # --- compare, the pieces ----------------------------------------------------------------------------------
@@ -215,7 +194,8 @@ def test_shapes_batch_dims_and_time_axes():
     transposed = oracle.compare_tensor("conv1", x, x.T.copy(), 1e-4, 0)
     assert not transposed.ok and "transposed" in transposed.note
     mel = np.ones((128, 16), np.float32)
-    assert oracle.compare_tensor("mel", mel, mel[:, :8], 1e-4, 0).note == "first 8 of 16 / 8 along axis 1"
+    short = oracle.compare_tensor("mel", mel, mel[:, :8], 1e-4, 0)            # strict: no silent cropping
+    assert not short.ok and short.note == "8 rows along axis 1, expected [128, 16] = [128, T], T = N' / 160"
     assert not oracle.compare_tensor("t_cond", x[0], x[0, :2], 1e-4, 0).ok          # constants have no time axis
     nan = x.copy()
     nan[0, 0] = np.nan
@@ -228,6 +208,226 @@ def test_pipeline_order_puts_layers_by_number():
                                             "decoder.layers.2.ada_scale", "logits", "zzz"]
 
 
+# --- blame by position, strict shapes ---------------------------------------------------------------------
+def test_first_bad_row_and_its_time(tiny, capsys):
+    """An error from encoder frame 100 on: the row, its time on the padded clock (20 ms per frame), the worst
+    row; logits wrong from position 30 (2400 ms, later audio than frame 100's 2000 ms) do not take the blame,
+    logits wrong from position 0 do (position 0 cannot depend on frame 100)."""
+    t = tiny.tensors
+    enc = t["encoder.layers.1"].copy()
+    enc[100:] += np.float32(0.01) * np.abs(enc[100:]).max(1, keepdims=True)
+    enc[150] *= 2
+    logits = t["logits"].copy()
+    logits[30:] += np.float32(0.01) * np.abs(t["logits"]).max()                   # decoder positions: 80 ms each
+    rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, **{"encoder.layers.1": enc, "logits": logits}))
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["encoder.layers.1"])
+    assert rc == 1 and row.startswith(">> ") and "100 (2000 ms)" in row and "150 (3000 ms)" in row
+    assert out.splitlines()[-1] == "verdict: the first divergence is encoder.layers.1, first at row 100 (2000 ms)"
+    logits[:30] += 1.0
+    rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, **{"encoder.layers.1": enc, "logits": logits}))
+    assert out.splitlines()[-2] == "verdict: the first divergence is logits, first at row 0 (0 ms)"
+
+
+def test_decoder_rows_are_compared_up_to_the_first_differing_token(tiny):
+    """A changed token k changes what is fed at position P + k: decoder rows from there on are not compared."""
+    t = dict(tiny.tensors)
+    p, k = len(t["prompt_ids"]), 5
+    ids = t["token_ids"].copy()
+    ids[k] += 1
+    din = t["decoder_in"].copy()
+    din[p + k:] += 1.0                                   # what feeding the other id does
+    rows, _, _, ctx = oracle.compare_all(t, {**t, "token_ids": ids, "decoder_in": din}, 1e-4, 0)
+    assert ctx.id_limit == p + k
+    row = {r.name: r for r in rows}
+    assert row["decoder_in"].ok and "positions from 44 on not compared" in row["decoder_in"].note
+    v, hint = oracle.verdict(rows, ctx)
+    assert (v.name, v.first) == ("token_ids", k) and "near tie" in hint and "--force-ids" in hint
+
+
+def test_only_documented_shape_differences_are_cropped():
+    ctx = Context(n_prompt=3)
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    hf = oracle.compare_tensor("decoder_in", x, np.concatenate([x, x[:1]]), 1e-4, 0, ctx)    # HF: one row more
+    assert hf.ok and hf.note == "first 10 of 10 / 11 positions (HF's teacher-forced forward has one more)"
+    two = oracle.compare_tensor("decoder_in", x, np.concatenate([x, x[:2]]), 1e-4, 0, ctx)
+    assert not two.ok and two.note == "12 rows along axis 0, expected [10, 4] = [L-1, D], L = P + len(token_ids)"
+    per_step = oracle.compare_tensor("logits", x, x[2:], 1e-4, 0, ctx)                   # rows P-1.. only
+    assert per_step.ok and "one logits row per step" in per_step.note
+    wrong = x[2:].copy()
+    wrong[3] += 1
+    assert oracle.compare_tensor("logits", x, wrong, 1e-4, 0, ctx).first == 5             # REF's numbering
+    enc = oracle.compare_tensor("encoder.layers.0", x, x[:9], 1e-4, 0, ctx)
+    assert not enc.ok and enc.note == "9 rows along axis 0, expected [10, 4] = [T/2, C]"
+    audio = oracle.compare_tensor("padded_audio", x[:, 0], x[:9, 0], 1e-4, 0, ctx)
+    assert not audio.ok and "N' = 40960 + N + align + (d + 11) * 1280" in audio.note
+
+
+def test_mel_with_one_frame_more_fails_with_the_formula(tiny, capsys):
+    mel = tiny.tensors["mel"]
+    rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, mel=np.concatenate([mel, mel[:, -1:]], 1)))
+    assert rc == 1 and f"expected [128, {mel.shape[1]}] = [128, T], T = N' / 160" in out
+
+
+# --- robustness (issue 15): one clear line, never a traceback or a silent pass -----------------------------
+@pytest.mark.parametrize("flag,value", [("--rtol", "nan"), ("--atol", "inf"), ("--rtol", "-1"), ("--atol", "x")])
+def test_tolerances_must_be_finite(tiny, capsys, flag, value):
+    rc, out, err = run(capsys, "compare", tiny.dump, tiny.dump, flag, value)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and flag in err
+
+
+def test_nan_in_the_port_fails_whatever_the_tolerance(tiny, capsys):
+    enc = tiny.tensors["encoder_out"].copy()
+    enc[7, 3] = np.nan
+    rc, out, _ = run(capsys, "compare", tiny.dump, perturbed(tiny, encoder_out=enc), "--atol", "1e30")
+    assert rc == 1 and "first divergence is encoder_out, first at row 7" in out
+
+
+def test_unreadable_inputs_are_one_line(tiny, capsys):
+    empty = tiny.dir / "empty.npz"
+    np.savez(empty)
+    text = tiny.dir / "text.npz"
+    text.write_text("not a zip")
+    pickled = tiny.dir / "objects.npz"
+    np.savez(pickled, x=np.array([{"a": 1}], dtype=object))
+    torch_file = tiny.dir / "port.pt"
+    torch_file.write_bytes(b"\x80\x02")
+    for path, msg in ((empty, "holds no tensors"), (text, "cannot read tensors"), (pickled, "cannot read tensors"),
+                      (torch_file, "cannot read this kind of file"), (tiny.dir / "nope.npz", "missing file")):
+        rc, out, err = run(capsys, "compare", tiny.dump, path)
+        assert rc == 2 and out == "" and msg in err and len(err.splitlines()) == 1, err
+
+
+def test_string_and_complex_tensors_fail_with_a_reason(tiny, capsys):
+    t = tiny.tensors
+    other = perturbed(tiny, t_cond=np.array(["x"] * len(t["t_cond"])), mel=t["mel"].astype(np.complex64))
+    rc, out, _ = run(capsys, "compare", tiny.dump, other)
+    lines = {line.split()[1] if line.startswith(">> ") else line.split()[0]: line for line in out.splitlines()[3:]}
+    assert rc == 1 and "OTHER is not numeric (dtype <U1)" in lines["t_cond"]
+    assert "OTHER is complex (complex64)" in lines["mel"] and "FAIL" in lines["mel"]
+
+
+# --- dump: formats, metadata, modes -----------------------------------------------------------------------
+def dump(capsys, tiny, out, *extra):
+    return run(capsys, "dump", "--model", tiny.model, tiny.wav, "--out", out, "--backend", "numpy",
+               "--delay-ms", tiny.delay_ms, *extra)
+
+
+@pytest.mark.parametrize("out", ["d.npz", "d.safetensors", "npy_dir"])
+def test_dump_writes_what_the_suffix_says_with_metadata(tiny, capsys, out):
+    path = tiny.dir / "formats" / out
+    path.parent.mkdir(exist_ok=True)
+    rc, _, err = dump(capsys, tiny, path, "--stages", "encoder_out", "prompt_ids")
+    assert rc == 0 and str(path) in err
+    tensors, meta = oracle.load_tensors(path, with_metadata=True)
+    assert list(tensors) == ["encoder_out", "prompt_ids"] and meta["encoder_window"] == "48"
+    assert meta["n_prompt"] == "39" and meta["precision"] == "f32" and meta["quantize"] == "None"
+    if out == "npy_dir":
+        assert sorted(f.name for f in path.iterdir()) == ["__metadata__.json", "encoder_out.npy", "prompt_ids.npy"]
+    else:
+        assert path.read_bytes()[:2] == (b"PK" if out.endswith(".npz") else path.read_bytes()[:2])
+
+
+def test_dump_refuses_what_it_cannot_write(tiny, capsys):
+    for out, msg in ((tiny.dir / "x.pt", "cannot write '.pt' files"),
+                     (tiny.dir / "no" / "such" / "x.npz", "does not exist"),
+                     (tiny.wav, "cannot write '.wav' files"),
+                     (Path(tiny.model) / next(Path(tiny.model).glob("*.safetensors")).name, "overwrite an input")):
+        rc, out_, err = dump(capsys, tiny, out)
+        assert rc == 2 and out_ == "" and msg in err, err
+    rc, _, err = dump(capsys, tiny, tiny.dir / "q.npz", "--quantize", "bogus")
+    assert rc == 2 and "unknown quantize 'bogus'" in err
+
+
+def test_dump_precision_and_quantize_make_a_baseline(tiny, capsys):
+    base = tiny.dir / "bf16.npz"
+    assert dump(capsys, tiny, base, "--precision", "bf16", "--quantize", "int8")[0] == 0
+    meta = oracle.load_tensors(base, with_metadata=True)[1]
+    assert (meta["precision"], meta["quantize"]) == ("bf16", "int8")
+    rc, out, _ = run(capsys, "compare", tiny.dump, base)
+    assert rc == 1
+    rc, out, _ = run(capsys, "compare", tiny.dump, base, "--baseline", base)
+    assert rc == 0 and "x base" in out and "or <= 2 x the baseline's error" in out
+
+
+def test_force_ids_keeps_positions_comparable_after_a_token_differs(tiny, capsys):
+    t = tiny.tensors
+    p, k = len(t["prompt_ids"]), 4
+    port_ids = t["token_ids"].copy()
+    port_ids[k] = (port_ids[k] + 1) % 2048
+    ids_file = tiny.dir / "port_ids.json"
+    ids_file.write_text(json.dumps({"token_ids": port_ids.tolist()}))          # transcribe -f json's shape
+    forced = tiny.dir / "forced.npz"
+    rc, _, err = dump(capsys, tiny, forced, "--force-ids", ids_file)
+    assert rc == 0 and f"first differs at token {k}: {t['token_ids'][k]} where the port fed {port_ids[k]}" in err
+    f = oracle.load_tensors(forced)
+    assert np.array_equal(f["token_ids"], port_ids) and f["logits"].shape == t["logits"].shape
+    for name in ("decoder_in", "decoder.layers.1", "logits"):                  # identical before P + k ...
+        assert np.array_equal(f[name][:p + k], t[name][:p + k]), name
+    assert not np.allclose(f["decoder_in"][p + k], t["decoder_in"][p + k])     # ... fed the port's id there
+    ours = tiny.dir / "ours.json"
+    ours.write_text(json.dumps(t["token_ids"].tolist()))
+    assert dump(capsys, tiny, tiny.dir / "same.npz", "--force-ids", ours)[0] == 0
+    same = oracle.load_tensors(tiny.dir / "same.npz")
+    assert all(np.array_equal(same[n], t[n]) for n in t)                       # forcing our own ids changes nothing
+
+
+def test_force_ids_bad_files(tiny, capsys):
+    for content, msg in (("[1, 2.5]", "integer ids"), ("[]", "integer ids"), ("[99999]", "every id must be in"),
+                         (json.dumps([5] * 1000), "positions for")):
+        path = tiny.dir / "bad_ids.json"
+        path.write_text(content)
+        rc, out, err = dump(capsys, tiny, tiny.dir / "f.npz", "--force-ids", path)
+        assert rc == 2 and msg in err, err
+
+
+def test_stream_dump_records_timing_and_equals_offline(tiny, capsys):
+    out = tiny.dir / "stream.npz"
+    rc, lines, _ = dump(capsys, tiny, out, "--stream", "--chunk", "1000")
+    records = [json.loads(line) for line in lines.splitlines()]
+    t = tiny.tensors
+    p = len(t["prompt_ids"])
+    assert rc == 0 and [r["id"] for r in records] == t["token_ids"].tolist()
+    assert [r["position"] for r in records] == list(range(p - 1, p - 1 + len(records)))
+    fed = [r["samples_fed"] for r in records if not r["at_close"]]
+    assert fed == sorted(fed) and fed[0] >= 1280 * (p - 33 + 1) - 40960 // 1280 * 0 - 0 and fed[0] % 1000 in (0, len(t["audio"]) % 1000)
+    # token k needs 1280 * (delay + 1 + k) + 40 samples of real audio (README, Streaming)
+    assert all(r["samples_fed"] >= min(1280 * (6 + 1 + r["token"]) + 40, len(t["audio"])) for r in records)
+    margins = oracle.capture  # noqa: F841  (the margin is the top-two gap of the row that chose the id)
+    assert all(r["margin"] >= 0 for r in records)
+    rc, report, _ = run(capsys, "compare", tiny.dump, out)
+    assert rc == 0 and "decoder.layers.1" in report
+
+
+def test_attention_maps_are_opt_in_and_are_distributions(tiny, capsys):
+    out = tiny.dir / "att.npz"
+    assert dump(capsys, tiny, out, "--attention", "--stages", "encoder.layers.0.attention",
+                "decoder.layers.1.attention")[0] == 0
+    a = oracle.load_tensors(out)
+    enc, dec = a["encoder.layers.0.attention"], a["decoder.layers.1.attention"]
+    n_enc, n_dec = tiny.tensors["conv2"].shape[0], tiny.tensors["decoder_in"].shape[0]
+    assert enc.shape == (4, n_enc, n_enc) and dec.shape == (4, n_dec, n_dec)
+    for m, window in ((enc, 48), (dec, 24)):
+        np.testing.assert_allclose(m.sum(-1), 1, atol=1e-5)
+        q, k = np.indices(m.shape[1:])
+        assert not m[:, (k > q) | (k <= q - window)].any()                   # causal, sliding window
+    assert "encoder.layers.0.attention" not in tiny.tensors                   # opt-in only
+
+
+# --- check-stage ------------------------------------------------------------------------------------------
+def test_check_stage_runs_one_stage_on_the_ports_input(tiny, capsys):
+    t = tiny.tensors
+    enc1 = t["encoder.layers.1"] + np.float32(0.01) * np.abs(t["encoder.layers.1"]).max(1, keepdims=True)
+    port = perturbed(tiny, **{"encoder.layers.1": enc1})
+    ok = run(capsys, "check-stage", "encoder_out", "--input", tiny.dump, "--model", tiny.model, "--backend", "numpy")
+    assert ok[0] == 0 and "the final norm on encoder.layers.1" in ok[1]
+    rc, out, _ = run(capsys, "check-stage", "encoder.layers.1", "--input", port, "--model", tiny.model)
+    assert rc == 1 and "verdict: the first divergence is encoder.layers.1, first at row 0" in out
+    rc, _, err = run(capsys, "check-stage", "decoder.layers.7", "--input", port, "--model", tiny.model)
+    assert rc == 2 and "has no decoder.layers.7" in err
+    rc, _, err = run(capsys, "check-stage", "token_ids", "--input", port, "--model", tiny.model)
+    assert rc == 2 and "check-stage runs one stage" in err
+
+
 # --- explain ----------------------------------------------------------------------------------------------
 def test_explain_walks_every_stage(tiny, capsys):
     rc, out, _ = run(capsys, "explain", "--model", tiny.model, tiny.wav, "--backend", "numpy")
@@ -235,7 +435,7 @@ def test_explain_walks_every_stage(tiny, capsys):
     rows = [line.split()[0] for line in out.splitlines()[2:] if not line.startswith(("#", "text:"))]
     assert rows == TINY_NAMES
     for stage in oracle.STAGES:
-        assert f"# {stage.what}" in out
+        assert (f"# {stage.what}" in out) == ("attention" not in stage.pattern)
     assert "[128, " in out and " ms  min " in out and out.splitlines()[-1].startswith("text: ")
 
 
@@ -261,3 +461,21 @@ def test_docs_name_every_stage():
     text = DOCS.read_text(encoding="utf-8")
     for stage in oracle.STAGES:
         assert f"`{stage.pattern}`" in text, stage.pattern
+
+
+def test_explain_grid_is_the_delayed_streams_table(tiny, capsys):
+    rc, out, _ = run(capsys, "explain", "--model", tiny.model, tiny.wav, "--backend", "numpy", "--grid")
+    grid = out[out.index("position  slot"):].splitlines()[1:]
+    t = tiny.tensors
+    p = len(t["prompt_ids"])
+    assert rc == 0 and len(grid) == len(t["logits"])
+    first = grid[p - 1].split()                                     # the first emitting position
+    assert first[:5] == [str(p - 1), str(80 * (p - 1)), str(80 * p - 2560), "32", str(t["token_ids"][0])]
+    assert first[-2:-1] == ["0-80"] or "0-80" in grid[p - 1]
+
+
+@pytest.mark.parametrize("plot,msg", [("x.wav", "not a picture format"), ("no/such/dir/x.png", "does not exist")])
+def test_explain_plot_path_is_checked_first(tiny, capsys, plot, msg):
+    pytest.importorskip("matplotlib")
+    rc, out, err = run(capsys, "explain", "--model", tiny.model, tiny.wav, "--plot", tiny.dir / plot)
+    assert rc == 2 and out == "" and msg in err
