@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import VoxtralError
 from ..checkpoint.hub import DEFAULT_REPO
+from .batch import add_batch_parser
 from .oracle import add_oracle_parsers
 from ..runtime.stream import add_stream_parser
 from .serve import add_serve_parser
@@ -79,13 +80,12 @@ def transcribe_file(model, src, formats, out_dir, args):
         note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, {split} "
              f"({len(r.token_ids)} tokens); real-time factor {tm['total_s'] / max(seconds, 1e-3):.2f}; "
              f"{len(segs)} segments")
+    if out_dir is not None:
+        write_outputs(out_dir, stem(src), r, segs, formats, args.verbose)
+        return
     for fmt in formats:
-        text = render(fmt, r, segs, pretty=out_dir is not None)
-        if out_dir is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            write_text(out_dir / f"{stem(src)}.{fmt}", text, args)
+        sys.stdout.write(render(fmt, r, segs, pretty=False))
+        sys.stdout.flush()
 
 
 def render(fmt, r, segs, pretty):
@@ -131,12 +131,27 @@ def output_dir(path, sources):
     return d
 
 
-def write_text(path, text, args):
+def write_outputs(out_dir, name, r, segs, formats, verbose=False):
+    """<out_dir>/<name>.<fmt> for each format (`transcribe -o` and `batch` write the same files)."""
+    for fmt in formats:
+        write_text(out_dir / f"{name}.{fmt}", render(fmt, r, segs, pretty=True), verbose)
+
+
+def write_text(path, text, verbose=False):
+    """Whole or not at all: written beside `path`, flushed to disk, then renamed over it, so a kill at any
+    moment leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.write_text(text, encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise VoxtralError(f"cannot write {path}: {e.strerror or e}") from None
-    if args.verbose:
+    if verbose:
         note(f"wrote {path}")
 
 
@@ -327,7 +342,8 @@ def build_parser():
                    help="also read every weight and report NaN or infinite values (reads the whole checkpoint)")
     i.set_defaults(func=cmd_info)
 
-    add_oracle_parsers(sub)                 # dump, compare, explain
+    add_batch_parser(sub)                   # batch (archives; embedded or on Ray)
+    add_oracle_parsers(sub)                 # dump, compare, check-stage, check-weights, explain
     add_stream_parser(sub)                  # stream (live audio)
     add_serve_parser(sub)                   # serve (realtime server; the [serve] extra)
     return p
