@@ -199,8 +199,11 @@ async def main(args):
         xs = [x for s in stats if s["openai"] in sel for x in s["lat"]]
         print(f"  delta latency ({name}): p50 {1e3 * pct(xs, 50):.0f} ms, p95 {1e3 * pct(xs, 95):.0f} ms "
               f"({len(xs)} deltas)")
-    print(f"  lag behind the audio (80 ms token grain): first quarter mean {np.mean(first):.2f} s, "
-          f"last quarter mean {np.mean(last):.2f} s, last quarter max {np.max(last):.2f} s")
+    if first:
+        print(f"  lag behind the audio while streaming (80 ms token grain): first quarter mean {np.mean(first):.2f} s, "
+              f"last quarter mean {np.mean(last):.2f} s, last quarter max {np.max(last):.2f} s")
+    else:
+        print("  lag behind the audio: no text arrived before the final commit (the server fell behind)")
     print(f"  final commit -> final event: p50 {pct([s['flush'] for s in stats], 50):.2f} s, "
           f"max {max(s['flush'] for s in stats):.2f} s")
     print("  server RSS (MB) over time: " + ", ".join(f"{t:.0f}s {r:.0f}" for t, r in series))
