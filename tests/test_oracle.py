@@ -335,7 +335,7 @@ def test_dump_refuses_what_it_cannot_write(tiny, capsys):
         rc, out_, err = dump(capsys, tiny, out)
         assert rc == 2 and out_ == "" and msg in err, err
     rc, _, err = dump(capsys, tiny, tiny.dir / "q.npz", "--quantize", "bogus")
-    assert rc == 2 and "unknown quantize 'bogus'" in err
+    assert rc == 2 and "quantize" in err and "'bogus'" in err and len(err.splitlines()) == 1
 
 
 def test_dump_precision_and_quantize_make_a_baseline(tiny, capsys):
