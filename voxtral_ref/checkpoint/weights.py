@@ -322,7 +322,7 @@ def check_layer_counts(tensors, cfg, source):
     for part, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
         prefix = re.escape(LAYER_PREFIXES[part][0 if cfg.format == "mistral" else 1])
         found = {int(m.group(1)) for name in tensors if (m := re.match(prefix + r"(\d+)\.", name))}
-        if found != set(range(c.n_layers)):
+        if len(found) != c.n_layers or max(found, default=-1) != c.n_layers - 1:     # i.e. not 0..n_layers-1
             held = f"layers {min(found)}..{max(found)}" if found else "no layers"
             raise VoxtralError(f"{source} holds {part} {held} ({len(found)} in all), the config says "
                                f"n_layers {c.n_layers}")
