@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 import voxtral_ref
+from hypothesis import settings
+
+# The long fuzz run (tests/test_fuzz.py): python -m pytest -q tests/test_fuzz.py --hypothesis-profile=fuzz -s
+settings.register_profile("fuzz", max_examples=500, deadline=None)
 
 GOLDEN = Path(os.environ.get("VOXTRAL_REF_GOLDEN", Path(__file__).resolve().parent.parent / "golden"))
 MODEL_DIRS = {"mistral": GOLDEN / "models" / "tiny_mistral", "hf": GOLDEN / "models" / "tiny_hf"}
