@@ -5,6 +5,7 @@ a local Ray cluster with an actor killed mid-run. The embedded tests need no Ray
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -341,3 +342,13 @@ def test_ray_driver_killed_then_rerun(ray_cluster, clips, reference, model, tmp_
     recs = read_results(out)
     assert set(recs) == set(ids)
     assert all(recs[i]["token_ids"] == reference[c].token_ids for i, c in ids.items())
+
+
+def test_ray_failure_is_one_error(ray_cluster, clips, tmp_path):
+    """Actors that cannot load the model end the run with one VoxtralError, not Ray's traceback."""
+    bad = tmp_path / "model"
+    shutil.copytree(MODEL, bad)
+    (bad / "tekken.json").write_text('{"vocab": [')        # the driver checks the folder; only actors load it
+    with pytest.raises(VoxtralError, match=r"^on Ray: .*tekken\.json"):
+        batch.run([clips / "clip0.wav"], tmp_path / "out", model=bad, ray=True, workers=1, threads=1)
+    assert (tmp_path / "out" / batch.RESULTS).read_text() == ""

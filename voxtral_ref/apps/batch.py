@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..checkpoint.hub import DEFAULT_REPO
+from ..checkpoint.hub import DEFAULT_REPO, looks_local, resolve
 from ..config import SAMPLE_RATE, delay_tokens
 from ..errors import VoxtralError
 
@@ -248,6 +248,8 @@ def decode(item):
         meta["error"] = f"cannot read {item['path']}: {e.strerror or e}"
     except VoxtralError as e:
         meta["error"] = str(e)
+    except Exception as e:           # whatever else a decoder library raises on a strange file is about that file
+        meta["error"] = f"cannot decode {item['path']}: {type(e).__name__}: {e}"
     meta["read_s"] = time.perf_counter() - t0
     return meta, x
 
@@ -338,24 +340,31 @@ def run_on_ray(todo, model, load_options, threads, workers, address, write):
     if started:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False                 # ours counts files and audio hours
-        logging.getLogger("ray.data").setLevel(logging.ERROR)     # its notes on how it runs; errors still raise
         threads = threads or 1
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         ds = (ray.data.from_items([asdict(it) for it in todo], override_num_blocks=len(todo))
               # The actors hold every CPU they ask for: decoding asks for none, or it would wait for them
-              # forever. It is I/O and resampling, small beside transcription.
-              .map(decode_row, num_cpus=0)
+              # forever. It is I/O and resampling, small beside transcription, so one task per actor in
+              # flight keeps them fed; unbounded, Ray would start a worker process per file at once.
+              .map(decode_row, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=workers))
               .map_batches(Transcriber, fn_constructor_kwargs={"model": model, "load_options": load_options,
                                                                "threads": threads},
                            batch_size=FILES_PER_CALL, compute=ray.data.ActorPoolStrategy(size=workers),
                            num_cpus=threads))
+        ds.context.enable_progress_bars = False          # this run's own: ours counts files and audio hours
         for row in ds.iter_rows():
             write(json.loads(row["record"]))
+    except ray.exceptions.RayError as e:             # an actor or task that kept failing, e.g. no model there
+        raise VoxtralError(f"on Ray: {last_line(str(e))}") from None
     finally:
         if started:
             ray.shutdown()
+
+
+def last_line(traceback_text):
+    """What a remote traceback ends with: its exception, without the module path of a VoxtralError."""
+    line = [t for t in traceback_text.strip().splitlines() if t.strip()][-1].strip()
+    return line.split("VoxtralError: ", 1)[-1]
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -436,6 +445,8 @@ def run(inputs, out_dir, formats=(), delay_ms=None, model=DEFAULT_REPO, *, threa
     if workers is not None and not (ray or ray_address):
         raise VoxtralError("--workers is the number of Ray actors: add --ray or --ray-address")
     items = collect_inputs(inputs, delay_ms)          # mistakes in the inputs surface before any work
+    if looks_local(model):                            # ... and a mistyped model before a cluster starts
+        resolve(model, load_options.get("revision"), weights_format=load_options.get("weights_format"))
     out = output_dir(out_dir, ())
     lock_fd = lock(out)
     try:
@@ -467,8 +478,12 @@ def run(inputs, out_dir, formats=(), delay_ms=None, model=DEFAULT_REPO, *, threa
 
 # --- command line -----------------------------------------------------------------------------------------
 def cmd_batch(args):
+    import logging
     from .cli import note
     from .. import load
+    if args.ray or args.ray_address:     # Ray Data's logs, tracebacks included: its failures end as our one line
+        import_ray()
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     load_options = {k: getattr(args, k) for k in signature(load).parameters
                     if k not in ("model", "progress") and hasattr(args, k)}       # what add_model_args offers
     s = run(args.inputs, args.output_dir, args.format, args.delay_ms, args.model, threads=args.threads,
