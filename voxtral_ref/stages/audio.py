@@ -51,16 +51,20 @@ def to_mono_float32(audio):
         a = pcm_to_float(a)
     elif a.dtype.kind != "f":
         raise VoxtralError(f"audio must be an array of samples, got dtype {a.dtype}")
-    a = a.astype(np.float32, copy=False)
     if a.ndim == 2 and not 1 <= a.shape[1] <= MAX_CHANNELS:
         raise VoxtralError(f"audio of shape {a.shape} is not [samples, channels] with 1..{MAX_CHANNELS} channels; "
                            "for [channels, samples] (torchaudio's layout) pass audio.T, for mono a 1-D array")
-    if a.ndim == 2:
-        a = a.mean(axis=1, dtype=np.float32)                                 # [N, C] -> [N]
-    if a.ndim != 1:
+    if a.ndim not in (1, 2):
         raise VoxtralError(f"audio must be [samples] or [samples, channels], got shape {a.shape}")
+    # NaN, infinities and values past float32's range come out of the cast and the mix as NaN or inf (no
+    # warnings: they are refused just below, once, with one message)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = a.astype(np.float32, copy=False)
+        if a.ndim == 2:
+            a = a.mean(axis=1, dtype=np.float32)                             # [N, C] -> [N]
     if not np.isfinite(a).all():
-        raise VoxtralError(f"the audio contains {int((~np.isfinite(a)).sum())} NaN or infinite samples")
+        raise VoxtralError(f"the audio contains {int((~np.isfinite(a)).sum())} NaN or infinite samples "
+                           "(or samples beyond float32's range)")
     return a
 
 
