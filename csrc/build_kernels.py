@@ -5,7 +5,8 @@ development, `python csrc/build_kernels.py`, which builds the module in place ne
 
 Portability: the flags are baseline (-O3, no -march), so the library runs on any x86-64; the AVX2 and
 AVX-512 loops are enabled per function with target attributes and chosen at run time (dispatch.c).
--ffast-math is deliberately absent: the kernels must round like the NumPy twins.
+-ffast-math is deliberately absent and -ffp-contract=off keeps a * b + c from becoming one fused operation
+unless a kernel asks for it: the kernels must round like the NumPy twins (the quantisers bit for bit).
 """
 
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["dispatch.c", "matmul.c", "attention.c", "norms.c", "isa_scalar.c", "isa_avx2.c", "isa_avx512.c"]
+SOURCES = ["dispatch.c", "matmul.c", "qmatmul.c", "attention.c", "norms.c", "isa_scalar.c", "isa_avx2.c", "isa_avx512.c"]
 
 
 def _cdef():
@@ -42,7 +43,7 @@ def make_builder(src_dir="csrc"):
         '#include "kernels.h"',
         sources=[f"{src_dir}/{s}" for s in SOURCES],
         include_dirs=[src_dir],
-        extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", *omp_compile],
+        extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", *omp_compile],
         extra_link_args=omp_link,
         libraries=["m"],
     )

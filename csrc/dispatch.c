@@ -31,7 +31,8 @@ int vx_isa_best(void) {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = VX_ISA_AVX2;
         if (best == VX_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = VX_ISA_AVX512;
-        if (best == VX_ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16"))
+        if (best == VX_ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16") &&
+            __builtin_cpu_supports("avx512vnni"))
             best = VX_ISA_AVX512_BF16;
 #endif
     }
@@ -58,7 +59,7 @@ const char *vx_isa_detail(int level) {
         "portable C, one float at a time",
         "AVX2 + FMA, 8 floats per vector",
         "AVX-512F, 16 floats per vector",
-        "AVX-512F, 16 floats per vector, and bf16 dot products for bf16-precision matmuls",
+        "AVX-512F, 16 floats per vector, bf16 dot products for bf16-precision matmuls, VNNI int8 dot products for quantised weights",
     };
     return level >= 0 && level <= VX_ISA_AVX512_BF16 ? detail[level] : "unknown";
 }

@@ -26,8 +26,6 @@ typedef struct {
     int xtype;              /* VX_X_F32 or VX_X_BF16 (x rounded to bfloat16 first) */
     const void *w;          /* [m, k] of wtype */
     int wtype;
-    const float *scales;    /* [m, k / group] for int8 */
-    int64_t group;
     const float *b;         /* [m] or NULL */
     float *y;               /* [n, m] */
 } vx_linear_args;
@@ -58,6 +56,22 @@ typedef struct {
     void (*micro)(int64_t steps, const void *a, const void *b, float *c, int64_t ldc, int accumulate);
 } vx_gemm_kernel;
 
+enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_CANDIDATES = 10 };  /* quant.py */
+
+static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }
+
+typedef struct {
+    const int8_t *xq;       /* [n, k] */
+    const float *sx;        /* [n, k / 32] */
+    const int32_t *xsum;    /* [n, k / 32] */
+    int64_t n, k, m;
+    const uint8_t *w;       /* panels */
+    int fmt;
+    int64_t panel_bytes;
+    const float *b;         /* [m] or NULL */
+    float *y;               /* [n, m] */
+} vx_qlinear_args;
+
 typedef struct {
     int level;
     /* GEMV for n <= VX_GEMV_ROWS: outputs y[:, m0:m1] */
@@ -66,9 +80,6 @@ typedef struct {
      * bf16 weights directly (used for VX_X_BF16 with bf16 weights) */
     vx_gemm_kernel gemm;
     const vx_gemm_kernel *gemm_bf16dot;
-    /* vx_quantize_int8 for rows [m0, m1) */
-    void (*quantize_int8)(const void *w, int wtype, int64_t m0, int64_t m1, int64_t k, int64_t group, int8_t *q,
-                          float *scales);
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
@@ -76,6 +87,11 @@ typedef struct {
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
     void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch);
+    /* quantised linears (qmatmul_simd.h): panels [p0, p1) for all n rows; one panel of weights, one
+     * activation format; and the quantisers */
+    void (*qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1);
+    void (*quantize_act)(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum);
+    void (*quantize_panel)(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, int fmt, uint8_t *out);
     void (*rms_norm)(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d);
     void (*silu_mul)(const float *a, const float *b, float *y, int64_t n);
 } vx_isa;
@@ -124,6 +140,41 @@ static inline uint16_t vx_f32_to_bf16(float f) {
     memcpy(&u, &f, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* float32 -> float16 bits, rounding to nearest even as NumPy's astype(float16) does (subnormals, overflow to
+ * inf; NaN stays NaN); and back, exactly */
+static inline uint16_t vx_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;                            /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;                           /* rounds past 65504: inf */
+    if (a < 0x38800000u) {                                                 /* below 2^-14: subnormal or 0 */
+        if (a < 0x33000000u) return sign;                                  /* below half the smallest: 0 */
+        const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+        const int shift = 126 - (int)(a >> 23);                            /* value = h * 2^-24: 14..24 */
+        const uint32_t h = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+        return sign | (uint16_t)(h + (rem > half || (rem == half && (h & 1))));
+    }
+    const uint32_t h = ((a - 0x38000000u) >> 13), rem = a & 0x1fffu;
+    return sign | (uint16_t)(h + (rem > 0x1000u || (rem == 0x1000u && (h & 1))));
+}
+
+static inline float vx_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, mant = h & 0x3ffu;
+    uint32_t u;
+    if (e == 0x1f) u = sign | 0x7f800000u | mant << 13;
+    else if (e) u = sign | (e + 112) << 23 | mant << 13;
+    else {
+        float f = (float)mant * 5.9604644775390625e-8f;                    /* mant * 2^-24, exact */
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 
 static inline float vx_round_bf16(float f) {

@@ -5,6 +5,8 @@
 #define VX_TABLE_LEVEL VX_ISA_AVX512
 #include "isa_table.h"
 
-/* the same loops plus the bf16 dot-product GEMM (matmul_simd.h), for CPUs with AVX512-BF16 */
-const vx_isa vx_isa_avx512_bf16 = {.level = VX_ISA_AVX512_BF16, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot};
+/* the same loops plus the bf16 dot-product GEMM (matmul_simd.h) and the VNNI quantised linear
+ * (qmatmul_simd.h), for CPUs with AVX512-BF16 (all of which have AVX512-VNNI; dispatch.c checks both) */
+const vx_isa vx_isa_avx512_bf16 = {.level = VX_ISA_AVX512_BF16, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot,
+                                   .qlinear = qlinear_vnni};
 #endif

@@ -5,15 +5,18 @@
 
 #include "attention_simd.h"
 #include "matmul_simd.h"
+#include "qmatmul_simd.h"
 #include "norms_simd.h"
 
 #define VX_TABLE_ENTRIES                                                                        \
     .gemv = VX_NAME(gemv),                                                                      \
     .gemm = {GEMM_MR, GEMM_NR, 1, VX_NAME(pack_panel), VX_NAME(pack_weights), VX_NAME(gemm_micro)}, \
-    .quantize_int8 = VX_NAME(quantize_int8),                                                    \
     .attn_vw = VW,                                                                              \
     .attention_rows = VX_NAME(attention_rows),                                                  \
     .attention_keys = VX_NAME(attention_keys),                                                  \
+    .qlinear = VX_NAME(qlinear),                                                                \
+    .quantize_act = VX_NAME(quantize_act),                                                      \
+    .quantize_panel = VX_NAME(quantize_panel),                                                  \
     .rms_norm = VX_NAME(rms_norm),                                                              \
     .silu_mul = VX_NAME(silu_mul)
 

@@ -7,7 +7,7 @@
  *     results equal the NumPy twins in voxtral_ref/runtime/kernels.py up to float32 rounding order (a linear
  *     asked for bf16 precision first rounds its input x to bfloat16, as its twin does);
  *   - weights may be float32, bfloat16 (raw uint16 bits, read in place from the mmap'd checkpoint and
- *     widened exactly in registers) or int8 with float32 group scales;
+ *     widened exactly in registers), or quantised (int8 / q4 panels, vx_qlinear);
  *   - outputs never alias inputs;
  *   - the kernels run on the threads set by vx_set_threads and the ISA level chosen by vx_set_isa.
  */
@@ -28,7 +28,7 @@ void vx_set_threads(int n);              /* n <= 0: the OpenMP default (one per 
 int vx_get_threads(void);                /* 1 when built without OpenMP */
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */
-enum { VX_W_F32 = 0, VX_W_BF16 = 1, VX_W_I8 = 2 };
+enum { VX_W_F32 = 0, VX_W_BF16 = 1 };
 enum { VX_X_F32 = 0, VX_X_BF16 = 1 };
 
 /* y = x @ w.T (+ b)
@@ -36,19 +36,35 @@ enum { VX_X_F32 = 0, VX_X_BF16 = 1 };
  *          precision of a bf16 model's matmul inputs. With bf16 weights the products are then exact and
  *          the avx512bf16 level uses the CPU's bf16 dot-product instruction (twice the float32 FMA rate;
  *          it reads subnormal bf16 as 0, a difference below 1e-38 per product).
- *   w      [m, k] of wtype: float32, bfloat16 (uint16 bits) or int8
- *   scales [m, k / group] float32 when wtype is VX_W_I8 (the weight is w[i, j] * scales[i, j / group];
- *          group divides k), else NULL
+ *   w      [m, k] of wtype: float32 or bfloat16 (uint16 bits)
  *   b      [m] float32 or NULL
  *   y      [n, m] float32
  * n <= 4 streams w once (decode GEMV, memory-bound); larger n runs a packed, cache-blocked GEMM. */
-void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, const float *scales,
-               int64_t group, int64_t m, const float *b, float *y);
+void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,
+               float *y);
 
-/* Symmetric per-group int8: for each row i and group j of `group` consecutive columns,
- *   scales[i, j] = max|w[i, group j]| / 127,  q = clip(rint(w / scales[i, j]), -127, 127)  (0 where the
- *   group is all zero). w [m, k] float32 or bfloat16 (wtype); q [m, k] int8; scales [m, k / group]. */
-void vx_quantize_int8(const void *w, int wtype, int64_t m, int64_t k, int64_t group, int8_t *q, float *scales);
+/* ---- qmatmul.c: quantised weights ---------------------------------------------------------------
+ * Formats (specified by voxtral_ref/runtime/quant.py): weights [m, k] in panels of 16 rows, uint8
+ * [ceil(m / 16), vx_qpanel_bytes(fmt, k)], k a multiple of 32 (and of 256 past 256):
+ *   VX_Q_INT8  per block of 32 inputs: 16 float16 scales, then 8 steps x 16 rows x 4 bytes (q + 128)
+ *   VX_Q_Q4    per super-block of 256 inputs (or all k if fewer): float16 d[16], dmin[16], 6-bit codes
+ *              (192 bytes), then per block of 32 inputs 256 bytes of nibbles (see quant.py)
+ * Activations: x [n, k] float32 -> xq [n, k] int8, sx [n, k / 32] float32, xsum [n, k / 32] int32:
+ *   sx = max|x| / 127 per block, xq = rint(x / sx) (0 for an all-zero block), xsum = the block's sum of xq. */
+enum { VX_Q_INT8 = 0, VX_Q_Q4 = 1 };
+
+int64_t vx_qpanel_bytes(int fmt, int64_t k);
+
+void vx_quantize_act(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum);
+
+/* w [m, k] float32 or bfloat16 (wtype) -> out [ceil(m / 16), vx_qpanel_bytes] (rows past m are zero),
+ * bit for bit what quant.quantize_int8_np / quantize_q4_np give. */
+void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt, uint8_t *out);
+
+/* y [n, m] = x [n, k] @ w.T (+ b [m] or NULL), x quantised as above; per row and block the integer dot is
+ * exact and y = sum over blocks of sx * (S * dot - M * xsum), accumulated in float32 in block order. A row's
+ * result is the same for any n. */
+void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y);
 
 /* ---- attention.c --------------------------------------------------------------------------------- */
 /* Causal sliding-window attention with grouped-query heads.

@@ -1,4 +1,4 @@
-/* vx_linear (y = x @ w.T + b) and vx_quantize_int8: argument handling, blocking, packing, threads.
+/* vx_linear (y = x @ w.T + b): argument handling, blocking, packing, threads.
  * The inner loops are in matmul_simd.h. */
 #include <stdlib.h>
 
@@ -99,9 +99,9 @@ static void linear_gemm(const vx_linear_args *a, const vx_gemm_kernel *g) {
     free(ap);
 }
 
-void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, const float *scales,
-               int64_t group, int64_t m, const float *b, float *y) {
-    vx_linear_args a = {x, n, k, m, xtype, w, wtype, scales, group, b, y};
+void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,
+               float *y) {
+    vx_linear_args a = {x, n, k, m, xtype, w, wtype, b, y};
     if (n <= 0 || m <= 0) return;
     if (k == 0) {   /* an empty sum: the bias alone */
         for (int64_t i = 0; i < n; i++)
@@ -122,17 +122,5 @@ void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, i
         linear_gemm(&a, isa->gemm_bf16dot);
     } else {
         linear_gemm(&a, &isa->gemm);
-    }
-}
-
-/* ---- int8 quantisation (loop in matmul_simd.h), rows split over the threads ---------------------- */
-void vx_quantize_int8(const void *w, int wtype, int64_t m, int64_t k, int64_t group, int8_t *q, float *scales) {
-    const vx_isa *isa = vx_active();
-    int nt = vx_threads_for((double)m * k);
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        vx_split(m, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        isa->quantize_int8(w, wtype, lo, hi, k, group, q, scales);
     }
 }

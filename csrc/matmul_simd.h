@@ -5,19 +5,17 @@
  * Memory-bound for one row: each thread walks its weight rows one at a time, a single sequential stream
  * the hardware prefetcher follows best (several interleaved row streams measured ~25% slower). With 2-4
  * activation rows the loads of x become the limit, so four weight rows share each x load (2x faster).
- * Weights are widened to float32 in registers (int8 also scaled, exactly as the twin dequantises); x
- * stays float32. U vectors of k per step give NX * R * U independent accumulators (within half the
+ * Weights are widened to float32 in registers; x stays float32 (quantised weights have their own kernels,
+ * qmatmul_simd.h). U vectors of k per step give NX * R * U independent accumulators (within half the
  * register file) to hide the FMA latency. */
 
 VX_INLINE vf gemv_load_w(const void *w, int wtype, int64_t i) {
     if (wtype == VX_W_BF16) return vx_load_bf16((const uint16_t *)w + i);
-    if (wtype == VX_W_I8) return vx_load_i8((const int8_t *)w + i);
     return vx_load((const float *)w + i);
 }
 
 static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
     if (wtype == VX_W_BF16) return vx_bf16_to_f32(((const uint16_t *)w)[i]);
-    if (wtype == VX_W_I8) return (float)((const int8_t *)w)[i];
     return ((const float *)w)[i];
 }
 
@@ -32,8 +30,7 @@ static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
 VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const int R, const int wtype) {
     const int U = GEMV_U(NX, R);
     const int64_t K = a->k;
-    const int64_t G = wtype == VX_W_I8 ? a->group : K;    /* one group spanning the row when unscaled */
-    const size_t esize = wtype == VX_W_BF16 ? 2 : wtype == VX_W_I8 ? 1 : 4;
+    const size_t esize = wtype == VX_W_BF16 ? 2 : 4;
     const char *w = (const char *)a->w + (size_t)m * K * esize;
     vf acc[4][4][4];                                       /* [u][r][n] */
     float tail[4][4];
@@ -42,32 +39,26 @@ VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const
             tail[r][n] = 0.0f;
             for (int u = 0; u < U; u++) acc[u][r][n] = vx_zero();
         }
-    for (int64_t g0 = 0; g0 < K; g0 += G) {
-        vf s[4];
-        for (int r = 0; r < R; r++) s[r] = vx_set1(wtype == VX_W_I8 ? a->scales[(m + r) * (K / G) + g0 / G] : 1.0f);
-        int64_t k = g0;
-        for (; k + U * VW <= g0 + G; k += U * VW)
-            for (int u = 0; u < U; u++) {
-                vf wv[4];
-                for (int r = 0; r < R; r++) {
-                    if (VW > 1 && u == 0)
-                        for (size_t off = 0; off < U * VW * esize; off += 64)
-                            __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 0);
-                    wv[r] = gemv_load_w(w + (size_t)r * K * esize, wtype, k + u * VW);
-                    if (wtype == VX_W_I8) wv[r] = vx_mul(wv[r], s[r]);
-                }
-                for (int n = 0; n < NX; n++) {
-                    vf xv = vx_load(a->x + n * K + k + u * VW);
-                    for (int r = 0; r < R; r++) acc[u][r][n] = vx_fma(xv, wv[r], acc[u][r][n]);
-                }
-            }
-        for (; k < g0 + G; k++)                            /* group (or row) not a multiple of U * VW */
+    int64_t k = 0;
+    for (; k + U * VW <= K; k += U * VW)
+        for (int u = 0; u < U; u++) {
+            vf wv[4];
             for (int r = 0; r < R; r++) {
-                float wk = gemv_load_w1(w + (size_t)r * K * esize, wtype, k);
-                if (wtype == VX_W_I8) wk *= a->scales[(m + r) * (K / G) + g0 / G];
-                for (int n = 0; n < NX; n++) tail[r][n] += a->x[n * K + k] * wk;
+                if (VW > 1 && u == 0)
+                    for (size_t off = 0; off < U * VW * esize; off += 64)
+                        __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 0);
+                wv[r] = gemv_load_w(w + (size_t)r * K * esize, wtype, k + u * VW);
             }
-    }
+            for (int n = 0; n < NX; n++) {
+                vf xv = vx_load(a->x + n * K + k + u * VW);
+                for (int r = 0; r < R; r++) acc[u][r][n] = vx_fma(xv, wv[r], acc[u][r][n]);
+            }
+        }
+    for (; k < K; k++)                                     /* a row not a multiple of U * VW */
+        for (int r = 0; r < R; r++) {
+            float wk = gemv_load_w1(w + (size_t)r * K * esize, wtype, k);
+            for (int n = 0; n < NX; n++) tail[r][n] += a->x[n * K + k] * wk;
+        }
     for (int r = 0; r < R; r++)
         for (int n = 0; n < NX; n++) {
             vf t = acc[0][r][n];
@@ -85,14 +76,14 @@ VX_INLINE void gemv_rows(const vx_linear_args *a, int64_t m0, int64_t m1, const 
 }
 
 #define GEMV_CASE(nx, wt) \
-    case (nx) * 3 + (wt): gemv_rows(a, m0, m1, nx, wt); break;
+    case (nx) * 2 + (wt): gemv_rows(a, m0, m1, nx, wt); break;
 
 VX_FN static void VX_NAME(gemv)(const vx_linear_args *a, int64_t m0, int64_t m1) {
-    switch (a->n * 3 + a->wtype) {
-        GEMV_CASE(1, VX_W_F32) GEMV_CASE(1, VX_W_BF16) GEMV_CASE(1, VX_W_I8)
-        GEMV_CASE(2, VX_W_F32) GEMV_CASE(2, VX_W_BF16) GEMV_CASE(2, VX_W_I8)
-        GEMV_CASE(3, VX_W_F32) GEMV_CASE(3, VX_W_BF16) GEMV_CASE(3, VX_W_I8)
-        GEMV_CASE(4, VX_W_F32) GEMV_CASE(4, VX_W_BF16) GEMV_CASE(4, VX_W_I8)
+    switch (a->n * 2 + a->wtype) {
+        GEMV_CASE(1, VX_W_F32) GEMV_CASE(1, VX_W_BF16)
+        GEMV_CASE(2, VX_W_F32) GEMV_CASE(2, VX_W_BF16)
+        GEMV_CASE(3, VX_W_F32) GEMV_CASE(3, VX_W_BF16)
+        GEMV_CASE(4, VX_W_F32) GEMV_CASE(4, VX_W_BF16)
     }
 }
 #undef GEMV_CASE
@@ -140,23 +131,21 @@ VX_FN static void VX_NAME(pack_panel)(const float *x, int64_t ldx, int rows, int
         }
 }
 
-/* Packing: bp[p][kk][j] = w[j0 + p * NR + j, k0 + kk] widened to float32 (int8 times its scale), rows
+/* Packing: bp[p][kk][j] = w[j0 + p * NR + j, k0 + kk] widened to float32, rows
  * past m zero. Blocks of VW rows x VW columns are loaded row-wise and transposed in registers, which
  * keeps packing a small fraction of the GEMM even for a few dozen activation rows. */
 VX_FN static void VX_NAME(pack_weights)(const vx_linear_args *a, int64_t j0, int64_t nc, int64_t k0, int64_t kc, void *bpv) {
     float *bp = bpv;
     const int64_t K = a->k;
     const int wtype = a->wtype;
-    const size_t esize = wtype == VX_W_BF16 ? 2 : wtype == VX_W_I8 ? 1 : 4;
-    const int64_t vec_end = wtype != VX_W_I8 || a->group % VW == 0 ? kc / VW * VW : 0;  /* one scale per vector */
+    const size_t esize = wtype == VX_W_BF16 ? 2 : 4;
+    const int64_t vec_end = kc / VW * VW;
     for (int64_t p = 0; p < nc; p += GEMM_NR, bp += kc * GEMM_NR)
         for (int jb = 0; jb < GEMM_NR; jb += VW) {
             const char *rows[VW];
-            const float *scales[VW];
             for (int i = 0; i < VW; i++) {
                 int64_t row = j0 + p + jb + i;
                 rows[i] = row < a->m ? (const char *)a->w + (size_t)row * K * esize : NULL;
-                scales[i] = row < a->m && wtype == VX_W_I8 ? a->scales + row * (K / a->group) : NULL;
             }
             int64_t kk = 0;
             for (; kk < vec_end; kk += VW) {
@@ -165,15 +154,13 @@ VX_FN static void VX_NAME(pack_weights)(const vx_linear_args *a, int64_t j0, int
                     if (rows[i] && p + GEMM_NR + jb + i + j0 < a->m)  /* the next panel's rows */
                         __builtin_prefetch(rows[i] + ((size_t)GEMM_NR * K + k0 + kk) * esize);
                     r[i] = rows[i] ? gemv_load_w(rows[i], wtype, k0 + kk) : vx_zero();
-                    if (wtype == VX_W_I8 && rows[i]) r[i] = vx_mul(r[i], vx_set1(scales[i][(k0 + kk) / a->group]));
                 }
                 vx_transpose(r);
                 for (int i = 0; i < VW; i++) vx_store(bp + (kk + i) * GEMM_NR + jb, r[i]);
             }
             for (; kk < kc; kk++)
                 for (int i = 0; i < VW; i++) {
-                    float v = rows[i] ? gemv_load_w1(rows[i], wtype, k0 + kk) : 0.0f;
-                    bp[kk * GEMM_NR + jb + i] = scales[i] ? v * scales[i][(k0 + kk) / a->group] : v;
+                    bp[kk * GEMM_NR + jb + i] = rows[i] ? gemv_load_w1(rows[i], wtype, k0 + kk) : 0.0f;
                 }
         }
 }
@@ -293,47 +280,3 @@ VX_BF16DOT_FN static void gemm_micro_bf16dot(int64_t steps, const void *av_, con
 static const vx_gemm_kernel gemm_bf16dot = {BF16DOT_MR, BF16DOT_NR, 2, pack_panel_bf16dot, pack_weights_bf16dot,
                                             gemm_micro_bf16dot};
 #endif
-
-/* ---- int8 quantisation of rows [m0, m1) --------------------------------------------------------------
- * IEEE division and round-to-nearest-even are exact operations, so every level matches the twin bit for
- * bit. Groups of whole vectors run on vectors (6.8 GB/s of bf16 input on cached pages, 1.1 with the
- * plain loop), others on the plain loop. */
-VX_FN static void VX_NAME(quantize_int8)(const void *w, int wtype, int64_t m0, int64_t m1, int64_t k, int64_t group,
-                                         int8_t *q, float *scales) {
-    for (int64_t i = m0; i < m1; i++)
-        for (int64_t g = 0; g < k / group; g++) {
-            const int64_t base = i * k + g * group;
-            const int vec = VW > 1 && group % VW == 0;
-            float amax = 0.0f;
-#if VW > 1
-            if (vec) {
-                vf m = vx_zero();
-                for (int64_t j = 0; j < group; j += VW) {
-                    vf v = gemv_load_w(w, wtype, base + j);
-                    m = vx_max(m, vx_max(v, vx_sub(vx_zero(), v)));
-                }
-                amax = vx_hmax(m);
-            }
-#endif
-            for (int64_t j = 0; !vec && j < group; j++) {
-                float v = fabsf(gemv_load_w1(w, wtype, base + j));
-                amax = v > amax ? v : amax;
-            }
-            const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
-            scales[i * (k / group) + g] = s;
-#if VW > 1
-            if (vec) {
-                const vf sv = vx_set1(safe), hi = vx_set1(127.0f), lo = vx_set1(-127.0f);
-                for (int64_t j = 0; j < group; j += VW) {
-                    float t[VW];
-                    vx_store(t, vx_min(vx_max(vx_round(vx_div(gemv_load_w(w, wtype, base + j), sv)), lo), hi));
-                    for (int l = 0; l < VW; l++) q[base + j + l] = (int8_t)t[l];
-                }
-            }
-#endif
-            for (int64_t j = 0; !vec && j < group; j++) {
-                float r = nearbyintf(gemv_load_w1(w, wtype, base + j) / safe);   /* ties to even, as np.rint */
-                q[base + j] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-            }
-        }
-}

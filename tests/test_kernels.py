@@ -17,14 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voxtral_ref.runtime import ckernels as ck
-from voxtral_ref.runtime import kernels
+from voxtral_ref.runtime import kernels, quant
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="C kernels not built (pip install . builds them)")
 
 ISAS = [pytest.param(level, marks=pytest.mark.skipif(level not in ck.supported_isas(), reason=f"CPU lacks {level}"))
         for level in ck.ISA_LEVELS]
 FAST = settings(max_examples=60, deadline=None)
-WTYPES = ["f32", "bf16", "int8"]
+WTYPES = ["f32", "bf16"]
 
 
 @contextlib.contextmanager
@@ -47,13 +47,9 @@ def threads(n):
         ck.set_threads(before)
 
 
-def weight(rng, m, k, wtype, group=None):
+def weight(rng, m, k, wtype):
     w = rng.standard_normal((m, k), dtype=np.float32)
-    if wtype == "bf16":
-        return w.astype(ml_dtypes.bfloat16)
-    if wtype == "int8":
-        return kernels.quantize_int8_np(w, group or max(g for g in (64, 32, 16, 8, 5, 3, 2, 1) if k % g == 0))
-    return w
+    return w.astype(ml_dtypes.bfloat16) if wtype == "bf16" else w
 
 
 def assert_linear_close(x, w, b, precision="f32"):
@@ -100,7 +96,7 @@ def test_linear_long_rows(level, wtype, precision, n):
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, 1101), dtype=np.float32)
     with isa(level):
-        assert_linear_close(x, weight(rng, 600, 1101, wtype, group=367), rng.standard_normal(600, dtype=np.float32),
+        assert_linear_close(x, weight(rng, 600, 1101, wtype), rng.standard_normal(600, dtype=np.float32),
                             precision)
 
 
@@ -108,12 +104,11 @@ def test_linear_long_rows(level, wtype, precision, n):
 @pytest.mark.parametrize("wtype", WTYPES)
 @pytest.mark.parametrize("n", [1, 3])
 def test_linear_gemv_long_rows(level, wtype, n):
-    """Long GEMV rows (7000 inputs, like the decoder's 9216-wide w2) with int8 groups of 350, not a
-    multiple of the vector width."""
+    """Long GEMV rows (7000 inputs, like the decoder's 9216-wide w2), not a multiple of the vector width."""
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, 7000), dtype=np.float32)
     with isa(level):
-        assert_linear_close(x, weight(rng, 37, 7000, wtype, group=350), rng.standard_normal(37, dtype=np.float32))
+        assert_linear_close(x, weight(rng, 37, 7000, wtype), rng.standard_normal(37, dtype=np.float32))
 
 
 @pytest.mark.parametrize("level", ISAS)
@@ -167,34 +162,143 @@ def test_linear_empty_inputs():
                                             np.arange(4, dtype=np.float32)), [[0, 1, 2, 3]] * 2)
 
 
-# --- int8 -----------------------------------------------------------------------------------------------
+# --- quantised weights (runtime/quant.py) ------------------------------------------------------------------
+QFORMATS = list(quant.FORMATS)
+QWIDTHS = [32, 96, 256, 512, 768]          # one block; the tiny model's odd widths; one and several super-blocks
+
+
+def quant_weight(rng, m, k, heavy=False):
+    """Gaussian rows, or heavy-tailed ones (Student t, 3 degrees of freedom: real weights have outliers),
+    with an all-zero block and a row of exact ties for the rounding."""
+    w = (rng.standard_t(3, (m, k)) if heavy else rng.standard_normal((m, k))).astype(np.float32) * rng.uniform(1e-3, 10)
+    w[0, :32] = 0
+    if m > 1:
+        w[1] = np.resize(np.array([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 126.5], np.float32), k)
+    return w
+
+
 @pytest.mark.parametrize("level", ISAS)
 @FAST
-@given(m=st.integers(1, 20), groups=st.integers(1, 5), group=st.sampled_from([1, 7, 8, 16, 24, 64]),
-       bf16=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_quantize_int8_is_bit_exact_with_twin(level, m, groups, group, bf16, seed):
-    """Groups of whole vectors (8, 16, 24, 64 at AVX2; 16, 64 at AVX-512) take the vector loop, the rest
-    the plain one; row 1 holds exact ties (scale 1, values k + 1/2), which must round to even."""
-    rng = np.random.default_rng(seed)
-    w = rng.standard_normal((m + 1, groups * group), dtype=np.float32) * rng.uniform(1e-3, 10)
-    w[0, :group] = 0                                                          # an all-zero group
-    w[-1] = np.resize(np.array([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -126.5, 126.5], np.float32), w.shape[1])
+@given(m=st.integers(1, 40), k=st.sampled_from(QWIDTHS), fmt=st.sampled_from(QFORMATS), bf16=st.booleans(),
+       heavy=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_quantize_weights_is_bit_exact_with_twin(level, m, k, fmt, bf16, heavy, seed):
+    """Every byte of the panels (codes, float16 scales, nibbles) equals the twin's, at every ISA level; the
+    rows past m of the last panel are zero."""
+    w = quant_weight(np.random.default_rng(seed), m, k, heavy)
     if bf16:
         w = w.astype(ml_dtypes.bfloat16)
     with isa(level):
-        a = ck.quantize_int8(w, group)
-    b = kernels.quantize_int8_np(w, group)
-    np.testing.assert_array_equal(a.q, b.q)
-    np.testing.assert_array_equal(a.scales, b.scales)
-    err = np.abs(a.dequantize() - np.asarray(w, np.float32))
-    assert np.all(err <= np.repeat(a.scales, group, axis=1) * 0.501)          # about half a step (float32 w / s)
+        a = ck.quantize(w, fmt)
+    b = quant.quantize_np(w, fmt)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.shape == (m, k) and a.nbytes == quant.n_panels(m) * quant.panel_bytes(fmt, k)
 
 
-def test_quantize_int8_rejects_bad_groups():
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(n=st.integers(1, 20), k=st.sampled_from(QWIDTHS), seed=st.integers(0, 2**32 - 1))
+def test_quantize_act_is_bit_exact_with_twin(level, n, k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32) * np.float32(10.0) ** rng.integers(-3, 3, (n, 1))
+    x[0, :32] = 0
+    x[-1, -8:] = [0.5, 1.5, -2.5, 127, -127, 3.5, 0, 1]                    # ties (with the block max 127: scale 1)
+    with isa(level):
+        got = ck.quantize_act(x)
+    for a, b in zip(got, quant.quantize_act_np(x)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_quantised_round_trip_error():
+    """int8: within half a step of the float16 scale; q4: within half a step plus the 6-bit coding of
+    scale and offset, and on average better than the plain min-max grid (the fit's purpose)."""
+    rng = np.random.default_rng(0)
+    w = quant_weight(rng, 64, 512)
+    a = quant.quantize_np(w, "int8")
+    s, _, _ = quant._panel_terms("int8", a.data[0], 512)                     # [16, K/32] float32 scales
+    assert np.all(np.abs(a.dequantize()[:16] - w[:16]) <= np.repeat(s, 32, axis=1) * 0.501)
+    g = rng.standard_normal((4096, 32)).astype(np.float32)
+    lo, hi = np.minimum(g.min(1), 0), g.max(1)
+    plain = quant._block_error(g, (hi - lo) / np.float32(15), -lo)
+    fitted = quant._block_error(g, *quant._fit_blocks(g))
+    assert np.all(fitted <= plain) and fitted.mean() < 0.92 * plain.mean()
+
+
+def assert_qlinear_close(x, qt, b):
+    y = ck.linear(x, qt, b)
+    ref = quant.qlinear_np(x, qt, b)
+    scale = np.abs(x) @ np.abs(qt.dequantize()).T + (0 if b is None else np.abs(b))
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    np.testing.assert_array_less(np.abs(y - ref), 2e-6 * scale + 1e-30)     # float32 sums of exact int dots
+
+
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(n=st.one_of(st.integers(1, 9), st.integers(10, 40)), k=st.sampled_from(QWIDTHS), m=st.integers(1, 70),
+       fmt=st.sampled_from(QFORMATS), bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_qlinear_matches_twin(level, n, k, m, fmt, bias, seed):
+    """The kernels' float32 sum over blocks agrees with the twin's float64 one to float32 rounding, for
+    1..8 rows (one register tile) and more (several tiles), odd m (a partial last panel)."""
+    rng = np.random.default_rng(seed)
+    qt = quant.quantize_np(quant_weight(rng, m, k), fmt)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    with isa(level):
+        assert_qlinear_close(x, qt, rng.standard_normal(m, dtype=np.float32) if bias else None)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("fmt", QFORMATS)
+def test_qlinear_rows_do_not_depend_on_the_batch(level, fmt):
+    """A row's result is bit-identical whatever rows share the call (and the thread count): what lets
+    batches and streams give exactly the ids of one sequence alone."""
+    rng = np.random.default_rng(3)
+    qt = quant.quantize_np(quant_weight(rng, 100, 768), fmt)
+    x = rng.standard_normal((19, 768), dtype=np.float32)
+    with isa(level):
+        whole = ck.linear(x, qt)
+        with threads(1):
+            one = ck.linear(x[:1], qt)
+        parts = np.concatenate([ck.linear(x[i:i + 5], qt) for i in range(0, 19, 5)])
+    np.testing.assert_array_equal(whole, parts)
+    np.testing.assert_array_equal(whole[:1], one)
+
+
+def test_qlinear_through_kernels_linear_and_any_leading_shape():
+    rng = np.random.default_rng(0)
+    qt = quant.quantize_np(quant_weight(rng, 33, 96), "q4")
+    x = rng.standard_normal((2, 3, 96), dtype=np.float32)
+    with kernels.use("c", "bf16"):                       # precision does not apply: x is quantised to int8
+        y = kernels.linear(x, qt)
+    assert y.shape == (2, 3, 33)
+    np.testing.assert_array_equal(y, ck.linear(x.reshape(6, 96), qt).reshape(2, 3, 33))
+    np.testing.assert_allclose(y, kernels.linear_np(x, qt), rtol=1e-5, atol=1e-4)
+
+
+def test_qtensor_checks_and_rows():
+    rng = np.random.default_rng(0)
+    w = quant_weight(rng, 40, 256)
+    qt = quant.quantize_np(w, "q4")
+    np.testing.assert_array_equal(qt.rows([39, 0, 17]), qt.dequantize()[[39, 0, 17]])
+    for shape in [(4, 40), (4, 288), (4,)]:
+        with pytest.raises(ValueError):
+            quant.quantize_np(np.ones(shape, np.float32), "q4")
     with pytest.raises(ValueError):
-        ck.quantize_int8(np.ones((2, 10), np.float32), 4)
+        quant.QTensor("q4", qt.data[:, :-1], (40, 256))
     with pytest.raises(ValueError):
-        kernels.quantize_int8_np(np.ones((2, 10), np.float32), 4)
+        quant.QTensor("q3", qt.data, (40, 256))
+
+
+def test_recipes():
+    names = {"enc.conv1.weight": (64, 128, 3), "enc.conv1.bias": (64,), "enc.layers.0.wq": (64, 64),
+             "enc.layers.0.bq": (64,), "adapter.w_in": (96, 256), "dec.layers.0.w2": (96, 512),
+             "dec.layers.0.ada_up": (96, 32), "tok_embeddings": (100, 96), "lm_head": (100, 96)}
+    assert quant.plan("q4", names) == {"enc.conv1.weight": "int8", "enc.layers.0.wq": "q4", "adapter.w_in": "q4",
+                                       "dec.layers.0.w2": "q4", "lm_head": "q4"}
+    assert quant.plan("q4,lm_head=int8,enc=none,conv=none", names) == {"adapter.w_in": "q4", "dec.layers.0.w2": "q4",
+                                                                         "lm_head": "int8"}
+    assert quant.plan("int8,dec.layers.*.w2=q4", names)["dec.layers.0.w2"] == "q4"
+    for bad in ["q5", "q4,nothing=int8", "", "q4,lm_head=fp8"]:
+        with pytest.raises(ValueError):
+            quant.plan(bad, names)
 
 
 # --- attention ------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import warnings
 from dataclasses import dataclass, field
 
 from . import config as C
-from .runtime import kernels
+from .runtime import kernels, quant
 from .stages.audio import to_mono_16k
 from .errors import VoxtralError
 from .stages.generate import encode, greedy_decode, pad_offline
+from .checkpoint import hub, quantized
 from .checkpoint.hub import DEFAULT_REPO, detect_format, resolve
 from .stages.tokenizer import Tekken
 from .checkpoint.weights import load_weights
@@ -66,29 +67,75 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     picks one when a directory holds both, and which files a download fetches (default Mistral's).
     `precision` of the matmul inputs: "f32" (the oracle path) or "bf16" (rounded to bfloat16 as in a bf16
     model; 1.5-1.8x faster encoding measured where the CPU has bf16 dot products; see kernels.py).
-    `quantize="int8"` replaces the decoder's matrices and LM head by int8 copies with a float32 scale per
-    64 inputs (kernels.quantize_int8, made at load time): half the bytes each decoded token streams."""
+    `quantize` replaces the large matrices by quantised copies (runtime/quant.py) that the kernels multiply
+    with int8 activations: "int8" (8.5 bits per weight), "q4" (4.5 bits), or a recipe such as
+    "q4,lm_head=int8" (quant.parse_recipe). A hub model's quantised copy is kept next to its cache entry
+    (rebuilt when the source changes); a local checkpoint is quantised at load, unless `model` is a
+    directory written by `voxtral-ref quantize`, which loads as it is (quantize=None or its own recipe)."""
     if precision not in kernels.PRECISIONS:
         raise VoxtralError(f"unknown precision {precision!r}: choose f32 or bf16")
-    if quantize not in (None, "int8"):
-        raise VoxtralError(f"unknown quantize {quantize!r}: choose int8, or None for the file's weights")
     d = resolve(model, revision, offline, weights_format, cache_dir, progress)
+    if quantized.is_quantized(d):
+        return _load_quantized(d, backend, precision, quantize)
     fmt = detect_format(d, weights_format)
+    formats = _plan(quantize, d, fmt)
+    if formats and hub.is_snapshot(d):
+        qdir = hub.quantized_cache_dir(d, quantize)
+        if not (quantized.is_quantized(qdir) and quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), d, fmt)):
+            write_quantized(load(d, backend, precision=precision, quantize=quantize, progress=progress), qdir)
+        return _load_quantized(qdir, backend, precision, quantize)
     tok = Tekken(d / "tekken.json")
     read = C.from_params_json if fmt == "mistral" else C.from_config_json
     cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok)
     keep_freed_memory_for_reuse()
     weights, backend = load_weights(d, cfg), resolve_backend(backend)
-    if quantize:
+    if formats:
         with kernels.use(backend):
-            weights.quantize_decoder(lambda w: kernels.quantize_int8(w, kernels.int8_group(w.shape[1])))
-    return Model(cfg, weights, tok, backend, d, precision, quantize)
+            weights.quantize(formats, kernels.quantize)
+    return Model(cfg, weights, tok, backend, d, precision, quantize, fmt)
+
+
+def _plan(quantize, d, fmt):
+    """{matrix: format} of a recipe, or a VoxtralError naming what is wrong with it."""
+    if quantize is None:
+        return {}
+    from .checkpoint.weights import canonical_names
+    try:
+        read = C.from_params_json if fmt == "mistral" else C.from_config_json
+        cfg = read(d / quantized.CONFIG_FILES[fmt], Tekken(d / "tekken.json"))
+        shapes = {row[0]: row[3] for row in canonical_names(cfg)}
+        return quant.plan(quantize, {**shapes, "lm_head": shapes["tok_embeddings"]})
+    except ValueError as e:
+        raise VoxtralError(f"quantize={quantize!r}: {e}") from None
+
+
+def _load_quantized(d, backend, precision, quantize):
+    """A directory written by write_quantized, memory-mapped."""
+    meta = quantized.read_metadata(d / quantized.QFILE)
+    if quantize is not None and quantize != meta["recipe"]:
+        raise VoxtralError(f"{d} holds weights quantised as {meta['recipe']!r}, not {quantize!r}: load it with "
+                           f"quantize=None, or quantize the original checkpoint")
+    fmt = meta["source_format"]
+    tok = Tekken(d / "tekken.json")
+    read = C.from_params_json if fmt == "mistral" else C.from_config_json
+    cfg = read(d / quantized.CONFIG_FILES[fmt], tok)
+    keep_freed_memory_for_reuse()
+    weights = quantized.load_weights(d, cfg, meta)
+    return Model(cfg, weights, tok, resolve_backend(backend), d, precision, meta["recipe"], fmt)
+
+
+def write_quantized(model, out_dir):
+    """Save a model loaded with quantize=... as a quantised checkpoint (see checkpoint/quantized.py)."""
+    from . import __version__
+    if not model.quantize:
+        raise VoxtralError("write_quantized needs a model loaded with quantize=... (e.g. 'q4')")
+    quantized.write(out_dir, model.path, model.source_format, model.weights, model.quantize, __version__)
 
 
 class Model:
-    def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32", quantize=None):
+    def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32", quantize=None, source_format=None):
         self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
-        self.precision, self.quantize = precision, quantize
+        self.precision, self.quantize, self.source_format = precision, quantize, source_format or cfg.format
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None):
         """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a

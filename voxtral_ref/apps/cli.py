@@ -168,11 +168,32 @@ def cmd_info(args):
     model = load_model(args)
     for key, value in describe(model):
         print(f"{key + ':':<12} {value}")
+    if args.tensors:
+        held = model.weights.formats()
+        for name, t in [*model.weights._t.items(), ("lm_head", model.weights.lm_head)]:
+            print(f"{name:<36} {held[name]:<9} {'x'.join(map(str, t.shape)):<16} {size(t.nbytes)}")
     if args.verify:
         print(f"{'verify:':<12} {verify_weights(model)}")
 
 
+# --- quantize ---------------------------------------------------------------------------------------------
+def cmd_quantize(args):
+    """Quantise a checkpoint once and write it as a directory load() memory-maps (checkpoint/quantized.py)."""
+    from ..model import write_quantized
+    if not args.quantize:
+        raise VoxtralError("quantize needs --quantize RECIPE (e.g. q4, int8, q4,lm_head=int8)")
+    t0 = time.perf_counter()
+    model = load_model(args)
+    t1 = time.perf_counter()
+    write_quantized(model, Path(args.output))
+    note(f"{model.path} quantised as {model.quantize} in {t1 - t0:.1f} s, written to {args.output} in "
+         f"{time.perf_counter() - t1:.1f} s")
+
+
 def weight_files(model):
+    from ..checkpoint import quantized
+    if quantized.is_quantized(model.path):
+        return [model.path / quantized.QFILE]
     return sorted(model.path.glob("consolidated.safetensors" if model.cfg.format == "mistral" else "model*.safetensors"))
 
 
@@ -210,6 +231,7 @@ def describe(model):
         ("format", f"{c.format} ({', '.join(f.name for f in files)}; q/k rows in {rope} RoPE order)"),
         ("parameters", f"{count(model.weights.n_params())} ({model.weights.n_params():,})"),
         ("dtypes", ", ".join(f"{k} x{n}" for k, n in dtypes.most_common())),
+        ("weights", weights_summary(model.weights)),
         ("files", ", ".join(f"{f.name} {size(f.stat().st_size)}" for f in files)),
         ("encoder", f"{e.n_layers} layers, dim {e.dim}, {e.n_heads} heads x {e.head_dim}, SwiGLU {e.hidden_dim}, "
                     f"window {e.sliding_window} frames ({e.sliding_window / encoder_hz:g} s), RoPE theta {e.rope_theta:g}"),
@@ -219,6 +241,17 @@ def describe(model):
         ("delay", f"{c.default_delay_ms} ms by default (tekken.json); --delay-ms takes {delays}"),
         ("kernels", kernels_summary(model.backend)),
     ]
+
+
+def weights_summary(weights):
+    """What the matrices hold as the model runs, by group: "enc 224 q4, ..., lm_head int8; 2.52 GB streamed
+    per live step" (the file's dtype where not quantised). `--tensors` lists every tensor."""
+    groups = {}
+    for name, fmt in weights.formats().items():
+        group = name.split(".")[0] if not name.startswith("enc.conv") else "conv"
+        groups.setdefault(group, Counter())[fmt] += 1
+    parts = [f"{g} " + " + ".join(f"{n} {f}" for f, n in c.most_common()) for g, c in groups.items()]
+    return "; ".join(parts)
 
 
 def kernels_summary(backend):
@@ -295,9 +328,10 @@ def add_model_args(p):
     g.add_argument("--precision", choices=["f32", "bf16"], default="f32",
                    help="matmul inputs in float32 (default, the oracle path) or rounded to bf16 as in a bf16 model: "
                         "1.5-1.8x faster encoding where the CPU has bf16 dot products")
-    g.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 decoder weights, made at load (a float32 scale per 64 inputs): decoding streams "
-                        "half the bytes per token")
+    g.add_argument("--quantize", metavar="RECIPE", default=None,
+                   help="int8 (8.5 bits per weight), q4 (4.5 bits) or a recipe such as q4,lm_head=int8: every large matrix "
+                        "quantised (once: a hub model's copy is cached; see `voxtral-ref quantize`), "
+                        "matmul inputs rounded to int8")
 
 
 def note(msg):
@@ -340,7 +374,15 @@ def build_parser():
     add_model_args(i)
     i.add_argument("--verify", action="store_true",
                    help="also read every weight and report NaN or infinite values (reads the whole checkpoint)")
+    i.add_argument("--tensors", action="store_true", help="list every tensor: what it holds, its shape and bytes")
     i.set_defaults(func=cmd_info)
+
+    q = sub.add_parser("quantize", help="quantise a checkpoint once into a directory that loads in a second",
+                       description="Quantise every large matrix (--quantize q4, int8 or a recipe) and write a "
+                                   "checkpoint directory that `--model DIR` memory-maps without quantising again.")
+    add_model_args(q)
+    q.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (created if needed)")
+    q.set_defaults(func=cmd_quantize)
 
     add_batch_parser(sub)                   # batch (archives; embedded or on Ray)
     add_oracle_parsers(sub)                 # dump, compare, check-stage, check-weights, explain

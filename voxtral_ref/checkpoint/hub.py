@@ -118,3 +118,16 @@ def _not_cached(repo, revision, fmt, cache_dir, where):
     return (f"{where}; it needs the files {', '.join(want)}. On a connected machine run `hf download {repo} {files}{rev} "
             f"--local-dir DIR`, copy DIR here and pass --model DIR (or run it without --local-dir and copy the "
             "HF cache)")
+
+
+def is_snapshot(d):
+    """Whether `d` is a snapshot in the Hugging Face cache layout (.../models--org--name/snapshots/<rev>)."""
+    d = Path(d)
+    return d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--")
+
+
+def quantized_cache_dir(snapshot, recipe):
+    """Where a hub model's quantised copy lives: beside the repo's snapshots in its cache entry, one
+    directory per recipe (its staleness is checked against the snapshot's files, see checkpoint/quantized.py)."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", recipe)
+    return Path(snapshot).parent.parent / "voxtral_ref" / f"quantized-{slug}"

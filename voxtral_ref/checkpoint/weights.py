@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import parse_json, read_json, regular_file_size, show
 from ..errors import VoxtralError
+from ..runtime import quant
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
           "U8": np.uint8, "I32": np.int32, "I64": np.int64}
@@ -182,10 +183,6 @@ def canonical_names(cfg):
     return rows
 
 
-# The decoder matrices that every decoded token streams (with the LM head): what `quantize_decoder` makes int8.
-DECODER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
 def release_pages(t):
     """Drop an mmap'd tensor's pages from this process (they stay in the page cache; touching them again
     re-reads them), so a tensor replaced by a quantised copy stops counting in RSS."""
@@ -205,10 +202,12 @@ class Weights:
     """Canonical name -> tensor. Matrices stay in their file dtype (bf16 or f32, mmap'd); vectors (norms,
     biases) and conv kernels, a few MB in all, are converted to float32 once."""
 
-    def __init__(self, tensors, cfg, source):
+    def __init__(self, tensors, cfg, source, canonical=False):
+        """`tensors` by their names in the file: Mistral's or HF's per cfg.format, or the canonical names
+        themselves (canonical=True: a quantised checkpoint, whose matrices may be quant.QTensor)."""
         self.cfg, self.source, self._t, self._small, self._layers = cfg, source, {}, {}, {}
-        self._lm_head = None                                   # an int8 copy once quantised; else the tied embedding
-        fmt_col = 1 if cfg.format == "mistral" else 2
+        self._lm_head = None                                   # a quantised copy (quantize); else the tied embedding
+        fmt_col = 0 if canonical else 1 if cfg.format == "mistral" else 2
         missing = []
         for row in canonical_names(cfg):
             canon, disk, shape = row[0], row[fmt_col], row[3]
@@ -216,9 +215,11 @@ class Weights:
                 missing.append(disk)
                 continue
             t = tensors[disk]
+            if isinstance(t, quant.QTensor):                   # conv kernels are quantised as [Cout, Cin * k]
+                shape = (shape[0], int(np.prod(shape[1:])))
             if tuple(t.shape) != shape:
                 raise VoxtralError(f"{source}: tensor {disk} has shape {tuple(t.shape)}, the config says {shape}")
-            if t.dtype not in (np.float32, ml_dtypes.bfloat16, np.float16):
+            if not isinstance(t, quant.QTensor) and t.dtype not in (np.float32, ml_dtypes.bfloat16, np.float16):
                 raise VoxtralError(f"{source}: tensor {disk} has dtype {t.dtype}; expected bf16/f16/f32")
             self._t[canon] = t
         if missing:
@@ -227,7 +228,7 @@ class Weights:
 
     def __getitem__(self, name):
         t = self._t[name]
-        if t.ndim == 2:
+        if t.ndim == 2 or isinstance(t, quant.QTensor):
             return t
         if name not in self._small:
             self._small[name] = np.asarray(t, dtype=np.float32)
@@ -242,23 +243,29 @@ class Weights:
 
     @property
     def lm_head(self):
-        """The output projection [V, 3072]: the tied token embedding, or its int8 copy."""
+        """The output projection [V, 3072]: the tied token embedding, or its quantised copy."""
         return self._t["tok_embeddings"] if self._lm_head is None else self._lm_head
 
-    def quantize_decoder(self, quantize):
-        """Replace the decoder's DECODER_MATRICES and the LM head by `quantize(w)` (int8, see model.load):
-        decoding is memory-bound and streams exactly these every token. The embedding lookup keeps the
-        file's rows; the replaced tensors' pages are released."""
+    def quantize(self, formats, quantize):
+        """Replace each matrix named in `formats` ({canonical name or "lm_head": "int8" | "q4"}, see
+        quant.plan) by `quantize(w, fmt)` and release the file pages it replaced. The embedding lookup keeps
+        the file's rows (one row per token: exact input embeddings at no cost in speed)."""
         self._layers.clear()                                   # layer dicts hold the tensors they were built from
-        for canon in list(self._t):
-            part = canon.split(".")
-            if part[:2] == ["dec", "layers"] and part[-1] in DECODER_MATRICES:
-                t = self._t[canon]
-                self._t[canon] = quantize(t)
+        for name, fmt in formats.items():
+            if name == "lm_head":
+                self._lm_head = quantize(self._t["tok_embeddings"], fmt)
+                release_pages(self._t["tok_embeddings"])       # lookups fault in the rows they read
+            else:                                              # conv kernels as [Cout, Cin * k] matrices
+                t = self._t[name]
+                self._t[name] = quantize(t.reshape(t.shape[0], -1), fmt)
                 release_pages(t)
-        emb = self._t["tok_embeddings"]
-        self._lm_head = quantize(emb)
-        release_pages(emb)
+
+    def formats(self):
+        """{canonical name (and "lm_head"): what it holds}: "int8" / "q4" for quantised matrices, else the
+        file's dtype."""
+        held = {n: getattr(t, "fmt", None) or str(t.dtype) for n, t in self._t.items()}
+        held["lm_head"] = held["tok_embeddings"] if self._lm_head is None else self._lm_head.fmt
+        return held
 
     def n_params(self):
         return sum(int(t.size) for t in self._t.values())

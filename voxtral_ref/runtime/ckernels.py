@@ -3,8 +3,8 @@ NumPy twins in kernels.py. Model code never imports this module directly: `kerne
 calls here.
 
 Weights are passed by pointer, never copied: float32, `ml_dtypes.bfloat16` (read-only views into the
-mmap'd checkpoint are fine) or `kernels.QuantizedWeight` (int8 + float32 group scales). Activations are
-float32 throughout, so results equal the twins to float32 rounding.
+mmap'd checkpoint are fine) or `quant.QTensor` (int8 / q4 panels, with int8 activations). Activations are
+float32 otherwise, so results equal the twins to float32 rounding.
 
 Environment: VOXTRAL_REF_THREADS=n sets the thread count (default: one per available core);
 VOXTRAL_REF_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set (default: the best the CPU has), as
@@ -20,7 +20,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 
-from . import kernels
+from . import kernels, quant
 
 try:
     from .._kernels import ffi, lib
@@ -28,9 +28,8 @@ except ImportError:  # not built (e.g. a source checkout without `pip install .`
     ffi = lib = None
 
 ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")
-_WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1, np.dtype(np.int8): 2}   # csrc/kernels.h
+_WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1}                          # csrc/kernels.h
 _XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
-_FLOAT_WTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))   # read in place; int8 only with its scales
 _warned = False
 MAX_THREADS_PER_CORE = 4
 
@@ -111,17 +110,11 @@ def _f32(a):
 
 def linear(x, w, b=None, precision="f32"):
     """x [..., K] @ w[M, K].T (+ b[M]) -> [..., M] float32, x first rounded to bf16 if precision is
-    "bf16". See kernels.linear_np."""
+    "bf16"; with a quant.QTensor weight x is quantised to int8 instead. See kernels.linear_np."""
     if lib is None:
         _missing()
         return kernels.linear_np(x, w, b, precision)
-    scales, group = None, 0
-    if isinstance(w, kernels.QuantizedWeight):
-        w, scales, group = np.ascontiguousarray(w.q, np.int8), _f32(w.scales), w.group
-        m, k = kernels.check_int8_shape(w.shape, group)
-        if scales.shape != (m, k // group):
-            raise ValueError(f"linear: int8 scales of shape {scales.shape}, expected {(m, k // group)}")
-    elif np.dtype(w.dtype) not in _FLOAT_WTYPES or not w.flags.c_contiguous:
+    if not isinstance(w, quant.QTensor) and (np.dtype(w.dtype) not in _WTYPES or not w.flags.c_contiguous):
         w = _f32(w)                      # unusual dtype or layout: one float32 copy
     if w.ndim != 2:
         raise ValueError(f"linear: weight must be 2-D [M, K], got shape {w.shape}")
@@ -135,25 +128,44 @@ def linear(x, w, b=None, precision="f32"):
     bias = None if b is None else _f32(b)
     if bias is not None and bias.shape != (m,):
         raise ValueError(f"linear: bias shape {bias.shape} does not match {m} outputs")
-    lib.vx_linear(_ptr("float *", x2), x2.shape[0], k, _XTYPES[precision], _ptr("void *", w), _WTYPES[np.dtype(w.dtype)],
-                  ffi.NULL if scales is None else _ptr("float *", scales), group, m,
-                  ffi.NULL if bias is None else _ptr("float *", bias), _ptr("float *", y))
+    bias_ptr = ffi.NULL if bias is None else _ptr("float *", bias)
+    if isinstance(w, quant.QTensor):
+        lib.vx_qlinear(_ptr("float *", x2), x2.shape[0], k, _ptr("uint8_t *", w.data), _QFORMATS[w.fmt], m, bias_ptr,
+                       _ptr("float *", y))
+    else:
+        lib.vx_linear(_ptr("float *", x2), x2.shape[0], k, _XTYPES[precision], _ptr("void *", w),
+                      _WTYPES[np.dtype(w.dtype)], m, bias_ptr, _ptr("float *", y))
     return y
 
 
-def quantize_int8(w, group=kernels.INT8_GROUP):
-    """Same result as kernels.quantize_int8_np (bit for bit), reading bf16 / f32 weights in place."""
+_QFORMATS = {"int8": 0, "q4": 1}                                                             # csrc/kernels.h
+
+
+def quantize_act(x):
+    """(xq, sx, xsum) for x [n, K]: bit for bit quant.quantize_act_np."""
     if lib is None:
         _missing()
-        return kernels.quantize_int8_np(w, group)
-    if np.dtype(w.dtype) not in _FLOAT_WTYPES or not w.flags.c_contiguous:
+        return quant.quantize_act_np(x)
+    x = _f32(x)
+    n, k = x.shape
+    if k % quant.BLOCK:
+        raise ValueError(f"quantize_act: width {k} is not a multiple of {quant.BLOCK}")
+    xq, sx, xsum = np.empty((n, k), np.int8), np.empty((n, k // quant.BLOCK), np.float32), np.empty((n, k // quant.BLOCK), np.int32)
+    lib.vx_quantize_act(_ptr("float *", x), n, k, _ptr("int8_t *", xq), _ptr("float *", sx), _ptr("int32_t *", xsum))
+    return xq, sx, xsum
+
+
+def quantize(w, fmt):
+    """w [M, K] float32 / bfloat16 (read in place) -> quant.QTensor, bit for bit quant.quantize_np."""
+    if lib is None:
+        _missing()
+        return quant.quantize_np(w, fmt)
+    if np.dtype(w.dtype) not in _WTYPES or not w.flags.c_contiguous:
         w = _f32(w)
-    m, k = kernels.check_int8_shape(w.shape, group)
-    q = np.empty((m, k), np.int8)
-    scales = np.empty((m, k // group), np.float32)
-    lib.vx_quantize_int8(_ptr("void *", w), _WTYPES[np.dtype(w.dtype)], m, k, group,
-                         _ptr("int8_t *", q), _ptr("float *", scales))
-    return kernels.QuantizedWeight(q, scales, group)
+    m, k = quant.check_shape(w.shape, fmt)
+    out = np.empty((quant.n_panels(m), quant.panel_bytes(fmt, k)), np.uint8)
+    lib.vx_quantize_weights(_ptr("void *", w), _WTYPES[np.dtype(w.dtype)], m, k, _QFORMATS[fmt], _ptr("uint8_t *", out))
+    return quant.QTensor(fmt, out, (m, k))
 
 
 def attention(q, k, v, q_pos, k_pos, window):

@@ -8,10 +8,10 @@ products run the GEMMs twice as fast. Products and sums stay float32 in both. Th
 the specification: every C kernel in csrc/ is tested against its twin.
 
 Layouts (all row-major, float32 activations):
-  linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint), b [M] f32 or None -> [N, M]
+  linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint) | quant.QTensor (int8 / q4,
+             x then quantised to int8: see quant.py), b [M] f32 or None -> [N, M]
   attention  q [Tq, Hq, D], k/v [Tk, Hkv, D] f32, q_pos [Tq] / k_pos [Tk] int absolute positions -> [Tq, Hq, D]
   rope       x [T, H, D] f32, cos/sin [T, D/2] f32 -> [T, H, D] (split-half layout)
-  int8       QuantizedWeight: q [M, K] int8, scales [M, K / group] f32; the weight is q * scale
 """
 
 import contextlib
@@ -20,6 +20,8 @@ import contextvars
 import ml_dtypes
 import numpy as np
 from scipy.special import erf
+
+from . import quant
 
 BACKENDS = ("numpy", "c")
 PRECISIONS = ("f32", "bf16")
@@ -55,6 +57,8 @@ def round_bf16(x):
 
 
 def linear_np(x, w, b=None, precision="f32"):
+    if isinstance(w, quant.QTensor):
+        return quant.qlinear_np(x, w, b)       # x quantised to int8 whatever the precision
     if precision == "bf16":
         x = round_bf16(x)                      # the only rounding: products and sums stay float32
     y = x @ np.asarray(w, dtype=np.float32).T  # [N, K] @ [K, M] -> [N, M]
@@ -117,57 +121,6 @@ def silu_mul_np(a, b):
     return a / (np.float32(1.0) + np.exp(-a)) * b
 
 
-INT8_GROUP = 64  # inputs per int8 scale: 1/16 byte of scale per weight byte
-
-
-class QuantizedWeight:
-    """An int8 weight with one float32 scale per `group` consecutive inputs of a row:
-    w[m, k] = q[m, k] * scales[m, k // group]. Accepted by `linear` wherever a weight matrix is;
-    np.asarray(qw, np.float32) dequantises it, which is all `linear_np` needs."""
-
-    def __init__(self, q, scales, group):
-        self.q, self.scales, self.group = q, scales, group      # [M, K] int8, [M, K / group] f32
-        self.shape, self.ndim, self.size = q.shape, q.ndim, q.size
-        self.dtype = np.dtype(np.int8)
-
-    @property
-    def nbytes(self):
-        return self.q.nbytes + self.scales.nbytes
-
-    def dequantize(self):
-        m, k = self.q.shape
-        g = self.q.reshape(m, k // self.group, self.group).astype(np.float32)
-        return (g * self.scales[:, :, None]).reshape(m, k)
-
-    def __array__(self, dtype=None, copy=None):
-        w = self.dequantize()
-        return w if dtype is None else w.astype(dtype, copy=False)
-
-
-def int8_group(k):
-    """INT8_GROUP, or the largest power of two below it dividing k (the tiny test models' widths)."""
-    return next(g for g in (INT8_GROUP, 32, 16, 8, 4, 2, 1) if k % g == 0)
-
-
-def check_int8_shape(shape, group):
-    """(M, K) of a weight that can be split into int8 groups, else ValueError."""
-    if len(shape) != 2 or group <= 0 or shape[1] % group:
-        raise ValueError(f"int8 quantisation needs a 2-D weight whose width is a multiple of group={group}, "
-                         f"got shape {tuple(shape)}")
-    return shape
-
-
-def quantize_int8_np(w, group=INT8_GROUP):
-    """Symmetric per-group int8: scale = max|w| / 127 over each group, q = rint(w / scale) (0 for an
-    all-zero group). Round trip error is at most scale / 2 per weight."""
-    m, k = check_int8_shape(w.shape, group)
-    g = np.asarray(w, dtype=np.float32).reshape(m, k // group, group)      # [M, K/group, group]
-    scales = np.abs(g).max(-1) / np.float32(127)                           # [M, K/group]
-    safe = np.where(scales > 0, scales, np.float32(1))
-    q = np.clip(np.rint(g / safe[:, :, None]), -127, 127).astype(np.int8)
-    return QuantizedWeight(q.reshape(m, k), scales, group)
-
-
 def gelu(x):
     """Exact (erf) GELU, as HF uses in the conv stem, adapter and AdaRMSNorm MLP."""
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
@@ -199,6 +152,8 @@ def silu_mul(a, b):
     return c.silu_mul(a, b) if c else silu_mul_np(a, b)
 
 
-def quantize_int8(w, group=INT8_GROUP):
+def quantize(w, fmt):
+    """A weight matrix -> quant.QTensor in format "int8" or "q4"."""
     c = _c()
-    return c.quantize_int8(w, group) if c else quantize_int8_np(w, group)
+    return c.quantize(w, fmt) if c else quant.quantize_np(w, fmt)
+

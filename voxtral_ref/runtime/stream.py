@@ -282,7 +282,8 @@ def add_stream_parser(subparsers):
     s.add_argument("--backend", choices=["auto", "c", "numpy"], default="auto")
     s.add_argument("--precision", choices=kernels.PRECISIONS, default="f32",
                    help="matmul inputs in float32 (default) or rounded to bf16 (faster where the CPU has bf16 dot products)")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="int8 decoder weights, made at load")
+    s.add_argument("--quantize", metavar="RECIPE", default=None,
+                   help="quantised weights: int8, q4 or a recipe such as q4,lm_head=int8 (see `transcribe --help`)")
     s.set_defaults(func=cli_stream)
 
 
@@ -304,7 +305,7 @@ def cli_stream(args):
     session = model.stream(args.delay_ms, rate, args.past_eos)
     report = _Report(rate)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms, {model.precision} precision"
-          + (f", {model.quantize} decoder weights" if model.quantize else "")
+          + (f", {model.quantize} weights" if model.quantize else "")
           + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
 
     def on_ctrl_c(signum, frame):

@@ -11,17 +11,20 @@ import numpy as np
 from ..runtime import kernels
 from .attention import self_attention
 
+CONV_KERNEL = 3                           # both conv layers: kernel 3 over time
 
-def conv1d(x, w, b, stride):
-    """Unpadded ("valid") conv over time as one matmul. x [T, Cin] (time-major), w [Cout, Cin, k],
-    b [Cout] -> [(T - k) // stride + 1, Cout]."""
-    cout, cin, k = w.shape
+
+def conv1d(x, w, b, stride, k=CONV_KERNEL):
+    """Unpadded ("valid") conv over time as one matmul. x [T, Cin] (time-major), w [Cout, Cin, k] (or its
+    quantised [Cout, Cin * k] matrix), b [Cout] -> [(T - k) // stride + 1, Cout]."""
+    cout, cin = w.shape[0], x.shape[1]
     n_out = (x.shape[0] - k) // stride + 1
     taps = np.stack([x[j: j + stride * (n_out - 1) + 1: stride] for j in range(k)], axis=-1)  # [n, Cin, k]
-    return kernels.linear(taps.reshape(n_out, cin * k), w.reshape(cout, cin * k), b)       # [n, Cout]
+    w2 = w if w.ndim == 2 else w.reshape(cout, cin * k)                                     # [Cout, Cin * k]
+    return kernels.linear(taps.reshape(n_out, cin * k), w2, b)                              # [n, Cout]
 
 
-def conv_left_pad(stride, kernel=3):
+def conv_left_pad(stride, kernel=CONV_KERNEL):
     """HF's VoxtralRealtimeCausalConv1d pads (k - 1) + 1 - stride frames on the left, none on the right:
     2 frames for conv1 (stride 1), 1 for conv2 (stride 2). Streaming keeps these frames as history."""
     return kernel - stride

@@ -1,0 +1,56 @@
+/* Quantised linears (int8 / q4 weights in panels, int8 activations): argument handling and threads.
+ * The formats are specified by their NumPy twins in voxtral_ref/runtime/quant.py; the loops are in
+ * qmatmul_simd.h. */
+#include <stdlib.h>
+
+#include "dispatch.h"
+
+int64_t vx_qpanel_bytes(int fmt, int64_t k) {
+    if (fmt == VX_Q_INT8) return k / VX_QBLOCK * (2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK);
+    const int64_t nb = vx_q4_blocks_per_super(k);
+    return k / (nb * VX_QBLOCK) * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
+}
+
+void vx_quantize_act(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum) {
+    const vx_isa *isa = vx_active();
+    int nt = vx_threads_for((double)n * k / 4);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        vx_split(n, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        const int64_t nb = k / VX_QBLOCK;
+        if (lo < hi) isa->quantize_act(x + lo * k, hi - lo, k, xq + lo * k, sx + lo * nb, xsum + lo * nb);
+    }
+}
+
+void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt, uint8_t *out) {
+    const vx_isa *isa = vx_active();
+    const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL, bytes = vx_qpanel_bytes(fmt, k);
+    int nt = vx_threads_for((double)m * k);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t rows = m - p * VX_QPANEL < VX_QPANEL ? m - p * VX_QPANEL : VX_QPANEL;
+        isa->quantize_panel(w, wtype, p * VX_QPANEL, rows, k, fmt, out + p * bytes);
+    }
+}
+
+void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
+    if (n <= 0 || m <= 0) return;
+    const int64_t nb = k / VX_QBLOCK;
+    vx_qlinear_args a = {vx_alloc((size_t)(n * k)), vx_alloc(sizeof(float) * n * nb), vx_alloc(sizeof(int32_t) * n * nb),
+                         n, k, m, w, fmt, vx_qpanel_bytes(fmt, k), b, y};
+    vx_quantize_act(x, n, k, (int8_t *)a.xq, (float *)a.sx, (int32_t *)a.xsum);
+    const vx_isa *isa = vx_active();
+    const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL;
+    int nt = vx_threads_for((double)m * k);
+    /* contiguous ranges of panels per thread: one sequential weight stream each, as the GEMV */
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lo, hi;
+        vx_split(panels, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (lo < hi) isa->qlinear(&a, lo, hi);
+    }
+    free((void *)a.xq);
+    free((void *)a.sx);
+    free((void *)a.xsum);
+}

@@ -1,0 +1,349 @@
+/* Inner loops of the quantised linears and their quantisers, instantiated per ISA level (isa_*.c).
+ * Formats: voxtral_ref/runtime/quant.py. The driver (qmatmul.c) owns threads and buffers.
+ *
+ * The quantisers are plain C that the compiler vectorises at each level; they use only IEEE-exact steps
+ * (division, rint, min/max) and left-to-right sums, with -ffp-contract=off, so every level equals the twins
+ * bit for bit. Minima and maxima are written as comparisons (VX_MIN / VX_MAX, what the vector instructions
+ * compute), which the compiler vectorises where it would not vectorise the libm functions. */
+#define VX_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define VX_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define VX_CLIP(v, lo, hi) VX_MIN(VX_MAX(v, lo), hi)
+
+/* ---- activations: [n, k] -> int8 per block of 32 ---------------------------------------------------- */
+VX_FN static void VX_NAME(quantize_act)(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t b = 0; b < k / VX_QBLOCK; b++) {
+            const float *xb = x + i * k + b * VX_QBLOCK;
+            float amax = 0.0f, q[VX_QBLOCK];
+            for (int t = 0; t < VX_QBLOCK; t++) amax = VX_MAX(amax, fabsf(xb[t]));
+            const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
+            for (int t = 0; t < VX_QBLOCK; t++) q[t] = VX_CLIP(nearbyintf(xb[t] / safe), -127.0f, 127.0f);
+            int32_t sum = 0;
+            for (int t = 0; t < VX_QBLOCK; t++) {
+                xq[i * k + b * VX_QBLOCK + t] = (int8_t)q[t];
+                sum += (int32_t)q[t];
+            }
+            sx[i * (k / VX_QBLOCK) + b] = s;
+            xsum[i * (k / VX_QBLOCK) + b] = sum;
+        }
+}
+
+/* ---- weights -> panels -----------------------------------------------------------------------------------
+ * One panel's block column at a time, transposed to g[t][r] (input t of the block, row r): the loops then
+ * run over the 16 rows in the innermost position, which the compiler turns into vectors, while each row's
+ * own sums still run left to right over t, as the twin's _seq_sum does. */
+typedef float vx_qcol[VX_QBLOCK][VX_QPANEL];
+
+static inline void q_load_column(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, int64_t k0, vx_qcol g) {
+    for (int r = 0; r < VX_QPANEL; r++)
+        for (int t = 0; t < VX_QBLOCK; t++) {
+            const int64_t i = (row0 + r) * k + k0 + t;
+            g[t][r] = r >= rows ? 0.0f
+                    : wtype == VX_W_BF16 ? vx_bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+        }
+}
+
+VX_FN static void VX_NAME(quantize_int8_panel)(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, uint8_t *out) {
+    vx_qcol g;
+    for (int64_t b = 0; b < k / VX_QBLOCK; b++, out += 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK) {
+        q_load_column(w, wtype, row0, rows, k, b * VX_QBLOCK, g);
+        float amax[VX_QPANEL] = {0}, s[VX_QPANEL];
+        for (int t = 0; t < VX_QBLOCK; t++)
+            for (int r = 0; r < VX_QPANEL; r++) amax[r] = VX_MAX(amax[r], fabsf(g[t][r]));
+        for (int r = 0; r < VX_QPANEL; r++) {
+            const uint16_t h = vx_f32_to_f16(amax[r] / 127.0f);
+            memcpy(out + 2 * r, &h, 2);
+            s[r] = vx_f16_to_f32(h);
+            s[r] = s[r] > 0.0f ? s[r] : 1.0f;
+        }
+        for (int t = 0; t < VX_QBLOCK; t++)
+            for (int r = 0; r < VX_QPANEL; r++) {
+                const float q = VX_CLIP(nearbyintf(g[t][r] / s[r]), -127.0f, 127.0f);
+                out[2 * VX_QPANEL + (t / 4) * 4 * VX_QPANEL + 4 * r + t % 4] = (uint8_t)((int)q + 128);
+            }
+    }
+}
+
+/* q = clip(rint((w + offset) * (1 / scale)), 0, 15) for the 16 rows of input t (0 where scale is 0) */
+static inline void q4_codes(const vx_qcol g, int t, const float *scale, const float *inv, const float *offset, float *q) {
+    for (int r = 0; r < VX_QPANEL; r++) {
+        const float v = VX_CLIP(nearbyintf((g[t][r] + offset[r]) * inv[r]), 0.0f, 15.0f);
+        q[r] = scale[r] > 0.0f ? v : 0.0f;
+    }
+}
+
+static inline void q4_inverse(const float *scale, float *inv) {
+    for (int r = 0; r < VX_QPANEL; r++) inv[r] = 1.0f / (scale[r] > 0.0f ? scale[r] : 1.0f);
+}
+
+static inline void q4_error(const vx_qcol g, const float *scale, const float *offset, float *err) {
+    float q[VX_QPANEL], inv[VX_QPANEL];
+    q4_inverse(scale, inv);
+    for (int r = 0; r < VX_QPANEL; r++) err[r] = 0.0f;
+    for (int t = 0; t < VX_QBLOCK; t++) {
+        q4_codes(g, t, scale, inv, offset, q);
+        for (int r = 0; r < VX_QPANEL; r++) {
+            const float d = q[r] * scale[r] - offset[r] - g[t][r];
+            err[r] = err[r] + d * d;
+        }
+    }
+}
+
+/* quant._fit_blocks for the 16 rows of one block column: (scale, offset) per row */
+static inline void q4_fit(const vx_qcol g, float *best_s, float *best_o) {
+    float lo[VX_QPANEL], rng[VX_QPANEL], sum_w[VX_QPANEL], best_e[VX_QPANEL];
+    for (int r = 0; r < VX_QPANEL; r++) {
+        float mn = g[0][r], mx = g[0][r], sw = 0.0f;
+        for (int t = 0; t < VX_QBLOCK; t++) {
+            mn = VX_MIN(mn, g[t][r]);
+            mx = VX_MAX(mx, g[t][r]);
+            sw = sw + g[t][r];
+        }
+        lo[r] = VX_MIN(mn, 0.0f), rng[r] = mx - lo[r], sum_w[r] = sw;
+        best_s[r] = rng[r] / 15.0f, best_o[r] = 0.0f - lo[r];            /* 0 - x: never a -0.0 */
+    }
+    q4_error(g, best_s, best_o, best_e);
+    const float n = (float)VX_QBLOCK;
+    for (int c = 1; c < VX_Q4_CANDIDATES; c++) {
+        const float steps = 15.0f + (float)(c - 3) / 4.0f;
+        float sq[VX_QPANEL] = {0}, sqq[VX_QPANEL] = {0}, sqw[VX_QPANEL] = {0}, s[VX_QPANEL], o[VX_QPANEL], e[VX_QPANEL];
+        int ok[VX_QPANEL];
+        for (int t = 0; t < VX_QBLOCK; t++)
+            for (int r = 0; r < VX_QPANEL; r++) {
+                const float inv = rng[r] > 0.0f ? steps / rng[r] : 0.0f;
+                const float q = VX_CLIP(nearbyintf((g[t][r] - lo[r]) * inv), 0.0f, 15.0f);
+                sq[r] = sq[r] + q, sqq[r] = sqq[r] + q * q, sqw[r] = sqw[r] + q * g[t][r];
+            }
+        for (int r = 0; r < VX_QPANEL; r++) {
+            const float det = n * sqq[r] - sq[r] * sq[r];
+            const float det1 = det > 0.0f ? det : 1.0f;
+            float sr = (n * sqw[r] - sq[r] * sum_w[r]) / det1;
+            float m = (sum_w[r] - sr * sq[r]) / n;
+            if (m > 0.0f) sr = sqw[r] / (sqq[r] > 0.0f ? sqq[r] : 1.0f), m = 0.0f;
+            ok[r] = det > 0.0f && sr > 0.0f;
+            s[r] = ok[r] ? sr : 1.0f, o[r] = 0.0f - m;
+        }
+        q4_error(g, s, o, e);
+        for (int r = 0; r < VX_QPANEL; r++)
+            if (ok[r] && e[r] < best_e[r]) best_s[r] = s[r], best_o[r] = o[r], best_e[r] = e[r];
+    }
+}
+
+VX_FN static void VX_NAME(quantize_q4_panel)(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, uint8_t *out) {
+    const int nb = (int)vx_q4_blocks_per_super(k);
+    vx_qcol g[8];
+    for (int64_t k0 = 0; k0 < k; k0 += nb * VX_QBLOCK) {
+        float s[8][VX_QPANEL], o[8][VX_QPANEL], smax[VX_QPANEL] = {0}, omax[VX_QPANEL] = {0}, d[VX_QPANEL], dmin[VX_QPANEL];
+        uint8_t sc[8][VX_QPANEL] = {{0}}, mn[8][VX_QPANEL] = {{0}};
+        for (int b = 0; b < nb; b++) {
+            q_load_column(w, wtype, row0, rows, k, k0 + b * VX_QBLOCK, g[b]);
+            q4_fit(g[b], s[b], o[b]);
+            for (int r = 0; r < VX_QPANEL; r++) smax[r] = VX_MAX(smax[r], s[b][r]), omax[r] = VX_MAX(omax[r], o[b][r]);
+        }
+        for (int r = 0; r < VX_QPANEL; r++) {
+            const uint16_t hd = vx_f32_to_f16(smax[r] / 63.0f + 0.0f), hm = vx_f32_to_f16(omax[r] / 63.0f + 0.0f);
+            memcpy(out + 2 * r, &hd, 2);
+            memcpy(out + 32 + 2 * r, &hm, 2);
+            d[r] = vx_f16_to_f32(hd), dmin[r] = vx_f16_to_f32(hm);
+        }
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < VX_QPANEL; r++) {
+                sc[b][r] = (uint8_t)VX_CLIP(nearbyintf(s[b][r] / (d[r] > 0.0f ? d[r] : 1.0f)), 0.0f, 63.0f);
+                mn[b][r] = (uint8_t)VX_CLIP(nearbyintf(o[b][r] / (dmin[r] > 0.0f ? dmin[r] : 1.0f)), 0.0f, 63.0f);
+            }
+        for (int gi = 0; gi < 4; gi++)
+            for (int r = 0; r < VX_QPANEL; r++) {
+                out[64 + gi * 16 + r] = (uint8_t)((sc[gi][r] & 15) | (sc[gi + 4][r] & 15) << 4);
+                out[128 + gi * 16 + r] = (uint8_t)((mn[gi][r] & 15) | (mn[gi + 4][r] & 15) << 4);
+                out[192 + gi * 16 + r] = (uint8_t)(sc[gi][r] >> 4 | (sc[gi + 4][r] >> 4) << 2 | (mn[gi][r] >> 4) << 4 |
+                                                   (mn[gi + 4][r] >> 4) << 6);
+            }
+        for (int b = 0; b < nb; b++) {
+            float scale[VX_QPANEL], inv[VX_QPANEL], offset[VX_QPANEL], q[VX_QPANEL];
+            uint8_t *nib = out + VX_Q4_HEAD + b * (VX_QPANEL * VX_QBLOCK / 2);
+            for (int r = 0; r < VX_QPANEL; r++) scale[r] = d[r] * (float)sc[b][r], offset[r] = dmin[r] * (float)mn[b][r];
+            q4_inverse(scale, inv);
+            memset(nib, 0, VX_QPANEL * VX_QBLOCK / 2);
+            for (int t = 0; t < VX_QBLOCK; t++) {
+                q4_codes(g[b], t, scale, inv, offset, q);
+                const int v = (t / 4) % 4, hi = t >= 16;
+                for (int r = 0; r < VX_QPANEL; r++) nib[v * 64 + 4 * r + t % 4] |= (uint8_t)((int)q[r] << (4 * hi));
+            }
+        }
+        out += VX_Q4_HEAD + nb * (VX_QPANEL * VX_QBLOCK / 2);
+    }
+}
+
+VX_FN static void VX_NAME(quantize_panel)(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, int fmt, uint8_t *out) {
+    if (fmt == VX_Q_INT8) VX_NAME(quantize_int8_panel)(w, wtype, row0, rows, k, out);
+    else VX_NAME(quantize_q4_panel)(w, wtype, row0, rows, k, out);
+}
+
+/* ---- y = x @ w.T, portable: one panel, one activation row at a time ------------------------------------
+ * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row, then
+ * acc[r] += (S[r] sx) dot - (M[r] sx) xsum (two roundings each; the VNNI kernel fuses them). */
+
+/* S, M [16] of block b (in q4: block bb of the super-block whose header is h) */
+static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, int64_t b, float *S, float *M,
+                                  const uint8_t **weights) {
+    if (a->fmt == VX_Q_INT8) {
+        const uint8_t *blk = pw + b * (2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK);
+        for (int r = 0; r < VX_QPANEL; r++) {
+            uint16_t h;
+            memcpy(&h, blk + 2 * r, 2);
+            S[r] = vx_f16_to_f32(h), M[r] = 128.0f * S[r];
+        }
+        *weights = blk + 2 * VX_QPANEL;
+        return;
+    }
+    const int64_t nb = vx_q4_blocks_per_super(a->k), bb = b % nb;
+    const uint8_t *h = pw + b / nb * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
+    const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+    for (int r = 0; r < VX_QPANEL; r++) {
+        uint16_t hd, hm;
+        memcpy(&hd, h + 2 * r, 2);
+        memcpy(&hm, h + 32 + 2 * r, 2);
+        const int hi = h[192 + gi * 16 + r];
+        const int sc = (h[64 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (2 * up) & 3) << 4;
+        const int mn = (h[128 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (4 + 2 * up) & 3) << 4;
+        S[r] = vx_f16_to_f32(hd) * (float)sc, M[r] = vx_f16_to_f32(hm) * (float)mn;
+    }
+    *weights = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
+}
+
+VX_FN static void VX_NAME(qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
+    const int64_t nblocks = a->k / VX_QBLOCK;
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *pw = a->w + p * a->panel_bytes;
+        for (int64_t i = 0; i < a->n; i++) {
+            float acc[VX_QPANEL] = {0};
+            for (int64_t b = 0; b < nblocks; b++) {
+                float S[VX_QPANEL], M[VX_QPANEL];
+                const uint8_t *u;
+                q_block_scales(a, pw, b, S, M, &u);
+                const int8_t *xq = a->xq + i * a->k + b * VX_QBLOCK;
+                const float sx = a->sx[i * nblocks + b], xs = (float)a->xsum[i * nblocks + b];
+                int32_t dot[VX_QPANEL] = {0};
+                for (int t = 0; t < VX_QBLOCK; t++)
+                    for (int r = 0; r < VX_QPANEL; r++) {
+                        const int byte = a->fmt == VX_Q_INT8 ? u[(t / 4) * 64 + 4 * r + t % 4]
+                                                             : u[((t / 4) % 4) * 64 + 4 * r + t % 4] >> (4 * (t >= 16)) & 15;
+                        dot[r] += byte * xq[t];
+                    }
+                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + (S[r] * sx) * (float)dot[r] - (M[r] * sx) * xs;
+            }
+            const int64_t row0 = p * VX_QPANEL;
+            for (int r = 0; r < VX_QPANEL && row0 + r < a->m; r++)
+                a->y[i * a->m + row0 + r] = a->b ? acc[r] + a->b[row0 + r] : acc[r];
+        }
+    }
+}
+
+/* ---- y = x @ w.T with AVX512-VNNI (the avx512bf16 level: every CPU with AVX512-BF16 has it) ---------------
+ * One panel is one zmm of 16 rows; VPDPBUSD multiplies its 4 unsigned weight bytes per row by 4 signed
+ * activation bytes broadcast from x and adds them into the row's int32 lane. Per block of 32 inputs that is
+ * 8 dot steps per activation row, then one conversion and two FMAs into the row's float32 accumulators.
+ * Up to QX activation rows share each weight load (and each q4 unpacking), so a pass over the weights serves
+ * QX rows: the decode GEMV (n = 1), the streaming encoder (n = 4), batches, and the GEMM alike. */
+#if VX_LEVEL == VX_LEVEL_AVX512
+#define VX_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+#define VX_VNNI_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+#define QX 8
+
+VX_VNNI_INLINE __m512i q_bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
+                                int64_t row0) {
+    const int64_t K = a->k, nblocks = K / VX_QBLOCK;
+    const int8_t *xq = a->xq + i0 * K;
+    const float *sx = a->sx + i0 * nblocks;
+    const int32_t *xs = a->xsum + i0 * nblocks;
+    __m512 acc[QX];
+    for (int i = 0; i < NX; i++) acc[i] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const int64_t nb = fmt == VX_Q_INT8 ? 1 : vx_q4_blocks_per_super(K);
+    const int64_t sup_bytes = fmt == VX_Q_INT8 ? 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK
+                                               : VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
+    for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
+        const uint8_t *h = pw + s0 / nb * sup_bytes;
+        __builtin_prefetch(h + 4 * sup_bytes, 0, 0);
+        __m512 d = _mm512_setzero_ps(), dmin = d;
+        if (fmt == VX_Q_Q4) {
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+            dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32)));
+        }
+        for (int64_t bb = 0; bb < nb; bb++) {
+            const int64_t b = s0 + bb;
+            __m512 S, M;
+            const uint8_t *u;
+            if (fmt == VX_Q_INT8) {
+                S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+                M = _mm512_mul_ps(S, _mm512_set1_ps(128.0f));
+                u = h + 2 * VX_QPANEL;
+            } else {
+                const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+                const __m512i lo_sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 64 + 16 * gi)));
+                const __m512i lo_mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 128 + 16 * gi)));
+                const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 192 + 16 * gi)));
+                const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3);
+                const __m512i sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_sc, 4 * up), m15),
+                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * up), m3), 4));
+                const __m512i mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_mn, 4 * up), m15),
+                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 4 + 2 * up), m3), 4));
+                S = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                M = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
+                u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
+            }
+            __m512i dot[QX];
+            for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
+            const int8_t *xb = xq + b * VX_QBLOCK;
+            if (fmt == VX_Q_INT8) {
+                for (int s = 0; s < 8; s++) {
+                    const __m512i wv = _mm512_loadu_si512(u + 64 * s);
+                    for (int i = 0; i < NX; i++) dot[i] = _mm512_dpbusd_epi32(dot[i], wv, q_bcast4(xb + i * K + 4 * s));
+                }
+            } else {
+                for (int v = 0; v < 4; v++) {
+                    const __m512i raw = _mm512_loadu_si512(u + 64 * v);
+                    const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                    for (int i = 0; i < NX; i++) {
+                        dot[i] = _mm512_dpbusd_epi32(dot[i], lo, q_bcast4(xb + i * K + 4 * v));
+                        dot[i] = _mm512_dpbusd_epi32(dot[i], hi, q_bcast4(xb + i * K + 4 * v + 16));
+                    }
+                }
+            }
+            for (int i = 0; i < NX; i++) {
+                const __m512 sxv = _mm512_set1_ps(sx[i * nblocks + b]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(S, sxv), acc[i]);
+                acc[i] = _mm512_fnmadd_ps(_mm512_mul_ps(M, sxv), _mm512_set1_ps((float)xs[i * nblocks + b]), acc[i]);
+            }
+        }
+    }
+    const __mmask16 valid = a->m - row0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a->m - row0)) - 1);
+    const __m512 bias = a->b ? _mm512_maskz_loadu_ps(valid, a->b + row0) : _mm512_setzero_ps();
+    for (int i = 0; i < NX; i++) _mm512_mask_storeu_ps(a->y + (i0 + i) * a->m + row0, valid, _mm512_add_ps(acc[i], bias));
+}
+
+#define QPANEL_CASE(nx, fmt) \
+    case (nx) * 2 + (fmt): qpanel_vnni(a, pw, i0, nx, fmt, p * VX_QPANEL); break;
+
+VX_VNNI_FN static void qlinear_vnni(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        const uint8_t *pw = a->w + p * a->panel_bytes;
+        for (int64_t i0 = 0; i0 < a->n; i0 += QX) {
+            const int64_t nx = a->n - i0 < QX ? a->n - i0 : QX;
+            switch (nx * 2 + a->fmt) {
+                QPANEL_CASE(1, 0) QPANEL_CASE(2, 0) QPANEL_CASE(3, 0) QPANEL_CASE(4, 0)
+                QPANEL_CASE(5, 0) QPANEL_CASE(6, 0) QPANEL_CASE(7, 0) QPANEL_CASE(8, 0)
+                QPANEL_CASE(1, 1) QPANEL_CASE(2, 1) QPANEL_CASE(3, 1) QPANEL_CASE(4, 1)
+                QPANEL_CASE(5, 1) QPANEL_CASE(6, 1) QPANEL_CASE(7, 1) QPANEL_CASE(8, 1)
+            }
+        }
+    }
+}
+#undef QPANEL_CASE
+#endif

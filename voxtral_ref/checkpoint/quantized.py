@@ -1,0 +1,138 @@
+"""Quantised checkpoints: quantise once, then memory-map.
+
+Quantising the 4.4 B weights to q4 takes about a minute (csrc/qmatmul_simd.h fits every block of 32); a
+quantised copy on disk loads in well under a second plus page-in. `voxtral-ref quantize --model M
+--quantize q4 -o DIR` writes one, and `load(DIR)` reads it. `load(repo_id, quantize=...)` keeps one next
+to the Hugging Face cache entry of the repo and rebuilds it when the source files change.
+
+Layout of DIR: the source's config (params.json or config.json) and tekken.json, copied, and
+`quantized.safetensors`, whose tensors carry the canonical names of checkpoint/weights.py:
+  - a quantised matrix: uint8 [ceil(M / 16), panel bytes] in quant.py's panel layout (`lm_head` for the
+    quantised output projection; `tok_embeddings` keeps the file's rows for the embedding lookup);
+  - everything else: as in the source file (bf16 or f32).
+Its `__metadata__` (strings, as the format requires):
+  format          "voxtral_ref.quantized/1"
+  source_format   "mistral" or "hf" (RoPE row order and the config file to read)
+  recipe          the quantize recipe (quant.parse_recipe)
+  quantized       JSON {name: [fmt, M, K]}
+  source          JSON [{name, size, mtime_ns, sha256}] of the source weight files
+  voxtral_ref     the package version that wrote it
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import VoxtralError
+from ..runtime import quant
+from .weights import Weights, read_safetensors, write_safetensors
+
+QFILE = "quantized.safetensors"
+FORMAT_TAG = "voxtral_ref.quantized/1"
+CONFIG_FILES = {"mistral": "params.json", "hf": "config.json"}
+
+
+def is_quantized(d):
+    return (Path(d) / QFILE).is_file()
+
+
+def source_weight_files(d, fmt):
+    d = Path(d)
+    if fmt == "mistral":
+        return [d / "consolidated.safetensors"]
+    return sorted(d.glob("model*.safetensors"))
+
+
+def fingerprint(paths):
+    """[{name, size, mtime_ns, sha256}] of the source weight files (sha256 read in 16 MB pieces)."""
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+        st = os.stat(p)
+        out.append({"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()})
+    return out
+
+
+def is_fresh(meta, src_dir, fmt):
+    """Whether a quantised copy was made from the files now in `src_dir`: size and mtime equal, or (a copy
+    touched since) the same sha256."""
+    recorded = {f["name"]: f for f in json.loads(meta["source"])}
+    files = source_weight_files(src_dir, fmt)
+    if sorted(recorded) != sorted(p.name for p in files):
+        return False
+    for p in files:
+        st, rec = os.stat(p), recorded[p.name]
+        if st.st_size != rec["size"]:
+            return False
+        if st.st_mtime_ns != rec["mtime_ns"] and fingerprint([p])[0]["sha256"] != rec["sha256"]:
+            return False
+    return True
+
+
+def write(out_dir, src_dir, fmt, weights, recipe, version):
+    """Write `weights` (already quantised by `recipe`) as a quantised checkpoint in out_dir, atomically:
+    the file appears complete or not at all."""
+    out_dir, src_dir = Path(out_dir), Path(src_dir)
+    if out_dir.resolve() == src_dir.resolve():
+        raise VoxtralError(f"the output directory {out_dir} is the source checkpoint's: choose another")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, qinfo = {}, {}
+    held = dict(weights._t)
+    if weights._lm_head is not None:
+        held["lm_head"] = weights._lm_head
+    for name, t in held.items():
+        if isinstance(t, quant.QTensor):
+            tensors[name], qinfo[name] = t.data, [t.fmt, *t.shape]
+        else:
+            tensors[name] = t
+    meta = {"format": FORMAT_TAG, "source_format": fmt, "recipe": recipe, "quantized": json.dumps(qinfo),
+            "source": json.dumps(fingerprint(source_weight_files(src_dir, fmt))), "voxtral_ref": version}
+    for name in (CONFIG_FILES[fmt], "tekken.json"):
+        shutil.copyfile(src_dir / name, out_dir / name)
+    tmp = out_dir / (QFILE + ".partial")
+    write_safetensors(tmp, tensors, meta)
+    os.replace(tmp, out_dir / QFILE)
+
+
+def read_metadata(path):
+    """The `__metadata__` of a quantised checkpoint, checked to be ours."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise VoxtralError(f"{path} is not a readable quantised checkpoint ({e})") from None
+    if meta.get("format") != FORMAT_TAG:
+        raise VoxtralError(f"{path} is not a voxtral_ref quantised checkpoint (format {meta.get('format')!r}, "
+                           f"expected {FORMAT_TAG!r}): re-create it with `voxtral-ref quantize`")
+    for key in ("source_format", "recipe", "quantized", "source"):
+        if key not in meta:
+            raise VoxtralError(f"{path}: quantised checkpoint metadata lacks {key!r}: re-create it with `voxtral-ref quantize`")
+    if meta["source_format"] not in CONFIG_FILES:
+        raise VoxtralError(f"{path}: unknown source_format {meta['source_format']!r}")
+    return meta
+
+
+def load_weights(d, cfg, meta):
+    """Weights from a quantised checkpoint directory (mmap'd; QTensors wrap the uint8 panels in place)."""
+    path = Path(d) / QFILE
+    tensors = read_safetensors(path)
+    try:
+        qinfo = json.loads(meta["quantized"])
+        for name, (fmt, m, k) in qinfo.items():
+            tensors[name] = quant.QTensor(fmt, tensors[name], (m, k))
+    except (KeyError, TypeError, ValueError) as e:
+        raise VoxtralError(f"{path} is corrupt: its quantised tensors do not match their description ({e})") from None
+    lm_head = tensors.pop("lm_head", None)
+    weights = Weights(tensors, cfg, str(path), canonical=True)
+    if lm_head is not None:
+        if lm_head.shape != weights["tok_embeddings"].shape:
+            raise VoxtralError(f"{path} is corrupt: lm_head has shape {lm_head.shape}, "
+                               f"the embedding {weights['tok_embeddings'].shape}")
+        weights._lm_head = lm_head
+    return weights
