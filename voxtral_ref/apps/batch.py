@@ -55,7 +55,7 @@ FILES_PER_CALL = 4
 class Item:
     id: str                          # keys the record and names OUT/<id>.<fmt>
     path: str                        # absolute
-    delay_ms: object = None          # int, or None for the model's default (tekken.json)
+    delay_ms: int | None = None      # None: the model's default (tekken.json)
 
 
 @dataclass(frozen=True)
@@ -355,16 +355,16 @@ def run_on_ray(todo, model, load_options, threads, workers, address, write):
         for row in ds.iter_rows():
             write(json.loads(row["record"]))
     except ray.exceptions.RayError as e:             # an actor or task that kept failing, e.g. no model there
-        raise VoxtralError(f"on Ray: {last_line(str(e))}") from None
+        raise VoxtralError(f"on Ray: {last_line(e)}") from None
     finally:
         if started:
             ray.shutdown()
 
 
-def last_line(traceback_text):
+def last_line(error):
     """What a remote traceback ends with: its exception, without the module path of a VoxtralError."""
-    line = [t for t in traceback_text.strip().splitlines() if t.strip()][-1].strip()
-    return line.split("VoxtralError: ", 1)[-1]
+    lines = [t.strip() for t in str(error).splitlines() if t.strip()] or [type(error).__name__]
+    return lines[-1].split("VoxtralError: ", 1)[-1]
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -394,9 +394,12 @@ class Writer:
             remove_outputs(self.out_dir, rec["id"])          # an earlier run's, of other content
             self.failed += 1
         data = json_line(rec).encode()
-        if os.write(self.fd, data) != len(data):
-            raise VoxtralError(f"cannot write {self.out_dir / RESULTS}: disk full?")
-        os.fsync(self.fd)
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(f"{len(data)} bytes to write, fewer written")
+            os.fsync(self.fd)
+        except OSError as e:         # the rerun drops the torn line and redoes the file
+            raise VoxtralError(f"cannot write {self.out_dir / RESULTS}: {e.strerror or e}") from None
         wall_h = (time.perf_counter() - self.t0) / 3600
         self.bar.set_postfix_str(f"{self.audio_s / 3600:.2f} h of audio, {self.audio_s / 3600 / max(wall_h, 1e-9):.1f} h/h")
         self.bar.update()
