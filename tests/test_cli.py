@@ -196,7 +196,7 @@ BAD = {  # name: (arguments, what to break first, words the message must hold)
     "truncated safetensors": (["{speech}", "--model", "ckpt"], lambda d: truncate(d / "ckpt/consolidated.safetensors"),
                               "truncated"),
     "corrupt tekken": (["{speech}", "--model", "ckpt"], lambda d: (d / "ckpt/tekken.json").write_text('{"vocab": ['),
-                       "not a valid tekken.json"),
+                       "tekken.json is not valid JSON"),
     "zero-length audio": (["empty.wav"], None, "empty.wav: the audio is empty"),
     "NaN audio": (["nan.wav"], None, "nan.wav: the audio contains 800 NaN"),
     "unsupported format": (["talk.m4a"], None, "ffmpeg -i in.m4a -f wav - | voxtral-ref transcribe -"),
