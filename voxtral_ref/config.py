@@ -10,6 +10,7 @@ import json
 import math
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def parse_json(raw, where):
     def no_duplicates(pairs):
         d = dict(pairs)
         if len(d) != len(pairs):
-            dup = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
             raise ValueError(f"duplicate key {dup!r}")
         return d
     try:
@@ -231,12 +232,12 @@ def from_params_json(path, tekken=None):
     if not isinstance(p, dict):
         raise VoxtralError(f"{path}: not a JSON object")
     try:
-        ea = p["multimodal"]["whisper_model_args"]["encoder_args"]
         wma = p["multimodal"]["whisper_model_args"]
+        ea = wma["encoder_args"]
     except (KeyError, TypeError):
         raise VoxtralError(f"{path}: no multimodal.whisper_model_args.encoder_args: not a Voxtral checkpoint") from None
     w = f"{path}: encoder_args"
-    if not isinstance(ea, dict) or not isinstance(wma, dict):
+    if not isinstance(ea, dict):
         raise VoxtralError(f"{w} must be a JSON object, got {show(ea)}")
     enc = EncoderConfig(
         dim=int_field(ea, "dim", w), n_layers=int_field(ea, "n_layers", w), n_heads=int_field(ea, "n_heads", w),
