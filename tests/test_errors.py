@@ -453,13 +453,15 @@ def test_cli_stream_refuses_a_rate_it_cannot_read_and_an_empty_stream():
     (0, ["transcribe", "-"], b"stdin is closed"),
     (1, ["transcribe", "AUDIO"], b"stdout is closed"),
     (1, ["info"], b"stdout is closed"),
+    (1, ["--help"], b"stdout is closed"),
     (2, ["transcribe", "AUDIO"], None),
 ])
 def test_cli_with_a_closed_std_stream(closed, args, words):
     """`<&-`, `>&-`, `2>&-`: one line on stderr (if open) and a non-zero exit, or a normal run."""
     import os
     from conftest import SPEECH_WAV
-    args = [SPEECH_WAV if a == "AUDIO" else a for a in args] + ["--model", MODEL_DIRS["mistral"]]
+    model = [] if args == ["--help"] else ["--model", MODEL_DIRS["mistral"]]
+    args = [SPEECH_WAV if a == "AUDIO" else a for a in args] + model
     r = run_cli(*args, preexec_fn=lambda: os.close(closed))
     if words is None:                                         # stderr closed: the transcript still comes
         assert r.returncode == 0 and r.stdout.strip()

@@ -429,6 +429,9 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
     except SystemExit as e:                 # --help, or a usage mistake already reported in one line
         return e.code
+    except VoxtralError as e:               # --help with stdout closed
+        error_line(e)
+        return 2
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line
         try:
