@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from voxtral_ref.runtime import ckernels as ck
-from voxtral_ref.runtime import kernels
+from voxtral_ref.runtime import kernels, quant
 
 OUT = ROOT / "bench" / "out"
 RNG = np.random.default_rng(0)
@@ -79,10 +79,14 @@ def random_bf16(shape):
     return bits.view(ml_dtypes.bfloat16)
 
 
-def random_int8(shape, group=kernels.INT8_GROUP):
-    q = RNG.integers(-127, 128, size=shape, dtype=np.int8)
-    scales = RNG.uniform(1e-4, 1e-3, size=(shape[0], shape[1] // group)).astype(np.float32)
-    return kernels.QuantizedWeight(q, scales, group)
+def random_quant(shape, fmt):
+    """A quantised random matrix: quantised in C from random bf16 (bit-exact with the twin, tested)."""
+    return ck.quantize(random_bf16(shape), fmt)
+
+
+def copies(qt, count):
+    """count distinct copies of a quantised matrix (distinct memory, so a timed loop streams from DRAM)."""
+    return [quant.QTensor(qt.fmt, qt.data.copy(), qt.shape) for _ in range(count)]
 
 
 def build_probes():
@@ -91,7 +95,8 @@ def build_probes():
     ffi = FFI()
     ffi.cdef("float read_bw(const float *p, int64_t n, int threads);"
              "double fma_peak(int64_t iters, int threads, float *sink);"
-             "double bf16dot_peak(int64_t iters, int threads, float *sink);")
+             "double bf16dot_peak(int64_t iters, int threads, float *sink);"
+             "double vnni_peak(int64_t iters, int threads, float *sink);")
     ffi.set_source("_probes", (ROOT / "bench" / "probes.c").read_text(),
                    extra_compile_args=["-O3", "-march=native", "-fopenmp"], extra_link_args=["-fopenmp"])
     path = ffi.compile(tmpdir=str(OUT / "probes"))
@@ -130,6 +135,10 @@ class Machine:
         """the bf16 dot-product peak (nan without AVX512-BF16)"""
         return self.fma_gflops(threads, "bf16dot_peak")
 
+    def vnni_gops(self, threads=None):
+        """the int8 dot-product peak in ops (2 per multiply-add; nan without AVX512-VNNI)"""
+        return self.fma_gflops(threads, "vnni_peak")
+
     def memcpy_gbs(self):
         a = self.buf[: 1 << 27]
         b = np.empty_like(a)
@@ -145,13 +154,20 @@ def validate():
     """Errors against the twins at real shapes; raises if any exceeds the tests' tolerance."""
     rows = []
     w = random_bf16((9216, 3072))
-    wq = random_int8((3072, 9216))
-    for name, n, weight in [("linear bf16 GEMV 3072->9216", 1, w), ("linear bf16 GEMM n=39 3072->9216", 39, w),
-                            ("linear int8 GEMV 9216->3072", 1, wq), ("linear int8 GEMM n=39 9216->3072", 39, wq)]:
+    for name, n, weight in [("linear bf16 GEMV 3072->9216", 1, w), ("linear bf16 GEMM n=39 3072->9216", 39, w)]:
         x = RNG.standard_normal((n, weight.shape[1]), dtype=np.float32)
         wf = np.asarray(weight, np.float32)
         scale = np.abs(x) @ np.abs(wf).T
         rows.append((name, max_rel_error(ck.linear(x, weight), x @ wf.T, scale), "|dy| / sum|x w|"))
+    for fmt in quant.FORMATS:
+        wq = ck.quantize(w[:256], fmt)
+        same = np.array_equal(wq.data, quant.quantize_np(w[:256], fmt).data)
+        rows.append((f"quantize {fmt} 256x3072 (bit-exact)", 0.0 if same else 1.0, "differs"))
+        for n in (1, 39):
+            x = RNG.standard_normal((n, 3072), dtype=np.float32)
+            scale = np.abs(x) @ np.abs(wq.dequantize()).T
+            rows.append((f"linear {fmt} n={n} 3072->256 vs twin", max_rel_error(ck.linear(x, wq), quant.qlinear_np(x, wq),
+                                                                                 scale), "|dy| / sum|x w|"))
     x = RNG.standard_normal((700, 1280), dtype=np.float32)
     wd = random_bf16((5120, 1280))
     xr, wf = kernels.round_bf16(x), np.asarray(wd, np.float32)
@@ -174,8 +190,6 @@ def validate():
     a, b = (RNG.standard_normal((700, 5120), dtype=np.float32) * 4 for _ in range(2))
     ref = kernels.silu_mul_np(a, b)
     rows.append(("silu_mul 700x5120", max_rel_error(ck.silu_mul(a, b), ref, np.abs(ref)), "relative"))
-    qa, qb = ck.quantize_int8(w[:512], 64), kernels.quantize_int8_np(w[:512], 64)
-    rows.append(("quantize_int8 (bit-exact)", float(np.abs(qa.q.astype(int) - qb.q).max() + np.abs(qa.scales - qb.scales).max()), "max diff"))
     print("validation against the NumPy twins")
     for name, e, what in rows:
         print(f"  {name:<44} {e:9.2e}  ({what})")
@@ -187,8 +201,9 @@ def validate():
 
 # --- timings ----------------------------------------------------------------------------------------------
 def bench_gemv(m, quick):
-    """Decode-shaped linears (n = 1 and the streaming encoder's n = 4), each timed over enough distinct
-    matrices to stream from DRAM, next to a read-bandwidth measurement."""
+    """Decode-shaped linears (n = 1, the streaming encoder's n = 4, batches of 8 and 16 with quantised
+    weights), each timed over enough distinct matrices to stream from DRAM, next to a read-bandwidth
+    measurement."""
     shapes = [("dec w1/w3 3072->9216", 9216, 3072), ("dec w2 9216->3072", 3072, 9216), ("dec wq 3072->4096", 4096, 3072),
               ("dec wk/wv 3072->1024", 1024, 3072), ("enc w1 1280->5120", 5120, 1280), ("LM head 3072->131072", 131072, 3072)]
     if quick:
@@ -196,14 +211,18 @@ def bench_gemv(m, quick):
     rows = []
     for name, mm, kk in shapes:
         count = max(1, int(6e8 // (mm * kk * 2)))
-        for wname, make in [("bf16", random_bf16), ("int8", random_int8), ("f32", None)]:
+        for wname in ("bf16", "int8", "q4", "f32"):
             if wname == "f32" and (mm > 20000 or quick):
                 continue
-            mats = [make((mm, kk)) if make else RNG.standard_normal((mm, kk), dtype=np.float32) * np.float32(0.02)
-                    for _ in range(count)]
+            if wname in quant.FORMATS:
+                mats = copies(random_quant((mm, kk), wname), max(1, int(6e8 // (mm * kk * quant.BITS_PER_WEIGHT[wname] / 8))))
+            elif wname == "bf16":
+                mats = [random_bf16((mm, kk)) for _ in range(count)]
+            else:
+                mats = [RNG.standard_normal((mm, kk), dtype=np.float32) * np.float32(0.02) for _ in range(count)]
             nbytes = sum(w.nbytes for w in mats)
-            for n in (1, 4):
-                if n == 4 and (wname == "f32" or mm > 20000):
+            for n in ((1, 4, 8, 16) if wname in quant.FORMATS else (1, 4)):
+                if n > 1 and (wname == "f32" or mm > 20000):
                     continue
                 x = RNG.standard_normal((n, kk), dtype=np.float32)
                 # this machine's bandwidth drifts (other tenants): alternate the two measurements and
@@ -214,8 +233,8 @@ def bench_gemv(m, quick):
                     t = min(t, best_time(lambda x=x, mats=mats: [ck.linear(x, w) for w in mats], repeats=2, min_time=0))
                 gbs = nbytes / t / 1e9
                 rows.append({"kernel": f"GEMV {wname} {name}", "n": n, "M": mm, "K": kk, "weight": wname,
-                             "ms": 1e3 * t / count, "GB/s": gbs, "read_GB/s": read, "pct_of_read": 100 * gbs / read,
-                             "GFLOP/s": 2 * n * mm * kk * count / t / 1e9})
+                             "ms": 1e3 * t / len(mats), "GB/s": gbs, "read_GB/s": read, "pct_of_read": 100 * gbs / read,
+                             "GFLOP/s": 2 * n * mm * kk * len(mats) / t / 1e9})
                 r = rows[-1]
                 print(f"  {r['kernel']:<38} n={n}  {r['ms']:7.3f} ms  {gbs:6.1f} GB/s  = {r['pct_of_read']:5.1f}% of "
                       f"read {read:5.1f} GB/s", flush=True)
@@ -223,7 +242,7 @@ def bench_gemv(m, quick):
     return rows
 
 
-def bench_gemm(m, peak, peak_bf16, quick):
+def bench_gemm(m, peak, peak_bf16, peak_vnni, quick):
     shapes = [("enc wq/wk/wv, 10 s", 700, 1280, 2048), ("enc wo, 10 s", 700, 2048, 1280),
               ("enc w1/w3, 10 s", 700, 1280, 5120), ("enc w2, 10 s", 700, 5120, 1280),
               ("conv2 (im2col), 10 s", 700, 3840, 1280), ("adapter in, 10 s", 175, 5120, 3072),
@@ -234,22 +253,25 @@ def bench_gemm(m, peak, peak_bf16, quick):
     for name, n, kk, mm in shapes:
         x = RNG.standard_normal((n, kk), dtype=np.float32)
         w = random_bf16((mm, kk))
-        wq = kernels.quantize_int8_np(w, 64)
+        wq = {fmt: ck.quantize(w, fmt) for fmt in quant.FORMATS}
         wf = np.asarray(w, np.float32)
         flop = 2 * n * kk * mm
         t_bf16 = best_time(lambda x=x, w=w: ck.linear(x, w))
         t_dot = best_time(lambda x=x, w=w: ck.linear(x, w, precision="bf16"))
-        t_int8 = best_time(lambda x=x, wq=wq: ck.linear(x, wq))
+        t_q = {fmt: best_time(lambda x=x, qt=qt: ck.linear(x, qt)) for fmt, qt in wq.items()}
         t_np = best_time(lambda x=x, wf=wf: x @ wf.T)
         r = {"kernel": f"GEMM {name}", "n": n, "K": kk, "M": mm, "ms_bf16": 1e3 * t_bf16,
-             "GFLOP/s_bf16": flop / t_bf16 / 1e9, "GFLOP/s_int8": flop / t_int8 / 1e9,
+             "GFLOP/s_bf16": flop / t_bf16 / 1e9,
+             **{f"GOP/s_{fmt}": flop / t / 1e9 for fmt, t in t_q.items()},
+             **{f"pct_of_vnni_peak_{fmt}": 100 * flop / t / 1e9 / peak_vnni for fmt, t in t_q.items()},
              "pct_of_peak": 100 * flop / t_bf16 / 1e9 / peak, "GFLOP/s_numpy_f32": flop / t_np / 1e9,
              "ms_bf16_precision": 1e3 * t_dot, "GFLOP/s_bf16_precision": flop / t_dot / 1e9,
              "pct_of_bf16dot_peak": 100 * flop / t_dot / 1e9 / peak_bf16}
         rows.append(r)
         print(f"  {r['kernel']:<30} n={n:<4} {kk:>5}->{mm:<5} bf16 W {r['GFLOP/s_bf16']:6.1f} GF/s ({r['pct_of_peak']:4.1f}% of FMA peak)"
               f"  x in bf16 too {r['GFLOP/s_bf16_precision']:6.1f} ({r['pct_of_bf16dot_peak']:4.1f}% of bf16 dot peak)"
-              f"  int8 W {r['GFLOP/s_int8']:6.1f}  numpy f32 (OpenBLAS, f32 copy of W) {r['GFLOP/s_numpy_f32']:6.1f}", flush=True)
+              f"  int8 W {r['GOP/s_int8']:6.1f} ({r['pct_of_vnni_peak_int8']:4.1f}% of VNNI peak)  q4 W {r['GOP/s_q4']:6.1f} "
+              f"({r['pct_of_vnni_peak_q4']:4.1f}%)  numpy f32 (OpenBLAS, f32 copy of W) {r['GFLOP/s_numpy_f32']:6.1f}", flush=True)
     return rows
 
 
@@ -318,14 +340,16 @@ def main():
     read1, read_n, memcpy = m.read_gbs(1), m.read_gbs(), m.memcpy_gbs()
     peak1, peak_n = m.fma_gflops(1), m.fma_gflops()
     dot1, dot_n = m.bf16dot_gflops(1), m.bf16dot_gflops()
+    vnni1, vnni_n = m.vnni_gops(1), m.vnni_gops()
     print(f"  read bandwidth  1 thread {read1:6.1f} GB/s   {threads} threads {read_n:6.1f} GB/s   "
           f"(numpy memcpy, read+write counted: {memcpy:.1f} GB/s)")
     print(f"  FMA peak (-march=native probe)  1 thread {peak1:6.1f} GFLOP/s   {threads} threads {peak_n:6.1f} GFLOP/s")
     print(f"  bf16 dot-product peak           1 thread {dot1:6.1f} GFLOP/s   {threads} threads {dot_n:6.1f} GFLOP/s")
+    print(f"  int8 dot-product (VNNI) peak    1 thread {vnni1:6.1f} GOP/s     {threads} threads {vnni_n:6.1f} GOP/s")
     print("GEMV (memory-bound: weight bytes streamed per second vs the read bandwidth, best of 3 alternated runs each)")
     gemv = bench_gemv(m, args.quick)
     print("GEMM (compute-bound; % of the FMA / bf16 dot peak above)")
-    gemm = bench_gemm(m, peak_n, dot_n, args.quick)
+    gemm = bench_gemm(m, peak_n, dot_n, vnni_n, args.quick)
     print("attention")
     att = bench_attention(peak_n, args.quick)
     print("elementwise")
@@ -334,7 +358,8 @@ def main():
     report = {"info": ck.info(), "isa": ck.get_isa(), "threads": threads, "cpu": platform.processor() or platform.machine(),
               "machine": {"read_GB/s_1_thread": read1, f"read_GB/s_{threads}_threads": read_n, "memcpy_GB/s": memcpy,
                           "fma_peak_GFLOP/s_1_thread": peak1, f"fma_peak_GFLOP/s_{threads}_threads": peak_n,
-                          "bf16dot_peak_GFLOP/s_1_thread": dot1, f"bf16dot_peak_GFLOP/s_{threads}_threads": dot_n},
+                          "bf16dot_peak_GFLOP/s_1_thread": dot1, f"bf16dot_peak_GFLOP/s_{threads}_threads": dot_n,
+                          "vnni_peak_GOP/s_1_thread": vnni1, f"vnni_peak_GOP/s_{threads}_threads": vnni_n},
               "validation": validation, "gemv": gemv, "gemm": gemm, "attention": att, "elementwise": elem,
               "command": " ".join([Path(sys.executable).name] + sys.argv), "cwd": os.getcwd()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -324,9 +324,9 @@ def main():
     ap.add_argument("model", type=Path, help="checkpoint directory (bench/make_full_checkpoint.py writes one)")
     ap.add_argument("--seconds", type=float, default=10.0, help="clip length (default 10 s)")
     ap.add_argument("--threads", type=int, default=0, help="threads for both implementations (default: all cores)")
-    ap.add_argument("--runs", nargs="+", choices=["f32", "bf16", "f32+int8", "bf16+int8"],
+    ap.add_argument("--runs", nargs="+", choices=["f32", "bf16", "f32+int8", "bf16+int8", "f32+q4", "bf16+q4"],
                     default=["f32", "bf16", "bf16+int8"],
-                    help="voxtral_ref configurations: matmul input precision, +int8 for int8 decoder weights")
+                    help="voxtral_ref configurations: matmul input precision, +int8 / +q4 for quantised weights")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="HF's dtype (float32 needs ~18 GB of RAM)")

@@ -3,12 +3,13 @@
     python bench/make_full_checkpoint.py /work/fullsize_ckpt
 
 params.json carries the real model's values, consolidated.safetensors the real 711 tensor names and shapes
-in bf16 (8.86 GB), tekken.json the tiny golden tokenizer with the real vocabulary size declared. Speed does
+in bf16 (8.86 GB), tekken.json the tiny golden tokenizer grown to the real vocabulary size. Speed does
 not depend on the weights' values; they are N(0, 0.02) (norm weights 1) so activations stay finite.
 Tensors are generated and written one at a time, so the script needs a few hundred MB of memory.
 """
 
 import argparse
+import base64
 import json
 import sys
 import time
@@ -76,6 +77,18 @@ def write_streaming(path, rows, rng):
     return 8 + len(raw) + offset
 
 
+def full_vocab_tekken(vocab_size):
+    """The tiny golden tokenizer grown to the real vocabulary: its BPE ranks, then distinct placeholder
+    tokens ("<1048>", ...) up to vocab_size - 1000 (the loader checks the vocabulary covers the model's)."""
+    tekken = json.loads(GOLDEN_TEKKEN.read_text())
+    n = vocab_size - tekken["config"]["default_num_special_tokens"]
+    for rank in range(len(tekken["vocab"]), n):
+        text = f"<{rank}>"
+        tekken["vocab"].append({"rank": rank, "token_bytes": base64.b64encode(text.encode()).decode(), "token_str": text})
+    tekken["config"].update(default_vocab_size=vocab_size, num_vocab_tokens=n)
+    return tekken
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -84,9 +97,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(EncoderConfig(), DecoderConfig())      # the defaults are the real model's values
     (args.out / "params.json").write_text(json.dumps(params_json(cfg), indent=2))
-    tekken = json.loads(GOLDEN_TEKKEN.read_text())
-    tekken["config"]["default_vocab_size"] = cfg.decoder.vocab_size
-    (args.out / "tekken.json").write_text(json.dumps(tekken))
+    (args.out / "tekken.json").write_text(json.dumps(full_vocab_tekken(cfg.decoder.vocab_size)))
     rows = [(canon, mistral, shape) for canon, mistral, _hf, shape in canonical_names(cfg)]
     t0 = time.perf_counter()
     size = write_streaming(args.out / "consolidated.safetensors", rows, np.random.default_rng(args.seed))

@@ -5,7 +5,9 @@
  * fma_peak: a register-blocked FMA loop over L1-resident data (12 x 2 vectors, the shape of a GEMM
  *           micro-kernel); the most a compute-bound kernel can hope for. Returns flops.
  * bf16dot_peak: the same loop with the AVX512-BF16 dot-product instruction (32 multiply-adds each), the
- *           ceiling of the bf16-precision GEMM; 0 where the CPU lacks it. */
+ *           ceiling of the bf16-precision GEMM; 0 where the CPU lacks it.
+ * vnni_peak: the same loop with the AVX512-VNNI int8 dot product (64 multiply-adds each), the ceiling of the
+ *           quantised-weight kernels; counts 2 ops per multiply-add; 0 where the CPU lacks it. */
 #include <stdint.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -117,6 +119,41 @@ double bf16dot_peak(int64_t iters, int threads, float *sink) {
         flops += (double)iters * 256 * 12 * 2 * 32 * 2;
     }
     return flops;
+#else
+    (void)iters, (void)threads, (void)sink;
+    return 0.0;
+#endif
+}
+
+double vnni_peak(int64_t iters, int threads, float *sink) {
+#if defined(__AVX512VNNI__)
+    double ops = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : ops)
+    {
+        uint32_t a[256 * 12], b[256 * 32];
+        for (int i = 0; i < 256 * 12; i++) a[i] = 0x01010101u;
+        for (int i = 0; i < 256 * 32; i++) b[i] = 0x01010101u;
+        __m512i acc[12][2];
+        for (int i = 0; i < 12; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+        for (int64_t it = 0; it < iters; it++) {
+            const uint32_t *pa = a, *pb = b;
+            for (int k = 0; k < 256; k++, pa += 12, pb += 32) {
+                __m512i b0 = _mm512_loadu_si512(pb), b1 = _mm512_loadu_si512(pb + 16);
+#pragma GCC unroll 12
+                for (int i = 0; i < 12; i++) {
+                    __m512i av = _mm512_set1_epi32((int)pa[i]);
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], b0, av);
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], b1, av);
+                }
+            }
+            __asm__ volatile("" ::: "memory");
+        }
+        int64_t s = 0;
+        for (int i = 0; i < 12; i++) s += _mm512_reduce_add_epi32(acc[i][0]) + _mm512_reduce_add_epi32(acc[i][1]);
+        sink[omp_get_thread_num()] = (float)s;
+        ops += (double)iters * 256 * 12 * 2 * 64 * 2;
+    }
+    return ops;
 #else
     (void)iters, (void)threads, (void)sink;
     return 0.0;

@@ -34,16 +34,16 @@ REL_TOL = 1e-4
 #   of an encoder layer's input moves its output by 5e-3 (1e-4 in float32). The worst stage error seen
 #   against the float32 oracle is 1.1e-2 of the scale; a bug (a wrong k-pair order, a missing rounding
 #   step applied twice) is O(1) or 1e-4, so 2e-2 separates them.
-# - quantize="int8": every large matrix (encoder, adapter, decoder, LM head) moves by 0.5% (relative RMS) and
-#   every matmul input is rounded to int8 per block of 32 (0.6%); on the tiny model's 64-256-wide layers
-#   nothing averages out and the stages move by up to 4.5e-2 of the scale (measured): 6e-2.
+# - quantize="int8": every large matrix (conv stem, encoder, adapter, decoder, LM head) moves by 0.5% (relative
+#   RMS) and every matmul input is rounded to int8 per block of 32 (0.6%); on the tiny model's 64-256-wide
+#   layers nothing averages out and the stages move by up to 7.1e-2 of the scale (measured): 0.1.
 # - quantize="q4": 4-bit weights move by 7% (relative RMS, the format's cost: README, "Quantised weights");
-#   the stages move by up to 0.28 of the scale (measured): 0.35. A layout or scale bug scrambles the
+#   the stages move by up to 0.33 of the scale (measured): 0.45. A layout or scale bug scrambles the
 #   weights (> 100% error), and the isolation test below checks the kernels at a tight bound.
-APPROX_MODES = {"bf16": ({"precision": "bf16"}, 2e-2), "int8": ({"quantize": "int8"}, 6e-2),
-                "q4": ({"quantize": "q4"}, 0.35)}
+APPROX_MODES = {"bf16": ({"precision": "bf16"}, 2e-2), "int8": ({"quantize": "int8"}, 0.1),
+                "q4": ({"quantize": "q4"}, 0.45)}
 # - quantised kernels against the float32 path on the same dequantised weights: only the int8 rounding of
-#   the matmul inputs differs, up to 3.2e-2 of the scale on the tiny model (measured): 5e-2.
+#   the matmul inputs differs, up to 3.7e-2 of the scale on the tiny model (measured): 5e-2.
 ISOLATION_REL_TOL = 5e-2
 
 CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
@@ -194,17 +194,18 @@ def test_quantised_kernels_match_float32_on_the_same_weights(isolated, case):
 
 @pytest.mark.parametrize("recipe", ["q4", "int8,lm_head=q4,enc=none"])
 def test_quantize_replaces_exactly_the_recipes_matrices(recipe):
-    """Every matrix a live step streams (encoder, adapter, decoder, LM head) and nothing else; each within
+    """Every matrix a live step streams (conv stem, encoder, adapter, decoder, LM head) and nothing else; each within
     its format's round-trip error of the file's values; the embedding lookup keeps the file's rows."""
     w = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKENDS[-1], quantize=recipe).weights
     plain = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy").weights
-    want = quant.plan(recipe, list(plain._t))
+    want = quant.plan(recipe, {**{n: t.shape for n, t in plain._t.items()}, "lm_head": plain.lm_head.shape})
     held = w.formats()
     assert {n: f for n, f in held.items() if f in quant.FORMATS} == want
     assert all(held[n] == str(plain._t[n].dtype) for n in plain._t if n not in want)
     for name, fmt in want.items():
         ref = np.asarray(plain.lm_head if name == "lm_head" else plain._t[name], np.float32)
         got = (w.lm_head if name == "lm_head" else w._t[name]).dequantize()
+        ref = ref.reshape(got.shape)                                  # conv kernels: [Cout, Cin * 3]
         rel = np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))
         assert rel < {"int8": 0.01, "q4": 0.09}[fmt], (name, rel)
     assert w["tok_embeddings"] is plain["tok_embeddings"] or np.array_equal(w["tok_embeddings"], plain["tok_embeddings"])

@@ -2,6 +2,7 @@
 
 import ctypes
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -136,6 +137,7 @@ class Model:
     def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32", quantize=None, source_format=None):
         self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
         self.precision, self.quantize, self.source_format = precision, quantize, source_format or cfg.format
+        self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None):
         """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a

@@ -48,11 +48,11 @@ from . import kernels
 from ..stages.adapter import adapter, downsample
 from ..stages.attention import KVCache
 from ..stages.audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
-from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
+from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
                      delay_tokens, right_pad_samples)
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
-from ..stages.generate import Decoder
+from ..stages.generate import PREFIX, Decoder
 from ..stages.mel import log_mel_frames
 
 HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
@@ -72,7 +72,7 @@ class StreamSession:
     """One live stream. feed() queues audio (cheap, thread-safe); step() does the work the audio allows;
     close() ends the audio. Make one with `Model.stream()`."""
 
-    def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
+    def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, reuse_prefix=True):
         check_sample_rate(sample_rate)
         self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
         self.n_delay = delay_tokens(self.delay_ms)
@@ -98,6 +98,8 @@ class StreamSession:
             self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32",
                                                   quality=RESAMPLE_QUALITY)
         self._n_samples = 0                                    # 16 kHz samples received
+        if reuse_prefix:                                       # False: compute the silence prefix (as a check)
+            self._restore(session_prefix(model, self.n_delay))
         self._n_positions = None                               # offline's audio tokens, known at close()
         self._utf8 = model.tokenizer.incremental()
         self._lock = threading.Lock()                          # guards _pending and _closed
@@ -161,9 +163,13 @@ class StreamSession:
         with kernels.use(self._model.backend, self._model.precision):
             self._take_audio(pending, closing)
             while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
-                embeds = self._next_embeds()                                      # [len(prompt) or 1, dim]
+                prefilled = bool(self._dec.ids)
+                embeds = self._next_embeds()                        # [PREFIX, then the prompt's rest, then 1, dim]
                 if embeds is None:
                     break
+                if not prefilled:                                   # reuse_prefix=False: the silence prefix
+                    self._dec.prefill(embeds)
+                    continue
                 ids.append(self._dec.step(embeds))
                 latency.append(self._latency())
         if self._buf.base is not None:                     # trimmed views would pin a large fed chunk
@@ -209,10 +215,12 @@ class StreamSession:
 
     def _next_embeds(self):
         """The audio embeddings the decoder's next step needs, or None if the audio is not there yet."""
-        need = 1 if len(self._dec.ids) else len(self._dec.prompt)
+        ids, prompt = self._dec.ids, self._dec.prompt
+        need = max(len(prompt) - len(ids), 1) if ids else PREFIX
         while len(self._embeds) < need:
             ready = (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN   # embeddings allowed
-            n = min(ready - self._n_embeds, self._batch)
+            # the silence prefix is encoded on its own, as session_prefix does, whatever audio is there
+            n = min(ready - self._n_embeds, self._batch if self._n_embeds else PREFIX)
             if n <= 0:
                 return None
             self._embeds = np.concatenate([self._embeds, self._encode(n)])  # [m + n, dim]
@@ -232,12 +240,44 @@ class StreamSession:
         self._n_embeds += n
         return out
 
+    def _snapshot(self):
+        """The compute state after the silence prefix (see session_prefix): copies of the live cache slots."""
+        def caches(cs):
+            return [(c.k[:c.filled].copy(), c.v[:c.filled].copy(), c.pos[:c.filled].copy()) for c in cs]
+        return {"enc": caches(self._enc_caches), "dec": caches(self._dec.caches), "ids": list(self._dec.ids),
+                "history": {k: v.copy() for k, v in self._history.items()}, "n_embeds": self._n_embeds}
+
+    def _restore(self, state):
+        for caches, saved in ((self._enc_caches, state["enc"]), (self._dec.caches, state["dec"])):
+            for c, (k, v, pos) in zip(caches, saved):
+                c.k[:len(pos)], c.v[:len(pos)], c.pos[:len(pos)], c.filled = k, v, pos, len(pos)
+        self._dec.ids = list(state["ids"])
+        self._history = {k: v.copy() for k, v in state["history"].items()}
+        n = state["n_embeds"]
+        self._buf, self._buf_start, self._n_embeds = self._buf[n * SAMPLES_PER_TOKEN:], self._buf_start + n * SAMPLES_PER_TOKEN, n
+
     def _latency(self):
         """Seconds since the feed() that brought the last sample the token just emitted needed."""
         need = SAMPLES_PER_TOKEN * (len(self._dec.ids) - 1) + LOOK_AHEAD   # its position's embedding's end
         while self._arrivals[0][0] < need:
             self._arrivals.popleft()
         return time.perf_counter() - self._arrivals[0][1]
+
+
+def session_prefix(model, n_delay):
+    """The state every session of (model, delay) is in once it has run the first PREFIX tokens, which hear
+    only the left pad's silence: encoder caches, conv history and decoder caches. Computed once per
+    (model, delay, backend, precision) by a session of its own, exactly as a session without it would
+    (tests/test_stream.py checks the ids and caches are bit-identical), then copied into each new session,
+    which so starts with only its own audio's positions to compute."""
+    key = (n_delay, model.backend, model.precision)
+    with model.prefix_lock:
+        if key not in model.prefixes:
+            s = StreamSession(model, n_delay * MS_PER_TOKEN, reuse_prefix=False)
+            with kernels.use(model.backend, model.precision):
+                s._dec.prefill(s._next_embeds())
+            model.prefixes[key] = s._snapshot()
+        return model.prefixes[key]
 
 
 def text_deltas(session, chunks):

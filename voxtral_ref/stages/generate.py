@@ -16,6 +16,11 @@ from .decoder import ada_scales, decoder_forward, embed, lm_head
 from .encoder import conv_stem, encoder_transformer
 from .mel import log_mel
 
+# Prompt positions whose audio embedding sees only the left pad's silence: embedding e needs padded samples
+# below 1280 (e + 1) + 40 (runtime/stream.py), and the audio starts at 40960 = 32 * 1280, so embeddings
+# 0..30 are silence alone and 31 already hears the first 40 samples.
+PREFIX = N_LEFT_PAD_TOKENS - 1
+
 
 def pad_offline(audio, n_delay):
     """32 tokens of silence on the left; on the right, align to a token and add delay + 1 + 10 tokens
@@ -46,7 +51,12 @@ def encode(weights, padded, trace=None):
 
 class Decoder:
     """Greedy decoding state: per-layer KV caches, the position clock and the delay conditioning.
-    Shared by offline transcription and streaming sessions."""
+    Shared by offline transcription and streaming sessions.
+
+    The prompt is fed in two parts: its first PREFIX positions, whose audio is the left pad's silence
+    alone (so their state is the same for every input, and a stream can start from a saved copy of it:
+    runtime/stream.py), then the rest, which predicts the first token. Offline feeds the same two parts,
+    so both compute every position the same way."""
 
     def __init__(self, weights, n_delay, max_positions=None, trace=None):
         cfg = weights.cfg.decoder
@@ -58,14 +68,31 @@ class Decoder:
                        for _ in range(cfg.n_layers)]
         self.ids = []                                                                 # every id fed or emitted
 
+    def prefill(self, audio_embeds):
+        """Feed the prompt's first PREFIX positions ([PREFIX, 3072] audio embeddings); no token yet."""
+        if self.ids or len(audio_embeds) != PREFIX:
+            raise ValueError(f"prefill takes the first {PREFIX} positions of a fresh decoder, got {len(audio_embeds)}")
+        self._forward(self.prompt[:PREFIX], 0, audio_embeds)
+        self.ids = list(self.prompt[:PREFIX])
+
     def step(self, audio_embeds):
-        """Feed the next len(audio_embeds) positions; return the token they predict. The first call must
-        bring the whole prompt's audio ([len(prompt), 3072]); later calls one position at a time."""
+        """Feed the next positions; return the token they predict. Until the prompt is in: its audio
+        embeddings ([len(prompt), 3072], or the rest of them after prefill); then one position at a time."""
         if not self.ids:
-            feed, p0 = self.prompt, 0
+            self.prefill(audio_embeds[:PREFIX])
+            audio_embeds = audio_embeds[PREFIX:]
+        if len(self.ids) < len(self.prompt):
+            feed, p0 = self.prompt[len(self.ids):], len(self.ids)
             self.ids = list(self.prompt)
         else:
             feed, p0 = self.ids[-1:], len(self.ids) - 1
+        logits = self._forward(feed, p0, audio_embeds)                                 # [t or 1, V]
+        token = int(np.argmax(logits[-1]))
+        self.ids.append(token)
+        return token
+
+    def _forward(self, feed, p0, audio_embeds):
+        """Positions p0.. with input ids `feed` -> logits of the last one (of all of them when tracing)."""
         h = embed(self.weights["tok_embeddings"], feed) + audio_embeds                 # [t, 3072]
         pos = np.arange(p0, p0 + len(feed))
         if self.trace:
@@ -74,9 +101,7 @@ class Decoder:
         logits = lm_head(x if self.trace else x[-1:], self.weights.lm_head)           # [t or 1, V]
         if self.trace:
             self.trace("logits", logits)
-        token = int(np.argmax(logits[-1]))
-        self.ids.append(token)
-        return token
+        return logits
 
 
 def greedy_decode(weights, audio_embeds, n_delay, trace=None, on_token=None):

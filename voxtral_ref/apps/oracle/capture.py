@@ -114,15 +114,18 @@ def capture_stream(model, audio, sample_rate, delay_ms, chunk):
     if chunk <= 0:
         raise VoxtralError(f"--chunk must be a positive number of samples, got {chunk}")
     rec = Recorder()
-    session = model.stream(delay_ms, sample_rate)
+    from ...runtime.stream import StreamSession
+    # the session computes its silence prefix itself (not the saved copy), so every position is traced
+    session = StreamSession(model, delay_ms, sample_rate, reuse_prefix=False)
     session._dec.trace = rec                      # per-step slices: the Decoder traces when it has a trace
     p = len(session._dec.prompt)
     records, fed = [], 0
 
     def emitted(emission, closing):
-        for token in emission.token_ids:
+        parts, n = rec.parts["logits"], len(emission.token_ids)
+        for j, token in enumerate(emission.token_ids):
             k = len(records)
-            last = rec.parts["logits"][k][-1]                                    # the row that chose it
+            last = parts[len(parts) - n + j][-1]                # the row that chose it: one decoder call per token
             top2 = np.partition(last, -2)[-2:]
             records.append({"samples_fed": fed, "position": p - 1 + k, "token": k, "id": int(token),
                             "margin": float(top2[1] - top2[0]), "at_close": closing})

@@ -1,0 +1,190 @@
+"""Live streaming speed on the full-size model (not run by CI): is a live step faster than the 80 ms of audio
+it consumes?
+
+    python bench/make_full_checkpoint.py /work/fullsize_ckpt                       # once: random weights
+    voxtral-ref quantize --model /work/fullsize_ckpt --quantize q4 -o /work/full_q4  # once per format
+    python bench/live_bench.py /work/full_q4 /work/full_int8 --seconds 20          # table + bench/out/live.json
+
+For each model directory: a paced 16 kHz source feeds one 80 ms block at a time through the public API
+(`Model.stream()`, `feed()` then `step()` at once, then a wait until the next block is due), so a step is
+encoder + adapter + decoder + LM head for one token, as a live client sees it. Reported per phase:
+  start   a new session: the latency of its first token (from the feed that completed its audio), then
+          the steps of the first --seconds of speech;
+  full    the same session fast-forwarded to a full decoder window (8192 positions, every KV slot in use:
+          what an 11-minute stream reaches), then --seconds more;
+per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
+plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
+and after each phase), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
+weight-streaming kernels (step minus the time inside `kernels.linear`), and peak RSS.
+The fast-forward is a benchmark device: it shifts the session's clocks and fills its caches with positions
+it never computed (values do not change speed), and is never used for real transcription.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels  # noqa: E402
+import voxtral_ref  # noqa: E402
+from voxtral_ref import config as C  # noqa: E402
+from voxtral_ref.runtime import kernels, quant  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
+BLOCK = C.SAMPLES_PER_TOKEN                               # 1280 samples = 80 ms: one step's audio
+
+
+def rss_gb():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) / 1e6 for k, _, v in (line.partition(":") for line in f) if k in ("VmRSS", "VmHWM")}
+
+
+def reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class LinearClock:
+    """Wraps kernels.linear (every weight-streaming matmul goes through it) to sum the time spent inside."""
+
+    def __init__(self):
+        self.seconds, self._linear = 0.0, kernels.linear
+
+    def __enter__(self):
+        def timed(x, w, b=None):
+            t = time.perf_counter()
+            y = self._linear(x, w, b)
+            self.seconds += time.perf_counter() - t
+            return y
+        kernels.linear = timed
+        return self
+
+    def __exit__(self, *exc):
+        kernels.linear = self._linear
+
+
+def weight_bytes(model):
+    """Bytes of every matrix a step streams: conv stem, encoder, adapter, decoder, LM head."""
+    w = model.weights
+    names = [n for n, t in w._t.items() if t.ndim >= 2 and n != "tok_embeddings" and ".ada_" not in n]
+    return sum(w._t[n].nbytes for n in names) + w.lm_head.nbytes
+
+
+def kv_bytes(session):
+    """Bytes of the KV caches a step's attention reads: every live slot of every layer, keys and values."""
+    caches = session._dec.caches + session._enc_caches
+    return sum(2 * c.filled * c.k[0].nbytes for c in caches)
+
+
+def fast_forward(session, tokens):
+    """Move a running session `tokens` positions ahead and fill every cache slot (see the module doc)."""
+    ds = session._model.cfg.downsample
+    session._dec.ids[len(session._dec.prompt):len(session._dec.prompt)] = [C.STREAMING_PAD_ID] * tokens
+    for caches, shift in ((session._dec.caches, tokens), (session._enc_caches, tokens * ds)):
+        for c in caches:
+            newest = int(c.pos.max()) + shift
+            c.pos[:] = -1
+            c.pos[np.arange(newest - c.capacity + 1, newest + 1) % c.capacity] = np.arange(newest - c.capacity + 1, newest + 1)
+            c.filled = c.capacity
+    session._n_embeds += tokens
+    session._buf_start += tokens * BLOCK
+    session._n_samples += tokens * BLOCK
+    session._arrivals = type(session._arrivals)((end + tokens * BLOCK, t) for end, t in session._arrivals)
+
+
+def paced(session, audio, seconds, clock):
+    """Feed `seconds` of audio block by block in real time; -> step seconds, linear seconds, first-token latency."""
+    steps, inside, first = [], [], None
+    t_next = time.perf_counter()
+    for start in range(0, int(seconds * C.SAMPLE_RATE), BLOCK):
+        wait = t_next - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        t_next += BLOCK / C.SAMPLE_RATE
+        block = audio[start % len(audio):][:BLOCK]
+        lin0 = clock.seconds
+        t0 = time.perf_counter()
+        session.feed(block)
+        e = session.step()
+        steps.append(time.perf_counter() - t0)
+        inside.append(clock.seconds - lin0)
+        if first is None and e.latency_s:
+            first = e.latency_s[0]
+    return np.array(steps), np.array(inside), first
+
+
+def summary(steps, inside, nbytes, bw):
+    mean = steps.mean()
+    return {"steps": len(steps), "step_ms_median": 1e3 * float(np.median(steps)), "step_ms_mean": 1e3 * float(mean),
+            "step_ms_p95": 1e3 * float(np.percentile(steps, 95)), "live_rtf": float(mean / (BLOCK / C.SAMPLE_RATE)),
+            "bytes_per_step_GB": nbytes / 1e9, "read_GB/s": bw, "roofline_ms": 1e3 * nbytes / 1e9 / bw,
+            "vs_roofline": float(mean / (nbytes / 1e9 / bw)),
+            "outside_kernels_ms_mean": 1e3 * float((steps - inside).mean())}
+
+
+def run(path, args, machine):
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    model = voxtral_ref.load(path, backend="c", precision=args.precision)
+    load_s = time.perf_counter() - t0
+    with np.load(GOLDEN) as z:
+        audio = z["audio"]
+    out = {"model": str(path), "quantize": model.quantize, "precision": model.precision, "load_s": load_s,
+           "weight_GB": weight_bytes(model) / 1e9}
+    label = model.quantize or model.precision
+    with LinearClock() as clock:
+        session = model.stream()
+        # the first token needs 1280 * (delay + 1) + 40 samples: feed up to just before, then the block
+        # that completes it, timed as a live client sees it
+        lead = BLOCK * (session.n_delay + 1) + 40 - BLOCK
+        session.feed(audio[:lead])
+        session.step()
+        for phase in ("start", "full"):
+            if phase == "full":
+                fast_forward(session, model.cfg.decoder.sliding_window)
+            bw_before = machine.read_gbs()
+            steps, inside, first = paced(session, audio[lead:], args.seconds, clock)
+            bw = (bw_before + machine.read_gbs()) / 2
+            out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw)
+            out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
+            if phase == "start":
+                out["first_token_latency_ms"] = 1e3 * first if first is not None else None
+            r = out[phase]
+            print(f"{label:>10} {phase:>5}: step {r['step_ms_median']:.1f} / {r['step_ms_mean']:.1f} / "
+                  f"{r['step_ms_p95']:.1f} ms (median/mean/p95), live RTF {r['live_rtf']:.2f}, "
+                  f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s -> roofline {r['roofline_ms']:.1f} ms "
+                  f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms", flush=True)
+    out["peak_rss_GB"] = rss_gb().get("VmHWM")
+    print(f"{label:>10}: load {load_s:.2f} s, first token {out['first_token_latency_ms']:.0f} ms after its audio, "
+          f"peak RSS {out['peak_rss_GB']:.2f} GB", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path, help="checkpoint directories (quantised ones load as they are)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="audio per phase (default 20 s)")
+    ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
+                    help="matmul inputs of the unquantised matrices (default bf16)")
+    ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    ap.add_argument("--json", type=Path, default=OUT / "live.json")
+    args = ap.parse_args()
+    from voxtral_ref.runtime import ckernels
+    ckernels.set_threads(args.threads)
+    machine = bench_kernels.Machine(bench_kernels.build_probes(), ckernels.get_threads())
+    results = {"threads": ckernels.get_threads(), "runs": [run(p, args, machine) for p in args.models]}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
