@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels  # noqa: E402
+from bench_model import reset_peak_rss  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import kernels, quant  # noqa: E402
@@ -42,14 +43,6 @@ BLOCK = C.SAMPLES_PER_TOKEN                               # 1280 samples = 80 ms
 def rss_gb():
     with open("/proc/self/status") as f:
         return {k: int(v.split()[0]) / 1e6 for k, _, v in (line.partition(":") for line in f) if k in ("VmRSS", "VmHWM")}
-
-
-def reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 class LinearClock:

@@ -235,6 +235,25 @@ def test_quantised_stream_follows_offline(mode, sizes):
         assert (top2[1] - top2[0]) / np.abs(logits).max() < 0.1, f"{case}: token {i} differs at a clear margin"
 
 
+@pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
+def test_saved_prefix_is_bit_identical_to_computing_it(mode):
+    """A session starts from the saved state of the 31 silence-only positions (session_prefix); one that
+    computes them itself ends with the same ids and bit-identical encoder and decoder caches."""
+    from voxtral_ref.runtime.stream import StreamSession
+    backend = "c" if ckernels.available() else "numpy"
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, **mode)
+    g = load_case("speech_en_480")
+    saved, computed = model.stream(), StreamSession(model, reuse_prefix=False)
+    assert model.prefixes                                        # the first session saved it
+    ids = [run_stream(s, g["audio"], [1281])[0] for s in (saved, computed)]
+    assert ids[0] == ids[1] == model.transcribe(g["audio"]).token_ids
+    for a, b in zip(saved._enc_caches + saved._dec.caches, computed._enc_caches + computed._dec.caches):
+        assert a.filled == b.filled
+        np.testing.assert_array_equal(a.pos, b.pos)
+        np.testing.assert_array_equal(a.k, b.k)
+        np.testing.assert_array_equal(a.v, b.v)
+
+
 # --- resampling ---------------------------------------------------------------------------------------------
 def test_soxr_stream_resampler_equals_one_shot():
     """Why a chunked 44.1 kHz stream can equal transcribe() on the whole file: soxr's stream resampler gives
