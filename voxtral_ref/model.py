@@ -83,8 +83,13 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     if formats and hub.is_snapshot(d):
         qdir = hub.quantized_cache_dir(d, quantize)
         if not (quantized.is_quantized(qdir) and quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), d, fmt)):
-            write_quantized(load(d, backend, precision=precision, quantize=quantize, progress=progress), qdir)
+            write_quantized(_load_checkpoint(d, fmt, backend, precision, quantize, formats), qdir)
         return _load_quantized(qdir, backend, precision, quantize)
+    return _load_checkpoint(d, fmt, backend, precision, quantize, formats)
+
+
+def _load_checkpoint(d, fmt, backend, precision, quantize, formats):
+    """A Mistral or HF checkpoint directory, its matrices quantised as `formats` says ({} for none)."""
     tok = Tekken(d / "tekken.json")
     read = C.from_params_json if fmt == "mistral" else C.from_config_json
     cfg = read(d / ("params.json" if fmt == "mistral" else "config.json"), tok)

@@ -1,0 +1,105 @@
+"""Quantised checkpoints (voxtral_ref/checkpoint/quantized.py): quantise once, load by mmap, the same results;
+hub copies cached next to the cache entry and rebuilt when the source changes; corrupt or mismatched
+files refused with one clear error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import voxtral_ref
+from voxtral_ref import VoxtralError
+from voxtral_ref.checkpoint import quantized
+from voxtral_ref.model import write_quantized
+from voxtral_ref.runtime import ckernels, kernels
+
+from conftest import MODEL_DIRS, load_case, make_hub_cache
+
+BACKEND = "c" if ckernels.available() else "numpy"
+RECIPE = "q4,lm_head=int8"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND, quantize=RECIPE)
+    out = tmp_path_factory.mktemp("q") / "tiny_q4"
+    write_quantized(model, out)
+    return model, out
+
+
+def test_a_saved_checkpoint_loads_as_it_was_quantised(saved):
+    """Same recipe, same bytes in every quantised matrix, same ids; its metadata records the provenance."""
+    model, out = saved
+    again = voxtral_ref.load(out, backend=BACKEND)
+    assert again.quantize == RECIPE and again.weights.formats() == model.weights.formats()
+    for name, t in model.weights._t.items():
+        u = again.weights._t[name]
+        np.testing.assert_array_equal(*((a.data if a.dtype == np.uint8 else a) for a in (u, t)))
+    g = load_case("speech_en_480")
+    assert again.transcribe(g["audio"]).token_ids == model.transcribe(g["audio"]).token_ids
+    meta = quantized.read_metadata(out / quantized.QFILE)
+    source = json.loads(meta["source"])
+    assert meta["recipe"] == RECIPE and meta["source_format"] == "mistral" and meta["voxtral_ref"]
+    assert [s["name"] for s in source] == ["consolidated.safetensors"] and len(source[0]["sha256"]) == 64
+    assert sorted(p.name for p in out.iterdir()) == ["params.json", "quantized.safetensors", "tekken.json"]
+
+
+def test_a_saved_checkpoint_refuses_another_recipe(saved):
+    with pytest.raises(VoxtralError, match="quantised as 'q4,lm_head=int8', not 'int8'"):
+        voxtral_ref.load(saved[1], quantize="int8")
+
+
+def test_writing_over_the_source_is_refused(saved):
+    with pytest.raises(VoxtralError, match="source checkpoint"):
+        quantized.write(MODEL_DIRS["mistral"], MODEL_DIRS["mistral"], "mistral", saved[0].weights, RECIPE, "0")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "metadata", "shape"])
+def test_a_corrupt_quantised_file_is_one_error(saved, tmp_path, damage):
+    import shutil
+    out = tmp_path / "q"
+    shutil.copytree(saved[1], out)
+    path = out / quantized.QFILE
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if damage == "truncate":
+        path.write_bytes(raw[:-1000])
+    else:
+        if damage == "metadata":
+            header["__metadata__"]["format"] = "something/else"
+        else:                                 # a quantised matrix described with another shape
+            q = json.loads(header["__metadata__"]["quantized"])
+            q["dec.layers.0.w1"][1] += 16
+            header["__metadata__"]["quantized"] = json.dumps(q)
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        path.write_bytes(len(head).to_bytes(8, "little") + head + raw[8 + n:])
+    with pytest.raises(VoxtralError):
+        voxtral_ref.load(out, backend=BACKEND)
+
+
+def test_a_hub_model_keeps_its_quantised_copy_and_rebuilds_it_when_stale(tmp_path, monkeypatch):
+    snap = make_hub_cache(tmp_path, MODEL_DIRS["mistral"])
+    repo = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+    first = voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
+    qdir = first.path
+    assert qdir.parent.name == "voxtral_ref" and quantized.is_quantized(qdir) and first.quantize == "q4"
+
+    calls = []
+    real = kernels.quantize
+    monkeypatch.setattr(kernels, "quantize", lambda w, fmt: calls.append(fmt) or real(w, fmt))
+    again = voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
+    assert again.path == qdir and calls == []                      # fresh: mmap'd, nothing quantised
+
+    src = snap / "consolidated.safetensors"
+    os.utime(src, ns=(0, 0))                                       # touched, same content: still fresh
+    voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
+    assert calls == []
+    raw = bytearray(src.read_bytes())
+    raw[-2] ^= 1                                                   # the source changed: rebuilt
+    src.write_bytes(bytes(raw))
+    rebuilt = voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
+    assert calls and rebuilt.path == qdir
+    assert quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), snap, "mistral")
