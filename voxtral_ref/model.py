@@ -144,12 +144,19 @@ class Model:
         self.precision, self.quantize, self.source_format = precision, quantize, source_format or cfg.format
         self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
 
-    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None):
-        """One waveform -> Transcript; a list of waveforms -> a list (each transcribed on its own, so a
-        batch gives exactly what each file gives alone). `on_token(id)` is called as each token is
-        generated (progress bars, live output)."""
+    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1):
+        """One waveform -> Transcript; a list of waveforms -> a list, each result equal to transcribing its
+        file alone (same ids). `batch_size` > 1 decodes up to that many files per pass over the weights
+        (runtime/engine.py), which costs little more than one. `on_token(id)` is called as each token is
+        generated (progress bars, live output; single waveforms only)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(audio, (list, tuple)):
-            return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
+            if batch_size == 1:
+                return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
+            from .runtime.engine import transcribe_batch
+            return transcribe_batch(self, audio, sample_rate,
+                                    self.cfg.default_delay_ms if delay_ms is None else delay_ms, batch_size)
         delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms
         n_delay = C.delay_tokens(delay_ms)
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
@@ -158,7 +165,7 @@ class Model:
             ids = self._transcribe_in_session(x, delay_ms, on_token)
             timings = {"total_s": time.perf_counter() - t0}          # encoding and decoding interleave
             return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
-        with kernels.use(self.backend, self.precision):
+        with self.kernel_mode():
             if trace:
                 trace("audio", x)
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
@@ -167,6 +174,10 @@ class Model:
         t2 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0}
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
+
+    def kernel_mode(self):
+        """The context the model's computations run in: its backend and precision (kernels.use)."""
+        return kernels.use(self.backend, self.precision)
 
     def _transcribe_in_session(self, x, delay_ms, on_token):
         session = self.stream(delay_ms)

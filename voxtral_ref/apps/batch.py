@@ -255,9 +255,9 @@ def decode(item):
 
 
 def transcribe_many(model, audios, delay_ms):
-    """The one place batch calls the model: [samples] -> [Transcript]. Model.transcribe runs a list file
-    by file today; once the batching engine lands, its batch_size goes here."""
-    return model.transcribe(list(audios), delay_ms=delay_ms)
+    """The one place batch calls the model: [samples] -> [Transcript], the files decoded together (each
+    result equals transcribing its file alone; runtime/engine.py)."""
+    return model.transcribe(list(audios), delay_ms=delay_ms, batch_size=FILES_PER_CALL)
 
 
 def transcribe_decoded(model, decoded):

@@ -49,20 +49,38 @@ class KVCache:
         return self.k[:n], self.v[:n], self.pos[:n]
 
 
-def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, interleaved, cache=None):
-    """x [T, dim] -> [T, dim]. `w` holds wq, wk, wv, wo and the optional biases bq, bv, bo (the encoder
-    has them, the decoder none). Keys come from this chunk only (cache=None: the whole sequence at once,
-    as offline) or from the cache after this chunk is added (streaming / incremental decoding)."""
+def project_qkv(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, interleaved):
+    """x [T, dim] at positions pos [T] -> roped q [T, H, hd], k [T, Hkv, hd] and v [T, Hkv, hd]. Every row on
+    its own, so the rows of several sequences can be stacked and each weight read once for all of them."""
     t = x.shape[0]
     q = kernels.linear(x, w["wq"], w.get("bq")).reshape(t, n_heads, head_dim)      # [T, H, hd]
     k = kernels.linear(x, w["wk"]).reshape(t, n_kv_heads, head_dim)                # [T, Hkv, hd]
     v = kernels.linear(x, w["wv"], w.get("bv")).reshape(t, n_kv_heads, head_dim)   # [T, Hkv, hd]
     cos, sin = rope_angles(pos, head_dim, rope_theta)                              # [T, hd/2]
-    q, k = kernels.rope(q, cos, sin, interleaved), kernels.rope(k, cos, sin, interleaved)  # split-half out
+    return kernels.rope(q, cos, sin, interleaved), kernels.rope(k, cos, sin, interleaved), v  # split-half out
+
+
+def attend(q, k, v, pos, window, cache=None):
+    """One sequence's chunk: q [T, H, hd], k/v [T, Hkv, hd] at positions pos [T] -> [T, H, hd]. Keys come
+    from this chunk only (cache=None: the whole sequence at once, as offline) or from the cache after this
+    chunk is added (streaming / incremental decoding)."""
     k_pos = pos
     if cache is not None:
         k, v, k_pos = cache.update(k, v, pos)                                      # [S, Hkv, hd]
     if ATTENTION_PROBE.get():
         ATTENTION_PROBE.get()(q, k, pos, k_pos, window)
-    o = kernels.attention(q, k, v, pos, k_pos, window)                             # [T, H, hd]
-    return kernels.linear(o.reshape(t, n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]
+    return kernels.attention(q, k, v, pos, k_pos, window)                          # [T, H, hd]
+
+
+def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, interleaved, cache=None):
+    """x [T, dim] -> [T, dim]. `w` holds wq, wk, wv, wo and the optional biases bq, bv, bo (the encoder
+    has them, the decoder none); `cache` as in `attend`. x may also stack the rows of several sequences
+    (runtime/engine.py): then `pos` and `cache` are lists, one entry per sequence in row order; the
+    projections run once over all rows, attention per sequence against its own cache."""
+    seqs = list(zip(pos, cache)) if isinstance(pos, list) else [(pos, cache)]
+    q, k, v = project_qkv(x, np.concatenate([p for p, _ in seqs]), w, n_heads, n_kv_heads, head_dim, rope_theta,
+                          interleaved)                                             # [T, H | Hkv, hd]
+    ends = np.cumsum([len(p) for p, _ in seqs])
+    o = [attend(q[e - len(p):e], k[e - len(p):e], v[e - len(p):e], p, window, c) for (p, c), e in zip(seqs, ends)]
+    o = o[0] if len(o) == 1 else np.concatenate(o)                                 # [T, H, hd]
+    return kernels.linear(o.reshape(x.shape[0], n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]

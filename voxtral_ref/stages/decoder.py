@@ -32,7 +32,9 @@ def embed(tok_embeddings, ids):
 
 
 def decoder_layer(h, pos, w, cfg, ada, interleaved, cache):
-    """h [T, 3072] at positions pos [T] -> [T, 3072]; `ada` [3072] is this layer's constant scale."""
+    """h [T, 3072] at positions pos [T] -> [T, 3072]; `ada` [3072] is this layer's constant scale. h may also
+    stack the rows of several sequences (runtime/engine.py): then pos and cache are lists, one entry per
+    sequence in row order (see self_attention), and ada [T, 3072] gives each row its own sequence's scale."""
     x = kernels.rms_norm(h, w["attention_norm"], cfg.norm_eps)                           # [T, 3072]
     h = h + self_attention(x, pos, w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
                            cfg.sliding_window, interleaved, cache)                       # [T, 3072]
@@ -41,15 +43,19 @@ def decoder_layer(h, pos, w, cfg, ada, interleaved, cache):
     return h + kernels.linear(gate, w["w2"])                                             # [T, 3072]
 
 
-def decoder_forward(h, pos, weights, ada, interleaved, caches, trace=None):
-    """Decoder input embeddings h [T, 3072] at positions pos -> final-normed states [T, 3072].
-    ada: the per-layer scales (see `ada_scales`); caches: one KVCache per layer."""
+def decoder_forward(h, seqs, weights, interleaved, trace=None):
+    """Decoder input embeddings h [R, 3072] -> final-normed states [R, 3072]. h stacks the rows of one or
+    more sequences; `seqs` holds per sequence, in row order, (pos [t_i], ada: its per-layer scales
+    (`ada_scales`), caches: its KVCache per layer). Every weight runs once over all R rows (each row
+    computed on its own, so a row does not depend on the others) and attention per sequence."""
     cfg = weights.cfg.decoder
+    pos, rows = [p for p, _, _ in seqs], [len(p) for p, _, _ in seqs]
     for i in range(cfg.n_layers):
-        h = decoder_layer(h, pos, weights.layer(f"dec.layers.{i}"), cfg, ada[i], interleaved, caches[i])
+        ada = np.repeat(np.stack([a[i] for _, a, _ in seqs]), rows, axis=0)             # [R, 3072], row's own delay
+        h = decoder_layer(h, pos, weights.layer(f"dec.layers.{i}"), cfg, ada, interleaved, [c[i] for _, _, c in seqs])
         if trace:
             trace(f"decoder.layers.{i}", h)
-    x = kernels.rms_norm(h, weights["dec.norm"], cfg.norm_eps)                           # [T, 3072]
+    x = kernels.rms_norm(h, weights["dec.norm"], cfg.norm_eps)                           # [R, 3072]
     if trace:
         trace("final_norm", x)
     return x

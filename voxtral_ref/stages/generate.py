@@ -7,6 +7,8 @@ tokens of audio, so text for audio token k appears `delay` tokens later. Decodin
 the (right-padded) audio runs out: HF's max_length is the number of audio tokens.
 """
 
+import contextvars
+
 import numpy as np
 
 from .adapter import adapter, downsample
@@ -20,6 +22,10 @@ from .mel import log_mel
 # below 1280 (e + 1) + 40 (runtime/stream.py), and the audio starts at 40960 = 32 * 1280, so embeddings
 # 0..30 are silence alone and 31 already hears the first 40 samples.
 PREFIX = N_LEFT_PAD_TOKENS - 1
+
+# The batching engine (runtime/engine.py) runs the decoder passes of the sessions it steps together with
+# other sequences': while it steps one, this holds its run(decoder, audio_embeds) -> token (kernels.use's way).
+BATCHED = contextvars.ContextVar("voxtral_ref_batched_pass", default=None)
 
 
 def pad_offline(audio, n_delay):
@@ -68,12 +74,25 @@ class Decoder:
                        for _ in range(cfg.n_layers)]
         self.ids = []                                                                 # every id fed or emitted
 
+    def chunk(self):
+        """(ids, position of the first) this decoder feeds next: the silence prefix, then the rest of the
+        prompt, then its last token, one position at a time."""
+        if not self.ids:
+            return self.prompt[:PREFIX], 0
+        if len(self.ids) < len(self.prompt):
+            return self.prompt[len(self.ids):], len(self.ids)
+        return self.ids[-1:], len(self.ids) - 1
+
+    def finished(self, n_positions):
+        """Offline's rule (HF's generate): stop after EOS, or once the last of n_positions has been fed."""
+        ids = self.ids
+        return len(ids) > len(self.prompt) and (ids[-1] == EOS_ID or len(ids) >= n_positions)
+
     def prefill(self, audio_embeds):
         """Feed the prompt's first PREFIX positions ([PREFIX, 3072] audio embeddings); no token yet."""
         if self.ids or len(audio_embeds) != PREFIX:
             raise ValueError(f"prefill takes the first {PREFIX} positions of a fresh decoder, got {len(audio_embeds)}")
-        self._forward(self.prompt[:PREFIX], 0, audio_embeds)
-        self.ids = list(self.prompt[:PREFIX])
+        self.run_chunk(audio_embeds)
 
     def step(self, audio_embeds):
         """Feed the next positions; return the token they predict. Until the prompt is in: its audio
@@ -81,39 +100,71 @@ class Decoder:
         if not self.ids:
             self.prefill(audio_embeds[:PREFIX])
             audio_embeds = audio_embeds[PREFIX:]
-        if len(self.ids) < len(self.prompt):
-            feed, p0 = self.prompt[len(self.ids):], len(self.ids)
-            self.ids = list(self.prompt)
-        else:
-            feed, p0 = self.ids[-1:], len(self.ids) - 1
-        logits = self._forward(feed, p0, audio_embeds)                                 # [t or 1, V]
-        token = int(np.argmax(logits[-1]))
-        self.ids.append(token)
-        return token
+        return self.run_chunk(audio_embeds)
 
-    def _forward(self, feed, p0, audio_embeds):
-        """Positions p0.. with input ids `feed` -> logits of the last one (of all of them when tracing)."""
-        h = embed(self.weights["tok_embeddings"], feed) + audio_embeds                 # [t, 3072]
-        pos = np.arange(p0, p0 + len(feed))
-        if self.trace:
-            self.trace("decoder_in", h)
-        x = decoder_forward(h, pos, self.weights, self.ada, self.interleaved, self.caches, self.trace)
-        logits = lm_head(x if self.trace else x[-1:], self.weights.lm_head)           # [t or 1, V]
-        if self.trace:
-            self.trace("logits", logits)
-        return logits
+    def run_chunk(self, audio_embeds):
+        """Run chunk() with its positions' audio embeddings [t, 3072] -> the token it predicts (None for the
+        silence prefix): in a pass of its own, or in the engine's shared pass when the engine steps it."""
+        run = BATCHED.get()
+        return run(self, audio_embeds) if run else decoder_pass(self.weights, [(self, audio_embeds)], self.trace)[0]
+
+    def fed(self, ids, p0, logits):
+        """Record that a pass ran chunk() (ids from position p0); `logits` [V] of its last position (None
+        for the silence prefix) -> the token greedy decoding chooses, appended to ids."""
+        if p0 + len(ids) <= len(self.prompt):
+            self.ids = list(self.prompt[:p0 + len(ids)])
+        if logits is None:
+            return None
+        self.ids.append(int(np.argmax(logits)))
+        return self.ids[-1]
+
+
+def check_chunk(dec, audio_embeds):
+    """A chunk's audio embeddings must cover its positions: one clear error for a malformed one, raised
+    before it joins a pass (where it would fail the other sequences too)."""
+    ids, _ = dec.chunk()
+    dim = dec.weights.cfg.decoder.dim
+    if np.shape(audio_embeds) != (len(ids), dim):
+        raise ValueError(f"the decoder's next chunk is {len(ids)} positions: it takes audio embeddings of shape "
+                         f"({len(ids)}, {dim}), got {np.shape(audio_embeds)}")
+
+
+def decoder_pass(weights, work, trace=None):
+    """One decoder pass over the next chunk (Decoder.chunk) of one or more sequences, their rows stacked:
+    every weight runs once for all rows, attention per sequence (decoder_forward), the LM head only on the
+    rows that choose a token. work: [(Decoder, audio embeddings of its chunk's positions [t_i, 3072])]
+    -> per sequence the token its chunk predicts, None for a silence prefix. With `trace` (one sequence)
+    every row's logits are computed and traced."""
+    for dec, a in work:
+        check_chunk(dec, a)
+    chunks = [dec.chunk() for dec, _ in work]
+    h = np.concatenate([embed(weights["tok_embeddings"], ids) + a
+                        for (ids, _), (_, a) in zip(chunks, work)])                   # [R, 3072]
+    if trace:
+        trace("decoder_in", h)
+    seqs = [(np.arange(p0, p0 + len(ids)), dec.ada, dec.caches) for (ids, p0), (dec, _) in zip(chunks, work)]
+    x = decoder_forward(h, seqs, weights, weights.cfg.format == "mistral", trace)     # [R, 3072]
+    predicting = [i for i, (dec, _) in enumerate(work) if dec.ids]                   # a silence prefix predicts nothing
+    last = (np.cumsum([len(ids) for ids, _ in chunks]) - 1)[predicting]              # each one's last row
+    if trace:
+        logits = lm_head(x, weights.lm_head)                                          # [R, V]
+        trace("logits", logits)
+        logits = logits[last]
+    elif predicting:
+        logits = lm_head(x[last], weights.lm_head)                                    # [len(predicting), V]
+    else:
+        logits = []
+    chosen = dict(zip(predicting, logits))
+    return [dec.fed(ids, p0, chosen.get(i)) for i, ((ids, p0), (dec, _)) in enumerate(zip(chunks, work))]
 
 
 def greedy_decode(weights, audio_embeds, n_delay, trace=None, on_token=None):
     """audio_embeds [n_tokens, 3072] -> generated ids (after the prompt; specials and a final EOS kept)."""
     n = len(audio_embeds)
     dec = Decoder(weights, n_delay, max_positions=n, trace=trace)
-    p = len(dec.prompt)
-    out = []
-    while not out or (out[-1] != EOS_ID and p + len(out) < n):
-        pos = p + len(out) - 1                                        # position of the last id fed
-        token = dec.step(audio_embeds[:p] if not out else audio_embeds[pos:pos + 1])
-        out.append(token)
-        if on_token:
+    while not dec.finished(n):
+        ids, p0 = dec.chunk()
+        token = dec.run_chunk(audio_embeds[p0:p0 + len(ids)])
+        if token is not None and on_token:
             on_token(token)
-    return out
+    return dec.ids[len(dec.prompt):]

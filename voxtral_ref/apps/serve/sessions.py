@@ -6,8 +6,9 @@ loop only queues audio (`StreamSession.feed` is cheap and thread-safe) and asks 
 and calls `advance` on them, which decodes at most TOKENS_PER_PASS tokens per session. So a session that
 is far behind (a client sending faster than real time, a long upload) is caught up in slices between
 the others' turns, a silent client costs nothing, and the event loop never waits on the model.
-`advance` is the one place the model runs: a batching engine that steps many sessions in one pass
-replaces its loop and nothing else.
+`advance` is the one place the model runs: the sessions come from one batching engine
+(runtime/engine.py) and step in threads of their own, so their decoder positions share passes over the
+weights.
 
 Results go back to the event loop with `loop.call_soon_threadsafe`; a session forgotten in the meantime
 (its client disconnected) drops them, and its memory goes with its last reference.
@@ -17,11 +18,13 @@ import threading
 import time
 import traceback
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ...config import EOS_ID, MS_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN
 from ...errors import VoxtralError
+from ...runtime.engine import MAX_BATCH, Engine
 
 TOKENS_PER_PASS = 25                 # 2 s of audio per session per pass: catching up never starves the others
 
@@ -30,8 +33,8 @@ class Session:
     """One transcription. Fields written by the event loop (audio, end) are read by the scheduler's
     thread under the scheduler's lock; the stream itself is only stepped by that thread."""
 
-    def __init__(self, model, sample_rate, deliver, started=True):
-        self.stream = model.stream(None, sample_rate)
+    def __init__(self, engine, sample_rate, deliver, started=True):
+        self.stream = engine.stream(None, sample_rate)
         self.sample_rate = sample_rate
         self.deliver = deliver          # deliver(emission, final, error) in the event loop thread
         self.started = started          # vLLM's protocol decodes only once the client commits
@@ -80,32 +83,40 @@ class Session:
 def advance(sessions):
     """One pass over the sessions that have work -> [(session, Emission or None, final, error)]. Each
     decodes at most TOKENS_PER_PASS tokens; a session whose audio has ended and been caught up is
-    closed (offline's right pad, the final tokens). A failure stays with its session."""
-    out = []
-    for s in sessions:
-        try:
-            s.top_up()
-            s.fresh = False
-            if s.ending and not s.behind and s.upload is None:
-                e, final = s.stream.close(), True
-            else:
-                e, final = s.stream.step(TOKENS_PER_PASS), False
-                s.behind = len(e.token_ids) == TOKENS_PER_PASS
-            s.n_tokens += len(e.token_ids)
-            s.at_eos = s.at_eos or EOS_ID in e.token_ids
-            out.append((s, e, final, None))
-        except Exception as err:                       # noqa: BLE001 - one session's fault ends only it
-            if not isinstance(err, VoxtralError):
-                traceback.print_exc(file=sys.stderr)   # for the operator; the client gets a plain message
-            out.append((s, None, True, err))
-    return out
+    closed (offline's right pad, the final tokens). A failure stays with its session. The sessions step
+    in threads of their own, so their decoder positions meet in the engine's shared passes (an
+    EngineSession's step waits there for the others that are stepping)."""
+    if len(sessions) == 1:
+        return [advance_one(sessions[0])]
+    with ThreadPoolExecutor(min(len(sessions), MAX_BATCH), thread_name_prefix="voxtral-ref session") as pool:
+        return list(pool.map(advance_one, sessions))
+
+
+def advance_one(s):
+    try:
+        s.top_up()
+        s.fresh = False
+        if s.ending and not s.behind and s.upload is None:
+            e, final = s.stream.close(), True
+        else:
+            e, final = s.stream.step(TOKENS_PER_PASS), False
+            s.behind = len(e.token_ids) == TOKENS_PER_PASS
+        s.n_tokens += len(e.token_ids)
+        s.at_eos = s.at_eos or EOS_ID in e.token_ids
+        return s, e, final, None
+    except Exception as err:                           # noqa: BLE001 - one session's fault ends only it
+        if not isinstance(err, VoxtralError):
+            traceback.print_exc(file=sys.stderr)       # for the operator; the client gets a plain message
+        return s, None, True, err
 
 
 class Scheduler:
-    """Owns the model: one thread runs `advance` over the sessions that have work, pass after pass."""
+    """Owns the model: one thread runs `advance` over the sessions that have work, pass after pass; their
+    sessions share one batching engine."""
 
     def __init__(self, model, loop, metrics):
         self.model, self.loop, self.metrics = model, loop, metrics
+        self.engine = Engine(model)
         self._cv = threading.Condition()
         self._sessions = []
         self._stop = False
@@ -116,7 +127,7 @@ class Scheduler:
     def open(self, sample_rate, deliver, started=True, upload=None):
         """A new Session; with `upload` ([N] 16 kHz samples) a whole file, ended from the start."""
         with self._cv:
-            s = Session(self.model, sample_rate, deliver, started)
+            s = Session(self.engine, sample_rate, deliver, started)
             s.upload, s.ending = upload, upload is not None
             self._sessions.append(s)
             self._cv.notify()

@@ -1,0 +1,218 @@
+"""Continuous batching: one decoder pass over the weights serves the next positions of many sequences.
+
+Decoding is memory-bound: a pass for one position of one stream reads every decoder weight (3.65 GB in
+int8) to multiply a single row. A pass that stacks the pending rows of M sequences reads them once for all
+(`generate.decoder_pass`: every weight one kernels.linear over the stack, attention per sequence against
+its own KV caches, the AdaRMSNorm scale per row from its own sequence's delay). Sequences join and leave
+between passes, and any mix of delays, offline files and live sessions shares them.
+
+Each sequence feeds exactly the chunks it feeds alone (`Decoder.chunk`: the silence prefix, the rest of the
+prompt, then one position per pass) and every row is computed on its own, so its ids are those of decoding
+it alone. With quantised weights its logits are bit-identical too (the int8 / q4 kernels compute each row
+the same way whatever the number of rows); the float32 / bf16 `linear` switches from a GEMV to a GEMM above
+4 rows, which sums in another order, so there the logits differ from a lone sequence's by float32 rounding.
+
+Two ways in:
+  decode()   offline files: up to max_batch decode in lockstep, the next file taking the place of one that
+             ends (`Model.transcribe(list, batch_size=N)` goes through `transcribe_batch`).
+  stream()   live sessions (StreamSession's feed/step/close), each stepped by its caller's thread. While a
+             session steps, its decoder chunks wait here for a pass. A pass runs as soon as every thread
+             stepping one of this engine's sessions is waiting for one (or max_batch chunks wait): a
+             session still encoding its next position will have it within milliseconds, and a pass costs
+             about as much for 16 rows as for one. It takes up to max_batch chunks, oldest first; one of
+             the waiting threads runs it for all of them.
+A chunk that is malformed fails alone, before it joins a pass; an error inside a pass (out of memory) fails
+every sequence in that pass.
+"""
+
+import contextlib
+import threading
+import time
+
+from .stream import StreamSession
+from ..config import SAMPLE_RATE, delay_tokens
+from ..errors import VoxtralError
+from ..stages.audio import to_mono_16k
+from ..stages.generate import BATCHED, Decoder, check_chunk, decoder_pass, encode, pad_offline
+
+MAX_BATCH = 16                    # rows per pass: the small-row kernels' range (issue 11)
+
+
+class _Job:
+    """One sequence's chunk waiting for a pass, and what the pass made of it."""
+
+    def __init__(self, dec, audio_embeds):
+        self.dec, self.audio_embeds = dec, audio_embeds
+        self.token, self.error, self.done = None, None, False
+
+
+class Engine:
+    """Decodes many sequences together: `decode` for files, `stream` for live sessions (thread-safe)."""
+
+    def __init__(self, model, max_batch=MAX_BATCH):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise VoxtralError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.model, self.max_batch = model, max_batch
+        self._cv = threading.Condition(threading.Lock())
+        self._queue = []                  # [_Job] waiting for a pass, oldest first
+        self._stepping = 0                # threads inside `stepping()`: a pass waits for each of them ...
+        self._waiting = 0                 # ... to be waiting for one
+        self._running = False             # one of the waiting threads is running a pass
+        self.passes, self.rows = 0, 0     # passes run, and the chunks they took (rows per pass = rows / passes)
+
+    # --- live sessions -----------------------------------------------------------------------------------
+    def stream(self, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
+        """A live session (as Model.stream) whose decoder positions run in this engine's shared passes."""
+        return EngineSession(self, delay_ms, sample_rate, past_eos)
+
+    @contextlib.contextmanager
+    def stepping(self):
+        """Count this thread among those a pass waits for, and send its decoders' chunks here."""
+        with self._cv:
+            self._stepping += 1
+        token = BATCHED.set(self._run_one)
+        try:
+            yield
+        finally:
+            BATCHED.reset(token)
+            with self._cv:
+                self._stepping -= 1
+                self._cv.notify_all()      # the threads left waiting may now be all there is
+
+    def _run_one(self, dec, audio_embeds):
+        job, = self.run([(dec, audio_embeds)])
+        if job.error is not None:
+            raise job.error
+        return job.token
+
+    # --- offline files -----------------------------------------------------------------------------------
+    def decode(self, sources):
+        """Greedy decoding of many files, up to max_batch per pass. sources: zero-argument callables, each
+        -> (audio embeddings [n_i, 3072], n_delay) of one file, called when the file takes a place in the
+        batch (so at most max_batch files' embeddings are held at once). Yields (index, ids) as each file
+        ends, ids as greedy_decode's, or (index, exception) for a file whose source or chunk failed: the
+        others go on."""
+        pending, live = iter(enumerate(sources)), []                   # live: [(index, Decoder, embeds)]
+        while True:
+            while len(live) < self.max_batch and (item := next(pending, None)) is not None:
+                i, source = item
+                try:
+                    embeds, n_delay = source()
+                    with self.model.kernel_mode():                     # its delay's scales, as the passes compute
+                        dec = Decoder(self.model.weights, n_delay, max_positions=len(embeds))
+                    live.append((i, dec, embeds))
+                except Exception as e:                       # noqa: BLE001 - one file's fault ends only it
+                    yield i, e
+            if not live:
+                return
+            with self.stepping():
+                jobs = self.run([(dec, embeds[p0:p0 + len(ids)]) for _, dec, embeds in live
+                                 for ids, p0 in [dec.chunk()]])
+            ended = [job.error is not None or dec.finished(len(embeds)) for (_, dec, embeds), job in zip(live, jobs)]
+            for (i, dec, _), job, end in zip(live, jobs, ended):
+                if end:
+                    yield i, job.error if job.error is not None else dec.ids[len(dec.prompt):]
+            live = [s for s, end in zip(live, ended) if not end]
+
+    # --- the passes --------------------------------------------------------------------------------------
+    def run(self, work):
+        """[(Decoder, audio embeddings of its next chunk)] -> their _Jobs once done (token or error), run in
+        this engine's next passes together with the other threads' chunks. Call inside `stepping()`."""
+        jobs = [_Job(dec, a) for dec, a in work]
+        for job in jobs:
+            try:
+                check_chunk(job.dec, job.audio_embeds)
+            except ValueError as e:
+                job.error, job.done = e, True
+        with self._cv:
+            self._queue.extend(j for j in jobs if not j.done)
+            self._waiting += 1
+            try:
+                while not all(j.done for j in jobs):
+                    if self._running or not self._queue or (self._waiting < self._stepping
+                                                            and len(self._queue) < self.max_batch):
+                        self._cv.wait()
+                        continue
+                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                    self._running = True
+                    self._cv.release()
+                    try:
+                        self._pass(batch)
+                    finally:
+                        self._cv.acquire()
+                        self._running = False
+                        self._cv.notify_all()
+            finally:
+                self._waiting -= 1
+        return jobs
+
+    def _pass(self, batch):
+        """One decoder pass over the batch's chunks (lock released: other threads queue meanwhile)."""
+        try:
+            with self.model.kernel_mode():
+                tokens = decoder_pass(self.model.weights, [(j.dec, j.audio_embeds) for j in batch])
+            for j, t in zip(batch, tokens):
+                j.token = t
+        except BaseException as e:                           # noqa: BLE001 - handed to every sequence in it
+            for j in batch:
+                j.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for j in batch:
+                j.done = True
+            self.passes, self.rows = self.passes + 1, self.rows + len(batch)
+
+
+class EngineSession(StreamSession):
+    """A live session (see runtime/stream.py) whose steps run their decoder positions in the engine's passes,
+    with the other sessions' that are stepping at the same time. Make one with `Engine.stream()`."""
+
+    def __init__(self, engine, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
+        super().__init__(engine.model, delay_ms, sample_rate, past_eos)
+        self._engine = engine
+        self._turn = threading.Lock()     # one thread of this session at a time counts as stepping
+
+    def step(self, max_tokens=None):
+        with self._turn, self._engine.stepping():
+            return super().step(max_tokens)
+
+    def close(self):
+        with self._turn, self._engine.stepping():
+            return super().close()
+
+
+def transcribe_batch(model, audios, sample_rate, delay_ms, batch_size):
+    """Model.transcribe(list, batch_size=N): every input is checked first (one VoxtralError naming the bad
+    one, before any compute), then each is encoded as it joins the batch and all decode through one
+    Engine. -> [Transcript], each equal to transcribing its file alone. A file too long for the offline
+    path (model.LONG_AUDIO_SAMPLES) is transcribed alone through a session, as transcribe() does."""
+    from ..model import LONG_AUDIO_SAMPLES, Transcript
+    n_delay = delay_tokens(delay_ms)
+    xs = []
+    for i, a in enumerate(audios):
+        try:
+            xs.append(to_mono_16k(a, sample_rate))                                   # [N] @ 16 kHz
+        except VoxtralError as e:
+            raise VoxtralError(f"audio {i} of the batch: {e}") from None
+    timings = [{} for _ in xs]
+
+    def source(i):
+        def encoded():
+            t0 = time.perf_counter()
+            with model.kernel_mode():
+                embeds = encode(model.weights, pad_offline(xs[i], n_delay))         # [n_tokens, dim]
+            timings[i].update(encode_s=time.perf_counter() - t0, joined=time.perf_counter())
+            return embeds, n_delay
+        return encoded
+
+    short = [i for i, x in enumerate(xs) if len(x) <= LONG_AUDIO_SAMPLES]
+    out = {i: model.transcribe(x, delay_ms=delay_ms) for i, x in enumerate(xs) if len(x) > LONG_AUDIO_SAMPLES}
+    for i, ids in Engine(model, batch_size).decode([source(i) for i in short]):
+        if isinstance(ids, Exception):
+            raise ids
+        t = timings[i]
+        t["decode_s"] = time.perf_counter() - t.pop("joined")          # shared passes, from its joining to its end
+        t["total_s"] = t["encode_s"] + t["decode_s"]
+        out[i] = Transcript(model.tokenizer.decode(ids), ids, delay_ms, len(xs[i]), t)
+    return [out[i] for i in range(len(xs))]
