@@ -13,7 +13,7 @@ static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows
     if (nt > ntasks) nt = (int)ntasks;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * a->d * rows + a->d));
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * a->d * rows + a->d + VX_ATT_CONV * a->d));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntasks; t++) isa->attention_rows(a, (int)(t % a->hkv), (t / a->hkv) * rows, scratch);
         free(scratch);
@@ -41,7 +41,7 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = vx_alloc(sizeof(float) * D * (2 * vw + 1));
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)D * (2 * vw + 1) + (size_t)2 * vw * H * D));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;
@@ -68,10 +68,10 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     free(state);
 }
 
-void vx_attention(const float *q, const float *k, const float *v, float *out, int64_t tq, int64_t tk,
+void vx_attention(const float *q, const void *k, const void *v, int kvtype, float *out, int64_t tq, int64_t tk,
                   int hq, int hkv, int d, const int64_t *q_pos, const int64_t *k_pos, int64_t window) {
     const vx_isa *isa = vx_active();
-    vx_attention_args a = {q, k, v, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1, 1.0f / sqrtf((float)d)};
+    vx_attention_args a = {q, k, v, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1, 1.0f / sqrtf((float)d)};
     for (int64_t j = 1; j < tk; j++)
         if (k_pos[j] < k_pos[j - 1]) {
             a.k_sorted = 0;

@@ -8,12 +8,13 @@
  * take keys in blocks, and mask by comparing positions relative to the block's smallest query position:
  * small exact integers in float32 (the Python wrapper keeps them below 2^23). */
 
-/* Key j of kv head hk: its K and V rows and its position relative to qmin, clamped to [-window - 1,
- * span + 1] (which keeps every visibility test unchanged). Keys at or past j_hi pad the block: a zero row
- * that no query sees. `any` / `all` track whether some / every query of the block sees the key. */
-static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, int64_t j_hi, int64_t qmin, int64_t qmax,
-                                 int64_t span, const float *zero_row, const float **kr, const float **vr, float *kp,
-                                 int *any, int *all) {
+/* Key j of kv head hk: its K and V rows (the `heads` heads from hk on; a bfloat16 cache's rows widened
+ * into conv[2 * heads * d] first) and its position relative to qmin, clamped to [-window - 1, span + 1]
+ * (which keeps every visibility test unchanged). Keys at or past j_hi pad the block: a zero row that no
+ * query sees. `any` / `all` track whether some / every query of the block sees the key. */
+static inline void attention_key(const vx_attention_args *a, int hk, int heads, int64_t j, int64_t j_hi, int64_t qmin,
+                                 int64_t qmax, int64_t span, const float *zero_row, float *conv, const float **kr,
+                                 const float **vr, float *kp, int *any, int *all) {
     const int64_t W = a->window;
     if (j >= j_hi) {
         *kr = *vr = zero_row, *kp = (float)(-W - 1), *all = 0;
@@ -23,20 +24,27 @@ static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, 
     *any |= p > qmin - W && p <= qmax;
     *all &= p > qmax - W && p <= qmin;
     *kp = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
-    *kr = a->k + (j * a->hkv + hk) * a->d;
-    *vr = a->v + (j * a->hkv + hk) * a->d;
+    const int64_t at = (j * a->hkv + hk) * a->d, n = (int64_t)heads * a->d;
+    if (a->kvtype == VX_W_BF16) {
+        const uint16_t *ks = (const uint16_t *)a->k + at, *vs = (const uint16_t *)a->v + at;
+        for (int64_t i = 0; i < n; i++) conv[i] = vx_bf16_to_f32(ks[i]), conv[n + i] = vx_bf16_to_f32(vs[i]);
+        *kr = conv, *vr = conv + n;
+    } else {
+        *kr = (const float *)a->k + at, *vr = (const float *)a->v + at;
+    }
 }
 
 /* More rows (prefill, encoder), 2 * VW per task: the query block is transposed once into qt[d][R] and
  * the output accumulated in ot[d][R], so each key row K[j, :] is used through scalar broadcasts, the
  * scores come out one vector per key, and the softmax is vector arithmetic across rows. */
 #define ATT_BK (VW == 8 ? 4 : 8)
+_Static_assert(2 * ATT_BK <= VX_ATT_CONV, "the driver's scratch holds 2 * ATT_BK widened rows");
 #define ATT_RV 2   /* rows = ATT_RV * VW */
 
 VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {
     const int R = ATT_RV * VW, D = a->d, g = a->hq / a->hkv;
     const int64_t nrows = a->tq * g, W = a->window;
-    float *qt = scratch, *ot = scratch + (size_t)D * R, *zero_row = scratch + (size_t)2 * D * R;
+    float *qt = scratch, *ot = scratch + (size_t)D * R, *zero_row = scratch + (size_t)2 * D * R, *conv = zero_row + D;
     int nr = (int)(nrows - row0 < R ? nrows - row0 : R);
 
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
@@ -68,7 +76,8 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
         float kp[ATT_BK];
         int any = 0, all = 1;
         for (int jj = 0; jj < ATT_BK; jj++)
-            attention_key(a, hk, j0 + jj, j_hi, qmin, qmax, span, zero_row, &kr[jj], &vr[jj], &kp[jj], &any, &all);
+            attention_key(a, hk, 1, j0 + jj, j_hi, qmin, qmax, span, zero_row, conv + 2 * jj * D, &kr[jj], &vr[jj],
+                          &kp[jj], &any, &all);
         if (!any) continue;
 
         vf s[ATT_BK][ATT_RV];
@@ -133,7 +142,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     const int D = DC ? DC : a->d, DV = D / VW * VW, g = a->hq / a->hkv, H = a->hkv;
     const int64_t W = a->window;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = zero_row + D, *vbuf = kbuf + VW * D;
+    float *kbuf = zero_row + D, *vbuf = kbuf + VW * D, *conv = vbuf + VW * D;
     float qrel[VW] = {0};
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
@@ -151,7 +160,8 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         float kp[VW];
         int any = 0, all = 1;
         for (int jj = 0; jj < VW; jj++)               /* positions are shared by every head */
-            attention_key(a, 0, jb + jj, j1, qmin, qmax, span, zero_row, &kr[jj], &vr[jj], &kp[jj], &any, &all);
+            attention_key(a, 0, H, jb + jj, j1, qmin, qmax, span, zero_row, conv + 2 * jj * H * D, &kr[jj], &vr[jj],
+                          &kp[jj], &any, &all);
         if (!any) continue;
         for (int hk = 0; hk < H; hk++) {
             const float *krh[VW], *vrh[VW];
@@ -233,7 +243,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
 }
 
 VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                          float *scratch) {   /* scratch: a zero row, then VW K and VW V rows */
+                                          float *scratch) {   /* scratch: a zero row, VW K and VW V rows, then 2 VW widened rows of every head */
     if (a->d == 128)
         attention_keys_d(a, j0, j1, nrows, state, scratch, 128);
     else if (a->d == 64)

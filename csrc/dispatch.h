@@ -30,8 +30,13 @@ typedef struct {
     float *y;               /* [n, m] */
 } vx_linear_args;
 
+/* rows of scratch the attention rows kernel widens a bfloat16 cache's keys and values into (2 per key of a block) */
+enum { VX_ATT_CONV = 16 };
+
 typedef struct {
-    const float *q, *k, *v; /* [tq, hq, d], [tk, hkv, d], [tk, hkv, d] */
+    const float *q;         /* [tq, hq, d] */
+    const void *k, *v;      /* [tk, hkv, d] of kvtype: float32 or bfloat16 (a compact KV cache) */
+    int kvtype;
     float *out;             /* [tq, hq, d] */
     int64_t tq, tk, window;
     int hq, hkv, d;
@@ -64,6 +69,7 @@ typedef struct {
     const int8_t *xq;       /* [n, k] */
     const float *sx;        /* [n, k / 32] */
     const int32_t *xsum;    /* [n, k / 32] */
+    const float *sxs;       /* [n, k / 32]: sx * xsum, the offsets' factor */
     int64_t n, k, m;
     const uint8_t *w;       /* panels */
     int fmt;

@@ -68,14 +68,15 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
 
 /* ---- attention.c --------------------------------------------------------------------------------- */
 /* Causal sliding-window attention with grouped-query heads.
- *   q   [tq, hq, d]    k, v [tk, hkv, d]    out [tq, hq, d]      (hkv divides hq)
+ *   q   [tq, hq, d] float32    k, v [tk, hkv, d] of kvtype (VX_W_F32, or VX_W_BF16 for a compact cache:
+ *   widened exactly as each key is used)    out [tq, hq, d] float32      (hkv divides hq)
  *   q_pos [tq], k_pos [tk]: absolute positions; k_pos in any order (ring-buffer caches).
  *   Key j is visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]; query head h uses kv head
  *   h / (hq / hkv); scores scaled by 1/sqrt(d); softmax online in float32. A query that sees no key
  *   gets NaN, as the twin's softmax over nothing does.
  *   Positions are compared relative to each query block, so the q positions of one call must span less
  *   than 2^23 - window (the Python wrapper checks). */
-void vx_attention(const float *q, const float *k, const float *v, float *out, int64_t tq, int64_t tk,
+void vx_attention(const float *q, const void *k, const void *v, int kvtype, float *out, int64_t tq, int64_t tk,
                   int hq, int hkv, int d, const int64_t *q_pos, const int64_t *k_pos, int64_t window);
 
 /* ---- norms.c ------------------------------------------------------------------------------------- */

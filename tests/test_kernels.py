@@ -302,6 +302,30 @@ def test_recipes():
 
 
 # --- attention ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("tq, tk, hq, hkv, d", [(1, 300, 32, 8, 128), (4, 200, 4, 4, 16), (39, 39, 8, 2, 32),
+                                                (40, 100, 4, 4, 64), (3, 500, 6, 3, 24)])
+def test_attention_reads_a_bf16_cache_exactly(level, tq, tk, hq, hkv, d):
+    """bf16 keys and values (the quantised modes' compact caches) give bit for bit what their float32 values
+    give, on both paths (few rows: split by keys; many: by rows) and a ring's unordered positions."""
+    rng = np.random.default_rng(tk)
+    q = rng.standard_normal((tq, hq, d), dtype=np.float32)
+    k, v = (rng.standard_normal((tk, hkv, d), dtype=np.float32).astype(ml_dtypes.bfloat16) for _ in range(2))
+    kp, qp = np.roll(np.arange(tk), 7), np.arange(tk - tq, tk)
+    with isa(level):
+        y = ck.attention(q, k, v, qp, kp, 90)
+        np.testing.assert_array_equal(y, ck.attention(q, k.astype(np.float32), v.astype(np.float32), qp, kp, 90))
+    np.testing.assert_allclose(y, kernels.attention_np(q, k, v, qp, kp, 90), rtol=0, atol=2e-6)
+
+
+def test_kv_caches_follow_the_model_mode():
+    import voxtral_ref
+    from conftest import MODEL_DIRS
+    for mode, dtype in (({}, np.float32), ({"quantize": "q4"}, ml_dtypes.bfloat16)):
+        s = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c", **mode).stream()
+        assert {c.k.dtype for c in s._enc_caches + s._dec.caches} == {np.dtype(dtype)}
+
+
 def ring_order(tk, rng):
     """Key slots as a KV ring buffer holds them: ascending positions rotated by a random amount."""
     return np.roll(np.arange(tk), rng.integers(0, tk))

@@ -195,33 +195,18 @@ def test_c_backend_stream_equals_golden():
 
 
 @pytest.mark.parametrize("sizes", [[1], [1281], [7, 4000, 1281]])
-def test_bf16_stream_equals_offline(sizes):
-    """The session runs the model's precision too: its ids equal bf16 offline's, which differ from the
-    float32 ones on the long case (at token 109 on C: a near tie), so a session that fell back to float32
-    would fail here. Chunkings are fixed: the rounding of each matmul input turns float32-level differences
-    between chunked and whole computation into bf16 steps (5e-3 of the scale on this tiny model), enough to
-    flip a near tie; 1 of 144 chunked runs did so on the NumPy backend."""
-    backend = "c" if ckernels.available() else "numpy"
-    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, precision="bf16")
-    for case in CASES:
-        g = load_case(case)
-        ids, text = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes)
-        off = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]))
-        assert ids == off.token_ids and text == off.text
-
-
-@pytest.mark.parametrize("sizes", [[1], [1281], [7, 4000, 1281]])
-@pytest.mark.parametrize("mode", ["int8", "q4"])
-def test_quantised_stream_follows_offline(mode, sizes):
-    """A quantised session runs the quantised model (its ids differ from float32's within a few tokens on
-    this tiny random model). Every matmul computes each row the same way whatever the number of rows
-    (tests/test_kernels.py), but the encoder's attention sums in a different order for 4 frames at a time
-    than for the whole file, and the int8 rounding of the next matmul's input can turn that float32-level
-    difference into a whole step: so ids equal offline's up to a near tie of offline's own logits (within
-    the 5e-2 of scale that tests/test_golden.py's isolation test bounds activation rounding by)."""
+@pytest.mark.parametrize("mode", [{"precision": "bf16"}, {"quantize": "int8"}, {"quantize": "q4"}],
+                         ids=["bf16", "int8", "q4"])
+def test_approximate_stream_follows_offline(mode, sizes):
+    """A session runs the model's mode (bf16 matmul inputs, or quantised weights: their ids differ from
+    float32's on this tiny random model, so a session that fell back to float32 would fail here). The
+    encoder computes 4 frames at a time with sums in another order than for the whole file (attention, and
+    in bf16 the GEMV against the GEMM), and rounding the next matmul's input (to bf16 or int8) can turn that
+    float32-level difference into a whole step: so ids equal offline's up to a near tie of offline's own
+    logits (within the 5e-2 of scale that tests/test_golden.py's isolation test bounds input rounding by)."""
     from voxtral_ref.apps.oracle import capture
     backend = "c" if ckernels.available() else "numpy"
-    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, quantize=mode)
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, **mode)
     for case in CASES:
         g = load_case(case)
         ids, _ = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes)
@@ -246,7 +231,9 @@ def test_saved_prefix_is_bit_identical_to_computing_it(mode):
     saved, computed = model.stream(), StreamSession(model, reuse_prefix=False)
     assert model.prefixes                                        # the first session saved it
     ids = [run_stream(s, g["audio"], [1281])[0] for s in (saved, computed)]
-    assert ids[0] == ids[1] == model.transcribe(g["audio"]).token_ids
+    assert ids[0] == ids[1]
+    if not mode:                                                 # float32: also offline's (see above for q4)
+        assert ids[0] == model.transcribe(g["audio"]).token_ids
     for a, b in zip(saved._enc_caches + saved._dec.caches, computed._enc_caches + computed._dec.caches):
         assert a.filled == b.filled
         np.testing.assert_array_equal(a.pos, b.pos)
@@ -392,15 +379,18 @@ def test_cli_stream_prints_offline_text(tiny_mistral, tmp_path, fmt):
 
 
 def test_cli_stream_precision_and_quantize(tmp_path):
-    """--precision bf16 --quantize int8 reach the session's model: the text is that model's offline text."""
+    """--precision bf16 --quantize int8 reach the session's model: the text is that model's session's text
+    for the CLI's 20 ms blocks (a bf16 or quantised stream follows offline only up to a near tie)."""
+    from voxtral_ref.runtime.stream import BLOCKS_PER_SECOND
     g = load_case("speech_en_480")
     path = tmp_path / "a.wav"
-    sf.write(path, np.round(g["audio"] * 32768).astype("<i2"), 16000, subtype="PCM_16")
-    backend = "c" if ckernels.available() else "numpy"                    # what the CLI's auto picks
-    off = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, precision="bf16", quantize="int8").transcribe(g["audio"])
+    pcm = np.round(g["audio"] * 32768).astype("<i2")
+    sf.write(path, pcm, 16000, subtype="PCM_16")
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy", precision="bf16", quantize="int8")   # as cli()
+    _, text = run_stream(model.stream(), pcm.astype(np.float32) / 32768, [16000 // BLOCKS_PER_SECOND])
     r = cli(["--precision", "bf16", "--quantize", "int8"], path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == off.text + "\n" and "bf16 precision, int8 weights" in r.stderr
+    assert r.stdout == text + "\n" and "bf16 precision, int8 weights" in r.stderr
 
 
 def test_cli_stream_errors_are_one_line(tmp_path):

@@ -142,6 +142,9 @@ class Model:
     def __init__(self, cfg, weights, tokenizer, backend, path, precision="f32", quantize=None, source_format=None):
         self.cfg, self.weights, self.tokenizer, self.backend, self.path = cfg, weights, tokenizer, backend, path
         self.precision, self.quantize, self.source_format = precision, quantize, source_format or cfg.format
+        # attention keys and values in bfloat16 where the weights are quantised: half the bytes a live step's
+        # attention reads (the KV caches grow to 1.7 GB at a full decoder window in float32); f32 stays exact
+        self.kv = "bf16" if quantize else "f32"
         self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1):
@@ -176,8 +179,8 @@ class Model:
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
 
     def kernel_mode(self):
-        """The context the model's computations run in: its backend and precision (kernels.use)."""
-        return kernels.use(self.backend, self.precision)
+        """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""
+        return kernels.use(self.backend, self.precision, self.kv)
 
     def _transcribe_in_session(self, x, delay_ms, on_token):
         session = self.stream(delay_ms)

@@ -173,7 +173,11 @@ def attention(q, k, v, q_pos, k_pos, window):
     if lib is None:
         _missing()
         return kernels.attention_np(q, k, v, q_pos, k_pos, window)
-    q, k, v = _f32(q), _f32(k), _f32(v)
+    q = _f32(q)
+    if k.dtype == v.dtype == ml_dtypes.bfloat16:      # a compact cache, read in place and widened in the kernel
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    else:
+        k, v = _f32(k), _f32(v)
     q_pos, k_pos = np.ascontiguousarray(q_pos, np.int64), np.ascontiguousarray(k_pos, np.int64)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
@@ -185,7 +189,7 @@ def attention(q, k, v, q_pos, k_pos, window):
         return kernels.attention_np(q, k, v, q_pos, k_pos, window)
     out = np.empty_like(q)
     if tq and tk:
-        lib.vx_attention(_ptr("float *", q), _ptr("float *", k), _ptr("float *", v), _ptr("float *", out),
+        lib.vx_attention(_ptr("float *", q), _ptr("void *", k), _ptr("void *", v), _WTYPES[k.dtype], _ptr("float *", out),
                          tq, tk, hq, hkv, d, _ptr("int64_t *", q_pos), _ptr("int64_t *", k_pos), int(window))
     else:
         out.fill(np.nan)                 # no keys at all: the twin's softmax over nothing

@@ -27,19 +27,30 @@ BACKENDS = ("numpy", "c")
 PRECISIONS = ("f32", "bf16")
 _backend = contextvars.ContextVar("voxtral_ref_backend", default="numpy")
 _precision = contextvars.ContextVar("voxtral_ref_precision", default="f32")
+_kv = contextvars.ContextVar("voxtral_ref_kv", default="f32")
+KV_DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
 
 
 @contextlib.contextmanager
-def use(backend, precision="f32"):
-    """Run the enclosed calls on `backend` ("numpy" or "c") with matmul inputs in `precision`."""
+def use(backend, precision="f32", kv="f32"):
+    """Run the enclosed calls on `backend` ("numpy" or "c") with matmul inputs in `precision`, and attention
+    keys and values kept in `kv` ("f32", or "bf16": the compact caches of the quantised modes, half the
+    bytes a step reads; keys and values rounded to bfloat16 whether cached or not, so a stream and a whole
+    file see the same values)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    tokens = _backend.set(backend), _precision.set(precision)
+    tokens = _backend.set(backend), _precision.set(precision), _kv.set(kv)
     try:
         yield
     finally:
         _backend.reset(tokens[0])
         _precision.reset(tokens[1])
+        _kv.reset(tokens[2])
+
+
+def kv_dtype():
+    """The dtype attention keys and values are kept in (see `use`)."""
+    return KV_DTYPES[_kv.get()]
 
 
 def _c():
@@ -70,6 +81,7 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     q_pos[i] - window < k_pos[j] <= q_pos[i]  (the window counts the query's own position, as HF's
     sliding-window mask does). Softmax in float32 with scale 1/sqrt(D). Queries are taken in blocks so
     memory stays O(block * window) however long the sequence."""
+    k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)  # a bf16 cache's values, widened exactly
     tq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv                                               # query heads per kv head

@@ -80,10 +80,11 @@ class StreamSession:
         self.text = ""
         self._model = model
         enc = model.cfg.encoder
-        self._dec = Decoder(model.weights, self.n_delay)       # no max_positions: rings of window + prompt - 1
-        self._batch = len(self._dec.prompt)                    # tokens encoded at once, at most: the prompt's
-        self._enc_caches = [KVCache(enc.sliding_window, model.cfg.downsample * self._batch, enc.n_heads, enc.head_dim)
-                            for _ in range(enc.n_layers)]
+        with model.kernel_mode():                              # caches in the model's KV dtype
+            self._dec = Decoder(model.weights, self.n_delay)   # no max_positions: rings of window + prompt - 1
+            self._batch = len(self._dec.prompt)                # tokens encoded at once, at most: the prompt's
+            self._enc_caches = [KVCache(enc.sliding_window, model.cfg.downsample * self._batch, enc.n_heads,
+                                        enc.head_dim) for _ in range(enc.n_layers)]
         self._history = None                                   # conv stem's left context; None: zeros, as offline
         # Padded-stream samples [_buf_start, _buf_start + len(_buf)): to start, the 200 zeros frame 0 reaches
         # before sample 0 and the 32 tokens of left pad.
@@ -160,7 +161,7 @@ class StreamSession:
         with self._lock:
             pending, self._pending = self._pending, []
         ids, latency = [], []
-        with kernels.use(self._model.backend, self._model.precision):
+        with self._model.kernel_mode():
             self._take_audio(pending, closing)
             while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
                 prefilled = bool(self._dec.ids)
@@ -274,7 +275,7 @@ def session_prefix(model, n_delay):
     with model.prefix_lock:
         if key not in model.prefixes:
             s = StreamSession(model, n_delay * MS_PER_TOKEN, reuse_prefix=False)
-            with kernels.use(model.backend, model.precision):
+            with model.kernel_mode():
                 s._dec.prefill(s._next_embeds())
             model.prefixes[key] = s._snapshot()
         return model.prefixes[key]

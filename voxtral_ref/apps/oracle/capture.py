@@ -80,7 +80,7 @@ def _forced(model, audio, sample_rate, delay_ms, ids, trace):
     delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
     n_delay = delay_tokens(delay_ms)
     x = to_mono_16k(audio, sample_rate)                                           # [N] @ 16 kHz
-    with kernels.use(model.backend, model.precision):
+    with model.kernel_mode():
         trace("audio", x)
         embeds = encode(model.weights, pad_offline(x, n_delay), trace=trace)       # [n_tokens, dim]
         argmax = forced_decode(model.weights, embeds, n_delay, ids, trace)
