@@ -96,19 +96,18 @@ def check_equal_alone(run, order, results, logits):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_golden_case_decoded_together_equals_decoding_alone(backend, mode):
-    """All golden cases in one batch: ragged lengths (35..118 tokens), delays 80, 480 and 2400 ms mixed,
-    each file leaving when it ends; with max_batch 4 the later ones join as places free up."""
+    """All golden cases, 4 per pass: ragged lengths (35..118 tokens), delays 80, 480 and 2400 ms mixed, each
+    file leaving when it ends and the next joining in its place."""
     run = run_of(backend, mode)
-    for max_batch in (len(CASES), 4):
-        engine = Engine(run.model, max_batch)
-        with recording() as logits:
-            results = dict(engine.decode([run.source(i) for i in range(len(CASES))]))
-        check_equal_alone(run, range(len(CASES)), results, logits)
-        assert engine.rows / engine.passes > 2                 # it did decode them together
+    engine = Engine(run.model, 4)
+    with recording() as logits:
+        results = dict(engine.decode([run.source(i) for i in range(len(CASES))]))
+    check_equal_alone(run, range(len(CASES)), results, logits)
+    assert engine.rows / engine.passes > 2                     # it did decode them together
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(order=st.lists(st.integers(0, len(CASES) - 1), min_size=1, max_size=7),
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=st.lists(st.integers(0, len(CASES) - 1), min_size=1, max_size=6),
        max_batch=st.integers(1, 5), mode=st.sampled_from(["f32", "q4"]))
 def test_any_batch_composition_equals_decoding_alone(order, max_batch, mode):
     """Any files (repeats included), any max_batch: a file joins when a place frees, at whatever point the
