@@ -169,7 +169,12 @@ def main():
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
     ap.add_argument("--json", type=Path, default=OUT / "live.json")
-    args = ap.parse_args()
+    run_models(ap.parse_args(), run)
+
+
+def run_models(args, run):
+    """Kernel threads as --threads says, the bandwidth probes built, run(path, args, machine) for each of
+    args.models, their records written to --json (bench/batch_bench.py runs the same way)."""
     from voxtral_ref.runtime import ckernels
     ckernels.set_threads(args.threads)
     machine = bench_kernels.Machine(bench_kernels.build_probes(), ckernels.get_threads())

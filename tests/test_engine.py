@@ -206,6 +206,49 @@ def test_live_sessions_stepped_together_equal_each_alone(mode):
     assert engine.rows > engine.passes                       # positions of several sessions shared passes
 
 
+def test_sessions_stepped_together_share_every_pass():
+    """Engine.together (the server's advance): sessions with mixed delays, fed a block each per round, step
+    in shared passes (each pass takes every session that has a position) and end with their plain ids."""
+    run = run_of(BACKENDS[-1], "q4")
+    plan = [(to_mono_16k(load_case(n)["audio"], 16000), d) for n, d in CASES[:4]]
+    block = 4000
+    alone = [stream_ids(run.model.stream(d), a, list(range(block, len(a), block))) for a, d in plan]
+    engine = Engine(run.model)
+    sessions = [engine.stream(d) for _, d in plan]
+    for start in range(0, max(len(a) for a, _ in plan) + block, block):
+        for s, (a, _) in zip(sessions, plan):
+            if start < len(a):
+                s.feed(a[start:start + block])
+        passes = engine.passes
+        out = engine.together([s.step for s in sessions] if start < max(len(a) for a, _ in plan)
+                              else [s.close for s in sessions])
+        assert all(e is None for _, e in out)
+        # one token per position: a session with k positions this round took part in k passes, and no pass
+        # ran without a session that had its position on the way, so the passes are as many as the most
+        assert engine.passes - passes == max(len(e.token_ids) for e, _ in out)
+    assert [s.token_ids for s in sessions] == alone
+    assert engine.rows / engine.passes > 1.5
+
+
+def test_cli_batch_size_writes_what_one_by_one_writes(cli, tmp_path):
+    import soundfile as sf
+    paths = []
+    for name, d in CASES:
+        if d == 480:
+            paths.append(tmp_path / f"{name}.wav")
+            sf.write(paths[-1], load_case(name)["audio"], 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF????WAVEfmt ")
+    args = ["transcribe", *paths[:2], tmp_path / "broken.wav", *paths[2:], "--model", MODEL_DIRS["mistral"],
+            "--quantize", "q4", "-f", "json", "-q"]
+    one = cli(*args)
+    batched = cli(*args, "--batch-size", "3")
+    assert one[0] == batched[0] == 2                          # the broken file fails alone ...
+    assert one[1] == batched[1] and len(batched[1].splitlines()) == len(paths)   # ... the others are written
+    assert "broken.wav" in batched[2]
+    code, _, err = cli("transcribe", paths[0], "--model", MODEL_DIRS["mistral"], "--batch-size", "0")
+    assert code == 2 and "--batch-size" in err
+
+
 def test_a_session_with_bad_audio_fails_alone():
     run = run_of(BACKENDS[-1], "q4")
     engine = Engine(run.model)

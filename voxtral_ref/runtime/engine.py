@@ -15,12 +15,12 @@ the same way whatever the number of rows); the float32 / bf16 `linear` switches 
 Two ways in:
   decode()   offline files: up to max_batch decode in lockstep, the next file taking the place of one that
              ends (`Model.transcribe(list, batch_size=N)` goes through `transcribe_batch`).
-  stream()   live sessions (StreamSession's feed/step/close), each stepped by its caller's thread. While a
-             session steps, its decoder chunks wait here for a pass. A pass runs as soon as every thread
-             stepping one of this engine's sessions is waiting for one (or max_batch chunks wait): a
-             session still encoding its next position will have it within milliseconds, and a pass costs
-             about as much for 16 rows as for one. It takes up to max_batch chunks, oldest first; one of
-             the waiting threads runs it for all of them.
+  stream()   live sessions (StreamSession's feed/step/close), each stepped by its caller's thread, or
+             several at once by `together` (the server's `advance`). While a session steps, its decoder
+             chunks wait here for a pass. A pass runs as soon as every thread stepping one of this engine's
+             sessions is waiting for one (or max_batch chunks wait): a session still encoding its next
+             position will have it within milliseconds, and a pass costs about as much for 16 rows as for
+             one. It takes up to max_batch chunks, oldest first; one of the waiting threads runs it for all.
 A chunk that is malformed fails alone, before it joins a pass; an error inside a pass (out of memory) fails
 every sequence in that pass.
 """
@@ -44,6 +44,7 @@ class _Job:
     def __init__(self, dec, audio_embeds):
         self.dec, self.audio_embeds = dec, audio_embeds
         self.token, self.error, self.done = None, None, False
+        self.ticket = [self]              # the jobs of its run() call: its thread waits for all of them
 
 
 class Engine:
@@ -65,9 +66,41 @@ class Engine:
         """A live session (as Model.stream) whose decoder positions run in this engine's shared passes."""
         return EngineSession(self, delay_ms, sample_rate, past_eos)
 
+    def together(self, calls):
+        """Run zero-argument calls that step this engine's sessions (their step(), close(), or work around
+        them), each in a thread of its own, max_batch at a time, all counted as stepping before any starts:
+        a pass then waits for each of them to have its position ready or be done, so none runs short of a
+        row that is on its way. -> [(result, None) or (None, exception)] in order."""
+        results = [None] * len(calls)
+
+        def worker(i, call):
+            token = BATCHED.set(self._run_one)
+            try:
+                results[i] = (call(), None)
+            except Exception as e:                           # noqa: BLE001 - handed back with its call
+                results[i] = (None, e)
+            finally:
+                BATCHED.reset(token)
+                self._leave()
+
+        for lo in range(0, len(calls), self.max_batch):
+            group = [threading.Thread(target=worker, args=(i, calls[i]), name="voxtral-ref step")
+                     for i in range(lo, min(lo + self.max_batch, len(calls)))]
+            with self._cv:
+                self._stepping += len(group)
+            for t in group:
+                t.start()
+            for t in group:
+                t.join()
+        return results
+
     @contextlib.contextmanager
     def stepping(self):
-        """Count this thread among those a pass waits for, and send its decoders' chunks here."""
+        """Count this thread among those a pass waits for, and send its decoders' chunks here (once: inside
+        `together`, or nested, the thread is counted already)."""
+        if BATCHED.get() == self._run_one:
+            yield
+            return
         with self._cv:
             self._stepping += 1
         token = BATCHED.set(self._run_one)
@@ -75,9 +108,12 @@ class Engine:
             yield
         finally:
             BATCHED.reset(token)
-            with self._cv:
-                self._stepping -= 1
-                self._cv.notify_all()      # the threads left waiting may now be all there is
+            self._leave()
+
+    def _leave(self):
+        with self._cv:
+            self._stepping -= 1
+            self._cv.notify_all()          # the threads left waiting may now be all there is
 
     def _run_one(self, dec, audio_embeds):
         job, = self.run([(dec, audio_embeds)])
@@ -124,44 +160,56 @@ class Engine:
                 check_chunk(job.dec, job.audio_embeds)
             except ValueError as e:
                 job.error, job.done = e, True
+        ticket = [j for j in jobs if not j.done]
+        for j in ticket:
+            j.ticket = ticket
         with self._cv:
-            self._queue.extend(j for j in jobs if not j.done)
-            self._waiting += 1
-            try:
-                while not all(j.done for j in jobs):
-                    if self._running or not self._queue or (self._waiting < self._stepping
-                                                            and len(self._queue) < self.max_batch):
-                        self._cv.wait()
-                        continue
-                    batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-                    self._running = True
-                    self._cv.release()
-                    try:
-                        self._pass(batch)
-                    finally:
-                        self._cv.acquire()
-                        self._running = False
-                        self._cv.notify_all()
-            finally:
-                self._waiting -= 1
+            if ticket:
+                self._queue.extend(ticket)
+                self._waiting += 1        # until the pass that completes the ticket (_finish)
+            while not all(j.done for j in ticket):
+                if self._running or not self._queue or (self._waiting < self._stepping
+                                                        and len(self._queue) < self.max_batch):
+                    self._cv.wait()
+                    continue
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                self._running = True
+                self._cv.release()
+                try:
+                    error = self._pass(batch)
+                finally:
+                    self._cv.acquire()
+                    self._finish(batch)
+                if error is not None and not isinstance(error, Exception):
+                    raise error               # KeyboardInterrupt: every job of the pass holds it too
         return jobs
 
     def _pass(self, batch):
-        """One decoder pass over the batch's chunks (lock released: other threads queue meanwhile)."""
+        """One decoder pass over the batch's chunks, the lock released (other threads queue meanwhile).
+        -> None, or the error that failed every chunk of it."""
         try:
             with self.model.kernel_mode():
                 tokens = decoder_pass(self.model.weights, [(j.dec, j.audio_embeds) for j in batch])
-            for j, t in zip(batch, tokens):
-                j.token = t
         except BaseException as e:                           # noqa: BLE001 - handed to every sequence in it
             for j in batch:
                 j.error = e
-            if not isinstance(e, Exception):
-                raise
-        finally:
-            for j in batch:
-                j.done = True
-            self.passes, self.rows = self.passes + 1, self.rows + len(batch)
+            return e
+        for j, t in zip(batch, tokens):
+            j.token = t
+        return None
+
+    def _finish(self, batch):
+        """Under the lock: the batch's jobs are done, and the threads whose every job is done stop counting
+        as waiting in the same step, so a thread served here cannot pass for one still waiting while it
+        prepares its next chunk (a pass would then start without it)."""
+        for j in batch:
+            j.done = True
+        for ticket in {id(j.ticket): j.ticket for j in batch}.values():
+            if all(j.done for j in ticket):
+                self._waiting -= 1
+        self.passes, self.rows = self.passes + 1, self.rows + len(batch)
+        self._running = False
+        self._cv.notify_all()
 
 
 class EngineSession(StreamSession):

@@ -14,17 +14,17 @@ Results go back to the event loop with `loop.call_soon_threadsafe`; a session fo
 (its client disconnected) drops them, and its memory goes with its last reference.
 """
 
+import functools
 import threading
 import time
 import traceback
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ...config import EOS_ID, MS_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN
 from ...errors import VoxtralError
-from ...runtime.engine import MAX_BATCH, Engine
+from ...runtime.engine import Engine
 
 TOKENS_PER_PASS = 25                 # 2 s of audio per session per pass: catching up never starves the others
 
@@ -34,6 +34,7 @@ class Session:
     thread under the scheduler's lock; the stream itself is only stepped by that thread."""
 
     def __init__(self, engine, sample_rate, deliver, started=True):
+        self.engine = engine            # the scheduler's, shared by all its sessions
         self.stream = engine.stream(None, sample_rate)
         self.sample_rate = sample_rate
         self.deliver = deliver          # deliver(emission, final, error) in the event loop thread
@@ -84,12 +85,10 @@ def advance(sessions):
     """One pass over the sessions that have work -> [(session, Emission or None, final, error)]. Each
     decodes at most TOKENS_PER_PASS tokens; a session whose audio has ended and been caught up is
     closed (offline's right pad, the final tokens). A failure stays with its session. The sessions step
-    in threads of their own, so their decoder positions meet in the engine's shared passes (an
-    EngineSession's step waits there for the others that are stepping)."""
-    if len(sessions) == 1:
-        return [advance_one(sessions[0])]
-    with ThreadPoolExecutor(min(len(sessions), MAX_BATCH), thread_name_prefix="voxtral-ref session") as pool:
-        return list(pool.map(advance_one, sessions))
+    together (Engine.together), so their decoder positions share passes over the weights."""
+    if not sessions:
+        return []
+    return [r for r, _ in sessions[0].engine.together([functools.partial(advance_one, s) for s in sessions])]
 
 
 def advance_one(s):

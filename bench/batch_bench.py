@@ -1,0 +1,154 @@
+"""Batched decoding on the full-size model (not run by CI): what does one pass over the weights for M
+sequences cost against one for a single sequence, and how many live streams does that sustain?
+
+    python bench/make_full_checkpoint.py /work/fullsize_ckpt                       # once: random weights
+    voxtral-ref quantize --model /work/fullsize_ckpt --quantize q4 -o /work/full_q4  # once per format
+    python bench/batch_bench.py /work/full_q4 /work/full_int8 /work/fullsize_ckpt  # table + bench/out/batch.json
+
+For each model directory (one weight format each; unquantised ones run in --precision):
+  decode   M = 1, 2, 4, 8, 16 sequences per pass (runtime/engine.py's `decoder_pass`, as the engine runs
+           it): each sequence prefilled with its prompt, then --tokens passes of one position per sequence,
+           timed. Reported: ms per pass, aggregate tokens/s, the speed-up over M = 1, the bytes a pass reads
+           (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
+           before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio.
+  live     N sessions of one Engine, each fed an 80 ms block per round, then stepped together
+           (Engine.together, as the server's `advance` does): a round is what N live clients wait for (N encoders of 4 frames,
+           the decoder positions in shared passes). The largest N whose mean round stays under 80 ms is the
+           number of 16 kHz streams the machine sustains in real time (tried: --streams, doubling).
+Speed does not depend on the weights' values, so random weights and random audio embeddings serve.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from live_bench import run_models  # noqa: E402
+import voxtral_ref  # noqa: E402
+from voxtral_ref import config as C  # noqa: E402
+from voxtral_ref.runtime import kernels  # noqa: E402
+from voxtral_ref.runtime.engine import Engine  # noqa: E402
+from voxtral_ref.stages.generate import Decoder, decoder_pass  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
+BLOCK = C.SAMPLES_PER_TOKEN                               # 1280 samples = 80 ms: one live step's audio
+REAL_TIME_S = BLOCK / C.SAMPLE_RATE
+
+
+def decoder_bytes(model):
+    """Bytes of every matrix a decoder pass streams: the decoder layers' and the LM head."""
+    w = model.weights
+    names = [n for n, t in w._t.items() if n.startswith("dec.layers.") and t.ndim == 2 and ".ada_" not in n]
+    return sum(w._t[n].nbytes for n in names) + w.lm_head.nbytes
+
+
+def kv_read_bytes(decoders):
+    return sum(2 * c.filled * c.k[0].nbytes for d in decoders for c in d.caches)
+
+
+def bench_decode(model, rows, tokens, machine, rng):
+    """-> one record per M: M sequences decoded together, `tokens` timed passes of one position each."""
+    dim, out = model.cfg.decoder.dim, []
+    with model.kernel_mode():
+        for m in rows:
+            decs = [Decoder(model.weights, C.delay_tokens(480), max_positions=64 + tokens) for _ in range(m)]
+            n = len(decs[0].prompt) + tokens
+            embeds = [0.1 * rng.standard_normal((n, dim), dtype=np.float32) for _ in range(m)]
+
+            def chunk(d, e):
+                ids, p0 = d.chunk()
+                return d, e[p0:p0 + len(ids)]
+            for _ in range(2):                                       # the prompt: silence prefix, then the rest
+                decoder_pass(model.weights, [chunk(d, e) for d, e in zip(decs, embeds)])
+            bw_before = machine.read_gbs()
+            times = []
+            for _ in range(tokens):
+                t = time.perf_counter()
+                decoder_pass(model.weights, [chunk(d, e) for d, e in zip(decs, embeds)])
+                times.append(time.perf_counter() - t)
+            bw = (bw_before + machine.read_gbs()) / 2
+            mean = float(np.mean(times))
+            nbytes = decoder_bytes(model) + kv_read_bytes(decs)
+            r = {"rows": m, "pass_ms_mean": 1e3 * mean, "pass_ms_median": 1e3 * float(np.median(times)),
+                 "tokens_per_s": m / mean, "bytes_per_pass_GB": nbytes / 1e9, "read_GB/s": bw,
+                 "read_GB/s_before_after": [bw_before, 2 * bw - bw_before], "vs_roofline": mean / (nbytes / 1e9 / bw)}
+            r["speedup_vs_1"] = r["tokens_per_s"] / out[0]["tokens_per_s"] if out else 1.0
+            out.append(r)
+            print(f"  decode M={m:>2}: pass {r['pass_ms_mean']:.1f} ms (median {r['pass_ms_median']:.1f}), "
+                  f"{r['tokens_per_s']:.1f} tokens/s = {r['speedup_vs_1']:.2f}x M=1; {nbytes / 1e9:.2f} GB/pass at "
+                  f"{bw:.1f} GB/s -> {r['vs_roofline']:.2f}x roofline", flush=True)
+    return out
+
+
+def bench_live(model, n, rounds, audio, machine):
+    """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass."""
+    engine = Engine(model)
+    sessions = [engine.stream() for _ in range(n)]
+    lead = BLOCK * (sessions[0].n_delay + 1) + 40                  # the first token's audio: fed untimed
+
+    def round_(start, length):
+        t = time.perf_counter()
+        for s in sessions:
+            s.feed(audio[start % len(audio):][:length])
+        for _, error in engine.together([s.step for s in sessions]):
+            if error is not None:
+                raise error
+        return time.perf_counter() - t
+    round_(0, lead)
+    bw_before = machine.read_gbs()
+    passes0, rows0 = engine.passes, engine.rows
+    times = [round_(lead + i * BLOCK, BLOCK) for i in range(rounds)]
+    bw = (bw_before + machine.read_gbs()) / 2
+    mean = float(np.mean(times))
+    passes = engine.passes - passes0
+    r = {"streams": n, "round_ms_mean": 1e3 * mean, "round_ms_p95": 1e3 * float(np.percentile(times, 95)),
+         "live_rtf": mean / REAL_TIME_S, "passes_per_round": passes / rounds,
+         "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "read_GB/s": bw}
+    print(f"  live N={n:>2}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
+          f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
+          f"rows each; probe {bw:.1f} GB/s", flush=True)
+    return r
+
+
+def run(path, args, machine):
+    model = voxtral_ref.load(path, backend="c", precision=args.precision)
+    label = model.quantize or model.precision
+    print(f"{path}: {label} weights, decoder + LM head {decoder_bytes(model) / 1e9:.2f} GB", flush=True)
+    out = {"model": str(path), "quantize": model.quantize, "precision": model.precision,
+           "decode": bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))}
+    with np.load(GOLDEN) as z:
+        audio = voxtral_ref.stages.audio.to_mono_16k(z["audio"], C.SAMPLE_RATE)
+    out["live"], n, sustained = [], 1, 0
+    while n <= args.streams:
+        r = bench_live(model, n, args.rounds, audio, machine)
+        out["live"].append(r)
+        if r["round_ms_mean"] >= 1e3 * REAL_TIME_S:
+            break
+        sustained, n = n, 2 * n
+    out["live_streams_sustained"] = sustained
+    print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path, help="checkpoint directories (quantised ones load as they are)")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="sequences per pass to time (default 1,2,4,8,16)")
+    ap.add_argument("--tokens", type=int, default=16, help="timed passes per M (default 16)")
+    ap.add_argument("--streams", type=int, default=16, help="most live streams to try, doubling from 1 (default 16)")
+    ap.add_argument("--rounds", type=int, default=12, help="timed 80 ms rounds per N (default 12)")
+    ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
+                    help="matmul inputs of the unquantised matrices (default bf16)")
+    ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    ap.add_argument("--json", type=Path, default=OUT / "batch.json")
+    args = ap.parse_args()
+    args.rows = [int(m) for m in args.rows.split(",")]
+    run_models(args, run)
+
+
+if __name__ == "__main__":
+    main()
