@@ -283,3 +283,116 @@ def test_engine_refuses_a_bad_max_batch():
     for bad in (0, -3, 2.0, None):
         with pytest.raises(VoxtralError, match="max_batch"):
             Engine(run_of(BACKENDS[-1], "q4").model, bad)
+
+
+# --- exact speculative verification ---------------------------------------------------------------------------
+def oracle_drafter(run, case, wrong):
+    """A drafter that knows greedy decoding's ids for `case` and guesses them, except where `wrong` (a set of
+    token indices) says: so every verification path runs (all accepted, a miss at any place, drafts running
+    past EOS or the audio's end). The real drafter's guesses ([STREAMING_PAD]) are all misses on the tiny
+    random model, which never pads."""
+    truth = None
+
+    def draft(dec, n_positions, k):
+        nonlocal truth
+        truth = truth or dec.prompt + run.alone[case][0]
+        at, k = len(dec.ids), max(0, min(k, n_positions - len(dec.ids)))
+        guess = [t if at + j - len(dec.prompt) not in wrong else (t + 1) % 2048 for j, t in enumerate(truth[at:at + k])]
+        return guess + [generate.STREAMING_PAD_ID] * (k - len(guess))
+    return draft
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_speculative_verification_gives_greedy_ids(backend, mode, monkeypatch):
+    """Every golden case with a drafter right 3 times out of 4 (k = 5); the real drafter's all-miss runs are
+    test_speculate_is_checked's."""
+    run = run_of(backend, mode)
+    for case, (_, delay) in enumerate(CASES):
+        monkeypatch.setattr(generate, "draft_tokens", oracle_drafter(run, case, set(range(3, 200, 4))))
+        with run.model.kernel_mode():
+            assert greedy_decode(run.model.weights, run.embeds[case], delay_tokens(delay), speculate=5) == run.alone[case][0]
+
+
+def verification_passes(n_generated, n_positions, n_prompt, k, wrong):
+    """How many passes exact verification takes after the prompt's: each accepts its first token and then
+    one more per leading right guess (greedy_decode's draft is cut to the positions left)."""
+    g, passes = 1, 0
+    while g < n_generated:
+        kk = max(0, min(k, n_positions - (n_prompt + g)))
+        a = 1
+        while a <= kk and g + a - 1 not in wrong:
+            a += 1
+        g, passes = g + a, passes + 1
+    return passes
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=st.integers(0, len(CASES) - 1), k=st.integers(1, generate.MAX_DRAFT),
+       wrong=st.sets(st.integers(0, 120), max_size=40), mode=st.sampled_from(["f32", "q4"]))
+def test_any_draft_length_and_misses_give_greedy_ids(case, k, wrong, mode):
+    """Ids as greedy's, exactly as many passes as right guesses allow (no guess wrongly refused), and the
+    caches left as greedy decoding leaves them: the same positions live (a rejected position's slot must
+    not count as live: on the real model's 8192-position window an unwritten slot would be reached)."""
+    run = run_of(BACKENDS[-1], mode)
+    seen, made, passes = [], [], [0]
+
+    class Recorded(Decoder):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    def counted(*a, **kw):
+        passes[0] += 1
+        return decoder_pass(*a, **kw)
+    decoder_pass = generate.decoder_pass
+    saved = generate.draft_tokens, generate.Decoder, generate.decoder_pass
+    generate.draft_tokens, generate.Decoder, generate.decoder_pass = oracle_drafter(run, case, wrong), Recorded, counted
+    try:
+        with run.model.kernel_mode():
+            embeds, n_delay = run.embeds[case], delay_tokens(CASES[case][1])
+            ids = greedy_decode(run.model.weights, embeds, n_delay, on_token=seen.append, speculate=k)
+            greedy_decode(run.model.weights, embeds, n_delay)
+    finally:
+        generate.draft_tokens, generate.Decoder, generate.decoder_pass = saved
+    assert ids == seen == run.alone[case][0]
+    spec, plain = made
+    assert passes[0] - 2 - len(ids) - 1 == verification_passes(len(ids), len(embeds), len(plain.prompt), k, wrong)
+    q, window = len(plain.ids) - 1, run.model.cfg.decoder.sliding_window     # the next query's reach
+    for a, b in zip(spec.caches, plain.caches):
+        seen_by = [sorted(p for p in c.pos[:c.filled] if q - window < p < q) for c in (a, b)]
+        assert seen_by[0] == seen_by[1] and (a.pos[:a.filled] >= 0).all()
+
+
+def test_a_rejected_draft_leaves_the_caches_as_plain_decoding():
+    """Before the ring is full: after a verification pass, the live slots are exactly plain decoding's
+    (a rejected position's slot must not count: the real model's window would reach its position -1)."""
+    run = run_of(BACKENDS[-1], "q4")
+    embeds, truth = run.embeds[0], run.alone[0][0]
+    with run.model.kernel_mode():
+        spec, plain = Decoder(run.model.weights, 6), Decoder(run.model.weights, 6)
+        for dec in (spec, plain):
+            for _ in range(4):                                        # prefix, prompt, 3 tokens
+                ids, p0 = dec.chunk()
+                dec.run_chunk(embeds[p0:p0 + len(ids)])
+        for draft in (lambda at: [truth[at] + 1, 5, 6], lambda at: [truth[at], truth[at + 1], 7, 8]):
+            spec.draft = draft(len(spec.ids) - len(spec.prompt))      # guesses of the tokens after the next
+            ids, p0 = spec.chunk()
+            got = spec.run_chunk(embeds[p0:p0 + len(ids)])
+            for _ in got:
+                ids, p0 = plain.chunk()
+                plain.run_chunk(embeds[p0:p0 + len(ids)])
+            assert plain.ids == spec.ids
+            for a, b in zip(spec.caches, plain.caches):
+                assert a.filled == b.filled < a.capacity
+                assert np.array_equal(a.pos[:a.filled], b.pos[:b.filled])
+        assert len(spec.ids) - len(spec.prompt) == 3 + 1 + 3          # the first draft missed, the second hit twice
+
+
+def test_speculate_is_checked():
+    model = run_of(BACKENDS[-1], "q4").model
+    a = load_case(CASES[0][0])["audio"]
+    assert model.transcribe(a, delay_ms=CASES[0][1], speculate=4).token_ids == run_of(BACKENDS[-1], "q4").alone[0][0]
+    for bad in (-1, generate.MAX_DRAFT + 1, 2.0, True):
+        with pytest.raises(VoxtralError, match="speculate"):
+            model.transcribe(a, speculate=bad)

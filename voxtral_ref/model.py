@@ -11,7 +11,7 @@ from . import config as C
 from .runtime import kernels, quant
 from .stages.audio import to_mono_16k
 from .errors import VoxtralError
-from .stages.generate import encode, greedy_decode, pad_offline
+from .stages.generate import MAX_DRAFT, encode, greedy_decode, pad_offline
 from .checkpoint import hub, quantized
 from .checkpoint.hub import DEFAULT_REPO, detect_format, resolve
 from .stages.tokenizer import Tekken
@@ -147,13 +147,18 @@ class Model:
         self.kv = "bf16" if quantize else "f32"
         self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
 
-    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1):
+    def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1,
+                   speculate=0):
         """One waveform -> Transcript; a list of waveforms -> a list, each result equal to transcribing its
         file alone (same ids). `batch_size` > 1 decodes up to that many files per pass over the weights
         (runtime/engine.py), which costs little more than one. `on_token(id)` is called as each token is
-        generated (progress bars, live output; single waveforms only)."""
+        generated (progress bars, live output; single waveforms only). `speculate=k` (0..MAX_DRAFT, one
+        waveform) verifies k drafted tokens with each position in one pass (generate.greedy_decode): the
+        same ids, fewer passes when the drafts are right."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_DRAFT:
+            raise VoxtralError(f"speculate must be an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
         if isinstance(audio, (list, tuple)):
             if batch_size == 1:
                 return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
@@ -173,7 +178,7 @@ class Model:
                 trace("audio", x)
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
             t1 = time.perf_counter()
-            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token)
+            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token, speculate=speculate)
         t2 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0}
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)

@@ -43,7 +43,7 @@ class _Job:
 
     def __init__(self, dec, audio_embeds):
         self.dec, self.audio_embeds = dec, audio_embeds
-        self.token, self.error, self.done = None, None, False
+        self.tokens, self.error, self.done = [], None, False
         self.ticket = [self]              # the jobs of its run() call: its thread waits for all of them
 
 
@@ -119,7 +119,7 @@ class Engine:
         job, = self.run([(dec, audio_embeds)])
         if job.error is not None:
             raise job.error
-        return job.token
+        return job.tokens
 
     # --- offline files -----------------------------------------------------------------------------------
     def decode(self, sources):
@@ -152,7 +152,7 @@ class Engine:
 
     # --- the passes --------------------------------------------------------------------------------------
     def run(self, work):
-        """[(Decoder, audio embeddings of its next chunk)] -> their _Jobs once done (token or error), run in
+        """[(Decoder, audio embeddings of its next chunk)] -> their _Jobs once done (tokens or error), run in
         this engine's next passes together with the other threads' chunks. Call inside `stepping()`."""
         jobs = [_Job(dec, a) for dec, a in work]
         for job in jobs:
@@ -195,7 +195,7 @@ class Engine:
                 j.error = e
             return e
         for j, t in zip(batch, tokens):
-            j.token = t
+            j.tokens = t
         return None
 
     def _finish(self, batch):

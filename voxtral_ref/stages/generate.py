@@ -13,7 +13,7 @@ import numpy as np
 
 from .adapter import adapter, downsample
 from .attention import KVCache
-from ..config import EOS_ID, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, prompt_ids, right_pad_samples
+from ..config import EOS_ID, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, STREAMING_PAD_ID, prompt_ids, right_pad_samples
 from .decoder import ada_scales, decoder_forward, embed, lm_head
 from .encoder import conv_stem, encoder_transformer
 from .mel import log_mel
@@ -22,6 +22,10 @@ from .mel import log_mel
 # below 1280 (e + 1) + 40 (runtime/stream.py), and the audio starts at 40960 = 32 * 1280, so embeddings
 # 0..30 are silence alone and 31 already hears the first 40 samples.
 PREFIX = N_LEFT_PAD_TOKENS - 1
+
+# Speculative verification: at most this many drafted tokens per chunk (a chunk of k + 1 positions must fit
+# a cache's max_chunk, the prompt's 33 or more; the issue's bench covers k = 1..15).
+MAX_DRAFT = 15
 
 # The batching engine (runtime/engine.py) runs the decoder passes of the sessions it steps together with
 # other sequences': while it steps one, this holds its run(decoder, audio_embeds) -> token (kernels.use's way).
@@ -62,7 +66,12 @@ class Decoder:
     The prompt is fed in two parts: its first PREFIX positions, whose audio is the left pad's silence
     alone (so their state is the same for every input, and a stream can start from a saved copy of it:
     runtime/stream.py), then the rest, which predicts the first token. Offline feeds the same two parts,
-    so both compute every position the same way."""
+    so both compute every position the same way.
+
+    Speculative verification (offline, where every position's audio is known): `draft` holds k guessed
+    tokens, fed after the last id in one chunk of k + 1 positions. Row i's logits choose the token after
+    position i; the guesses that match keep their positions (their inputs were what greedy decoding
+    feeds), and the caches rewind past the first miss: the ids are exactly greedy decoding's."""
 
     def __init__(self, weights, n_delay, max_positions=None, trace=None):
         cfg = weights.cfg.decoder
@@ -73,15 +82,16 @@ class Decoder:
         self.caches = [KVCache(cfg.sliding_window, len(self.prompt), cfg.n_kv_heads, cfg.head_dim, max_positions)
                        for _ in range(cfg.n_layers)]
         self.ids = []                                                                 # every id fed or emitted
+        self.draft = []                                                               # guesses fed after ids[-1]
 
     def chunk(self):
         """(ids, position of the first) this decoder feeds next: the silence prefix, then the rest of the
-        prompt, then its last token, one position at a time."""
+        prompt, then its last token (and the draft, if any)."""
         if not self.ids:
             return self.prompt[:PREFIX], 0
         if len(self.ids) < len(self.prompt):
             return self.prompt[len(self.ids):], len(self.ids)
-        return self.ids[-1:], len(self.ids) - 1
+        return self.ids[-1:] + self.draft, len(self.ids) - 1
 
     def finished(self, n_positions):
         """Offline's rule (HF's generate): stop after EOS, or once the last of n_positions has been fed."""
@@ -100,23 +110,42 @@ class Decoder:
         if not self.ids:
             self.prefill(audio_embeds[:PREFIX])
             audio_embeds = audio_embeds[PREFIX:]
-        return self.run_chunk(audio_embeds)
+        token, = self.run_chunk(audio_embeds)
+        return token
 
     def run_chunk(self, audio_embeds):
-        """Run chunk() with its positions' audio embeddings [t, 3072] -> the token it predicts (None for the
-        silence prefix): in a pass of its own, or in the engine's shared pass when the engine steps it."""
+        """Run chunk() with its positions' audio embeddings [t, 3072] -> the tokens it adds (none for the
+        silence prefix, one, or with a draft up to k + 1): in a pass of its own, or in the engine's shared
+        pass when the engine steps it."""
         run = BATCHED.get()
         return run(self, audio_embeds) if run else decoder_pass(self.weights, [(self, audio_embeds)], self.trace)[0]
 
     def fed(self, ids, p0, logits):
-        """Record that a pass ran chunk() (ids from position p0); `logits` [V] of its last position (None
-        for the silence prefix) -> the token greedy decoding chooses, appended to ids."""
+        """Record that a pass ran chunk() (ids from position p0); `logits` [1 + len(draft), V] of its last
+        rows (None for the silence prefix) -> the tokens greedy decoding chooses, appended to ids: the
+        first, then each next one whose input the draft guessed right."""
         if p0 + len(ids) <= len(self.prompt):
             self.ids = list(self.prompt[:p0 + len(ids)])
         if logits is None:
-            return None
-        self.ids.append(int(np.argmax(logits)))
-        return self.ids[-1]
+            return []
+        choice = [int(i) for i in np.argmax(logits, axis=-1)]
+        n = 1
+        while n < len(choice) and self.draft[n - 1] == choice[n - 1]:
+            n += 1                                     # position n's input was the token greedy chose there
+        self.ids += choice[:n]
+        if self.draft:
+            self.rewind(p0 + n)
+            self.draft = []
+        return choice[:n]
+
+    def rewind(self, n_positions):
+        """Keep the caches' first n_positions positions, as if the later ones had not run. Only the count
+        of live slots changes: unwritten slots hold position -1, which the window could reach, so they must
+        stay out, while a rejected position's slot past the count (or, in a full ring, any) is masked by
+        causality until the position is computed again, which overwrites it; a full ring has dropped only
+        positions a window ago (its k + 1 <= max_chunk extra slots cover the chunk)."""
+        for c in self.caches:
+            c.filled = min(c.capacity, n_positions)
 
 
 def check_chunk(dec, audio_embeds):
@@ -144,27 +173,49 @@ def decoder_pass(weights, work, trace=None):
         trace("decoder_in", h)
     seqs = [(np.arange(p0, p0 + len(ids)), dec.ada, dec.caches) for (ids, p0), (dec, _) in zip(chunks, work)]
     x = decoder_forward(h, seqs, weights, weights.cfg.format == "mistral", trace)     # [R, 3072]
-    predicting = [i for i, (dec, _) in enumerate(work) if dec.ids]                   # a silence prefix predicts nothing
-    last = (np.cumsum([len(ids) for ids, _ in chunks]) - 1)[predicting]              # each one's last row
+    ends = np.cumsum([len(ids) for ids, _ in chunks])
+    # the rows that choose tokens: a chunk's last, and its draft's (none for a silence prefix)
+    rows = {i: np.arange(ends[i] - 1 - len(dec.draft), ends[i]) for i, (dec, _) in enumerate(work) if dec.ids}
+    pick = np.concatenate(list(rows.values())) if rows else np.zeros(0, np.int64)
     if trace:
         logits = lm_head(x, weights.lm_head)                                          # [R, V]
         trace("logits", logits)
-        logits = logits[last]
-    elif predicting:
-        logits = lm_head(x[last], weights.lm_head)                                    # [len(predicting), V]
-    else:
-        logits = []
-    chosen = dict(zip(predicting, logits))
-    return [dec.fed(ids, p0, chosen.get(i)) for i, ((ids, p0), (dec, _)) in enumerate(zip(chunks, work))]
+        logits = logits[pick]
+    elif rows:
+        logits = lm_head(x[pick], weights.lm_head)                                    # [len(pick), V]
+    starts = dict(zip(rows, np.cumsum([0] + [len(r) for r in rows.values()])))
+    return [dec.fed(ids, p0, logits[starts[i]:starts[i] + len(rows[i])] if i in rows else None)
+            for i, ((ids, p0), (dec, _)) in enumerate(zip(chunks, work))]
 
 
-def greedy_decode(weights, audio_embeds, n_delay, trace=None, on_token=None):
-    """audio_embeds [n_tokens, 3072] -> generated ids (after the prompt; specials and a final EOS kept)."""
+def greedy_decode(weights, audio_embeds, n_delay, trace=None, on_token=None, speculate=0):
+    """audio_embeds [n_tokens, 3072] -> generated ids (after the prompt; specials and a final EOS kept).
+    speculate=k: each pass also verifies k drafted tokens (`draft_tokens`); the ids are the same."""
     n = len(audio_embeds)
     dec = Decoder(weights, n_delay, max_positions=n, trace=trace)
     while not dec.finished(n):
+        if len(dec.ids) >= len(dec.prompt):
+            dec.draft = draft_tokens(dec, n, speculate)
         ids, p0 = dec.chunk()
-        token = dec.run_chunk(audio_embeds[p0:p0 + len(ids)])
-        if token is not None and on_token:
-            on_token(token)
+        for token in stop_at_end(dec, n, dec.run_chunk(audio_embeds[p0:p0 + len(ids)])):
+            if on_token:
+                on_token(token)
     return dec.ids[len(dec.prompt):]
+
+
+def draft_tokens(dec, n_positions, k):
+    """The guess for the next k tokens: [STREAMING_PAD], the commonest output (the model pads while it waits
+    for words), cut to the audio positions left."""
+    return [STREAMING_PAD_ID] * max(0, min(k, n_positions - len(dec.ids)))
+
+
+def stop_at_end(dec, n_positions, tokens):
+    """Drop from a verified run the tokens greedy decoding would not have reached (after an EOS, or past
+    the last position), so the ids end where its do. -> the tokens kept."""
+    keep = len(tokens)
+    for j, t in enumerate(tokens):
+        if t == EOS_ID or len(dec.ids) - len(tokens) + j + 1 >= n_positions:
+            keep = j + 1
+            break
+    del dec.ids[len(dec.ids) - len(tokens) + keep:]
+    return tokens[:keep]
