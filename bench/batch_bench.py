@@ -15,10 +15,18 @@ For each model directory (one weight format each; unquantised ones run in --prec
            (Engine.together, as the server's `advance` does): a round is what N live clients wait for (N encoders of 4 frames,
            the decoder positions in shared passes). The largest N whose mean round stays under 80 ms is the
            number of 16 kHz streams the machine sustains in real time (tried: --streams, doubling).
+  verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
+           and k drafted tokens, k + 1 rows, the caches rewound after) against a 1-row pass, k = 1..15, with
+           the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
+           draft right with probability a: a pass yields (1 - a^(k+1)) / (1 - a) tokens on average), the
+           best k for each a, and the rate the [STREAMING_PAD] drafter has on the golden cases (the share of
+           PAD among greedy's ids) for THIS model: with random weights that says nothing of the real
+           model's rate, which is unknown here.
 Speed does not depend on the weights' values, so random weights and random audio embeddings serve.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +39,7 @@ import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import kernels  # noqa: E402
 from voxtral_ref.runtime.engine import Engine  # noqa: E402
-from voxtral_ref.stages.generate import Decoder, decoder_pass  # noqa: E402
+from voxtral_ref.stages.generate import MAX_DRAFT, Decoder, decoder_pass  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
@@ -84,6 +92,56 @@ def bench_decode(model, rows, tokens, machine, rng):
     return out
 
 
+def bench_verify(model, tokens, machine, rng):
+    """-> {k: mean ms of a (k+1)-row verification pass of one sequence}, k = 0 the plain 1-row pass."""
+    dim, out = model.cfg.decoder.dim, {}
+    with model.kernel_mode():
+        n = 64 + (MAX_DRAFT + 1) * (tokens + 2) * (MAX_DRAFT + 2)                # positions, however many are kept
+        dec = Decoder(model.weights, C.delay_tokens(480), max_positions=n)
+        embeds = 0.1 * rng.standard_normal((n, dim), dtype=np.float32)                # [n, dim]
+        bw_before = machine.read_gbs()
+        for k in range(MAX_DRAFT + 1):
+            times = []
+            for i in range(tokens + 2):                          # the first two: the prompt's chunks, untimed
+                if len(dec.ids) >= len(dec.prompt):
+                    dec.draft = [C.STREAMING_PAD_ID] * k
+                ids, p0 = dec.chunk()
+                t = time.perf_counter()
+                decoder_pass(model.weights, [(dec, embeds[p0:p0 + len(ids)])])
+                times.append(time.perf_counter() - t)
+                dec.draft = []
+            out[k] = 1e3 * float(np.mean(times[2:] if k == 0 else times))
+        bw = (bw_before + machine.read_gbs()) / 2
+    print("  verify: (k+1)-row pass / 1-row pass: " + ", ".join(f"k={k} {out[k] / out[0]:.2f}x" for k in range(1, MAX_DRAFT + 1))
+          + f" (1-row {out[0]:.1f} ms; probe {bw:.1f} GB/s)", flush=True)
+    return {"pass_ms": out, "read_GB/s": bw}
+
+
+def speedups(pass_ms, rates=(0.0, 0.25, 0.5, 0.75, 0.9)):
+    """For each acceptance rate: the best k and its speed-up over plain decoding (tokens per second)."""
+    out = {}
+    for a in rates:
+        gain = {k: sum(a ** i for i in range(k + 1)) * pass_ms[0] / pass_ms[k] for k in pass_ms}
+        best = max(gain, key=gain.get)
+        out[a] = {"best_k": best, "speedup": gain[best], "k=7": gain[7] if 7 in gain else None}
+    print("  verify: speed-up at acceptance rate " + ", ".join(f"{a:.2f}: {r['speedup']:.2f}x (k={r['best_k']})"
+                                                            for a, r in out.items()), flush=True)
+    return out
+
+
+def pad_rate(model):
+    """The share of [STREAMING_PAD] among greedy decoding's ids on the golden cases, for this model."""
+    ids = []
+    for case in json.loads((GOLDEN.parent / "index.json").read_text())["cases"]:
+        if "token_ids" in case:
+            with np.load(GOLDEN.parent / case["file"]) as z:
+                ids += model.transcribe(z["audio"], delay_ms=int(case["delay_ms"])).token_ids
+    rate = ids.count(C.STREAMING_PAD_ID) / max(len(ids), 1)
+    print(f"  verify: [STREAMING_PAD] is {100 * rate:.1f} % of this model's {len(ids)} ids on the golden cases "
+          f"(random weights: not the real model's rate)", flush=True)
+    return rate
+
+
 def bench_live(model, n, rounds, audio, machine):
     """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass."""
     engine = Engine(model)
@@ -120,6 +178,9 @@ def run(path, args, machine):
     print(f"{path}: {label} weights, decoder + LM head {decoder_bytes(model) / 1e9:.2f} GB", flush=True)
     out = {"model": str(path), "quantize": model.quantize, "precision": model.precision,
            "decode": bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))}
+    out["verify"] = bench_verify(model, args.tokens, machine, np.random.default_rng(1))
+    out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["pass_ms"])
+    out["verify"]["pad_rate_golden"] = pad_rate(model)
     with np.load(GOLDEN) as z:
         audio = voxtral_ref.stages.audio.to_mono_16k(z["audio"], C.SAMPLE_RATE)
     out["live"], n, sustained = [], 1, 0
