@@ -69,7 +69,6 @@ typedef struct {
     const int8_t *xq;       /* [n, k] */
     const float *sx;        /* [n, k / 32] */
     const int32_t *xsum;    /* [n, k / 32] */
-    const float *sxs;       /* [n, k / 32]: sx * xsum, the offsets' factor */
     int64_t n, k, m;
     const uint8_t *w;       /* panels */
     int fmt;

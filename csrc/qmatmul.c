@@ -37,11 +37,9 @@ void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt
 void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
     if (n <= 0 || m <= 0) return;
     const int64_t nb = k / VX_QBLOCK;
-    float *sxs = vx_alloc(sizeof(float) * n * nb);
     vx_qlinear_args a = {vx_alloc((size_t)(n * k)), vx_alloc(sizeof(float) * n * nb), vx_alloc(sizeof(int32_t) * n * nb),
-                         sxs, n, k, m, w, fmt, vx_qpanel_bytes(fmt, k), b, y};
+                         n, k, m, w, fmt, vx_qpanel_bytes(fmt, k), b, y};
     vx_quantize_act(x, n, k, (int8_t *)a.xq, (float *)a.sx, (int32_t *)a.xsum);
-    for (int64_t i = 0; i < n * nb; i++) sxs[i] = a.sx[i] * (float)a.xsum[i];
     const vx_isa *isa = vx_active();
     const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL;
     int nt = vx_threads_for((double)m * k);
@@ -55,5 +53,4 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
     free((void *)a.xq);
     free((void *)a.sx);
     free((void *)a.xsum);
-    free(sxs);
 }

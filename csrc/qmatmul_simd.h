@@ -181,7 +181,7 @@ VX_FN static void VX_NAME(quantize_panel)(const void *w, int wtype, int64_t row0
 
 /* ---- y = x @ w.T, portable: one panel, one activation row at a time ------------------------------------
  * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row, then
- * acc[r] += (S[r] sx) dot - M[r] (sx xsum) (two roundings each; the VNNI kernel fuses them). */
+ * acc[r] += (S[r] sx) dot - (M[r] sx) xsum (two roundings each; the VNNI kernel fuses them). */
 
 /* S, M [16] of block b (in q4: block bb of the super-block whose header is h) */
 static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, int64_t b, float *S, float *M,
@@ -222,7 +222,7 @@ VX_FN static void VX_NAME(qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t
                 const uint8_t *u;
                 q_block_scales(a, pw, b, S, M, &u);
                 const int8_t *xq = a->xq + i * a->k + b * VX_QBLOCK;
-                const float sx = a->sx[i * nblocks + b], sxs = a->sxs[i * nblocks + b];
+                const float sx = a->sx[i * nblocks + b], xs = (float)a->xsum[i * nblocks + b];
                 int32_t dot[VX_QPANEL] = {0};
                 for (int t = 0; t < VX_QBLOCK; t++)
                     for (int r = 0; r < VX_QPANEL; r++) {
@@ -230,7 +230,7 @@ VX_FN static void VX_NAME(qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t
                                                              : u[((t / 4) % 4) * 64 + 4 * r + t % 4] >> (4 * (t >= 16)) & 15;
                         dot[r] += byte * xq[t];
                     }
-                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + (S[r] * sx) * (float)dot[r] - M[r] * sxs;
+                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + (S[r] * sx) * (float)dot[r] - (M[r] * sx) * xs;
             }
             const int64_t row0 = p * VX_QPANEL;
             for (int r = 0; r < VX_QPANEL && row0 + r < a->m; r++)
@@ -256,33 +256,18 @@ VX_VNNI_INLINE __m512i q_bcast4(const int8_t *p) {
     return _mm512_set1_epi32(v);
 }
 
-/* The 6-bit codes of all 8 blocks of a q4 super-block, decoded at once with byte operations into
- * codes[0..127] = sc[block][row], codes[128..255] = mn[block][row] (quant.py's layout). */
-VX_VNNI_INLINE void q4_decode_codes(const uint8_t *h, uint8_t *codes) {
-    const __m512i m15 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
-    const __m512i lo_sc = _mm512_loadu_si512(h + 64), lo_mn = _mm512_loadu_si512(h + 128), hi = _mm512_loadu_si512(h + 192);
-#define Q4_NIB(v, s) _mm512_and_si512(_mm512_srli_epi16(v, s), m15)        /* per byte: (v >> s) & 15 */
-#define Q4_TOP(s) _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hi, s), m3), 4)   /* ((hi >> s) & 3) << 4 */
-    _mm512_storeu_si512(codes, _mm512_or_si512(_mm512_and_si512(lo_sc, m15), Q4_TOP(0)));          /* blocks 0..3 */
-    _mm512_storeu_si512(codes + 64, _mm512_or_si512(Q4_NIB(lo_sc, 4), Q4_TOP(2)));                 /* blocks 4..7 */
-    _mm512_storeu_si512(codes + 128, _mm512_or_si512(_mm512_and_si512(lo_mn, m15), Q4_TOP(4)));
-    _mm512_storeu_si512(codes + 192, _mm512_or_si512(Q4_NIB(lo_mn, 4), Q4_TOP(6)));
-#undef Q4_NIB
-#undef Q4_TOP
-}
-
 VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
                                 int64_t row0) {
     const int64_t K = a->k, nblocks = K / VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
-    const float *sx = a->sx + i0 * nblocks, *sxs = a->sxs + i0 * nblocks;
+    const float *sx = a->sx + i0 * nblocks;
+    const int32_t *xs = a->xsum + i0 * nblocks;
     __m512 acc[QX];
     for (int i = 0; i < NX; i++) acc[i] = _mm512_setzero_ps();
     const __m512i low4 = _mm512_set1_epi8(15);
     const int64_t nb = fmt == VX_Q_INT8 ? 1 : vx_q4_blocks_per_super(K);
     const int64_t sup_bytes = fmt == VX_Q_INT8 ? 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK
                                                : VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
-    uint8_t codes[256];
     for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
         const uint8_t *h = pw + s0 / nb * sup_bytes;
         __builtin_prefetch(h + 4 * sup_bytes, 0, 0);
@@ -290,7 +275,6 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
         if (fmt == VX_Q_Q4) {
             d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
             dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32)));
-            q4_decode_codes(h, codes);
         }
         for (int64_t bb = 0; bb < nb; bb++) {
             const int64_t b = s0 + bb;
@@ -301,8 +285,17 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
                 M = _mm512_mul_ps(S, _mm512_set1_ps(128.0f));
                 u = h + 2 * VX_QPANEL;
             } else {
-                S = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16 * bb)))));
-                M = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 128 + 16 * bb)))));
+                const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+                const __m512i lo_sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 64 + 16 * gi)));
+                const __m512i lo_mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 128 + 16 * gi)));
+                const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 192 + 16 * gi)));
+                const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3);
+                const __m512i sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_sc, 4 * up), m15),
+                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * up), m3), 4));
+                const __m512i mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_mn, 4 * up), m15),
+                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 4 + 2 * up), m3), 4));
+                S = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+                M = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
                 u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
             }
             __m512i dot[QX];
@@ -323,9 +316,10 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
                     }
                 }
             }
-            for (int i = 0; i < NX; i++) {   /* acc += (S sx) dot - M (sx xsum) */
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(S, _mm512_set1_ps(sx[i * nblocks + b])), acc[i]);
-                acc[i] = _mm512_fnmadd_ps(M, _mm512_set1_ps(sxs[i * nblocks + b]), acc[i]);
+            for (int i = 0; i < NX; i++) {
+                const __m512 sxv = _mm512_set1_ps(sx[i * nblocks + b]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(S, sxv), acc[i]);
+                acc[i] = _mm512_fnmadd_ps(_mm512_mul_ps(M, sxv), _mm512_set1_ps((float)xs[i * nblocks + b]), acc[i]);
             }
         }
     }
