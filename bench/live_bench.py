@@ -33,7 +33,7 @@ import bench_kernels  # noqa: E402
 from bench_model import reset_peak_rss  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
-from voxtral_ref.runtime import kernels, quant  # noqa: E402
+from voxtral_ref.runtime import kernels  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
