@@ -4,8 +4,9 @@
     python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
 
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
-per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 decoder weights, by default):
-encoder ms per second of audio, load time (int8 quantises at load), decoder prefill
+per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
+written by `voxtral-ref quantize` runs its own format): encoder ms per second of audio, load time
+(quantising at load, unless the directory is already quantised), decoder prefill
 ms (the 39-position prompt), decode ms per token, the real-time factor, peak memory, and the roofline
 view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
 with this machine's read bandwidth, probed every 8 tokens during the run (each probe against the step
@@ -80,8 +81,8 @@ def rss_status():
 
 # --- model arithmetic (FLOPs and bytes) --------------------------------------------------------------------
 def tensor_sizes(model):
-    """{canonical name: (elements, bytes as used: the file's, or int8 plus scales once quantised)}, and
-    "lm_head" for the output projection (the tied embedding, or its int8 copy)"""
+    """{canonical name: (elements, bytes as used: the file's, or the quantised panels)}, and "lm_head" for
+    the output projection (the tied embedding, or its quantised copy)"""
     out = {}
     for canon, _mistral, _hf, shape in canonical_names(model.cfg):
         n = int(np.prod(shape))
