@@ -41,7 +41,7 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)D * (2 * vw + 1) + (size_t)2 * vw * H * D));
+        float *scratch = vx_alloc(sizeof(float) * (size_t)D * 2 * vw);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;

@@ -132,17 +132,21 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * VW partial dot products are transposed and summed into one vector of VW scores (no per-key horizontal
  * sums), the online softmax runs along that vector, and the output row accumulates p_j * v_j.
  * The work is split by keys, not heads: each call takes a range of keys for every kv head, so the cache
- * is swept in memory order (a key's heads are contiguous; one head's keys are hkv * d floats apart, a
- * stride that defeats the hardware prefetchers and the TLB: 1.5x faster from DRAM), and leaves a partial (m, l, o) per row that the
- * driver merges across key ranges (as flash-decoding does).
+ * is swept in memory order (a key's heads are contiguous; one head's keys are hkv * d apart, a stride that
+ * defeats the hardware prefetchers and the TLB), and leaves a partial (m, l, o) per row that the driver
+ * merges across key ranges (as flash-decoding does). Per block of VW keys and per kv head, the block's K
+ * and V rows are first widened (or copied) into kbuf / vbuf: in the cache they are hkv * d apart, 2-4 KB,
+ * so all VW of them would fall in the same L1 sets and each row's pass would refetch them; widening one
+ * head at a time keeps the working set in L1 (widening every head of the block first spills to L2: 5x
+ * slower on the encoder's 32 heads).
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes: q and o rows then live in registers), else 0. */
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                float *zero_row, const int DC) {
+                                float *scratch, const int DC) {
     const int D = DC ? DC : a->d, DV = D / VW * VW, g = a->hq / a->hkv, H = a->hkv;
     const int64_t W = a->window;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = zero_row + D, *vbuf = kbuf + VW * D, *conv = vbuf + VW * D;
+    float *kbuf = scratch, *vbuf = kbuf + VW * D;
     float qrel[VW] = {0};
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
@@ -153,29 +157,43 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
-    for (int d = 0; d < D; d++) zero_row[d] = 0.0f;
-    const int64_t span = qmax - qmin;
+    const int64_t span = qmax - qmin, row_stride = (int64_t)H * D;
     for (int64_t jb = j0; jb < j1; jb += VW) {
-        const float *kr[VW], *vr[VW];
+        const int nk = (int)(j1 - jb < VW ? j1 - jb : VW);
         float kp[VW];
-        int any = 0, all = 1;
-        for (int jj = 0; jj < VW; jj++)               /* positions are shared by every head */
-            attention_key(a, 0, H, jb + jj, j1, qmin, qmax, span, zero_row, conv + 2 * jj * H * D, &kr[jj], &vr[jj],
-                          &kp[jj], &any, &all);
+        int any = 0, all = nk == VW;
+        for (int jj = 0; jj < VW; jj++) {            /* positions relative to qmin, shared by every head */
+            if (jj >= nk) {
+                kp[jj] = (float)(-W - 1);            /* padding: a zero row no query sees */
+                continue;
+            }
+            const int64_t p = a->k_pos[jb + jj], rel = p - qmin;
+            any |= p > qmin - W && p <= qmax;
+            all &= p > qmax - W && p <= qmin;
+            kp[jj] = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
+        }
         if (!any) continue;
         for (int hk = 0; hk < H; hk++) {
-            const float *krh[VW], *vrh[VW];
-            for (int jj = 0; jj < VW; jj++) {
-                krh[jj] = kr[jj] == zero_row ? zero_row : kr[jj] + hk * D;
-                vrh[jj] = vr[jj] == zero_row ? zero_row : vr[jj] + hk * D;
-                /* With several rows, copy the block's rows together first: in the cache they are
-                 * hkv * d floats apart, 4 KB in the decoder, so all VW of them fall in the same L1 sets
-                 * and each row's pass would refetch them (2x slower). */
-                if (nrows > 1) {
-                    memcpy(kbuf + jj * D, krh[jj], sizeof(float) * D), krh[jj] = kbuf + jj * D;
-                    memcpy(vbuf + jj * D, vrh[jj], sizeof(float) * D), vrh[jj] = vbuf + jj * D;
+            const int64_t at = (jb * H + hk) * D;
+            if (a->kvtype == VX_W_BF16) {
+                const uint16_t *ks = (const uint16_t *)a->k + at, *vs = (const uint16_t *)a->v + at;
+                for (int jj = 0; jj < nk; jj++) {
+                    for (int d = 0; d < DV; d += VW) {
+                        vx_store(kbuf + jj * D + d, vx_load_bf16(ks + jj * row_stride + d));
+                        vx_store(vbuf + jj * D + d, vx_load_bf16(vs + jj * row_stride + d));
+                    }
+                    for (int d = DV; d < D; d++)
+                        kbuf[jj * D + d] = vx_bf16_to_f32(ks[jj * row_stride + d]), vbuf[jj * D + d] = vx_bf16_to_f32(vs[jj * row_stride + d]);
+                }
+            } else {
+                const float *ks = (const float *)a->k + at, *vs = (const float *)a->v + at;
+                for (int jj = 0; jj < nk; jj++) {
+                    memcpy(kbuf + jj * D, ks + jj * row_stride, sizeof(float) * D);
+                    memcpy(vbuf + jj * D, vs + jj * row_stride, sizeof(float) * D);
                 }
             }
+            for (int jj = nk; jj < VW; jj++)
+                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f, vbuf[jj * D + d] = 0.0f;
             for (int r = 0; r < nrows; r++) {
                 const float *qrow = a->q + ((r / g) * a->hq + hk * g + r % g) * D;
                 float *orow = os + (hk * nrows + r) * D, *m = ms + hk * nrows + r, *l = ls + hk * nrows + r;
@@ -185,7 +203,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 for (int d = 0; d < DV; d += VW) {
                     vf qv = vx_load(qrow + d);
                     VX_UNROLL
-                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(krh[jj] + d), acc[jj]);
+                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(kbuf + jj * D + d), acc[jj]);
                 }
                 vx_transpose(acc);                     /* lane jj of acc[i]: part i of key jj's sum */
                 VX_UNROLL
@@ -201,7 +219,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                     float t[VW];
                     vx_store(t, s);
                     for (int jj = 0; jj < VW; jj++)
-                        for (int d = DV; d < D; d++) t[jj] += qrow[d] * krh[jj][d];
+                        for (int d = DV; d < D; d++) t[jj] += qrow[d] * kbuf[jj * D + d];
                     s = vx_load(t);
                 }
                 s = vx_mul(s, vx_set1(a->scale));
@@ -221,19 +239,19 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                     for (int jj = 0; jj < VW; jj++) {
                         vf pv = vx_set1(pj[jj]);
                         VX_UNROLL
-                        for (int i = 0; i < DC / VW; i++) ov[i] = vx_fma(pv, vx_load(vrh[jj] + i * VW), ov[i]);
+                        for (int i = 0; i < DC / VW; i++) ov[i] = vx_fma(pv, vx_load(vbuf + jj * D + i * VW), ov[i]);
                     }
                     VX_UNROLL
                     for (int i = 0; i < DC / VW; i++) vx_store(orow + i * VW, ov[i]);
                 } else {
                     for (int d = 0; d < DV; d += VW) {
                         vf ov = vx_mul(vx_load(orow + d), corr);
-                        for (int jj = 0; jj < VW; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vrh[jj] + d), ov);
+                        for (int jj = 0; jj < VW; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vbuf + jj * D + d), ov);
                         vx_store(orow + d, ov);
                     }
                     for (int d = DV; d < D; d++) {
                         float t = orow[d] * vx_hmax(corr);
-                        for (int jj = 0; jj < VW; jj++) t += pj[jj] * vrh[jj][d];
+                        for (int jj = 0; jj < VW; jj++) t += pj[jj] * vbuf[jj * D + d];
                         orow[d] = t;
                     }
                 }
@@ -243,7 +261,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
 }
 
 VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                          float *scratch) {   /* scratch: a zero row, VW K and VW V rows, then 2 VW widened rows of every head */
+                                          float *scratch) {   /* scratch: VW K and VW V rows */
     if (a->d == 128)
         attention_keys_d(a, j0, j1, nrows, state, scratch, 128);
     else if (a->d == 64)
