@@ -24,7 +24,7 @@ static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows
  * partial (max m, sum l, unnormalised o) per row; merged here as
  *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
 static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
-    const int H = a->hkv, D = a->d, g = a->hq / a->hkv, vw = isa->attn_vw;
+    const int H = a->hkv, D = a->d, g = a->hq / a->hkv;
     int64_t qmin = INT64_MAX, qmax = INT64_MIN, j_lo, j_hi;
     for (int64_t i = 0; i < a->tq; i++) {
         qmin = a->q_pos[i] < qmin ? a->q_pos[i] : qmin;
@@ -34,14 +34,15 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     int nt = vx_threads_for((double)nrows * H * (j_hi - j_lo) * D);
     /* Fixed-size key ranges (a multiple of every VW), not one per thread: the merge order, hence the
      * rounding, then depends on the shapes only, and the thread count never changes a result. */
-    const int64_t chunk = 256;
+    const int64_t chunk = vx_att_sb(D) > 128 ? vx_att_sb(D) : 128;   /* whole super-blocks; 3 ranges for the encoder's
+                                                                      * first steps (~290 keys) keep 2 threads busy */
     const int64_t nchunks = j_hi > j_lo ? (j_hi - j_lo + chunk - 1) / chunk : 1;
     const size_t per = (size_t)H * nrows * (2 + D);
     float *state = vx_alloc(sizeof(float) * per * nchunks);
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = vx_alloc(sizeof(float) * (size_t)D * 2 * vw);
+        float *scratch = vx_alloc(sizeof(float) * 2 * (size_t)vx_att_sb(D) * D);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;

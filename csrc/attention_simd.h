@@ -144,9 +144,11 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
                                 float *scratch, const int DC) {
     const int D = DC ? DC : a->d, DV = D / VW * VW, g = a->hq / a->hkv, H = a->hkv;
+    /* keys per super-block: its widened K and V rows fill 32 KB, in L1 */
+    const int SB = vx_att_sb(D), NSUB = SB / VW;
     const int64_t W = a->window;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = scratch, *vbuf = kbuf + VW * D;
+    float *kbuf = scratch, *vbuf = kbuf + (size_t)SB * D;
     float qrel[VW] = {0};
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
@@ -158,11 +160,11 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
     const int64_t span = qmax - qmin, row_stride = (int64_t)H * D;
-    for (int64_t jb = j0; jb < j1; jb += VW) {
-        const int nk = (int)(j1 - jb < VW ? j1 - jb : VW);
-        float kp[VW];
-        int any = 0, all = nk == VW;
-        for (int jj = 0; jj < VW; jj++) {            /* positions relative to qmin, shared by every head */
+    for (int64_t jb = j0; jb < j1; jb += SB) {
+        const int nk = (int)(j1 - jb < SB ? j1 - jb : SB);
+        float kp[VX_ATT_SB_MAX];
+        int any = 0, all = nk == SB;
+        for (int jj = 0; jj < SB; jj++) {            /* positions relative to qmin, shared by every head */
             if (jj >= nk) {
                 kp[jj] = (float)(-W - 1);            /* padding: a zero row no query sees */
                 continue;
@@ -173,6 +175,14 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             kp[jj] = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
         }
         if (!any) continue;
+        {   /* the next super-block, every head: one contiguous run of K and one of V, into L2 while this one is
+             * computed (its rows are hkv * d apart per head, a pattern the hardware prefetchers miss) */
+            const int64_t next = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
+            const size_t esz = a->kvtype == VX_W_BF16 ? 2 : 4, bytes = (size_t)(next * row_stride) * esz;
+            const char *kn = (const char *)a->k + (size_t)((jb + SB) * row_stride) * esz;
+            const char *vn = (const char *)a->v + (size_t)((jb + SB) * row_stride) * esz;
+            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
+        }
         for (int hk = 0; hk < H; hk++) {
             const int64_t at = (jb * H + hk) * D;
             if (a->kvtype == VX_W_BF16) {
@@ -192,51 +202,63 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                     memcpy(vbuf + jj * D, vs + jj * row_stride, sizeof(float) * D);
                 }
             }
-            for (int jj = nk; jj < VW; jj++)
+            for (int jj = nk; jj < SB; jj++)
                 for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f, vbuf[jj * D + d] = 0.0f;
             for (int r = 0; r < nrows; r++) {
                 const float *qrow = a->q + ((r / g) * a->hq + hk * g + r % g) * D;
                 float *orow = os + (hk * nrows + r) * D, *m = ms + hk * nrows + r, *l = ls + hk * nrows + r;
-                vf acc[VW];                            /* VW independent FMA chains */
-                VX_UNROLL
-                for (int jj = 0; jj < VW; jj++) acc[jj] = vx_zero();
-                for (int d = 0; d < DV; d += VW) {
-                    vf qv = vx_load(qrow + d);
+                vf s[VX_ATT_SB_MAX / VW];
+                for (int sb = 0; sb < NSUB; sb++) {
+                    const float *kb = kbuf + (size_t)sb * VW * D;
+                    vf acc[VW];                        /* VW independent FMA chains */
                     VX_UNROLL
-                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(kbuf + jj * D + d), acc[jj]);
+                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_zero();
+                    for (int d = 0; d < DV; d += VW) {
+                        vf qv = vx_load(qrow + d);
+                        VX_UNROLL
+                        for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(kb + jj * D + d), acc[jj]);
+                    }
+                    vx_transpose(acc);                 /* lane jj of acc[i]: part i of key jj's sum */
+                    VX_UNROLL
+                    for (int i = 1; i < VW; i += 2) acc[i - 1] = vx_add(acc[i - 1], acc[i]);   /* a tree: short chains */
+                    VX_UNROLL
+                    for (int i = 2; i < VW; i += 4) acc[i - 2] = vx_add(acc[i - 2], acc[i]);
+                    VX_UNROLL
+                    for (int i = 4; i < VW; i += 8) acc[i - 4] = vx_add(acc[i - 4], acc[i]);
+                    VX_UNROLL
+                    for (int i = 8; i < VW; i += 16) acc[i - 8] = vx_add(acc[i - 8], acc[i]);
+                    vf sv = acc[0];
+                    if (DV < D) {                      /* d not a multiple of VW */
+                        float t[VW];
+                        vx_store(t, sv);
+                        for (int jj = 0; jj < VW; jj++)
+                            for (int d = DV; d < D; d++) t[jj] += qrow[d] * kb[jj * D + d];
+                        sv = vx_load(t);
+                    }
+                    sv = vx_mul(sv, vx_set1(a->scale));
+                    if (!all) sv = vx_mask_range(sv, vx_load(kp + sb * VW), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
+                    s[sb] = sv;
                 }
-                vx_transpose(acc);                     /* lane jj of acc[i]: part i of key jj's sum */
-                VX_UNROLL
-                for (int i = 1; i < VW; i += 2) acc[i - 1] = vx_add(acc[i - 1], acc[i]);   /* a tree: short chains */
-                VX_UNROLL
-                for (int i = 2; i < VW; i += 4) acc[i - 2] = vx_add(acc[i - 2], acc[i]);
-                VX_UNROLL
-                for (int i = 4; i < VW; i += 8) acc[i - 4] = vx_add(acc[i - 4], acc[i]);
-                VX_UNROLL
-                for (int i = 8; i < VW; i += 16) acc[i - 8] = vx_add(acc[i - 8], acc[i]);
-                vf s = acc[0];
-                if (DV < D) {                          /* d not a multiple of VW */
-                    float t[VW];
-                    vx_store(t, s);
-                    for (int jj = 0; jj < VW; jj++)
-                        for (int d = DV; d < D; d++) t[jj] += qrow[d] * kbuf[jj * D + d];
-                    s = vx_load(t);
-                }
-                s = vx_mul(s, vx_set1(a->scale));
-                if (!all) s = vx_mask_range(s, vx_load(kp), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
-                float mb = vx_hmax(s), mnew = *m > mb ? *m : mb;
+                /* one online-softmax update per super-block */
+                vf smax = s[0];
+                for (int sb = 1; sb < NSUB; sb++) smax = vx_max(smax, s[sb]);
+                float mb = vx_hmax(smax), mnew = *m > mb ? *m : mb;
                 float msafe = mnew == -INFINITY ? 0.0f : mnew;   /* a row that saw nothing yet stays at 0 */
                 vf corr = vx_exp(vx_set1(*m - msafe));           /* not expf: a call would spill every register */
-                vf p = vx_exp(vx_sub(s, vx_set1(msafe)));
-                *l = *l * vx_hmax(corr) + vx_hsum(p);
+                float pj[VX_ATT_SB_MAX];
+                vf psum = vx_zero();
+                for (int sb = 0; sb < NSUB; sb++) {
+                    vf p = vx_exp(vx_sub(s[sb], vx_set1(msafe)));
+                    psum = vx_add(psum, p);
+                    vx_store(pj + sb * VW, p);
+                }
+                *l = *l * vx_hmax(corr) + vx_hsum(psum);
                 *m = mnew;
-                float pj[VW];
-                vx_store(pj, p);
                 if (DC) {                              /* output row in registers, one broadcast per key */
                     vf ov[DC / VW > 0 ? DC / VW : 1];
                     VX_UNROLL
                     for (int i = 0; i < DC / VW; i++) ov[i] = vx_mul(vx_load(orow + i * VW), corr);
-                    for (int jj = 0; jj < VW; jj++) {
+                    for (int jj = 0; jj < SB; jj++) {
                         vf pv = vx_set1(pj[jj]);
                         VX_UNROLL
                         for (int i = 0; i < DC / VW; i++) ov[i] = vx_fma(pv, vx_load(vbuf + jj * D + i * VW), ov[i]);
@@ -246,12 +268,12 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 } else {
                     for (int d = 0; d < DV; d += VW) {
                         vf ov = vx_mul(vx_load(orow + d), corr);
-                        for (int jj = 0; jj < VW; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vbuf + jj * D + d), ov);
+                        for (int jj = 0; jj < SB; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vbuf + jj * D + d), ov);
                         vx_store(orow + d, ov);
                     }
                     for (int d = DV; d < D; d++) {
                         float t = orow[d] * vx_hmax(corr);
-                        for (int jj = 0; jj < VW; jj++) t += pj[jj] * vbuf[jj * D + d];
+                        for (int jj = 0; jj < SB; jj++) t += pj[jj] * vbuf[jj * D + d];
                         orow[d] = t;
                     }
                 }

@@ -30,6 +30,15 @@ typedef struct {
     float *y;               /* [n, m] */
 } vx_linear_args;
 
+/* keys per super-block of attention_keys: a power of two (16..256) whose widened K and V rows fit in 32 KB
+ * of L1; the online softmax updates once per super-block */
+enum { VX_ATT_SB_MAX = 256 };
+static inline int vx_att_sb(int d) {
+    int sb = VX_ATT_SB_MAX;
+    while (sb > 16 && 2 * sb * d * (int)sizeof(float) > 32768) sb /= 2;
+    return sb;
+}
+
 /* rows of scratch the attention rows kernel widens a bfloat16 cache's keys and values into (2 per key of a block) */
 enum { VX_ATT_CONV = 16 };
 
@@ -88,7 +97,7 @@ typedef struct {
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
-     * o [hkv][nrows][d]), scratch of (2 * attn_vw + 1) * d floats. */
+     * o [hkv][nrows][d]), scratch of 2 * vx_att_sb(d) * d floats. */
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
     void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch);

@@ -1,4 +1,4 @@
-"""voxtral-ref dump / compare / explain (voxtral_ref/apps/oracle.py), on the tiny checkpoint against the HF
+"""voxtral-ref dump / compare / check-stage / explain (voxtral_ref/apps/oracle/), on the tiny checkpoint against the HF
 transformers tensors: golden/cases once they exist, else the earlier oracle run in /tmp/oracle, whose HF
 hook names differ from ours (so it exercises --map)."""
 
@@ -14,6 +14,7 @@ import soundfile as sf
 import voxtral_ref
 from voxtral_ref import VoxtralError
 from voxtral_ref.apps import cli, oracle
+from voxtral_ref.apps.oracle import explain
 from voxtral_ref.apps.oracle.compare import Context
 
 from conftest import GOLDEN, MODEL_DIRS, golden_cases, load_case
@@ -388,12 +389,16 @@ def test_stream_dump_records_timing_and_equals_offline(tiny, capsys):
     p = len(t["prompt_ids"])
     assert rc == 0 and [r["id"] for r in records] == t["token_ids"].tolist()
     assert [r["position"] for r in records] == list(range(p - 1, p - 1 + len(records)))
-    fed = [r["samples_fed"] for r in records if not r["at_close"]]
-    assert fed == sorted(fed) and fed[0] >= 1280 * (p - 33 + 1) - 40960 // 1280 * 0 - 0 and fed[0] % 1000 in (0, len(t["audio"]) % 1000)
-    # token k needs 1280 * (delay + 1 + k) + 40 samples of real audio (README, Streaming)
-    assert all(r["samples_fed"] >= min(1280 * (6 + 1 + r["token"]) + 40, len(t["audio"])) for r in records)
-    margins = oracle.capture  # noqa: F841  (the margin is the top-two gap of the row that chose the id)
-    assert all(r["margin"] >= 0 for r in records)
+    n, d = len(t["audio"]), p - 33
+    for r in records:   # token k comes out in the first step with 1280 (d + 1 + k) + 40 samples (README, Streaming)
+        need = 1280 * (d + 1 + r["token"]) + 40
+        if r["at_close"]:                                       # only the right padding completes it
+            assert need > n and r["samples_fed"] == n
+        else:
+            assert need <= r["samples_fed"] < need + 1000 and r["samples_fed"] in (n, 1000 * -(-need // 1000))
+    # the margin is the top-two gap of the row that chose the id: offline's row P - 1 + k
+    offline = explain.margins(t["logits"])[p - 1:p - 1 + len(records)]
+    np.testing.assert_allclose([r["margin"] for r in records], offline, atol=1e-4 * np.abs(t["logits"]).max())
     rc, report, _ = run(capsys, "compare", tiny.dump, out)
     assert rc == 0 and "decoder.layers.1" in report
 
@@ -448,6 +453,34 @@ def test_explain_plot_is_a_png(tiny, capsys):
     assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
     width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
     assert width >= 800 and height == 500 and len(raw) > 20_000
+
+
+def test_explain_plot_shades_the_prompt_shows_the_delay_and_labels_hz(tiny):
+    """The figure explain --plot saves: Hz on the frequency axis, the prompt's positions shaded, each token
+    under the position that emitted it and under the real audio its text is about, the delay apart."""
+    t = tiny.tensors
+    p, ids, sec = len(t["prompt_ids"]), t["token_ids"], 0.08
+    tokenizer = voxtral_ref.load(tiny.model, backend="numpy").tokenizer
+    fig = explain.token_figure(t["mel"], ids, p, len(t["audio"]), tokenizer, tiny.delay_ms)
+    ax, ax_tok = fig.axes
+    hz = explain.band_hz()
+    assert hz[0] < 100 and 7000 < hz[127] < 8000 and np.all(np.diff(hz) >= 0)
+    assert [x.get_text() for x in ax.get_yticklabels()] == [f"{hz[k]:.0f}" for k in (*range(0, 128, 16), 127)]
+    assert "Hz" in ax.get_ylabel()
+    (shade,) = ax_tok.patches                                   # the prompt: positions 0..P-1 are fed, not generated
+    xs = shade.get_path().transformed(shade.get_patch_transform()).vertices[:, 0]
+    assert (xs.min(), xs.max()) == pytest.approx((0, p * sec))
+    labels = [x for x in ax_tok.texts if x.get_rotation() == 90]
+    emitted = sorted(x.get_position()[0] for x in labels if x.get_position()[1] > 0.5)
+    about = sorted(x.get_position()[0] for x in labels if x.get_position()[1] < 0.5)
+    k = np.arange(len(ids))
+    np.testing.assert_allclose(emitted, (p - 1 + k + 0.5) * sec)           # the slot of position P - 1 + k
+    np.testing.assert_allclose(about, 2.56 + (k + 0.5) * sec)              # real audio [80k, 80k + 80) ms
+    assert any(x.get_text() == f"delay {tiny.delay_ms} ms" for x in ax_tok.texts)
+    marks = {x.get_text().strip(): x.get_position()[0] for x in ax.texts}
+    d = tiny.delay_ms // 80                                     # the first token: after (d + 1) tokens of real audio
+    assert marks["first output"] == pytest.approx(2.56 + (d + 1) * sec)
+    assert marks["audio ends"] == pytest.approx(2.56 + len(t["audio"]) / 16000)
 
 
 def test_explain_plot_without_matplotlib_says_what_to_install(tiny, capsys, monkeypatch):

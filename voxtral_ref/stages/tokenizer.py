@@ -1,4 +1,4 @@
-"""Tekken (tekken.json) decoding: token ids -> text.
+"""Stage 6: Tekken (tekken.json) decoding: token ids -> text.
 
 Ids below `default_num_special_tokens` (1000) are special tokens ([BOS], [STREAMING_PAD], ...); text id
 i is BPE rank i - 1000, whose bytes are base64 `token_bytes` in the vocab list. A character may span

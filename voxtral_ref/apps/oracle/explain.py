@@ -110,10 +110,10 @@ def _require_matplotlib():
         raise VoxtralError("--plot needs matplotlib: pip install 'voxtral_ref[plot]' (or pip install matplotlib)") from None
 
 
-def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
-    """The log-mel spectrogram (Hz) on the 80 ms token grid, and under it two rows of tokens: each at the
-    position that emitted it, and each at the audio its text is about, `delay` earlier. The prompt's
-    positions are shaded: they are fed, not generated."""
+def token_figure(mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
+    """-> a matplotlib Figure: the log-mel spectrogram (Hz) on the 80 ms token grid, and under it two rows of
+    tokens: each at the position that emitted it, and each at the audio its text is about, `delay` earlier
+    (an arrow shows the shift). The prompt's positions are shaded: they are fed, not generated."""
     from matplotlib.figure import Figure
     n_tok = mel.shape[1] // MEL_FRAMES_PER_TOKEN
     sec = MS_PER_TOKEN / 1000                                           # 0.08 s per token
@@ -126,7 +126,8 @@ def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
     ticks = [k for k in range(0, 128, 16)] + [127]
     ax.set_yticks([k + 0.5 for k in ticks], [f"{hz[k]:.0f}" for k in ticks])
     ax.set_ylabel("frequency (Hz, mel-spaced bands)")
-    marks = ((start, "audio starts"), ((n_prompt - 1) * sec, "first output"), (start + n_samples / SAMPLE_RATE, "audio ends"))
+    # the first token comes out once position P - 1 has heard its whole slot: at the prompt's end
+    marks = ((start, "audio starts"), (n_prompt * sec, "first output"), (start + n_samples / SAMPLE_RATE, "audio ends"))
     for k, (x, label) in enumerate(marks):
         for a in (ax, ax_tok):
             a.axvline(x, color="cyan", linewidth=1)
@@ -145,9 +146,15 @@ def plot_tokens(path, mel, token_ids, n_prompt, n_samples, tokenizer, delay_ms):
         x = (n_prompt - 1 + first_text + 0.5) * sec
         ax_tok.annotate("", xy=(x - shift, 0.45), xytext=(x, 0.45),
                         arrowprops={"arrowstyle": "->", "color": "tab:blue"})
+        ax_tok.text(x - shift / 2, 0.5, f"delay {delay_ms} ms", ha="center", va="bottom", fontsize=7,
+                    color="tab:blue")
     ax_tok.set_yticks([0.25, 0.75], ["about", "emitted"], fontsize=7)
     ax_tok.set_ylim(0, 1)
     ax_tok.set_xlabel("time in the padded audio (s); real audio starts at 2.56 s")
+    return fig
+
+
+def save_figure(fig, path):
     with warnings.catch_warnings():                  # scripts the default font lacks are drawn as boxes: fine here
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         fig.savefig(path, dpi=100)
@@ -172,6 +179,6 @@ def explain(args, load):
               f"times after 'slot' are on the real audio's clock")
         print("\n".join(grid_lines(rows, model.tokenizer)))
     if args.plot:
-        plot_tokens(args.plot, tensors["mel"], r.token_ids, len(tensors["prompt_ids"]), r.n_samples,
-                    model.tokenizer, r.delay_ms)
+        save_figure(token_figure(tensors["mel"], r.token_ids, len(tensors["prompt_ids"]), r.n_samples,
+                                 model.tokenizer, r.delay_ms), args.plot)
         print(f"voxtral-ref explain: plot -> {args.plot}", file=sys.stderr)
