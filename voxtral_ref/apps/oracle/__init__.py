@@ -5,7 +5,8 @@ sides and finding where they first part, in time and in the pipeline: every late
 too, so only the code of that one stage needs reading. Modules: `names` (the table of tensor names, their
 shapes and their place on the audio clock), `tensorio` (files), `capture` (running the reference with a
 trace, teacher forcing, streams), `compare` (blame by position), `check_stage`, `check_weights`, `explain`,
-`commands` (the command line). docs/tensors.md documents the names; docs/architecture.md the model.
+`commands` (the command line). docs/tensors.md documents the names; docs/architecture.md the model;
+docs/walkthrough.ipynb draws each stage with `capture`, `explain`'s grid and its figure.
 """
 
 from .capture import capture, capture_stream, forced_decode
