@@ -129,7 +129,7 @@ def linear(x, w, b=None, precision="f32"):
     if x.shape[-1] != k:
         raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {k}")
     lead = x.shape[:-1]
-    x2 = x.reshape(int(np.prod(lead)), k)
+    x2 = x.reshape(x.size // k if k else int(np.prod(lead)), k)
     y = np.empty(lead + (m,), np.float32)
     bias = None if b is None else _f32(b)
     if bias is not None and bias.shape != (m,):

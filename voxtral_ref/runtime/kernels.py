@@ -54,11 +54,18 @@ def kv_dtype():
 
 
 def _c():
-    """The C implementation module when the backend is "c", else None."""
+    """The C implementation module when the backend is "c", else None. Imported on first use (ckernels imports
+    this module) and kept: a live step makes some 400 calls here."""
+    global _ckernels
     if _backend.get() != "c":
         return None
-    from . import ckernels
-    return ckernels
+    if _ckernels is None:
+        from . import ckernels
+        _ckernels = ckernels
+    return _ckernels
+
+
+_ckernels = None
 
 
 # --- twins ------------------------------------------------------------------------------------------------
