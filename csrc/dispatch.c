@@ -16,7 +16,7 @@
 static const vx_isa *const levels[] = {
     &vx_isa_scalar,
 #ifdef VX_X86
-    &vx_isa_avx2, &vx_isa_avx512, &vx_isa_avx512_bf16,
+    &vx_isa_avx2, &vx_isa_avxvnni, &vx_isa_avx512, &vx_isa_avx512_bf16,
 #endif
 };
 
@@ -24,24 +24,51 @@ static int best = -1;
 static int current = -1;
 static int threads = 0;
 
+#ifdef VX_X86
+#include <cpuid.h>
+
+/* CPUID bits GCC 12's __builtin_cpu_supports lacks or misses: F16C (leaf 1, ECX 29) and AVX-VNNI (leaf 7
+ * sub-leaf 1, EAX 4); the OS's saving of the ymm state is covered by the "avx2" check. */
+static int cpuid_bit(unsigned leaf, unsigned sub, int reg, int bit) {
+    unsigned r[4];
+    if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3])) return 0;
+    return (int)(r[reg] >> bit & 1u);
+}
+#endif
+
+int vx_isa_supported(int level) {
+    if (level == VX_ISA_SCALAR) return 1;
+#ifdef VX_X86
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpuid_bit(1, 0, 2, 29);
+    const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    switch (level) {
+    case VX_ISA_AVX2: return avx2;
+    case VX_ISA_AVXVNNI: return avx2 && cpuid_bit(7, 1, 0, 4);
+    case VX_ISA_AVX512: return avx512;
+    case VX_ISA_AVX512_BF16:
+        return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+    }
+#endif
+    return 0;
+}
+
 int vx_isa_best(void) {
     if (best < 0) {
         best = VX_ISA_SCALAR;
-#ifdef VX_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = VX_ISA_AVX2;
-        if (best == VX_ISA_AVX2 && __builtin_cpu_supports("avx512f")) best = VX_ISA_AVX512;
-        if (best == VX_ISA_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16") &&
-            __builtin_cpu_supports("avx512vnni"))
-            best = VX_ISA_AVX512_BF16;
-#endif
+        for (int level = VX_ISA_AVX512_BF16; level > VX_ISA_SCALAR && best == VX_ISA_SCALAR; level--)
+            if (vx_isa_supported(level)) best = level;
     }
     return best;
 }
 
 int vx_set_isa(int level) {
-    int b = vx_isa_best();
-    current = level < VX_ISA_SCALAR ? VX_ISA_SCALAR : level > b ? b : level;
+    current = VX_ISA_SCALAR;
+    for (int l = level > vx_isa_best() ? vx_isa_best() : level; l > VX_ISA_SCALAR; l--)
+        if (vx_isa_supported(l)) {
+            current = l;
+            break;
+        }
     return current;
 }
 
@@ -50,15 +77,16 @@ int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512_BF16) : cur
 const vx_isa *vx_active(void) { return levels[vx_get_isa()]; }
 
 const char *vx_isa_name(int level) {
-    static const char *const names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+    static const char *const names[] = {"scalar", "avx2", "avxvnni", "avx512", "avx512bf16"};
     return level >= 0 && level <= VX_ISA_AVX512_BF16 ? names[level] : "unknown";
 }
 
 const char *vx_isa_detail(int level) {
     static const char *const detail[] = {
         "portable C, one float at a time",
-        "AVX2 + FMA, 8 floats per vector",
-        "AVX-512F, 16 floats per vector",
+        "AVX2 + FMA, 8 floats per vector, VPMADDUBSW int8 dot products for quantised weights",
+        "AVX2 + FMA, 8 floats per vector, AVX-VNNI int8 dot products for quantised weights",
+        "AVX-512F, 16 floats per vector, VPMADDUBSW int8 dot products (256-bit) for quantised weights",
         "AVX-512F, 16 floats per vector, bf16 dot products for bf16-precision matmuls, VNNI int8 dot products for quantised weights",
     };
     return level >= 0 && level <= VX_ISA_AVX512_BF16 ? detail[level] : "unknown";

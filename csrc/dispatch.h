@@ -112,7 +112,11 @@ typedef struct {
 
 #define VX_GEMV_ROWS 4
 
-extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avx512, vx_isa_avx512_bf16;
+extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avxvnni, vx_isa_avx512, vx_isa_avx512_bf16;
+
+/* the 256-bit quantised linears (qmatmul_256.h), shared by the avx2, avxvnni and avx512 tables */
+void vx_qlinear_avx2(const vx_qlinear_args *a, int64_t p0, int64_t p1);
+void vx_qlinear_avxvnni(const vx_qlinear_args *a, int64_t p0, int64_t p1);
 
 const vx_isa *vx_active(void);
 

@@ -3,6 +3,7 @@
 #define VX_LEVEL VX_LEVEL_AVX512
 #define VX_TABLE vx_isa_avx512
 #define VX_TABLE_LEVEL VX_ISA_AVX512
+#define VX_TABLE_QLINEAR vx_qlinear_avx2   /* no VNNI at this level: the 256-bit AVX2 kernel (isa_avx2.c) */
 #include "isa_table.h"
 
 /* the same loops plus the bf16 dot-product GEMM (matmul_simd.h) and the VNNI quantised linear

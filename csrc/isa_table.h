@@ -20,4 +20,8 @@
     .rms_norm = VX_NAME(rms_norm),                                                              \
     .silu_mul = VX_NAME(silu_mul)
 
+#ifdef VX_TABLE_QLINEAR
+const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES, .qlinear = VX_TABLE_QLINEAR};
+#else
 const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES};
+#endif

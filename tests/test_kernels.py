@@ -247,6 +247,19 @@ def test_qlinear_matches_twin(level, n, k, m, fmt, bias, seed):
 
 @pytest.mark.parametrize("level", ISAS)
 @pytest.mark.parametrize("fmt", QFORMATS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_qlinear_largest_codes_do_not_saturate(level, fmt, sign):
+    """Every weight at its largest code (q4 15, int8 +-127) times every activation at +-127: the AVX2
+    kernel's int16 partial sums (VPMADDUBSW) are at their largest here and must not saturate."""
+    qt = quant.quantize_np(np.full((32, 512), sign, np.float32), fmt)
+    x = np.stack([np.ones(512, np.float32), -np.ones(512, np.float32), np.tile([1.0, -1.0], 256).astype(np.float32)])
+    with isa(level):
+        assert_qlinear_close(x, qt, None)
+    np.testing.assert_allclose(quant.qlinear_np(x[:2], qt), [[512 * sign] * 32, [-512 * sign] * 32], rtol=1e-2)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("fmt", QFORMATS)
 def test_qlinear_rows_do_not_depend_on_the_batch(level, fmt):
     """A row's result is bit-identical whatever rows share the call (and the thread count): what lets
     batches and streams give exactly the ids of one sequence alone."""

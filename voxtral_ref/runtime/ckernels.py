@@ -27,7 +27,7 @@ try:
 except ImportError:  # not built (e.g. a source checkout without `pip install .`)
     ffi = lib = None
 
-ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512bf16")
+ISA_LEVELS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16")
 _WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1}                          # csrc/kernels.h
 _XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
 _warned = False
@@ -64,7 +64,7 @@ def get_threads():
 
 
 def set_isa(name):
-    """Cap the instruction set ("scalar", "avx2", "avx512" or "avx512bf16"; capped again at what the CPU supports).
+    """Cap the instruction set (one of ISA_LEVELS; the highest level this CPU supports at or below it is used).
     Returns the level now in use. Used by the tests to exercise every path on one machine."""
     if name not in ISA_LEVELS:
         raise ValueError(f"unknown ISA level {name!r}: choose one of {', '.join(ISA_LEVELS)}")
@@ -79,7 +79,7 @@ def get_isa():
 
 def supported_isas():
     """The levels this CPU can run, lowest first."""
-    return list(ISA_LEVELS[: lib.vx_isa_best() + 1]) if lib is not None else []
+    return [name for i, name in enumerate(ISA_LEVELS) if lib.vx_isa_supported(i)] if lib is not None else []
 
 
 def info():
