@@ -5,12 +5,12 @@
 
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
 per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
-written by `voxtral-ref quantize` runs its own format): encoder ms per second of audio, load time
-(quantising at load, unless the directory is already quantised), decoder prefill
-ms (the 39-position prompt), decode ms per token, the real-time factor, peak memory, and the roofline
+written by `voxtral-ref quantize` runs its own format): load time (quantising at load, unless the directory
+is already quantised), encoder ms per second of audio (transcribe() encodes in chunks as it decodes: their
+total), time to first token, decode ms per token, the real-time factor, peak memory, and the roofline
 view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
 with this machine's read bandwidth, probed every 8 tokens during the run (each probe against the step
-right after it, since the bandwidth drifts by 2x within minutes here); encoder and prefill are compute-bound, so their GFLOP/s are compared
+right after it, since the bandwidth drifts by 2x within minutes here); the encoder is compute-bound, so its GFLOP/s is compared
 with the FMA peak (f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run
 by bench/probes.c, as in bench_kernels.py).
 
@@ -20,7 +20,7 @@ parameter names without copying (q/k rows permuted to HF's split-half RoPE layou
 in bfloat16, HF's default dtype for this model (HF computes in bf16; voxtral_ref keeps float32
 activations). HF's offline generate runs the encoder incrementally inside its decode loop, so the
 comparable figures are the totals (RTF) and time to first token; its offline encoder (get_audio_features
-on the whole padded clip, the same work as our encode()) is timed separately against ours.
+on the whole padded clip) is timed separately against ours.
 """
 
 import argparse
@@ -109,11 +109,6 @@ def encoder_flops(sizes, cfg, frames):
     return lin + e.n_layers * e.n_heads * 4 * e.head_dim * pairs
 
 
-def prefill_flops(sizes, cfg, n):
-    d = cfg.decoder
-    return 2 * n * linear_params(sizes, "dec.layers.") + d.n_layers * d.n_heads * 4 * d.head_dim * n * (n + 1) / 2
-
-
 # --- voxtral_ref -------------------------------------------------------------------------------------------
 def run_ours(args, yard, run):
     precision, _, quantize = run.partition("+")
@@ -146,16 +141,13 @@ def run_ours(args, yard, run):
     t0 = time.perf_counter()
     result = model.transcribe(audio, on_token=on_token)
     total = time.perf_counter() - t0
-    enc_end = t0 + result.timings["encode_s"]
     steps = np.array(stamps[1:]) - np.array(resumed[:-1])                 # step k: resumed k-1 -> token k
     cfg, sizes = model.cfg, tensor_sizes(model)
     n_padded = len(pad_offline(audio, C.delay_tokens(cfg.default_delay_ms)))
     frames = n_padded // C.HOP // 2
-    prompt = len(C.prompt_ids(C.delay_tokens(cfg.default_delay_ms)))
     dec_bytes = decode_bytes_per_token(sizes)
     decode_s = float(np.median(steps)) if len(steps) else float("nan")
     enc_flops = encoder_flops(sizes, cfg, frames)
-    pre_flops = prefill_flops(sizes, cfg, prompt)
     status = rss_status()
     r = {
         "run": run, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
@@ -163,8 +155,6 @@ def run_ours(args, yard, run):
         "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
         "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
         "encoder_GFLOP/s": enc_flops / result.timings["encode_s"] / 1e9,
-        "prefill_ms": 1e3 * (stamps[0] - enc_end), "prefill_positions": prompt,
-        "prefill_GFLOP/s": pre_flops / (stamps[0] - enc_end) / 1e9,
         "decode_ms_per_token": 1e3 * decode_s, "decode_ms_per_token_mean": 1e3 * float(np.mean(steps)),
         "decode_ms_per_token_p10": 1e3 * float(np.percentile(steps, 10)),
         "decode_weight_GB_per_token": dec_bytes / 1e9, "decode_GB/s": dec_bytes / decode_s / 1e9,
@@ -181,7 +171,6 @@ def run_ours(args, yard, run):
     peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() == "avx512bf16" else yard["fma_GFLOP/s"]
     r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
     r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
-    r["prefill_pct_of_peak"] = 100 * r["prefill_GFLOP/s"] / peak
     return r
 
 
@@ -351,8 +340,6 @@ def main():
         enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
                f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
                f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
-        pre = (f"{ours['prefill_ms']:.0f} ms for {ours['prefill_positions']} positions; "
-               f"{ours['prefill_GFLOP/s']:.0f} GFLOP/s = {ours['prefill_pct_of_peak']:.0f}{peak}")
         bws = ours["read_GB/s_probes"]
         dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
                f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
@@ -364,8 +351,8 @@ def main():
         mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
                f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} GB "
                f"bandwidth-probe buffer excluded)")
-        rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (whole file)", enc),
-                ("decoder prefill", pre), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
+        rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (in chunks)", enc),
+                ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
         print(f"voxtral_ref (C kernels, {run}; loaded in {ours['load_s']:.1f} s)")
         for k, v in rows:
             print(f"  {k:<22} {v}")
@@ -392,7 +379,7 @@ def main():
     report = {"yardsticks": yard, "voxtral_ref": runs, "hf": hf, "command": " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    keys = ("rtf", "decode_ms_per_token", "prefill_ms", "encoder_ms_per_padded_s", "decode_pct_of_read_bw", "peak_rss_GB")
+    keys = ("rtf", "time_to_first_token_s", "decode_ms_per_token", "encoder_ms_per_padded_s", "decode_pct_of_read_bw", "peak_rss_GB")
     summary = {p: {k: r[k] for k in keys} for p, r in runs.items()}
     if hf and "error" not in hf:
         summary["hf"] = {"rtf": hf["rtf"], "encoder_ms_per_padded_s": hf["encoder_ms_per_padded_s"]}

@@ -252,14 +252,18 @@ def test_batch_equals_each_alone(model):
 
 
 @pytest.mark.parametrize("case", ["speech_en_long_480", "speech_en_80"])
-def test_long_audio_path_gives_the_same_ids(model, case, monkeypatch):
-    """Past LONG_AUDIO_SAMPLES, transcribe() runs through the streaming session (flat memory); with the
-    threshold lowered, the golden cases take that path and must still give HF's ids."""
+@pytest.mark.parametrize("feed", [7919, 60 * 16000])
+def test_interleaved_transcribe_gives_the_whole_file_ids(model, case, feed, monkeypatch):
+    """transcribe() runs through a streaming session (the first token's audio, then chunks doubling up to
+    SESSION_FEED): HF's ids, the same as the whole-file order (encode all, then decode: the path a trace
+    takes), each token reported once as it comes, and the first before the file is done."""
     from voxtral_ref import model as model_module
-    monkeypatch.setattr(model_module, "LONG_AUDIO_SAMPLES", 1000)
-    monkeypatch.setattr(model_module, "SESSION_FEED", 7919)
+    monkeypatch.setattr(model_module, "SESSION_FEED", feed)
     g = load_case(case)
     seen = []
     r = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]), on_token=seen.append)
-    assert "encode_s" not in r.timings                       # it did take the session path
-    assert r.token_ids == seen == g["token_ids"].tolist()
+    whole = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"]), trace=lambda name, t: None)
+    assert r.token_ids == seen == whole.token_ids == g["token_ids"].tolist()
+    tm = r.timings
+    assert 0 < tm["first_token_s"] <= tm["total_s"] and 0 < tm["encode_s"] < tm["total_s"]
+    assert set(whole.timings) == {"encode_s", "decode_s", "total_s"}

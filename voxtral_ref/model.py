@@ -17,11 +17,14 @@ from .checkpoint.hub import DEFAULT_REPO, detect_format, resolve
 from .stages.tokenizer import Tekken
 from .checkpoint.weights import load_weights
 
-# Offline transcription holds the whole file's encoder states ([T/2, 1280] floats and their q/k/v, about
-# 2 GB per 10 minutes on the real model). Longer audio runs through the streaming session instead: the
-# same token ids (tests/test_stream.py, tests/test_golden.py), memory flat in the file's length.
+# transcribe() runs through a streaming session, fed the first token's audio, then chunks doubling up to
+# SESSION_FEED: the first token comes after encoding ~0.6 s, not the whole file (HF's generate also encodes
+# as it decodes), the ids are the same (tests/test_stream.py, tests/test_golden.py) and memory stays flat in
+# the file's length. The whole-file order (encode everything, then decode) remains the oracle's: with a trace
+# or speculative verification, and for the batching engine's files up to LONG_AUDIO_SAMPLES, whose encoder
+# states it holds ([T/2, 1280] floats and their q/k/v, about 2 GB per 10 minutes on the real model).
 LONG_AUDIO_SAMPLES = 10 * 60 * C.SAMPLE_RATE
-SESSION_FEED = 60 * C.SAMPLE_RATE                     # samples fed per session step on that path
+SESSION_FEED = 60 * C.SAMPLE_RATE                     # at most this many samples per session step
 
 
 def keep_freed_memory_for_reuse():
@@ -169,10 +172,8 @@ class Model:
         n_delay = C.delay_tokens(delay_ms)
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
         t0 = time.perf_counter()
-        if trace is None and len(x) > LONG_AUDIO_SAMPLES:
-            ids = self._transcribe_in_session(x, delay_ms, on_token)
-            timings = {"total_s": time.perf_counter() - t0}          # encoding and decoding interleave
-            return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
+        if trace is None and not speculate:
+            return self._transcribe_in_session(x, delay_ms, on_token, t0)
         with self.kernel_mode():
             if trace:
                 trace("audio", x)
@@ -187,17 +188,31 @@ class Model:
         """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""
         return kernels.use(self.backend, self.precision, self.kv)
 
-    def _transcribe_in_session(self, x, delay_ms, on_token):
-        session = self.stream(delay_ms)
-        for start in range(0, len(x), SESSION_FEED):
-            session.feed(x[start:start + SESSION_FEED])
-            for t in session.step().token_ids:
+    def _transcribe_in_session(self, x, delay_ms, on_token, t0):
+        """transcribe() through a session (see SESSION_FEED): encoding and decoding interleave, so timings
+        give the encoder's total (encode_s), the rest (decode_s) and the first token's time."""
+        from .runtime.stream import LOOK_AHEAD
+        session, first = self.stream(delay_ms), []
+
+        def emit(tokens):
+            if tokens and not first:
+                first.append(time.perf_counter() - t0)
+            for t in tokens:
                 if on_token:
                     on_token(t)
-        for t in session.close().token_ids:
-            if on_token:
-                on_token(t)
-        return session.token_ids
+            return tokens
+
+        start, size = 0, C.SAMPLES_PER_TOKEN * (session.n_delay + 1) + LOOK_AHEAD   # the first token's audio
+        while start < len(x):
+            session.feed(x[start:start + size])
+            start, size = start + size, min(2 * size, SESSION_FEED)
+            while emit(session.step(max_tokens=1).token_ids):   # on_token as each token is generated
+                pass
+        emit(session.close().token_ids)
+        total = time.perf_counter() - t0
+        timings = {"encode_s": session.encode_s, "decode_s": total - session.encode_s, "total_s": total,
+                   "first_token_s": first[0] if first else total}
+        return Transcript(self.tokenizer.decode(session.token_ids), session.token_ids, delay_ms, len(x), timings)
 
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).

@@ -110,8 +110,8 @@ def write_result(src, r, sr, t_read, model, formats, out_dir, args):
     segs = segments(r.token_ids, model.tokenizer, r.n_samples)
     if args.verbose:
         seconds, tm = duration_ms(r.n_samples) / 1000, r.timings
-        split = (f"encode {tm['encode_s']:.2f} s, decode {tm['decode_s']:.2f} s" if "encode_s" in tm
-                 else f"encode + decode {tm['total_s']:.2f} s (long audio: through a streaming session)")
+        split = f"encode {tm['encode_s']:.2f} s, decode {tm['decode_s']:.2f} s" + (
+            f", first token after {tm['first_token_s']:.2f} s" if "first_token_s" in tm else "")
         note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, {split} "
              f"({len(r.token_ids)} tokens); real-time factor {tm['total_s'] / max(seconds, 1e-3):.2f}; "
              f"{len(segs)} segments")

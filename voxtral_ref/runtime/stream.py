@@ -99,6 +99,7 @@ class StreamSession:
             self._resampler = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32",
                                                   quality=RESAMPLE_QUALITY)
         self._n_samples = 0                                    # 16 kHz samples received
+        self.encode_s = 0.0                                    # seconds spent encoding audio (for timings)
         if reuse_prefix:                                       # False: compute the silence prefix (as a check)
             self._restore(session_prefix(model, self.n_delay))
         self._n_positions = None                               # offline's audio tokens, known at close()
@@ -230,6 +231,7 @@ class StreamSession:
 
     def _encode(self, n):
         """The next n audio embeddings from the buffer, which starts 200 samples before their first frame."""
+        t0 = time.perf_counter()
         w, ds = self._model.weights, self._model.cfg.downsample
         mel = log_mel_frames(self._buf, n * MEL_FRAMES_PER_TOKEN)                 # [128, 8n]
         x, self._history = conv_stem(mel, w, self._history)                     # [4n, C]
@@ -239,6 +241,7 @@ class StreamSession:
         self._buf = self._buf[n * SAMPLES_PER_TOKEN:]            # the next frame starts 200 before its token
         self._buf_start += n * SAMPLES_PER_TOKEN
         self._n_embeds += n
+        self.encode_s += time.perf_counter() - t0
         return out
 
     def _snapshot(self):
