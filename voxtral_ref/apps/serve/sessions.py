@@ -15,11 +15,11 @@ Results go back to the event loop with `loop.call_soon_threadsafe`; a session fo
 
 Memory stays flat under load only with glibc's malloc told two things (`Heap`). Measured with 32 tiny-model
 sessions: the live heap (mallinfo2's in-use bytes, the count of live Python objects; tracemalloc's total in
-a 16-session run) stayed flat while RSS crept 104 -> 126 MB from 5 s to 40 s and glibc's 16 arenas held
-186 -> 299 MB free. Each stepping thread (Engine.together starts fresh ones every pass) gets an arena of its own, up to
-8 per core, and `load()` keeps freed memory for reuse (no mmap, trim only beyond 256 MB free: the
-offline encoder's speed), so every arena keeps its own high-water mark. One arena and a periodic
-malloc_trim keep RSS at the live heap's size.
+a 16-session run) stayed flat while RSS crept 104 -> 126 MB from 5 s to 40 s and glibc's 16 arenas held 186
+-> 299 MB free. Each stepping thread (Engine.together starts fresh ones every pass) gets an arena of its
+own, up to 8 per core, and `load()` keeps freed memory for reuse (no mmap, trim only beyond 256 MB free: the
+offline encoder's speed), so every arena keeps its own high-water mark. One arena and a periodic malloc_trim
+keep RSS at the live heap's size.
 """
 
 import ctypes
