@@ -223,11 +223,13 @@ async def main(args):
           f"max {max(s['flush'] for s in stats):.2f} s")
     print("  server RSS (MB) over time: " + ", ".join(f"{t:.0f}s {r:.0f}" for t, r in series))
     slope = slope_mb_per_min(series, args.seconds / 2, args.seconds)
-    print(f"  RSS slope over the second half of the audio ({args.seconds / 2:g}-{args.seconds:g} s): {slope:+.1f} MB/min: "
+    print(f"  RSS slope over the second half of the audio ({args.seconds / 2:g}-{args.seconds:g} s): "
+          f"{slope:+.1f} MB/min: "
           + ("too few samples" if np.isnan(slope) else "flat" if slope <= FLAT_MB_PER_MIN else "GROWING")
           + f" (flat: at most {FLAT_MB_PER_MIN:+g} MB/min)")
     print(f"  {args.cycles} connect/stream/vanish cycles: RSS (MB) " + ", ".join(f"{n} {r:.0f}" for n, r in cycle_rss)
-          + f", {TRIM_EVERY_S + 1:g} s later {rss_after:.0f}; open sessions after: {open_after:g}, clients after: {clients_after:g}")
+          + f", {TRIM_EVERY_S + 1:g} s later {rss_after:.0f}; open sessions after: {open_after:g}, "
+          f"clients after: {clients_after:g}")
     print(f"  server exit code after SIGTERM: {code}")
 
 

@@ -343,7 +343,8 @@ def test_connect_disconnect_cycles_leave_nothing_behind(model, speech, speech24)
     def cycles(port, state, n):
         for i in range(n):
             openai_ = i % 2 == 1
-            with connect(f"ws://127.0.0.1:{port}/v1/realtime" + ("?intent=transcription" if openai_ else "")) as ws:
+            query = "?intent=transcription" if openai_ else ""
+            with connect(f"ws://127.0.0.1:{port}/v1/realtime{query}") as ws:
                 recv(ws)
                 if openai_:
                     send(ws, "input_audio_buffer.append", audio=b64(speech24[:36000]))
@@ -364,7 +365,8 @@ def test_connect_disconnect_cycles_leave_nothing_behind(model, speech, speech24)
         assert live(Session) == live(Connection) == 0
         assert after - warm < 50, (warm, after)
         text = http(f"http://127.0.0.1:{port}/metrics")[2]
-        assert re.search(r"^voxtral_open_sessions 0\.0$", text, re.M) and re.search(r"^voxtral_clients 0\.0$", text, re.M)
+        for series in ("voxtral_open_sessions", "voxtral_clients"):
+            assert re.search(rf"^{series} 0\.0$", text, re.M), series
 
 
 # --- access and limits ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from ...errors import VoxtralError
 from ...runtime.engine import Engine
 
 TOKENS_PER_PASS = 25                 # 2 s of audio per session per pass: catching up never starves the others
-TRIM_EVERY_S = 5.0                   # the model's thread hands freed heap pages back this often, if it ran passes
+TRIM_EVERY_S = 5.0                   # freed heap pages go back to the OS this often while passes run
 
 
 class Session:
