@@ -191,8 +191,10 @@ class Model:
     def _transcribe_in_session(self, x, delay_ms, on_token, t0):
         """transcribe() through a session (see SESSION_FEED): encoding and decoding interleave, so timings
         give the encoder's total (encode_s), the rest (decode_s) and the first token's time."""
-        from .runtime.stream import LOOK_AHEAD
-        session, first = self.stream(delay_ms), []
+        from .runtime.stream import LOOK_AHEAD, StreamSession
+        n_delay = C.delay_tokens(delay_ms)
+        padded = C.N_LEFT_PAD_TOKENS * C.SAMPLES_PER_TOKEN + len(x) + C.right_pad_samples(len(x), n_delay)
+        session, first = StreamSession(self, delay_ms, max_positions=padded // C.SAMPLES_PER_TOKEN), []
 
         def emit(tokens):
             if tokens and not first:
@@ -202,7 +204,7 @@ class Model:
                     on_token(t)
             return tokens
 
-        start, size = 0, C.SAMPLES_PER_TOKEN * (session.n_delay + 1) + LOOK_AHEAD   # the first token's audio
+        start, size = 0, C.SAMPLES_PER_TOKEN * (n_delay + 1) + LOOK_AHEAD      # the first token's audio
         while start < len(x):
             session.feed(x[start:start + size])
             start, size = start + size, min(2 * size, SESSION_FEED)

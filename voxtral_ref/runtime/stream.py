@@ -72,7 +72,10 @@ class StreamSession:
     """One live stream. feed() queues audio (cheap, thread-safe); step() does the work the audio allows;
     close() ends the audio. Make one with `Model.stream()`."""
 
-    def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, reuse_prefix=True):
+    def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, reuse_prefix=True,
+                 max_positions=None):
+        """max_positions: the stream's length in decoder positions when known in advance (transcribe()
+        of a file): its caches then hold no more slots than it will use, instead of full windows."""
         check_sample_rate(sample_rate)
         self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
         self.n_delay = delay_tokens(self.delay_ms)
@@ -81,10 +84,12 @@ class StreamSession:
         self._model = model
         enc = model.cfg.encoder
         with model.kernel_mode():                              # caches in the model's KV dtype
-            self._dec = Decoder(model.weights, self.n_delay)   # no max_positions: rings of window + prompt - 1
+            # live: rings of window + prompt - 1 positions
+            self._dec = Decoder(model.weights, self.n_delay, max_positions)
             self._batch = len(self._dec.prompt)                # tokens encoded at once, at most: the prompt's
-            self._enc_caches = [KVCache(enc.sliding_window, model.cfg.downsample * self._batch, enc.n_heads,
-                                        enc.head_dim) for _ in range(enc.n_layers)]
+            ds = model.cfg.downsample
+            self._enc_caches = [KVCache(enc.sliding_window, ds * self._batch, enc.n_heads, enc.head_dim,
+                                        max_positions and ds * max_positions) for _ in range(enc.n_layers)]
         self._history = None                                   # conv stem's left context; None: zeros, as offline
         # Padded-stream samples [_buf_start, _buf_start + len(_buf)): to start, the 200 zeros frame 0 reaches
         # before sample 0 and the 32 tokens of left pad.
