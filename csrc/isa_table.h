@@ -14,14 +14,11 @@
     .attn_vw = VW,                                                                              \
     .attention_rows = VX_NAME(attention_rows),                                                  \
     .attention_keys = VX_NAME(attention_keys),                                                  \
-    .qlinear = VX_NAME(qlinear),                                                                \
     .quantize_act = VX_NAME(quantize_act),                                                      \
     .quantize_panel = VX_NAME(quantize_panel),                                                  \
     .rms_norm = VX_NAME(rms_norm),                                                              \
     .silu_mul = VX_NAME(silu_mul)
 
-#ifdef VX_TABLE_QLINEAR
+/* the quantised linear is per table: the portable loop (scalar), the 256-bit integer-dot kernels (avx2,
+ * avxvnni, avx512: isa_avx2.c) or the 512-bit VNNI one (avx512bf16) */
 const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES, .qlinear = VX_TABLE_QLINEAR};
-#else
-const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES};
-#endif

@@ -180,8 +180,11 @@ VX_FN static void VX_NAME(quantize_panel)(const void *w, int wtype, int64_t row0
 }
 
 /* ---- y = x @ w.T, portable: one panel, one activation row at a time ------------------------------------
+ * The scalar level's (the others use integer dot-product instructions: qmatmul_256.h and the VNNI kernel
+ * below).
  * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row, then
  * acc[r] += (S[r] sx) dot - (M[r] sx) xsum (two roundings each; the VNNI kernel fuses them). */
+#if VX_LEVEL == VX_LEVEL_SCALAR
 
 /* S, M [16] of block b (in q4: block bb of the super-block whose header is h) */
 static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, int64_t b, float *S, float *M,
@@ -211,7 +214,7 @@ static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, i
     *weights = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
 }
 
-VX_FN static void VX_NAME(qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
+VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
     const int64_t nblocks = a->k / VX_QBLOCK;
     for (int64_t p = p0; p < p1; p++) {
         const uint8_t *pw = a->w + p * a->panel_bytes;
@@ -238,6 +241,7 @@ VX_FN static void VX_NAME(qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t
         }
     }
 }
+#endif
 
 /* ---- y = x @ w.T with AVX512-VNNI (the avx512bf16 level: every CPU with AVX512-BF16 has it) ---------------
  * One panel is one zmm of 16 rows; VPDPBUSD multiplies its 4 unsigned weight bytes per row by 4 signed
