@@ -70,6 +70,12 @@ def right_pad_samples(n_samples, n_delay):
     return align + (n_delay + 1 + OFFLINE_BUFFER_TOKENS) * SAMPLES_PER_TOKEN
 
 
+def n_positions(n_samples, n_delay):
+    """Decoder positions offline runs for n_samples of audio: one per 80 ms of the padded signal
+    (left pad + audio + right pad), its last position the last one before the padded end."""
+    return (N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN + n_samples + right_pad_samples(n_samples, n_delay)) // SAMPLES_PER_TOKEN
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     dim: int = 1280

@@ -157,7 +157,8 @@ class Model:
         (runtime/engine.py), which costs little more than one. `on_token(id)` is called as each token is
         generated (progress bars, live output; single waveforms only). `speculate=k` (0..MAX_DRAFT, one
         waveform) verifies k drafted tokens with each position in one pass (generate.greedy_decode): the
-        same ids, fewer passes when the drafts are right."""
+        same ids, fewer passes when the drafts are right. A single waveform is encoded as it is decoded
+        (see SESSION_FEED), except with `trace` or `speculate`, which encode the whole file first."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_DRAFT:
@@ -193,8 +194,7 @@ class Model:
         give the encoder's total (encode_s), the rest (decode_s) and the first token's time."""
         from .runtime.stream import LOOK_AHEAD, StreamSession
         n_delay = C.delay_tokens(delay_ms)
-        padded = C.N_LEFT_PAD_TOKENS * C.SAMPLES_PER_TOKEN + len(x) + C.right_pad_samples(len(x), n_delay)
-        session, first = StreamSession(self, delay_ms, max_positions=padded // C.SAMPLES_PER_TOKEN), []
+        session, first = StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay)), []
 
         def emit(tokens):
             if tokens and not first:

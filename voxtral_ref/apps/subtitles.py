@@ -32,8 +32,8 @@ and, at the next word, once they pass MAX_CHARS characters or MAX_SECONDS second
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..config import MS_PER_TOKEN, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN, STREAMING_PAD_ID
-from ..config import prompt_ids, right_pad_samples
+from ..config import MS_PER_TOKEN, SAMPLE_RATE, STREAMING_PAD_ID
+from ..config import n_positions, prompt_ids
 
 PAUSE_MS = 800                   # silence this long ends a cue: longer than the gaps between words
 MAX_CHARS = 84                   # two subtitle lines of 42 characters
@@ -63,8 +63,7 @@ def emitted_at_ms(k, n_delay):
 def n_decode_steps(n_samples, n_delay):
     """How many tokens greedy decoding produces at most for n_samples of 16 kHz audio (one per audio
     token after the prompt): the total of a progress bar."""
-    padded = N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN + n_samples + right_pad_samples(n_samples, n_delay)
-    return max(1, padded // SAMPLES_PER_TOKEN - len(prompt_ids(n_delay)))
+    return max(1, n_positions(n_samples, n_delay) - len(prompt_ids(n_delay)))
 
 
 def duration_ms(n_samples):

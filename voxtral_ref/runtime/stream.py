@@ -49,7 +49,7 @@ from ..stages.adapter import adapter, downsample
 from ..stages.attention import KVCache
 from ..stages.audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
 from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
-                     delay_tokens, right_pad_samples)
+                     delay_tokens, n_positions, right_pad_samples)
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
 from ..stages.generate import PREFIX, Decoder
@@ -84,7 +84,7 @@ class StreamSession:
         self._model = model
         enc = model.cfg.encoder
         with model.kernel_mode():                              # caches in the model's KV dtype
-            # live: rings of window + prompt - 1 positions
+            # max_positions None (live): rings of window + prompt - 1 positions
             self._dec = Decoder(model.weights, self.n_delay, max_positions)
             self._batch = len(self._dec.prompt)                # tokens encoded at once, at most: the prompt's
             ds = model.cfg.downsample
@@ -205,11 +205,9 @@ class StreamSession:
                 chunks.append((self._resampler.resample_chunk(np.zeros(0, np.float32), last=True), now))
         self._n_samples += sum(len(a) for a, _ in chunks)
         if closing:
-            right = right_pad_samples(self._n_samples, self.n_delay)
-            chunks.append((np.zeros(right, np.float32), now))
-            padded = N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN + self._n_samples + right
+            chunks.append((np.zeros(right_pad_samples(self._n_samples, self.n_delay), np.float32), now))
             # offline's decoding ends with the padded audio; with no audio at all there is nothing to decode
-            self._n_positions = padded // SAMPLES_PER_TOKEN if self._n_samples else 0
+            self._n_positions = n_positions(self._n_samples, self.n_delay) if self._n_samples else 0
         end = self._buf_start + len(self._buf)
         pieces = [self._buf]
         for a, t in chunks:
