@@ -34,15 +34,18 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     int nt = vx_threads_for((double)nrows * H * (j_hi - j_lo) * D);
     /* Fixed-size key ranges (a multiple of every VW), not one per thread: the merge order, hence the
      * rounding, then depends on the shapes only, and the thread count never changes a result. */
-    const int64_t chunk = vx_att_sb(D) > 128 ? vx_att_sb(D) : 128;   /* whole super-blocks; 3 ranges for the encoder's
-                                                                      * first steps (~290 keys) keep 2 threads busy */
+    const int sb = vx_att_sb(D, a->kvtype);
+    const int64_t chunk = sb > 128 ? sb : 128;   /* whole super-blocks; 3 ranges for the encoder's first steps
+                                                  * (~290 keys) keep 2 threads busy */
     const int64_t nchunks = j_hi > j_lo ? (j_hi - j_lo + chunk - 1) / chunk : 1;
     const size_t per = (size_t)H * nrows * (2 + D);
     float *state = vx_alloc(sizeof(float) * per * nchunks);
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = vx_alloc(sizeof(float) * 2 * (size_t)vx_att_sb(D) * D);
+        /* K rows [sb][d], p [VW][sb], K and V scales [2][sb] (float32), V rows [sb][d] (float32 or int8) */
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (size_t)(isa->attn_vw + 2) * sb)
+                                  + (size_t)sb * D * (a->kvtype == VX_KV_INT8 ? 1 : sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;
@@ -69,10 +72,12 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     free(state);
 }
 
-void vx_attention(const float *q, const void *k, const void *v, int kvtype, float *out, int64_t tq, int64_t tk,
-                  int hq, int hkv, int d, const int64_t *q_pos, const int64_t *k_pos, int64_t window) {
+void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
+                  float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
+                  const int64_t *k_pos, int64_t window) {
     const vx_isa *isa = vx_active();
-    vx_attention_args a = {q, k, v, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1, 1.0f / sqrtf((float)d)};
+    vx_attention_args a = {q, k, v, k_scale, v_scale, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1,
+                           1.0f / sqrtf((float)d)};
     for (int64_t j = 1; j < tk; j++)
         if (k_pos[j] < k_pos[j - 1]) {
             a.k_sorted = 0;

@@ -8,14 +8,16 @@
  * take keys in blocks, and mask by comparing positions relative to the block's smallest query position:
  * small exact integers in float32 (the Python wrapper keeps them below 2^23). */
 
-/* Key j of kv head hk: its K and V rows (a bfloat16 cache's widened into conv[2 * d] first) and its
- * position relative to qmin, clamped to [-window - 1, span + 1] (which keeps every visibility test
- * unchanged). Keys at or past j_hi pad the block: a zero row that no query sees. `any` / `all` track
- * whether some / every query of the block sees the key. */
+/* Key j of kv head hk: its K and V rows (an int8 cache's widened into conv[2 * d] first: K as its codes,
+ * whose scale multiplies the scores, V dequantised), the key's scale (1 for float32 keys) and its position relative to qmin, clamped to
+ * [-window - 1, span + 1] (which keeps every visibility test unchanged). Keys at or past j_hi pad the
+ * block: a zero row that no query sees. `any` / `all` track whether some / every query of the block sees
+ * the key. */
 static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, int64_t j_hi, int64_t qmin, int64_t qmax,
                                  int64_t span, const float *zero_row, float *conv, const float **kr, const float **vr,
-                                 float *kp, int *any, int *all) {
+                                 float *ks, float *kp, int *any, int *all) {
     const int64_t W = a->window;
+    *ks = 1.0f;
     if (j >= j_hi) {
         *kr = *vr = zero_row, *kp = (float)(-W - 1), *all = 0;
         return;
@@ -25,10 +27,11 @@ static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, 
     *all &= p > qmax - W && p <= qmin;
     *kp = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
     const int64_t at = (j * a->hkv + hk) * a->d, n = a->d;
-    if (a->kvtype == VX_W_BF16) {
-        const uint16_t *ks = (const uint16_t *)a->k + at, *vs = (const uint16_t *)a->v + at;
-        for (int64_t i = 0; i < n; i++) conv[i] = vx_bf16_to_f32(ks[i]), conv[n + i] = vx_bf16_to_f32(vs[i]);
-        *kr = conv, *vr = conv + n;
+    if (a->kvtype == VX_KV_INT8) {
+        const int8_t *kc = (const int8_t *)a->k + at, *vc = (const int8_t *)a->v + at;
+        const float vs = a->vs[j * a->hkv + hk];
+        for (int64_t i = 0; i < n; i++) conv[i] = (float)kc[i], conv[n + i] = (float)vc[i] * vs;
+        *kr = conv, *vr = conv + n, *ks = a->ks[j * a->hkv + hk];
     } else {
         *kr = (const float *)a->k + at, *vr = (const float *)a->v + at;
     }
@@ -73,11 +76,11 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
     const int64_t span = qmax - qmin;
     for (int64_t j0 = j_lo; j0 < j_hi; j0 += ATT_BK) {
         const float *kr[ATT_BK], *vr[ATT_BK];
-        float kp[ATT_BK];
+        float kp[ATT_BK], ks[ATT_BK];
         int any = 0, all = 1;
         for (int jj = 0; jj < ATT_BK; jj++)
-            attention_key(a, hk, j0 + jj, j_hi, qmin, qmax, span, zero_row, conv + 2 * jj * D, &kr[jj], &vr[jj], &kp[jj],
-                          &any, &all);
+            attention_key(a, hk, j0 + jj, j_hi, qmin, qmax, span, zero_row, conv + 2 * jj * D, &kr[jj], &vr[jj], &ks[jj],
+                          &kp[jj], &any, &all);
         if (!any) continue;
 
         vf s[ATT_BK][ATT_RV];
@@ -95,7 +98,7 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
         for (int v = 0; v < ATT_RV; v++) {
             vf mb = vx_set1(-INFINITY);
             for (int jj = 0; jj < ATT_BK; jj++) {
-                s[jj][v] = vx_mul(s[jj][v], vx_set1(a->scale));
+                s[jj][v] = vx_mul(vx_mul(s[jj][v], vx_set1(a->scale)), vx_set1(ks[jj]));   /* ks 1: exact */
                 if (!all) s[jj][v] = vx_mask_range(s[jj][v], vx_set1(kp[jj]), qlo[v], qhi[v]);
                 mb = vx_max(mb, s[jj][v]);
             }
@@ -128,29 +131,140 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
 }
 
 /* At most VW rows per kv head (decode: the hq / hkv query heads of one token; streaming: a few frames).
- * Vectors across rows would leave most lanes idle, so here they run along d, VW keys at a time: a row's
- * VW partial dot products are transposed and summed into one vector of VW scores (no per-key horizontal
- * sums), and the output row accumulates p_j * v_j.
+ * Vectors across rows would leave most lanes idle, so here they run along d (scores: a row's VW partial
+ * dot products for VW keys are transposed and summed into one vector of VW scores, no per-key horizontal
+ * sums) and along d for the outputs (4 rows at a time, so each value vector serves the GQA group).
  * The work is split by keys, not heads: each call takes a range of keys for every kv head, so the cache
  * is swept in memory order (a key's heads are contiguous; one head's keys are hkv * d apart, a stride that
  * defeats the hardware prefetchers and the TLB), and leaves a partial (m, l, o) per row that the driver
- * merges across key ranges (as flash-decoding does). Keys come in super-blocks (vx_att_sb: 64 keys at
- * d = 64, 32 at d = 128); per super-block and kv head, its K and V rows are first widened (or copied)
- * into kbuf / vbuf: in the cache they are hkv * d apart, 2-4 KB, so they would fall in the same L1 sets
- * and each row's pass would refetch them, while widening every head of the block at once spilled to L2.
- * The online softmax updates once per super-block, and the next super-block is prefetched into L2
- * (together: the encoder's streaming attention 10.2 -> 6.3 ms per step, 32 layers, 2 threads).
+ * merges across key ranges (as flash-decoding does). Keys come in super-blocks (vx_att_sb); per
+ * super-block and kv head, its K rows are first widened (int8) or copied (float32) into kbuf and its V rows
+ * copied into vbuf: in the cache they are hkv * d apart, 1-4 KB, so they would fall in the same L1 sets
+ * and each row's pass would refetch them. The online softmax updates once per super-block, and the next
+ * super-block is prefetched into L2.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
- * (the model's head sizes: q and o rows then live in registers), else 0. */
+ * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
+
+/* A super-block's key positions relative to qmin (padding keys past nk: a position no query sees), shared
+ * by every head; -> whether some query sees a key (any) and every query every key (all). */
+static inline void keys_visible(const vx_attention_args *a, int64_t jb, int nk, int SB, int64_t qmin, int64_t qmax,
+                                float *kp, int *any, int *all) {
+    const int64_t W = a->window, span = qmax - qmin;
+    *any = 0, *all = nk == SB;
+    for (int jj = 0; jj < SB; jj++) {
+        if (jj >= nk) {
+            kp[jj] = (float)(-W - 1);
+            continue;
+        }
+        const int64_t p = a->k_pos[jb + jj], rel = p - qmin;
+        *any |= p > qmin - W && p <= qmax;
+        *all &= p > qmax - W && p <= qmin;
+        kp[jj] = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
+    }
+}
+
+/* Scores of one row with VW consecutive keys kb[VW][D] (float32): VW independent FMA chains along d, then
+ * transposed (lane jj of acc[i]: part i of key jj's sum) and summed as a tree (short chains). */
+VX_INLINE vf key_dots(const float *qrow, const float *kb, int D) {
+    const int DV = D / VW * VW;
+    vf acc[VW];
+    VX_UNROLL
+    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_zero();
+    for (int d = 0; d < DV; d += VW) {
+        vf qv = vx_load(qrow + d);
+        VX_UNROLL
+        for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(kb + jj * D + d), acc[jj]);
+    }
+    vx_transpose(acc);
+    VX_UNROLL
+    for (int i = 1; i < VW; i += 2) acc[i - 1] = vx_add(acc[i - 1], acc[i]);
+    VX_UNROLL
+    for (int i = 2; i < VW; i += 4) acc[i - 2] = vx_add(acc[i - 2], acc[i]);
+    VX_UNROLL
+    for (int i = 4; i < VW; i += 8) acc[i - 4] = vx_add(acc[i - 4], acc[i]);
+    VX_UNROLL
+    for (int i = 8; i < VW; i += 16) acc[i - 8] = vx_add(acc[i - 8], acc[i]);
+    if (DV == D) return acc[0];
+    float t[VW];                                       /* d not a multiple of VW */
+    vx_store(t, acc[0]);
+    for (int jj = 0; jj < VW; jj++)
+        for (int d = DV; d < D; d++) t[jj] += qrow[d] * kb[jj * D + d];
+    return vx_load(t);
+}
+
+/* One online-softmax update of a row with a super-block's scores s[NSUB] (masked ones -inf): running max m
+ * and sum l; the probabilities e^(s - m) into p[SB], times vsc[SB] if given (an int8 cache's value
+ * scales); -> the factor e^(m_old - m_new) that rescales the row's output so far. */
+VX_INLINE float softmax_update(const vf *s, int NSUB, float *m, float *l, const float *vsc, float *p) {
+    vf smax = s[0];
+    for (int sb = 1; sb < NSUB; sb++) smax = vx_max(smax, s[sb]);
+    float mb = vx_hmax(smax), mnew = *m > mb ? *m : mb;
+    float msafe = mnew == -INFINITY ? 0.0f : mnew;   /* a row that saw nothing yet stays at 0 */
+    float corr = vx_hmax(vx_exp(vx_set1(*m - msafe)));   /* not expf: a call would spill every register */
+    vf psum = vx_zero();
+    for (int sb = 0; sb < NSUB; sb++) {
+        vf e = vx_exp(vx_sub(s[sb], vx_set1(msafe)));
+        psum = vx_add(psum, e);
+        vx_store(p + sb * VW, vsc ? vx_mul(e, vx_load(vsc + sb * VW)) : e);
+    }
+    *l = *l * corr + vx_hsum(psum);
+    *m = mnew;
+    return corr;
+}
+
+/* NR (<= 4) rows' outputs over a super-block's nk value rows vbuf[nk][D] (float32, or int8 codes if Q8):
+ * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
+ * so each value vector, widened once, serves every row and the loads stay below the FMAs. */
+VX_INLINE void pv_rows(const void *vbuf, int nk, int D, const float *p, int SB, const float *corr, float *o,
+                       const int NR, const int Q8) {
+    const int DB = 4 * VW;
+    int d0 = 0;
+    for (; d0 + DB <= D; d0 += DB) {
+        vf acc[4][4];
+        VX_UNROLL
+        for (int r = 0; r < NR; r++) {
+            VX_UNROLL
+            for (int i = 0; i < 4; i++) acc[r][i] = vx_mul(vx_load(o + r * D + d0 + i * VW), vx_set1(corr[r]));
+        }
+        for (int jj = 0; jj < nk; jj++) {
+            vf v[4];
+            VX_UNROLL
+            for (int i = 0; i < 4; i++)
+                v[i] = Q8 ? vx_load_i8((const int8_t *)vbuf + jj * D + d0 + i * VW) : vx_load((const float *)vbuf + jj * D + d0 + i * VW);
+            VX_UNROLL
+            for (int r = 0; r < NR; r++) {
+                vf pb = vx_set1(p[r * SB + jj]);
+                VX_UNROLL
+                for (int i = 0; i < 4; i++) acc[r][i] = vx_fma(pb, v[i], acc[r][i]);
+            }
+        }
+        VX_UNROLL
+        for (int r = 0; r < NR; r++) {
+            VX_UNROLL
+            for (int i = 0; i < 4; i++) vx_store(o + r * D + d0 + i * VW, acc[r][i]);
+        }
+    }
+    for (int r = 0; r < NR; r++)                     /* d not a multiple of 4 VW */
+        for (int d = d0; d < D; d++) {
+            float t = o[r * D + d] * corr[r];
+            for (int jj = 0; jj < nk; jj++)
+                t += p[r * SB + jj] * (Q8 ? (float)((const int8_t *)vbuf)[jj * D + d] : ((const float *)vbuf)[jj * D + d]);
+            o[r * D + d] = t;
+        }
+}
+
+/* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [SB] float32, then vbuf [SB][d] (float32,
+ * or int8 if Q8) */
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                float *scratch, const int DC) {
-    const int D = DC ? DC : a->d, DV = D / VW * VW, g = a->hq / a->hkv, H = a->hkv;
-    /* keys per super-block: its widened K and V rows fill 32 KB, in L1 */
-    const int SB = vx_att_sb(D), NSUB = SB / VW;
-    const int64_t W = a->window;
+                                float *scratch, const int DC, const int Q8) {
+    const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
+    const int SB = vx_att_sb(D, a->kvtype), NSUB = SB / VW;
+    const int64_t W = a->window, row = (int64_t)H * D;
+    const size_t esz = Q8 ? 1 : sizeof(float);
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = scratch, *vbuf = kbuf + (size_t)SB * D;
-    float qrel[VW] = {0};
+    float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
+    char *vbuf = (char *)(vsc + SB);
+    float qrel[VW] = {0}, corr[VW];
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
         int64_t p = a->q_pos[r / g];
@@ -160,137 +274,69 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
-    const int64_t span = qmax - qmin, row_stride = (int64_t)H * D;
+    for (int jj = 0; jj < SB; jj++) ksc[jj] = 1.0f, vsc[jj] = 1.0f;
     for (int64_t jb = j0; jb < j1; jb += SB) {
         const int nk = (int)(j1 - jb < SB ? j1 - jb : SB);
         float kp[VX_ATT_SB_MAX];
-        int any = 0, all = nk == SB;
-        for (int jj = 0; jj < SB; jj++) {            /* positions relative to qmin, shared by every head */
-            if (jj >= nk) {
-                kp[jj] = (float)(-W - 1);            /* padding: a zero row no query sees */
-                continue;
-            }
-            const int64_t p = a->k_pos[jb + jj], rel = p - qmin;
-            any |= p > qmin - W && p <= qmax;
-            all &= p > qmax - W && p <= qmin;
-            kp[jj] = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
-        }
+        int any, all;
+        keys_visible(a, jb, nk, SB, qmin, qmax, kp, &any, &all);
         if (!any) continue;
         {   /* the next super-block, every head: one contiguous run of K and one of V, into L2 while this one is
              * computed (its rows are hkv * d apart per head, a pattern the hardware prefetchers miss) */
             const int64_t next = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
-            const size_t esz = a->kvtype == VX_W_BF16 ? 2 : 4, bytes = (size_t)(next * row_stride) * esz;
-            const char *kn = (const char *)a->k + (size_t)((jb + SB) * row_stride) * esz;
-            const char *vn = (const char *)a->v + (size_t)((jb + SB) * row_stride) * esz;
-            for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
+            const char *kn = (const char *)a->k + (size_t)((jb + SB) * row) * esz, *vn = (const char *)a->v + (size_t)((jb + SB) * row) * esz;
+            for (size_t o = 0; o < (size_t)(next * row) * esz; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
         for (int hk = 0; hk < H; hk++) {
             const int64_t at = (jb * H + hk) * D;
-            if (a->kvtype == VX_W_BF16) {
-                const uint16_t *ks = (const uint16_t *)a->k + at, *vs = (const uint16_t *)a->v + at;
-                for (int jj = 0; jj < nk; jj++) {
-                    for (int d = 0; d < DV; d += VW) {
-                        vx_store(kbuf + jj * D + d, vx_load_bf16(ks + jj * row_stride + d));
-                        vx_store(vbuf + jj * D + d, vx_load_bf16(vs + jj * row_stride + d));
-                    }
-                    for (int d = DV; d < D; d++)
-                        kbuf[jj * D + d] = vx_bf16_to_f32(ks[jj * row_stride + d]), vbuf[jj * D + d] = vx_bf16_to_f32(vs[jj * row_stride + d]);
+            for (int jj = 0; jj < nk; jj++) {
+                if (Q8) {
+                    const int8_t *kc = (const int8_t *)a->k + at + jj * row;
+                    int d = 0;
+                    for (; d + VW <= D; d += VW) vx_store(kbuf + jj * D + d, vx_load_i8(kc + d));
+                    for (; d < D; d++) kbuf[jj * D + d] = (float)kc[d];
+                    ksc[jj] = a->ks[(jb + jj) * H + hk], vsc[jj] = a->vs[(jb + jj) * H + hk];
+                } else {
+                    memcpy(kbuf + jj * D, (const float *)a->k + at + jj * row, sizeof(float) * D);
                 }
-            } else {
-                const float *ks = (const float *)a->k + at, *vs = (const float *)a->v + at;
-                for (int jj = 0; jj < nk; jj++) {
-                    memcpy(kbuf + jj * D, ks + jj * row_stride, sizeof(float) * D);
-                    memcpy(vbuf + jj * D, vs + jj * row_stride, sizeof(float) * D);
-                }
+                memcpy(vbuf + jj * D * esz, (const char *)a->v + (at + jj * row) * esz, D * esz);
             }
-            for (int jj = nk; jj < SB; jj++)
-                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f, vbuf[jj * D + d] = 0.0f;
+            for (int jj = nk; jj < SB; jj++) {         /* padding: masked, and p * 0 */
+                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
+                ksc[jj] = vsc[jj] = 0.0f;
+            }
             for (int r = 0; r < nrows; r++) {
-                const float *qrow = a->q + ((r / g) * a->hq + hk * g + r % g) * D;
-                float *orow = os + (hk * nrows + r) * D, *m = ms + hk * nrows + r, *l = ls + hk * nrows + r;
+                const float *qrow = a->q + ((int64_t)(r / g) * a->hq + hk * g + r % g) * D;
                 vf s[VX_ATT_SB_MAX / VW];
                 for (int sb = 0; sb < NSUB; sb++) {
-                    const float *kb = kbuf + (size_t)sb * VW * D;
-                    vf acc[VW];                        /* VW independent FMA chains */
-                    VX_UNROLL
-                    for (int jj = 0; jj < VW; jj++) acc[jj] = vx_zero();
-                    for (int d = 0; d < DV; d += VW) {
-                        vf qv = vx_load(qrow + d);
-                        VX_UNROLL
-                        for (int jj = 0; jj < VW; jj++) acc[jj] = vx_fma(qv, vx_load(kb + jj * D + d), acc[jj]);
-                    }
-                    vx_transpose(acc);                 /* lane jj of acc[i]: part i of key jj's sum */
-                    VX_UNROLL
-                    for (int i = 1; i < VW; i += 2) acc[i - 1] = vx_add(acc[i - 1], acc[i]);   /* a tree: short chains */
-                    VX_UNROLL
-                    for (int i = 2; i < VW; i += 4) acc[i - 2] = vx_add(acc[i - 2], acc[i]);
-                    VX_UNROLL
-                    for (int i = 4; i < VW; i += 8) acc[i - 4] = vx_add(acc[i - 4], acc[i]);
-                    VX_UNROLL
-                    for (int i = 8; i < VW; i += 16) acc[i - 8] = vx_add(acc[i - 8], acc[i]);
-                    vf sv = acc[0];
-                    if (DV < D) {                      /* d not a multiple of VW */
-                        float t[VW];
-                        vx_store(t, sv);
-                        for (int jj = 0; jj < VW; jj++)
-                            for (int d = DV; d < D; d++) t[jj] += qrow[d] * kb[jj * D + d];
-                        sv = vx_load(t);
-                    }
-                    sv = vx_mul(sv, vx_set1(a->scale));
+                    vf sv = vx_mul(key_dots(qrow, kbuf + (size_t)sb * VW * D, D), vx_set1(a->scale));
+                    if (Q8) sv = vx_mul(sv, vx_load(ksc + sb * VW));
                     if (!all) sv = vx_mask_range(sv, vx_load(kp + sb * VW), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
                     s[sb] = sv;
                 }
-                /* one online-softmax update per super-block */
-                vf smax = s[0];
-                for (int sb = 1; sb < NSUB; sb++) smax = vx_max(smax, s[sb]);
-                float mb = vx_hmax(smax), mnew = *m > mb ? *m : mb;
-                float msafe = mnew == -INFINITY ? 0.0f : mnew;   /* a row that saw nothing yet stays at 0 */
-                vf corr = vx_exp(vx_set1(*m - msafe));           /* not expf: a call would spill every register */
-                float pj[VX_ATT_SB_MAX];
-                vf psum = vx_zero();
-                for (int sb = 0; sb < NSUB; sb++) {
-                    vf p = vx_exp(vx_sub(s[sb], vx_set1(msafe)));
-                    psum = vx_add(psum, p);
-                    vx_store(pj + sb * VW, p);
-                }
-                *l = *l * vx_hmax(corr) + vx_hsum(psum);
-                *m = mnew;
-                if (DC) {                              /* output row in registers, one broadcast per key */
-                    vf ov[DC / VW > 0 ? DC / VW : 1];
-                    VX_UNROLL
-                    for (int i = 0; i < DC / VW; i++) ov[i] = vx_mul(vx_load(orow + i * VW), corr);
-                    for (int jj = 0; jj < SB; jj++) {
-                        vf pv = vx_set1(pj[jj]);
-                        VX_UNROLL
-                        for (int i = 0; i < DC / VW; i++) ov[i] = vx_fma(pv, vx_load(vbuf + jj * D + i * VW), ov[i]);
-                    }
-                    VX_UNROLL
-                    for (int i = 0; i < DC / VW; i++) vx_store(orow + i * VW, ov[i]);
-                } else {
-                    for (int d = 0; d < DV; d += VW) {
-                        vf ov = vx_mul(vx_load(orow + d), corr);
-                        for (int jj = 0; jj < SB; jj++) ov = vx_fma(vx_set1(pj[jj]), vx_load(vbuf + jj * D + d), ov);
-                        vx_store(orow + d, ov);
-                    }
-                    for (int d = DV; d < D; d++) {
-                        float t = orow[d] * vx_hmax(corr);
-                        for (int jj = 0; jj < SB; jj++) t += pj[jj] * vbuf[jj * D + d];
-                        orow[d] = t;
-                    }
-                }
+                corr[r] = softmax_update(s, NSUB, ms + hk * nrows + r, ls + hk * nrows + r, Q8 ? vsc : NULL, pj + r * SB);
+            }
+            for (int r = 0; r < nrows; r += 4) {
+                const int nr = nrows - r < 4 ? nrows - r : 4;
+                float *o = os + ((int64_t)hk * nrows + r) * D;
+                if (nr == 4) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8);
+                else if (nr == 3) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8);
+                else if (nr == 2) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8);
+                else pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8);
             }
         }
     }
 }
 
 VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                          float *scratch) {   /* scratch: VW K and VW V rows */
+                                          float *scratch) {   /* scratch: see attention_keys_d */
+    const int q8 = a->kvtype == VX_KV_INT8;
     if (a->d == 128)
-        attention_keys_d(a, j0, j1, nrows, state, scratch, 128);
+        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 128, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 128, 0);
     else if (a->d == 64)
-        attention_keys_d(a, j0, j1, nrows, state, scratch, 64);
+        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 64, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 64, 0);
     else
-        attention_keys_d(a, j0, j1, nrows, state, scratch, 0);
+        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 0, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 0, 0);
 }
 
 VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {

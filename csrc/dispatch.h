@@ -30,28 +30,30 @@ typedef struct {
     float *y;               /* [n, m] */
 } vx_linear_args;
 
-/* keys per super-block of attention_keys: a power of two (16..256) whose widened K and V rows fit in 32 KB
- * of L1; the online softmax updates once per super-block */
+/* keys per super-block of attention_keys: a power of two (16..256) whose K rows (widened to float32) and V
+ * rows (float32, or int8 codes) fit in 32 KB of L1; the online softmax updates once per super-block */
 enum { VX_ATT_SB_MAX = 256 };
-static inline int vx_att_sb(int d) {
+static inline int vx_att_sb(int d, int kvtype) {
+    const int bytes_per_key = d * ((int)sizeof(float) + (kvtype == VX_KV_INT8 ? 1 : (int)sizeof(float)));
     int sb = VX_ATT_SB_MAX;
-    while (sb > 16 && 2 * sb * d * (int)sizeof(float) > 32768) sb /= 2;
+    while (sb > 16 && sb * bytes_per_key > 32768) sb /= 2;
     return sb;
 }
 
-/* rows of scratch the attention rows kernel widens a bfloat16 cache's keys and values into (2 per key of a block) */
+/* rows of scratch the attention rows kernel widens an int8 cache's keys and values into (2 per key of a block) */
 enum { VX_ATT_CONV = 16 };
 
 typedef struct {
     const float *q;         /* [tq, hq, d] */
-    const void *k, *v;      /* [tk, hkv, d] of kvtype: float32 or bfloat16 (a compact KV cache) */
+    const void *k, *v;      /* [tk, hkv, d] of kvtype: float32, or int8 codes (a compact KV cache) */
+    const float *ks, *vs;   /* VX_KV_INT8: the rows' scales [tk, hkv]; else NULL */
     int kvtype;
     float *out;             /* [tq, hq, d] */
     int64_t tq, tk, window;
     int hq, hkv, d;
     const int64_t *q_pos, *k_pos;
     int k_sorted;           /* k_pos ascending: each query block's keys are one contiguous run */
-    float scale;
+    float scale;            /* 1 / sqrt(d) */
 } vx_attention_args;
 
 /* A GEMM micro-kernel and its weight packing. Both operands are packed k-major into 32-bit elements that
@@ -97,14 +99,14 @@ typedef struct {
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
-     * o [hkv][nrows][d]), scratch of 2 * vx_att_sb(d) * d floats. */
+     * o [hkv][nrows][d]), scratch of 2 * vx_att_sb(d, kvtype) * d floats. */
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
     void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch);
     /* quantised linears (qmatmul_simd.h): panels [p0, p1) for all n rows; one panel of weights, one
      * activation format; and the quantisers */
     void (*qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1);
-    void (*quantize_act)(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum);
+    void (*quantize_act)(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx, int32_t *xsum);
     void (*quantize_panel)(const void *w, int wtype, int64_t row0, int64_t rows, int64_t k, int fmt, uint8_t *out);
     void (*rms_norm)(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d);
     void (*silu_mul)(const float *a, const float *b, float *y, int64_t n);

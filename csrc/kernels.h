@@ -53,13 +53,14 @@ void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, i
  *   VX_Q_INT8  per block of 32 inputs: 16 float16 scales, then 8 steps x 16 rows x 4 bytes (q + 128)
  *   VX_Q_Q4    per super-block of 256 inputs (or all k if fewer): float16 d[16], dmin[16], 6-bit codes
  *              (192 bytes), then per block of 32 inputs 256 bytes of nibbles (see quant.py)
- * Activations: x [n, k] float32 -> xq [n, k] int8, sx [n, k / 32] float32, xsum [n, k / 32] int32:
- *   sx = max|x| / 127 per block, xq = rint(x / sx) (0 for an all-zero block), xsum = the block's sum of xq. */
+ * Activations: x [n, k] float32 -> xq [n, k] int8, sx [n, k / block] float32, xsum [n, k / block] int32:
+ *   sx = max|x| / 127 per block, xq = rint(x / sx) (0 for an all-zero block), xsum = the block's sum of xq.
+ *   The linears use blocks of 32; the int8 KV caches (and attention's queries) one block per head row. */
 enum { VX_Q_INT8 = 0, VX_Q_Q4 = 1 };
 
 int64_t vx_qpanel_bytes(int fmt, int64_t k);
 
-void vx_quantize_act(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum);
+void vx_quantize_act(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx, int32_t *xsum);
 
 /* w [m, k] float32 or bfloat16 (wtype) -> out [ceil(m / 16), vx_qpanel_bytes] (rows past m are zero),
  * bit for bit what quant.quantize_int8_np / quantize_q4_np give. */
@@ -72,16 +73,24 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
 
 /* ---- attention.c --------------------------------------------------------------------------------- */
 /* Causal sliding-window attention with grouped-query heads.
- *   q   [tq, hq, d] float32    k, v [tk, hkv, d] of kvtype (VX_W_F32, or VX_W_BF16 for a compact cache:
- *   widened exactly as each key is used)    out [tq, hq, d] float32      (hkv divides hq)
+ *   q   [tq, hq, d] float32    out [tq, hq, d] float32      (hkv divides hq)
+ *   k, v [tk, hkv, d] of kvtype:
+ *     VX_KV_F32   float32 (k_scale, v_scale NULL)
+ *     VX_KV_INT8  int8 codes with one float32 scale per (key, kv head) row, k_scale / v_scale [tk, hkv]
+ *                 (the compact caches of the quantised modes: a row is scale * codes, quantised as the
+ *                 activations are, one block per row). A score is (q . codes) / sqrt(d) * the key's scale;
+ *                 the values' scales multiply the probabilities. The queries stay float32: quantising
+ *                 them too made token ids depend on how a sequence is cut into calls (measured).
  *   q_pos [tq], k_pos [tk]: absolute positions; k_pos in any order (ring-buffer caches).
  *   Key j is visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]; query head h uses kv head
  *   h / (hq / hkv); scores scaled by 1/sqrt(d); softmax online in float32. A query that sees no key
  *   gets NaN, as the twin's softmax over nothing does.
  *   Positions are compared relative to each query block, so the q positions of one call must span less
  *   than 2^23 - window (the Python wrapper checks). */
-void vx_attention(const float *q, const void *k, const void *v, int kvtype, float *out, int64_t tq, int64_t tk,
-                  int hq, int hkv, int d, const int64_t *q_pos, const int64_t *k_pos, int64_t window);
+enum { VX_KV_F32 = 0, VX_KV_INT8 = 1 };
+void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
+                  float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
+                  const int64_t *k_pos, int64_t window);
 
 /* ---- norms.c ------------------------------------------------------------------------------------- */
 /* y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) for each of `rows` rows; x, y [rows, d], w [d]. */

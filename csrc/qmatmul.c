@@ -11,15 +11,15 @@ int64_t vx_qpanel_bytes(int fmt, int64_t k) {
     return k / (nb * VX_QBLOCK) * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
 }
 
-void vx_quantize_act(const float *x, int64_t n, int64_t k, int8_t *xq, float *sx, int32_t *xsum) {
+void vx_quantize_act(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx, int32_t *xsum) {
     const vx_isa *isa = vx_active();
     int nt = vx_threads_for((double)n * k / 4);
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
         vx_split(n, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        const int64_t nb = k / VX_QBLOCK;
-        if (lo < hi) isa->quantize_act(x + lo * k, hi - lo, k, xq + lo * k, sx + lo * nb, xsum + lo * nb);
+        const int64_t nb = k / block;
+        if (lo < hi) isa->quantize_act(x + lo * k, hi - lo, k, block, xq + lo * k, sx + lo * nb, xsum + lo * nb);
     }
 }
 
@@ -39,7 +39,7 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
     const int64_t nb = k / VX_QBLOCK;
     vx_qlinear_args a = {vx_alloc((size_t)(n * k)), vx_alloc(sizeof(float) * n * nb), vx_alloc(sizeof(int32_t) * n * nb),
                          n, k, m, w, fmt, vx_qpanel_bytes(fmt, k), b, y};
-    vx_quantize_act(x, n, k, (int8_t *)a.xq, (float *)a.sx, (int32_t *)a.xsum);
+    vx_quantize_act(x, n, k, VX_QBLOCK, (int8_t *)a.xq, (float *)a.sx, (int32_t *)a.xsum);
     const vx_isa *isa = vx_active();
     const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL;
     int nt = vx_threads_for((double)m * k);

@@ -147,17 +147,18 @@ def linear(x, w, b=None, precision="f32"):
 _QFORMATS = {"int8": 0, "q4": 1}                                                             # csrc/kernels.h
 
 
-def quantize_act(x):
+def quantize_act(x, block=quant.BLOCK):
     """(xq, sx, xsum) for x [n, K]: bit for bit quant.quantize_act_np."""
     if lib is None:
         _missing()
-        return quant.quantize_act_np(x)
+        return quant.quantize_act_np(x, block)
     x = _f32(x)
     n, k = x.shape
-    if k % quant.BLOCK:
-        raise ValueError(f"quantize_act: width {k} is not a multiple of {quant.BLOCK}")
-    xq, sx, xsum = np.empty((n, k), np.int8), np.empty((n, k // quant.BLOCK), np.float32), np.empty((n, k // quant.BLOCK), np.int32)
-    lib.vx_quantize_act(_ptr("float *", x), n, k, _ptr("int8_t *", xq), _ptr("float *", sx), _ptr("int32_t *", xsum))
+    if block <= 0 or k % block:
+        raise ValueError(f"quantize_act: width {k} is not a multiple of the block {block}")
+    xq, sx, xsum = np.empty((n, k), np.int8), np.empty((n, k // block), np.float32), np.empty((n, k // block), np.int32)
+    lib.vx_quantize_act(_ptr("float *", x), n, k, block, _ptr("int8_t *", xq), _ptr("float *", sx),
+                        _ptr("int32_t *", xsum))
     return xq, sx, xsum
 
 
@@ -175,31 +176,43 @@ def quantize(w, fmt):
 
 
 def attention(q, k, v, q_pos, k_pos, window):
-    """Sliding-window causal GQA attention; see kernels.attention_np."""
+    """Sliding-window causal GQA attention; see kernels.attention_np. k and v: float32, or kernels.KV8 (an
+    int8 cache, read in place)."""
     if lib is None:
         _missing()
         return kernels.attention_np(q, k, v, q_pos, k_pos, window)
     q = _f32(q)
-    if k.dtype == v.dtype == ml_dtypes.bfloat16:      # a compact cache, read in place and widened in the kernel
-        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    int8 = isinstance(k, kernels.KV8)
+    if int8 != isinstance(v, kernels.KV8):
+        raise ValueError("attention: keys and values must be both float32 or both int8 (KV8)")
+    if int8:
+        k, ks = np.ascontiguousarray(k.codes), np.ascontiguousarray(k.scale)
+        v, vs = np.ascontiguousarray(v.codes), np.ascontiguousarray(v.scale)
     else:
         k, v = _f32(k), _f32(v)
     q_pos, k_pos = np.ascontiguousarray(q_pos, np.int64), np.ascontiguousarray(k_pos, np.int64)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
-    if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,):
+    if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,) or (
+            int8 and not ks.shape == vs.shape == (tk, hkv)):
         raise ValueError(f"attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape}, "
                          f"q_pos {q_pos.shape}, k_pos {k_pos.shape}")
     # The kernel compares positions as float32 offsets from each query block; keep them exact.
     if tq and int(q_pos.max()) - int(q_pos.min()) + int(window) >= 1 << 23:
-        return kernels.attention_np(q, k, v, q_pos, k_pos, window)
+        return kernels.attention_np(q, kernels.KV8(k, ks) if int8 else k, kernels.KV8(v, vs) if int8 else v,
+                                    q_pos, k_pos, window)
     out = np.empty_like(q)
     if tq and tk:
-        lib.vx_attention(_ptr("float *", q), _ptr("void *", k), _ptr("void *", v), _WTYPES[k.dtype], _ptr("float *", out),
-                         tq, tk, hq, hkv, d, _ptr("int64_t *", q_pos), _ptr("int64_t *", k_pos), int(window))
+        lib.vx_attention(_ptr("float *", q), _ptr("void *", k), _ptr("void *", v),
+                         _ptr("float *", ks) if int8 else ffi.NULL, _ptr("float *", vs) if int8 else ffi.NULL,
+                         _KV_INT8 if int8 else _KV_F32, _ptr("float *", out), tq, tk, hq, hkv, d,
+                         _ptr("int64_t *", q_pos), _ptr("int64_t *", k_pos), int(window))
     else:
         out.fill(np.nan)                 # no keys at all: the twin's softmax over nothing
     return out
+
+
+_KV_F32, _KV_INT8 = 0, 1                                                                     # csrc/kernels.h
 
 
 def rope(x, cos, sin, interleaved=False):

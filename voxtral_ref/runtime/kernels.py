@@ -10,7 +10,8 @@ the specification: every C kernel in csrc/ is tested against its twin.
 Layouts (all row-major, float32 activations):
   linear     x [N, K] f32, w [M, K] f32 | bf16 (as stored in the checkpoint) | quant.QTensor (int8 / q4,
              x then quantised to int8: see quant.py), b [M] f32 or None -> [N, M]
-  attention  q [Tq, Hq, D], k/v [Tk, Hkv, D] f32, q_pos [Tq] / k_pos [Tk] int absolute positions -> [Tq, Hq, D]
+  attention  q [Tq, Hq, D], k/v [Tk, Hkv, D] f32 or KV8 (int8 caches), q_pos [Tq] / k_pos [Tk] int absolute
+             positions -> [Tq, Hq, D]
   rope       x [T, H, D] f32, cos/sin [T, D/2] f32 -> [T, H, D] (split-half layout)
 """
 
@@ -28,17 +29,19 @@ PRECISIONS = ("f32", "bf16")
 _backend = contextvars.ContextVar("voxtral_ref_backend", default="numpy")
 _precision = contextvars.ContextVar("voxtral_ref_precision", default="f32")
 _kv = contextvars.ContextVar("voxtral_ref_kv", default="f32")
-KV_DTYPES = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
+KV_FORMATS = ("f32", "int8")
 
 
 @contextlib.contextmanager
 def use(backend, precision="f32", kv="f32"):
     """Run the enclosed calls on `backend` ("numpy" or "c") with matmul inputs in `precision`, and attention
-    keys and values kept in `kv` ("f32", or "bf16": the compact caches of the quantised modes, half the
-    bytes a step reads; keys and values rounded to bfloat16 whether cached or not, so a stream and a whole
-    file see the same values)."""
+    keys and values kept in `kv` ("f32", or "int8": the compact caches of the quantised modes, KV8, a
+    quarter of the bytes a step reads; keys and values are quantised whether cached or not, so a stream
+    and a whole file see the same values)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if kv not in KV_FORMATS:
+        raise ValueError(f"unknown KV format {kv!r}: choose one of {', '.join(KV_FORMATS)}")
     tokens = _backend.set(backend), _precision.set(precision), _kv.set(kv)
     try:
         yield
@@ -48,9 +51,57 @@ def use(backend, precision="f32", kv="f32"):
         _kv.reset(tokens[2])
 
 
-def kv_dtype():
-    """The dtype attention keys and values are kept in (see `use`)."""
-    return KV_DTYPES[_kv.get()]
+class KV8:
+    """Keys or values in an int8 cache: codes [S, Hkv, D] int8 and one scale per (position, head) row
+    [S, Hkv] float32, a row being scale * codes (quantised as activations are, one block per row:
+    quant.quantize_act_np). Indexing, assignment and copy act on both, like an array of rows;
+    np.asarray(kv, np.float32) dequantises."""
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    @classmethod
+    def empty(cls, shape):
+        return cls(np.zeros(shape, np.int8), np.zeros(shape[:-1], np.float32))
+
+    def __getitem__(self, idx):
+        return KV8(self.codes[idx], self.scale[idx])
+
+    def __setitem__(self, idx, other):
+        self.codes[idx], self.scale[idx] = other.codes, other.scale
+
+    def __len__(self):
+        return len(self.codes)
+
+    def copy(self):
+        return KV8(self.codes.copy(), self.scale.copy())
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+    @property
+    def nbytes(self):
+        return self.codes.nbytes + self.scale.nbytes
+
+    def __array__(self, dtype=None, copy=None):
+        x = self.codes.astype(np.float32) * self.scale[..., None]
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+
+def kv_empty(shape):
+    """A cache's zeroed keys (or values) [S, Hkv, D] in the KV format in force (see `use`)."""
+    return KV8.empty(shape) if _kv.get() == "int8" else np.zeros(shape, np.float32)
+
+
+def kv_pack(x):
+    """Fresh keys or values [T, Hkv, D] float32 in the KV format in force: as they are, or KV8."""
+    if _kv.get() != "int8":
+        return np.asarray(x, np.float32)
+    t, h, d = x.shape
+    c = _c()
+    codes, scale, _ = (c.quantize_act if c else quant.quantize_act_np)(x.reshape(t * h, d), d)  # [T*Hkv, D], [T*Hkv, 1]
+    return KV8(codes.reshape(t, h, d), scale.reshape(t, h))
 
 
 def _c():
@@ -87,19 +138,26 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     """Causal sliding-window attention, GQA. Key j is visible to query i iff
     q_pos[i] - window < k_pos[j] <= q_pos[i]  (the window counts the query's own position, as HF's
     sliding-window mask does). Softmax in float32 with scale 1/sqrt(D). Queries are taken in blocks so
-    memory stays O(block * window) however long the sequence."""
-    k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)  # a bf16 cache's values, widened exactly
+    memory stays O(block * window) however long the sequence.
+    With KV8 keys and values (an int8 cache) a score is (q . codes) / sqrt(D) times the key's scale, and
+    the values are dequantised. The queries stay float32: quantising them as well made the token ids of the
+    quantised modes depend on how a sequence is cut into calls (speculative passes, stream chunks)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv                                               # query heads per kv head
-    out = np.empty_like(q)                                      # [Tq, Hq, D]
     scale = np.float32(1.0 / np.sqrt(d))
+    if isinstance(k, KV8):
+        kscale, k = k.scale, k.codes.astype(np.float32)         # [Tk, Hkv], [Tk, Hkv, D]
+    else:
+        kscale = np.ones(k.shape[:2], np.float32)
+    v = np.asarray(v, np.float32)                               # an int8 cache's values, dequantised
+    out = np.empty_like(q)                                      # [Tq, Hq, D]
     for s in range(0, tq, 128):
         qb, qp = q[s:s + 128], q_pos[s:s + 128]                 # [b, Hq, D], [b]
         sel = np.nonzero((k_pos > qp.min() - window) & (k_pos <= qp.max()))[0]
-        kb, vb, kp = k[sel], v[sel], k_pos[sel]                 # [t, Hkv, D]
+        kb, vb, kp, ks = k[sel], v[sel], k_pos[sel], kscale[sel]  # [t, Hkv, D], [t, Hkv]
         qg = qb.reshape(len(qb), hkv, g, d)                     # [b, Hkv, g, D]
-        scores = np.einsum("bhgd,thd->hgbt", qg, kb) * scale    # [Hkv, g, b, t]
+        scores = np.einsum("bhgd,thd->hgbt", qg, kb) * scale * ks.T[:, None, None, :]  # [Hkv, g, b, t]
         visible = (kp[None, :] > qp[:, None] - window) & (kp[None, :] <= qp[:, None])  # [b, t]
         scores = np.where(visible, scores, -np.inf)
         scores -= scores.max(-1, keepdims=True)

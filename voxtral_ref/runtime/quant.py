@@ -102,15 +102,16 @@ def panel_bytes(fmt, k):
 
 
 # --- activations ---------------------------------------------------------------------------------------------
-def quantize_act_np(x):
-    """x [n, K] float32 -> (xq int8 [n, K], sx float32 [n, K/32], xsum int32 [n, K/32]): symmetric int8 per
-    block of 32, sx = max|x| / 127, xq = rint(x / sx) (all 0 where the block is)."""
+def quantize_act_np(x, block=BLOCK):
+    """x [n, K] float32 -> (xq int8 [n, K], sx float32 [n, K/block], xsum int32 [n, K/block]): symmetric int8
+    per block (32 for the linears; one block per head row for attention's int8 caches), sx = max|x| / 127,
+    xq = rint(x / sx) (all 0 where the block is)."""
     x = np.asarray(x, np.float32)
     n, k = x.shape
-    g = x.reshape(n, k // BLOCK, BLOCK)                                      # [n, K/32, 32]
-    sx = np.abs(g).max(-1) / np.float32(127)                                 # [n, K/32]
+    g = x.reshape(n, k // block, block)                                      # [n, K/b, b]
+    sx = np.abs(g).max(-1) / np.float32(127)                                 # [n, K/b]
     safe = np.where(sx > 0, sx, np.float32(1))
-    xq = np.clip(np.rint(g / safe[..., None]), -127, 127).astype(np.int8)    # [n, K/32, 32]
+    xq = np.clip(np.rint(g / safe[..., None]), -127, 127).astype(np.int8)    # [n, K/b, b]
     return xq.reshape(n, k), sx, xq.astype(np.int32).sum(-1, dtype=np.int32)
 
 

@@ -28,14 +28,15 @@ class KVCache:
     A chunk of up to `max_chunk` new positions is written BEFORE attending, so the ring holds
     window + max_chunk - 1 slots: the oldest query of the chunk still finds its window - 1 predecessors.
     Slots are addressed by position modulo capacity; attention masks by position, so order is free.
-    Keys and values are kept in kernels.kv_dtype(): float32, or bfloat16 in the quantised modes.
+    Keys and values are kept in the KV format in force (kernels.use): float32, or int8 codes with a scale
+    per row (kernels.KV8) in the quantised modes.
     A sequence known to end within `max_positions` needs no more slots than that (short files)."""
 
     def __init__(self, window, max_chunk, n_kv_heads, head_dim, max_positions=None):
         self.capacity = min(window + max_chunk - 1, max_positions or window + max_chunk - 1)
         self.max_chunk = max_chunk
-        self.k = np.zeros((self.capacity, n_kv_heads, head_dim), kernels.kv_dtype())  # [cap, Hkv, hd]
-        self.v = np.zeros_like(self.k)                                         # [cap, Hkv, hd]
+        self.k = kernels.kv_empty((self.capacity, n_kv_heads, head_dim))      # [cap, Hkv, hd]
+        self.v = kernels.kv_empty((self.capacity, n_kv_heads, head_dim))      # [cap, Hkv, hd]
         self.pos = np.full(self.capacity, -1, np.int64)                       # [cap]
         self.filled = 0
 
@@ -65,7 +66,7 @@ def attend(q, k, v, pos, window, cache=None):
     """One sequence's chunk: q [T, H, hd], k/v [T, Hkv, hd] at positions pos [T] -> [T, H, hd]. Keys come
     from this chunk only (cache=None: the whole sequence at once, as offline) or from the cache after this
     chunk is added (streaming / incremental decoding)."""
-    k, v, k_pos = k.astype(kernels.kv_dtype(), copy=False), v.astype(kernels.kv_dtype(), copy=False), pos
+    k, v, k_pos = kernels.kv_pack(k), kernels.kv_pack(v), pos                    # [T, Hkv, hd] f32 | KV8
     if cache is not None:
         k, v, k_pos = cache.update(k, v, pos)                                      # [S, Hkv, hd]
     if ATTENTION_PROBE.get():

@@ -36,7 +36,7 @@ class Recorder:
         """Attention weights of one call [H, Tq, S], recomputed from the roped q and k (the kernels return
         only the output). The visibility rule is the kernels': q_pos - window < k_pos <= q_pos."""
         g = q.shape[1] // k.shape[1]                                               # query heads per kv head
-        kk = np.repeat(k, g, axis=1)                                               # [S, H, hd]
+        kk = np.repeat(np.asarray(k, np.float32), g, axis=1)                       # [S, H, hd] (int8 caches dequantised)
         scores = np.einsum("thd,shd->hts", q, kk) / np.sqrt(np.float32(q.shape[-1]))   # [H, Tq, S]
         visible = (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] <= q_pos[:, None])
         scores = np.where(visible[None], scores, -np.inf)
