@@ -21,6 +21,9 @@ Two ways in:
              sessions is waiting for one (or max_batch chunks wait): a session still encoding its next
              position will have it within milliseconds, and a pass costs about as much for 16 rows as for
              one. It takes up to max_batch chunks, oldest first; one of the waiting threads runs it for all.
+A live session behind its audio brings the last id and drafted tokens (runtime/stream.py's backlog
+verification): its chunk is several rows, and the drafts only fill the rows a pass has to spare under
+max_batch (`_fit_drafts`): catching up never pushes a shared pass past max_batch rows.
 A chunk that is malformed fails alone, before it joins a pass; an error inside a pass (out of memory) fails
 every sequence in that pass.
 """
@@ -173,6 +176,7 @@ class Engine:
                     self._cv.wait()
                     continue
                 batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                _fit_drafts(batch, self.max_batch)
                 self._running = True
                 self._cv.release()
                 try:
@@ -210,6 +214,19 @@ class Engine:
         self.passes, self.rows = self.passes + 1, self.rows + len(batch)
         self._running = False
         self._cv.notify_all()
+
+
+def _fit_drafts(batch, max_rows):
+    """Cut the drafts of a pass's chunks (the oldest chunks' kept first) to the rows left under max_rows by
+    the chunks' own rows: past a few rows a pass costs about its rows (README, Batching), while a draft
+    costs nothing to drop (its session feeds those positions again; exact either way)."""
+    spare = max_rows - sum(len(j.audio_embeds) - len(j.dec.draft) for j in batch)
+    for j in batch:
+        keep = min(len(j.dec.draft), max(spare, 0))
+        spare -= keep
+        if keep < len(j.dec.draft):
+            j.audio_embeds = j.audio_embeds[:len(j.audio_embeds) - len(j.dec.draft) + keep]   # [1 + keep, dim]
+            j.dec.draft = j.dec.draft[:keep]
 
 
 class EngineSession(StreamSession):

@@ -12,7 +12,10 @@ padded signal. Every stage is causal, so a session runs the same functions token
            (conv2) of the previous tokens instead of the zeros offline puts before frame 0.
   encoder  `encoder.encoder_transformer` with one `KVCache` per layer; RoPE positions are absolute.
   decoder  `generate.Decoder`: its first step takes the prompt's len(prompt) audio embeddings at once,
-           then one per 80 ms token.
+           then one per 80 ms token. A session behind the audio (fed faster than real time, or at close,
+           the right pad) has the embeddings of several positions ready: then each pass also verifies up
+           to BACKLOG_DRAFT drafted tokens (generate.draft_tokens, as greedy_decode's speculate=k), keeps
+           the tokens one-at-a-time stepping would choose and queues a rejected draft's embeddings again.
 Audio embedding e needs mel frames <= 8e + 7, i.e. padded samples < 1280 (e + 1) + 40 (40 samples =
 2.5 ms look-ahead). Generated token k is predicted at position len(prompt) - 1 + k, so it is emitted as
 soon as the stream holds 1280 (delay + 1 + k) + 40 samples of real audio (9000 for the first token at
@@ -28,7 +31,8 @@ and including the first EOS.
 
 Memory is O(1) in the stream's length: the audio buffer holds at most the samples the next frames need
 plus what was fed and not yet processed; encoder and decoder KV caches are rings of (window + chunk - 1)
-slots; at most one batch of audio embeddings waits for the decoder. Only the output (ids, text) grows.
+slots; at most one batch of audio embeddings (plus a draft's) waits for the decoder. Only the output (ids,
+text) grows.
 
 Input at other sample rates goes through soxr's stream resampler at the quality `Model.transcribe` uses;
 for soxr 1.1.0 its output for any chunking is identical, sample for sample, to the one-shot
@@ -52,11 +56,18 @@ from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_
                      delay_tokens, n_positions, right_pad_samples)
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
-from ..stages.generate import PREFIX, Decoder
+from ..stages.generate import PREFIX, Decoder, draft_tokens
 from ..stages.mel import log_mel_frames
 
 HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
 LOOK_AHEAD = HALF_WINDOW - HOP            # 40 samples (2.5 ms) past a token's 1280 for its last frame
+# A session behind the audio (a backlog of positions whose embeddings are ready) verifies up to this many
+# drafted tokens per decoder pass (generate.draft_tokens). 3: a 4-row pass costs about what a 1-row one does
+# on the full-size model (README, Batching: q4 0.99-1.06x, int8 1.02-1.06x), so all-missed drafts cost
+# little (bench/backlog_bench.py: 7 cost 1.3x) and right ones drain a backlog up to 3.7x faster; and 4
+# queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
+# 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
+BACKLOG_DRAFT = 3
 
 
 @dataclass
@@ -167,18 +178,28 @@ class StreamSession:
         with self._lock:
             pending, self._pending = self._pending, []
         ids, latency = [], []
+        dec = self._dec
         with self._model.kernel_mode():
             self._take_audio(pending, closing)
             while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
-                prefilled = bool(self._dec.ids)
-                embeds = self._next_embeds()                        # [PREFIX, then the prompt's rest, then 1, dim]
+                # past the prompt, a backlog's positions verify drafts (none while the oracle traces each
+                # position once: apps/oracle/capture.py)
+                if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
+                    k = BACKLOG_DRAFT if max_tokens is None else min(BACKLOG_DRAFT, max_tokens - len(ids) - 1)
+                    dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
+                _, p0 = dec.chunk()
+                embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
                     break
-                if not prefilled:                                   # reuse_prefix=False: the silence prefix
-                    self._dec.prefill(embeds)
-                    continue
-                ids.append(self._dec.step(embeds))
-                latency.append(self._latency())
+                tokens = dec.run_chunk(embeds)                  # none for the silence prefix
+                # the embeddings of the positions kept leave the queue; a rejected draft's are fed again
+                self._embeds = self._embeds[dec.chunk()[1] - p0:]
+                for n in range(len(dec.ids) - len(tokens) + 1, len(dec.ids) + 1):
+                    ids.append(dec.ids[n - 1])
+                    latency.append(self._latency(n))
+                    if self._stops_at(n):       # one-at-a-time stepping stops here: decoding ends, so the
+                        del dec.ids[n:]         # verified tokens after it go without rewinding the caches
+                        break
         if self._buf.base is not None:                     # trimmed views would pin a large fed chunk
             self._buf = self._buf.copy()
         text = self._utf8.feed(ids) + (self._utf8.flush() if closing else "")
@@ -187,11 +208,16 @@ class StreamSession:
         return Emission(ids, text, latency)
 
     def _stopped(self):
-        """Offline's rule: stop after EOS, or once the last position before the padded end has run."""
+        """Whether decoding has ended (offline's rule, `_stops_at`, on the ids so far)."""
+        return self._stops_at(len(self._dec.ids))
+
+    def _stops_at(self, n):
+        """Whether decoding stops once the ids are the first n: offline's rule, after EOS (unless past_eos),
+        or once the last position before the padded end has run."""
         ids, p = self._dec.ids, len(self._dec.prompt)
-        if len(ids) > p and ids[-1] == EOS_ID and not self.past_eos:
+        if n > p and ids[n - 1] == EOS_ID and not self.past_eos:
             return True
-        return self._n_positions is not None and len(ids) >= self._n_positions
+        return self._n_positions is not None and n >= self._n_positions
 
     def _take_audio(self, pending, closing):
         """Append queued chunks (resampled to 16 kHz) to the buffer; at close, offline's right pad."""
@@ -219,18 +245,25 @@ class StreamSession:
             self._buf = np.concatenate(pieces)                                # [buffered samples]
 
     def _next_embeds(self):
-        """The audio embeddings the decoder's next step needs, or None if the audio is not there yet."""
-        ids, prompt = self._dec.ids, self._dec.prompt
-        need = max(len(prompt) - len(ids), 1) if ids else PREFIX
+        """The audio embeddings of the decoder's next chunk (Decoder.chunk: the silence prefix, the prompt's
+        rest, then the last id and its draft), or None if the audio is not there yet. They stay queued: the
+        pass's caller drops those of the positions it keeps."""
+        need = len(self._dec.chunk()[0])
         while len(self._embeds) < need:
-            ready = (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN   # embeddings allowed
             # the silence prefix is encoded on its own, as session_prefix does, whatever audio is there
-            n = min(ready - self._n_embeds, self._batch if self._n_embeds else PREFIX)
+            n = min(self._encodable(), self._batch if self._n_embeds else PREFIX)
             if n <= 0:
                 return None
             self._embeds = np.concatenate([self._embeds, self._encode(n)])  # [m + n, dim]
-        out, self._embeds = self._embeds[:need], self._embeds[need:]
-        return out
+        return self._embeds[:need]
+
+    def _encodable(self):
+        """How many more audio embeddings the buffered audio allows."""
+        return (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN - self._n_embeds
+
+    def _ready(self):
+        """Decoder positions whose audio embeddings are queued or can be computed now: the backlog."""
+        return len(self._embeds) + self._encodable()
 
     def _encode(self, n):
         """The next n audio embeddings from the buffer, which starts 200 samples before their first frame."""
@@ -263,9 +296,9 @@ class StreamSession:
         n = state["n_embeds"]
         self._buf, self._buf_start, self._n_embeds = self._buf[n * SAMPLES_PER_TOKEN:], self._buf_start + n * SAMPLES_PER_TOKEN, n
 
-    def _latency(self):
-        """Seconds since the feed() that brought the last sample the token just emitted needed."""
-        need = SAMPLES_PER_TOKEN * (len(self._dec.ids) - 1) + LOOK_AHEAD   # its position's embedding's end
+    def _latency(self, n):
+        """Seconds since the feed() that brought the last sample needed by the token that made the ids n long."""
+        need = SAMPLES_PER_TOKEN * (n - 1) + LOOK_AHEAD          # its position's embedding's end
         while self._arrivals[0][0] < need:
             self._arrivals.popleft()
         return time.perf_counter() - self._arrivals[0][1]

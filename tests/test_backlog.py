@@ -1,0 +1,289 @@
+"""Backlog verification in live sessions (runtime/stream.py, issue 11 item 4): a session whose audio is ahead of
+its decoder verifies drafted tokens with its next position in one pass. Its ids must be exactly those of
+one-at-a-time stepping (stream.BACKLOG_DRAFT = 0) and of HF's golden ids, for any chunking, with max_tokens,
+EOS and past_eos, alone or in an engine's shared passes.
+
+The real drafter guesses [STREAMING_PAD], which the tiny random model never emits: every real draft is a miss
+(its embeddings must be queued and fed again). The right guesses come from an oracle drafter that replays
+the reference ids, wrong where a test says, so every path runs: all accepted, a miss anywhere, a draft
+running past EOS or past the audio's end. Each test also counts passes, so none passes without verifying."""
+
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import voxtral_ref
+from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN
+from voxtral_ref.runtime import ckernels, engine as engine_mod, stream
+from voxtral_ref.runtime.engine import Engine
+from voxtral_ref.stages import generate
+
+from conftest import MODEL_DIRS, golden_cases, load_case
+from test_stream import eos_model, run_stream  # noqa: F401 - eos_model is a fixture used here
+
+CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
+BACKEND = "c" if ckernels.available() else "numpy"
+_models = {}
+
+
+def model(fmt="mistral", **mode):
+    key = (fmt, tuple(sorted(mode.items())))
+    if key not in _models:
+        _models[key] = voxtral_ref.load(MODEL_DIRS[fmt], backend=BACKEND, **mode)
+    return _models[key]
+
+
+@contextmanager
+def drafting(truths, wrong=frozenset()):
+    """stream.draft_tokens replaced by an oracle: a decoder whose session ids should be truths[decoder]
+    gets those as its guesses, except the token indices in `wrong`, cut to k and the positions left as the
+    real drafter cuts them; other decoders get the real drafter's guesses."""
+    real = stream.draft_tokens
+
+    def draft(dec, n_positions, k):
+        guess = real(dec, n_positions, k)
+        if dec not in truths:
+            return guess
+        at, right = len(dec.ids), (dec.prompt + truths[dec])[len(dec.ids):len(dec.ids) + len(guess)]
+        return [t if at + j - len(dec.prompt) not in wrong else (t + 1) % 2048
+                for j, t in enumerate(right)] + guess[len(right):]
+    stream.draft_tokens = draft
+    try:
+        yield
+    finally:
+        stream.draft_tokens = real
+
+
+@contextmanager
+def counting():
+    """generate.decoder_pass counted: {"passes", "rows", "tokens"} of the passes run outside an engine, and
+    every pass's tokens per sequence."""
+    real, seen = generate.decoder_pass, {"passes": 0, "rows": 0, "tokens": 0, "runs": []}
+
+    def counted(weights, work, trace=None):
+        out = real(weights, work, trace)
+        seen["passes"] += 1
+        seen["rows"] += sum(len(a) for _, a in work)
+        seen["tokens"] += sum(len(t) for t in out)
+        seen["runs"] += out
+        return out
+    generate.decoder_pass = counted
+    try:
+        yield seen
+    finally:
+        generate.decoder_pass = real
+
+
+@contextmanager
+def one_at_a_time():
+    saved, stream.BACKLOG_DRAFT = stream.BACKLOG_DRAFT, 0
+    try:
+        yield
+    finally:
+        stream.BACKLOG_DRAFT = saved
+
+
+def whole(session, audio):
+    """Fed everything at once, stepped, closed -> (ids, every Emission)."""
+    session.feed(audio)
+    out = [session.step()]
+    if EOS_ID not in session.token_ids:                            # (after EOS nothing more is decoded)
+        assert session.footprint()["waiting_embeddings"] == 0      # a miss's embeddings were all fed again
+    out.append(session.close())
+    return session.token_ids, out
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "hf"])
+def test_backlogged_session_equals_golden_with_real_and_right_drafts(fmt):
+    """Every golden case fed at once: the real drafter's all-missed drafts (every pass verifies 3 guesses and
+    keeps one token) and an oracle's right-3-in-4 drafts (fewer passes than tokens) give HF's ids."""
+    m = model(fmt)
+    for case in CASES:
+        g = load_case(case)
+        golden = g["token_ids"].tolist()
+        s = m.stream(int(g["delay_ms"]))                     # outside the count: the first computes the prefix
+        with counting() as real:
+            ids, out = whole(s, g["audio"])
+        assert ids == golden and all(len(e.latency_s) == len(e.token_ids) for e in out)
+        assert real["passes"] == real["tokens"] == len(ids)                  # all missed on the tiny model ...
+        assert real["rows"] > 3 * real["passes"]                             # ... after verifying 3 guesses
+        s = m.stream(int(g["delay_ms"]))
+        with counting() as right, drafting({s._dec: golden}, wrong=set(range(2, 200, 4))):
+            ids, _ = whole(s, g["audio"])
+        assert ids == golden and "".join(e.text for e in out) == s.text
+        assert right["passes"] < len(ids) // 2 and right["tokens"] == len(ids)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(CASES),
+       sizes=st.one_of(st.sampled_from([[1279], [1281], [4000], [10 ** 6]]),
+                       st.lists(st.integers(0, 20000), min_size=1, max_size=12).filter(any)),
+       every=st.integers(1, 3), max_tokens=st.sampled_from([None, None, 1, 2, 3, 5]),
+       wrong=st.sets(st.integers(0, 120), max_size=60), fmt=st.sampled_from(["mistral", "hf"]))
+def test_any_chunking_and_draft_misses_equal_golden(case, sizes, every, max_tokens, wrong, fmt):
+    """run_stream checks each step's len(latency_s) == len(token_ids) <= max_tokens."""
+    g = load_case(case)
+    s = model(fmt).stream(int(g["delay_ms"]))
+    with counting() as seen, drafting({s._dec: g["token_ids"].tolist()}, wrong):
+        ids, text = run_stream(s, g["audio"], sizes, every, max_tokens)
+    assert ids == g["token_ids"].tolist() and text == s.text
+    assert seen["tokens"] == len(ids) and seen["passes"] <= len(ids)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5])
+def test_max_tokens_caps_the_draft(max_tokens):
+    """A backlog drained max_tokens at a time by right drafts: every step gives exactly max_tokens tokens
+    until the audio runs out, its pass holding at most max_tokens rows (max_tokens = 1: no draft at all)."""
+    g = load_case("speech_en_long_480")
+    golden = g["token_ids"].tolist()
+    s = model().stream()
+    s.feed(g["audio"])
+    with drafting({s._dec: golden}):
+        with counting() as seen:
+            steps = [s.step(max_tokens).token_ids for _ in range(len(golden) // max_tokens)]
+        steps.append(s.close().token_ids)
+    assert sum(steps, []) == golden
+    assert all(len(t) == max_tokens for t in steps[:len(steps) // 2])   # the backlog lasts past the half
+    prompt_rows = len(s._dec.prompt) - generate.PREFIX                   # the first step's pass: the prompt's rest
+    if max_tokens == 1:
+        assert seen["rows"] - prompt_rows == seen["passes"] - 1
+    else:
+        assert seen["passes"] < seen["tokens"] and seen["rows"] - prompt_rows <= max_tokens * (seen["passes"] - 1)
+
+
+@pytest.mark.parametrize("past_eos", [False, True])
+def test_eos_and_past_eos(eos_model, past_eos):  # noqa: F811 - the fixture imported above
+    """Drafts that run through EOS into the tokens after it (those one-at-a-time stepping with past_eos
+    decodes): without past_eos the pass's tokens after EOS are dropped and the output ends at EOS; with it
+    EOS is fed back like any token and the ids go on exactly as one at a time."""
+    m, audio, offline_ids = eos_model
+    with one_at_a_time():
+        reference, _ = whole(m.stream(past_eos=True), audio)
+    assert reference[:len(offline_ids)] == offline_ids and len(reference) > len(offline_ids) + 4
+    expected = reference if past_eos else offline_ids
+    for wrong in (set(), {len(offline_ids) + 1}, set(range(0, 200, 3))):
+        s = m.stream(past_eos=past_eos)
+        with counting() as seen, drafting({s._dec: reference}, wrong):
+            ids, _ = whole(s, audio)
+        assert ids == expected
+        if not wrong:                        # a pass verified EOS and the tokens after it
+            assert any(EOS_ID in t[:-1] for t in seen["runs"])
+
+
+def test_latencies_are_one_at_a_time_stepping_s(monkeypatch):
+    """Each token's latency counts from the feed() that completed its audio (a fake clock makes them exact):
+    a backlog's tokens, verified several per pass, report what one-at-a-time stepping reports. The audio
+    comes in two feeds split at 4 successive tokens' ends, so one split falls inside a pass's run."""
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+    clock = Clock()
+    monkeypatch.setattr(stream, "time", clock)
+    g = load_case("speech_en_480")
+    golden = g["token_ids"].tolist()
+
+    def run(s, split):
+        clock.now = 0.0
+        s.feed(g["audio"][:split])
+        clock.now = 10.0
+        s.feed(g["audio"][split:])
+        clock.now = 100.0
+        e = s.step()
+        clock.now = 200.0
+        return e, s.close()
+    for split in range(len(g["audio"]) // 2, len(g["audio"]) // 2 + 4 * SAMPLES_PER_TOKEN, SAMPLES_PER_TOKEN):
+        with one_at_a_time():
+            plain = run(model().stream(), split)
+        s = model().stream()
+        with counting() as seen, drafting({s._dec: golden}):
+            spec = run(s, split)
+        assert seen["passes"] < len(golden)
+        for a, b in zip(plain, spec):
+            assert a.token_ids == b.token_ids and a.latency_s == b.latency_s
+        assert set(spec[0].latency_s) == {100.0, 90.0} and set(spec[1].latency_s) == {0.0}
+        assert spec[0].token_ids + spec[1].token_ids == golden
+
+
+@pytest.mark.skipif(not ckernels.available(), reason="the C kernels are not built")
+@pytest.mark.parametrize("mode", [{"quantize": "int8"}, {"quantize": "q4"}], ids=["int8", "q4"])
+def test_quantised_logits_are_one_at_a_time_stepping_s_bit_for_bit(mode):
+    """With quantised weights a row of a pass is computed as it is alone (the int8 / q4 linears are
+    row-independent, and up to BACKLOG_DRAFT + 1 queries take the C attention's path for one query): every
+    logit a backlogged session chooses from, right drafts or all missed, equals one-at-a-time stepping's.
+    (In f32 / bf16 the linears sum 1 and 4 rows in other orders: logits equal up to rounding, ids equal.)"""
+    m, g = model("mistral", **mode), load_case("speech_en_long_480")
+
+    def logits(drafts):
+        rows, fed = [], generate.Decoder.fed
+
+        def recorded(dec, ids, p0, out):
+            tokens = fed(dec, ids, p0, out)
+            if out is not None:
+                rows.extend(np.array(out[:len(tokens)]))            # the rows that chose the kept tokens
+            return tokens
+        s = m.stream()
+        generate.Decoder.fed = recorded
+        try:
+            with drafts(s), counting() as seen:
+                whole(s, g["audio"])
+        finally:
+            generate.Decoder.fed = fed
+        return s.token_ids, rows, seen["passes"]
+    with one_at_a_time():
+        ids, plain, _ = logits(lambda s: drafting({}))
+    for drafts in (lambda s: drafting({}), lambda s: drafting({s._dec: ids}, wrong=set(range(0, 200, 3)))):
+        got, rows, passes = logits(drafts)
+        assert got == ids and len(rows) == len(plain) and all(np.array_equal(a, b) for a, b in zip(rows, plain))
+    assert passes < len(ids)
+
+
+@pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}], ids=["f32", "q4"])
+def test_engine_sessions_mixed_with_plain_ones(mode):
+    """One engine of max_batch 4 rows: two sessions fed everything at once (backlogged, right drafts with
+    misses), two fed a block per round (real time), stepped together by Engine.together, while a plain
+    session decodes a backlog in its own passes in another thread. Each ends with the ids one-at-a-time
+    stepping gives it; the backlogged ones' drafts were cut to the rows a pass had spare, and verified."""
+    m = model("mistral", **mode)
+    plan = [(case, load_case(case)) for case in ("speech_en_long_480", "speech_en_2400", "chirp_480",
+                                                 "speech_fr_480", "speech_en_80")]
+    with one_at_a_time():
+        alone = [whole(m.stream(int(g["delay_ms"])), g["audio"])[0] for _, g in plan]
+    if not mode:
+        assert alone == [g["token_ids"].tolist() for _, g in plan]
+    engine = Engine(m, max_batch=4)
+    sessions = [engine.stream(int(g["delay_ms"])) for _, g in plan[:4]] + [m.stream(int(plan[4][1]["delay_ms"]))]
+    fitted, real_fit = [], engine_mod._fit_drafts
+
+    def fit(batch, max_rows):
+        before = [len(j.dec.draft) for j in batch]
+        real_fit(batch, max_rows)
+        fitted.append((before, [len(j.dec.draft) for j in batch], sum(len(j.audio_embeds) for j in batch)))
+    engine_mod._fit_drafts = fit
+    plain_out = []
+    try:
+        with drafting({s._dec: ids for s, ids in zip(sessions, alone)}, wrong=set(range(1, 200, 5))):
+            plain = threading.Thread(target=lambda: plain_out.append(whole(sessions[4], plan[4][1]["audio"])[0]))
+            plain.start()
+            for s, (_, g) in zip(sessions[:2], plan[:2]):
+                s.feed(g["audio"])
+            block, rounds = 3 * 1280, max(len(g["audio"]) for _, g in plan[2:4]) // (3 * 1280) + 2
+            for r in range(rounds):
+                for s, (_, g) in zip(sessions[2:4], plan[2:4]):
+                    s.feed(g["audio"][r * block:(r + 1) * block])
+                out = engine.together([s.step for s in sessions[:4]])
+                assert all(e is None for _, e in out)
+            assert all(e is None for _, e in engine.together([s.close for s in sessions[:4]]))
+            plain.join(60)
+    finally:
+        engine_mod._fit_drafts = real_fit
+    assert [s.token_ids for s in sessions[:4]] + plain_out == alone
+    assert all(rows <= 4 or after == [0] * len(after) for _, after, rows in fitted)   # drafts fill spare rows only
+    assert any(sum(b) > sum(a) for b, a, _ in fitted)                                 # some were cut ...
+    assert any(sum(a) for _, a, _ in fitted)                                          # ... some verified
+    assert engine.passes < sum(len(ids) for ids in alone[:4])                         # right drafts saved passes
