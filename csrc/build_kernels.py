@@ -16,7 +16,8 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["dispatch.c", "matmul.c", "qmatmul.c", "attention.c", "norms.c", "isa_scalar.c", "isa_avx2.c", "isa_avx512.c"]
+SOURCES = ["dispatch.c", "matmul.c", "qmatmul.c", "attention.c", "norms.c", "layer.c", "isa_scalar.c", "isa_avx2.c",
+           "isa_avx512.c"]
 
 
 def _cdef():

@@ -92,6 +92,45 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window);
 
+/* ---- layer.c: one transformer layer in one call -------------------------------------------------- */
+/* A weight matrix [m, k]: float32 or bfloat16 rows (vx_linear), or int8 / q4 panels (vx_qlinear). */
+enum { VX_MAT_F32 = 0, VX_MAT_BF16 = 1, VX_MAT_INT8 = 2, VX_MAT_Q4 = 3 };
+typedef struct {
+    const void *data;
+    int kind;
+    int64_t m, k;
+} vx_mat;
+
+/* One layer's shapes and tensors (voxtral_ref/stages/encoder.py, decoder.py): pre-RMSNorm attention with
+ * RoPE (split-half output; `interleaved`: Mistral's q/k row layout) and a sliding window, then a
+ * pre-RMSNorm SwiGLU MLP. Biases NULL where the checkpoint has none. */
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, interleaved;
+    int64_t window;
+    float eps;
+    const float *attention_norm, *ffn_norm;    /* [dim] */
+    vx_mat wq, wk, wv, wo, w1, w3, w2;
+    const float *bq, *bv, *bo, *b2;
+} vx_layer;
+
+/* A layer's KV ring (voxtral_ref/stages/attention.py KVCache): k, v [capacity, n_kv_heads, head_dim] of
+ * kvtype, their scales [capacity, n_kv_heads] (VX_KV_INT8), pos [capacity] (-1: unwritten), `filled` live
+ * slots (updated here). capacity 0: no ring, the chunk attends to itself (a whole sequence at once). */
+typedef struct {
+    void *k, *v;
+    float *k_scale, *v_scale;
+    int64_t *pos;
+    int64_t capacity, filled;
+    int kvtype;
+} vx_kv_ring;
+
+/* h [t, dim] <- the layer applied to h (in place), rows at absolute positions pos [t]; cos, sin
+ * [t, head_dim / 2] their RoPE angles; ada [dim] the decoder's AdaRMSNorm scale or NULL; xtype the
+ * float weights' input precision (VX_X_F32 / VX_X_BF16). The chunk's keys and values go into the ring
+ * (slot = pos % capacity) before attending, as KVCache.update does. */
+void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
+                      const float *ada, int xtype, vx_kv_ring *ring);
+
 /* ---- norms.c ------------------------------------------------------------------------------------- */
 /* y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) for each of `rows` rows; x, y [rows, d], w [d]. */
 void vx_rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d);

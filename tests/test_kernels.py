@@ -530,3 +530,43 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         ck.silu_mul(x, x)
     np.testing.assert_array_equal(y, kernels.linear_np(x, x))
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "hf"])
+@pytest.mark.parametrize("mode", [{}, {"precision": "bf16"}, {"quantize": "q4"}, {"quantize": "int8"}])
+def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
+    """csrc/layer.c runs a layer in one call: bit for bit the readable layer (encoder and decoder, a whole
+    sequence and chunks through a KV ring, ring wrap-around included), caches alike afterwards."""
+    import voxtral_ref
+    from conftest import MODEL_DIRS
+    from voxtral_ref.stages import attention, decoder, encoder
+    model = voxtral_ref.load(MODEL_DIRS[fmt], backend="c", **mode)
+    cfg, w, inter = model.cfg, model.weights, fmt == "mistral"
+    rng = np.random.default_rng(0)
+
+    def run(fused):
+        monkeypatch.setattr(kernels, "fused_layers", lambda: fused and kernels._c() is not None)
+        out = []
+        with model.kernel_mode():
+            for stage, c, layer in (("enc", cfg.encoder, encoder.encoder_layer), ("dec", cfg.decoder, decoder.decoder_layer)):
+                lw = w.layer(f"{stage}.layers.0")
+                ada = [] if stage == "enc" else [np.repeat(rng.standard_normal((1, c.dim), np.float32), 40, axis=0)]
+                x = rng.standard_normal((40, c.dim), dtype=np.float32)
+                pos = np.arange(40)
+                kvh = c.n_heads if stage == "enc" else c.n_kv_heads
+                out.append(layer(x, pos, lw, c, *ada, inter, None))
+                cache = attention.KVCache(window=12, max_chunk=8, n_kv_heads=kvh, head_dim=c.head_dim)
+                for p0 in range(0, 40, 8):                   # 5 chunks through a 19-slot ring
+                    args = (x[p0:p0 + 8], pos[p0:p0 + 8], lw, c) + tuple(a[:8] for a in ada) + (inter, cache)
+                    out.append(layer(*args))
+                out += [np.asarray(cache.k, np.float32), np.asarray(cache.v, np.float32), cache.pos.copy(),
+                        np.array(cache.filled)]
+        return out
+
+    rng = np.random.default_rng(0)
+    fused = run(True)
+    rng = np.random.default_rng(0)
+    readable = run(False)
+    assert len(fused) == len(readable)
+    for a, b in zip(fused, readable):
+        np.testing.assert_array_equal(a, b)

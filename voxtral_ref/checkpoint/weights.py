@@ -198,6 +198,11 @@ def release_pages(t):
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+class Layer(dict):
+    """One layer's tensors by their short names; the C backend keeps its descriptor of them on it
+    (runtime/ckernels.layer), so it lives and dies with them."""
+
+
 class Weights:
     """Canonical name -> tensor. Matrices stay in their file dtype (bf16 or f32, mmap'd); vectors (norms,
     biases) and conv kernels, a few MB in all, are converted to float32 once."""
@@ -238,7 +243,7 @@ class Weights:
         """{'wq': ..., 'attention_norm': ...} for one encoder or decoder layer."""
         if prefix not in self._layers:  # built once: the decode loop asks for every layer at every step
             n = len(prefix) + 1
-            self._layers[prefix] = {k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")}
+            self._layers[prefix] = Layer({k[n:]: self[k] for k in self._t if k.startswith(prefix + ".")})
         return self._layers[prefix]
 
     @property

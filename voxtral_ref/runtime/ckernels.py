@@ -257,6 +257,80 @@ def silu_mul(a, b):
     return y
 
 
+def layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache, kv, precision):
+    """One encoder or decoder layer in one C call (csrc/layer.c): h [T, dim] at positions pos [T] -> [T, dim],
+    bit for bit what the readable layer computes (stages/encoder.encoder_layer, decoder.decoder_layer) with
+    these kernels. w: the layer's tensors (checkpoint.weights.Layer); cos, sin [T, head_dim / 2]; ada [dim]
+    or None; cache: its stages.attention.KVCache, or None for a whole sequence; kv: the KV format. None
+    if a tensor is of a kind the call does not take (the caller then runs the readable layer)."""
+    desc = getattr(w, "_vx", None)
+    if desc is None:
+        desc = w._vx = _describe_layer(w, n_heads, n_kv_heads, head_dim, window, eps, interleaved)
+    if desc is False:
+        return None
+    out = np.array(h, dtype=np.float32, order="C")                   # [T, dim], updated in place
+    pos, cos, sin = np.ascontiguousarray(pos, np.int64), _f32(cos), _f32(sin)
+    ring = _ring(cache, kv)
+    ring.filled = cache.filled if cache is not None else 0
+    keep = [ada := _f32(ada)] if ada is not None else []
+    lib.vx_layer_forward(desc[0], _ptr("float *", out), len(pos), _ptr("int64_t *", pos), _ptr("float *", cos),
+                         _ptr("float *", sin), _ptr("float *", keep[0]) if keep else ffi.NULL, _XTYPES[precision], ring)
+    if cache is not None:
+        cache.filled = int(ring.filled)
+    return out
+
+
+_QMATS = {"int8": 2, "q4": 3}                                          # csrc/kernels.h VX_MAT_* (past _WTYPES')
+
+
+def _describe_layer(w, n_heads, n_kv_heads, head_dim, window, eps, interleaved):
+    """(cffi vx_layer, the buffers it points into), or False if a matrix is neither float32 / bf16 rows
+    nor quantised panels."""
+    keep = []
+
+    def buf(ctype, a):
+        keep.append(_ptr(ctype, a))
+        return keep[-1]
+
+    d = ffi.new("vx_layer *")
+    for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2"):
+        t, m = w[name], getattr(d, name)
+        if isinstance(t, quant.QTensor):
+            m.data, m.kind = buf("uint8_t *", t.data), _QMATS[t.fmt]
+        elif np.dtype(t.dtype) in _WTYPES and t.flags.c_contiguous and t.ndim == 2:
+            m.data, m.kind = buf("void *", t), _WTYPES[np.dtype(t.dtype)]
+        else:
+            return False
+        m.m, m.k = t.shape
+    for name in ("attention_norm", "ffn_norm"):
+        setattr(d, name, buf("float *", _f32(w[name])))
+    for name in ("bq", "bv", "bo", "b2"):
+        setattr(d, name, buf("float *", _f32(w[name])) if name in w else ffi.NULL)
+    d.dim, d.n_heads, d.n_kv_heads, d.head_dim = w["wo"].shape[0], n_heads, n_kv_heads, head_dim
+    d.interleaved, d.window, d.eps = int(bool(interleaved)), int(window), float(eps)
+    return d, keep
+
+
+def _ring(cache, kv):
+    """The cffi vx_kv_ring of a KVCache (made once, kept on it: its arrays never move), or an empty one."""
+    if cache is None:
+        r = ffi.new("vx_kv_ring *")
+        r.kvtype = _KV_INT8 if kv == "int8" else _KV_F32
+        return r
+    if getattr(cache, "_vx", None) is None:
+        r = ffi.new("vx_kv_ring *")
+        int8 = isinstance(cache.k, kernels.KV8)
+        keep = [_ptr("void *", cache.k.codes if int8 else cache.k), _ptr("void *", cache.v.codes if int8 else cache.v),
+                _ptr("int64_t *", cache.pos)]
+        r.k, r.v, r.pos = keep
+        if int8:
+            keep += [_ptr("float *", cache.k.scale), _ptr("float *", cache.v.scale)]
+            r.k_scale, r.v_scale = keep[3:]
+        r.capacity, r.kvtype = cache.capacity, _KV_INT8 if int8 else _KV_F32
+        cache._vx = (r, keep)
+    return cache._vx[0]
+
+
 def _configure_from_env():
     threads, isa = os.environ.get("VOXTRAL_REF_THREADS", ""), os.environ.get("VOXTRAL_REF_ISA", "")
     try:

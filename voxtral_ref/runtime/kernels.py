@@ -214,6 +214,19 @@ def attention(q, k, v, q_pos, k_pos, window):
     return c.attention(q, k, v, q_pos, k_pos, window) if c else attention_np(q, k, v, q_pos, k_pos, window)
 
 
+def fused_layers():
+    """Whether the backend runs a whole transformer layer in one call (`layer`)."""
+    return _c() is not None
+
+
+def layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache):
+    """A whole encoder or decoder layer in one call (C backend: ckernels.layer, bit for bit the readable
+    layer in stages/), or None where it does not apply; see stages/attention.fused_layer."""
+    c = _c()
+    return c.layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache,
+                   _kv.get(), _precision.get()) if c else None
+
+
 def rope(x, cos, sin, interleaved=False):
     c = _c()
     return c.rope(x, cos, sin, interleaved) if c else rope_np(x, cos, sin, interleaved)

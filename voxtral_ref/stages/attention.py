@@ -86,3 +86,19 @@ def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window,
     o = [attend(q[e - len(p):e], k[e - len(p):e], v[e - len(p):e], p, window, c) for (p, c), e in zip(seqs, ends)]
     o = o[0] if len(o) == 1 else np.concatenate(o)                                 # [T, H, hd]
     return kernels.linear(o.reshape(x.shape[0], n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]
+
+
+def fused_layer(h, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved, ada=None, cache=None):
+    """A whole layer (the encoder's or the decoder's: attention block, then MLP block with the AdaRMSNorm
+    scale `ada` [dim] if given) in one kernel call where the backend has one: C's runs the readable
+    layer's kernels in the same order (csrc/layer.c), bit for bit, without a trip through Python per
+    kernel (some 16 per layer, 58 layers per live step). -> h [T, dim], or None: run the readable layer.
+    Not for stacked sequences (runtime/engine.py) nor while the oracle records attention maps."""
+    if isinstance(pos, list):                                                      # one sequence's, or stacked
+        if len(pos) != 1:
+            return None
+        pos, cache = pos[0], cache[0]
+    if not kernels.fused_layers() or ATTENTION_PROBE.get() or (cache is not None and len(pos) > cache.max_chunk):
+        return None
+    cos, sin = rope_angles(pos, head_dim, rope_theta)                              # [T, hd/2]
+    return kernels.layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache)

@@ -9,7 +9,7 @@ per-layer MLP whose output rescales the FFN branch's norm, `RMSNorm(h) * (1 + ad
 import numpy as np
 
 from ..runtime import kernels
-from .attention import self_attention
+from .attention import fused_layer, self_attention
 
 
 def time_embedding(n_delay, dim, theta=10000.0):
@@ -35,6 +35,10 @@ def decoder_layer(h, pos, w, cfg, ada, interleaved, cache):
     """h [T, 3072] at positions pos [T] -> [T, 3072]; `ada` [3072] is this layer's constant scale. h may also
     stack the rows of several sequences (runtime/engine.py): then pos and cache are lists, one entry per
     sequence in row order (see self_attention), and ada [T, 3072] gives each row its own sequence's scale."""
+    y = fused_layer(h, pos, w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window,
+                    cfg.norm_eps, interleaved, ada[0], cache)                           # C: these lines in one call
+    if y is not None:
+        return y
     x = kernels.rms_norm(h, w["attention_norm"], cfg.norm_eps)                           # [T, 3072]
     h = h + self_attention(x, pos, w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
                            cfg.sliding_window, interleaved, cache)                       # [T, 3072]

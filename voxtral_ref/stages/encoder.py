@@ -9,7 +9,7 @@ Everything is causal: frame j never depends on a later mel frame, which is what 
 import numpy as np
 
 from ..runtime import kernels
-from .attention import self_attention
+from .attention import fused_layer, self_attention
 
 CONV_KERNEL = 3                           # both conv layers: kernel 3 over time
 
@@ -51,6 +51,10 @@ def conv_stem(mel, w, history=None, trace=None):
 
 def encoder_layer(x, pos, w, cfg, interleaved, cache=None):
     """x [T, 1280] -> [T, 1280]; pos [T] absolute frame positions."""
+    y = fused_layer(x, pos, w, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window,
+                    cfg.norm_eps, interleaved, cache=cache)                             # C: these lines in one call
+    if y is not None:
+        return y
     h = kernels.rms_norm(x, w["attention_norm"], cfg.norm_eps)                          # [T, 1280]
     x = x + self_attention(h, pos, w, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,
                            cfg.sliding_window, interleaved, cache)                      # MHA: kv heads = heads

@@ -1,0 +1,84 @@
+/* vx_layer_forward: one pre-norm transformer layer (the encoder's or the decoder's) in one call, so a live
+ * step crosses from Python into C once per layer instead of some sixteen times (the Python side's pointer
+ * conversions and glue cost more than the small kernels themselves). It runs the same kernels, in the
+ * same order, on the same values as the readable layers in voxtral_ref/stages/ (encoder_layer,
+ * decoder_layer, self_attention, KVCache.update), so its result is bit for bit theirs
+ * (tests/test_kernels.py checks it). */
+#include <stdlib.h>
+
+#include "dispatch.h"
+
+static void matmul(const vx_mat *w, const float *x, int64_t n, int xtype, const float *b, float *y) {
+    if (w->kind == VX_MAT_INT8 || w->kind == VX_MAT_Q4)
+        vx_qlinear(x, n, w->k, (const uint8_t *)w->data, w->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, w->m, b, y);
+    else
+        vx_linear(x, n, w->k, xtype, w->data, w->kind == VX_MAT_BF16 ? VX_W_BF16 : VX_W_F32, w->m, b, y);
+}
+
+/* rows [t, heads * hd] of fresh keys or values -> ring slots (or a chunk's own buffer): float32 copied,
+ * int8 quantised per (position, head) row as kernels.kv_pack does */
+static void store_kv(const float *x, int64_t t, int heads, int hd, int kvtype, const int64_t *slot, void *dst,
+                     float *scale) {
+    const int64_t row = (int64_t)heads * hd;
+    if (kvtype == VX_KV_INT8) {
+        int32_t *sums = vx_alloc(sizeof(int32_t) * heads);
+        for (int64_t i = 0; i < t; i++)
+            vx_quantize_act(x + i * row, heads, hd, hd, (int8_t *)dst + slot[i] * row, scale + slot[i] * heads, sums);
+        free(sums);
+    } else {
+        for (int64_t i = 0; i < t; i++) memcpy((float *)dst + slot[i] * row, x + i * row, sizeof(float) * row);
+    }
+}
+
+void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
+                      const float *ada, int xtype, vx_kv_ring *ring) {
+    const int64_t D = L->dim, F = L->w1.m, HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
+    float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);
+    float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD), *o = vx_alloc(sizeof(float) * t * HD);
+    float *k = vx_alloc(sizeof(float) * t * KD), *kr = vx_alloc(sizeof(float) * t * KD), *v = vx_alloc(sizeof(float) * t * KD);
+    float *a = vx_alloc(sizeof(float) * t * F), *g = vx_alloc(sizeof(float) * t * F);
+    int64_t *slot = vx_alloc(sizeof(int64_t) * t);
+
+    /* attention block: x = norm(h); h += wo(attention(rope(wq x), rope(wk x), wv x)) */
+    vx_rms_norm(h, L->attention_norm, L->eps, x, t, D);
+    matmul(&L->wq, x, t, xtype, L->bq, q);
+    matmul(&L->wk, x, t, xtype, NULL, k);
+    matmul(&L->wv, x, t, xtype, L->bv, v);
+    vx_rope(q, cos, sin, qr, t, L->n_heads, L->head_dim, L->interleaved);
+    vx_rope(k, cos, sin, kr, t, L->n_kv_heads, L->head_dim, L->interleaved);
+    const size_t esz = ring->kvtype == VX_KV_INT8 ? 1 : sizeof(float);
+    void *ck = ring->k, *cv = ring->v;              /* no ring (a whole sequence): this chunk's own keys */
+    float *cks = ring->k_scale, *cvs = ring->v_scale;
+    const int64_t *kpos = ring->pos;
+    int64_t nkeys;
+    if (ring->capacity > 0) {
+        for (int64_t i = 0; i < t; i++) slot[i] = pos[i] % ring->capacity, ring->pos[slot[i]] = pos[i];
+        ring->filled = ring->filled + t < ring->capacity ? ring->filled + t : ring->capacity;
+        nkeys = ring->filled;
+    } else {
+        for (int64_t i = 0; i < t; i++) slot[i] = i;
+        ck = vx_alloc(esz * t * KD), cv = vx_alloc(esz * t * KD);
+        cks = vx_alloc(sizeof(float) * t * L->n_kv_heads), cvs = vx_alloc(sizeof(float) * t * L->n_kv_heads);
+        kpos = pos, nkeys = t;
+    }
+    store_kv(kr, t, L->n_kv_heads, L->head_dim, ring->kvtype, slot, ck, cks);
+    store_kv(v, t, L->n_kv_heads, L->head_dim, ring->kvtype, slot, cv, cvs);
+    vx_attention(qr, ck, cv, ring->kvtype == VX_KV_INT8 ? cks : NULL, ring->kvtype == VX_KV_INT8 ? cvs : NULL,
+                 ring->kvtype, o, t, nkeys, L->n_heads, L->n_kv_heads, L->head_dim, pos, kpos, L->window);
+    if (ring->capacity <= 0) free(ck), free(cv), free(cks), free(cvs);
+    matmul(&L->wo, o, t, xtype, L->bo, y);
+    for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
+
+    /* MLP block: x = norm(h) (* (1 + ada): the decoder's AdaRMSNorm); h += w2(silu(w1 x) * w3 x) */
+    vx_rms_norm(h, L->ffn_norm, L->eps, x, t, D);
+    if (ada)
+        for (int64_t i = 0; i < t; i++)
+            for (int64_t j = 0; j < D; j++) x[i * D + j] = x[i * D + j] * (1.0f + ada[j]);
+    matmul(&L->w1, x, t, xtype, NULL, a);
+    matmul(&L->w3, x, t, xtype, NULL, g);
+    vx_silu_mul(a, g, a, t * F);
+    matmul(&L->w2, a, t, xtype, L->b2, y);
+    for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
+
+    free(x), free(y), free(q), free(qr), free(o), free(k), free(kr), free(v), free(a), free(g), free(slot);
+}
