@@ -15,7 +15,7 @@ encoder + adapter + decoder + LM head for one token, as a live client sees it. R
 per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
 plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
 and after each phase), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
-weight-streaming kernels (step minus the time inside `kernels.linear`), and peak RSS.
+weight-streaming kernels (step minus the time inside the C linears, ckernels.weight_seconds), and peak RSS.
 The fast-forward is a benchmark device: it shifts the session's clocks and fills its caches with positions
 it never computed (values do not change speed), and is never used for real transcription.
 """
@@ -33,7 +33,7 @@ import bench_kernels  # noqa: E402
 from bench_model import reset_peak_rss  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
-from voxtral_ref.runtime import kernels  # noqa: E402
+from voxtral_ref.runtime import ckernels, kernels  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
@@ -43,25 +43,6 @@ BLOCK = C.SAMPLES_PER_TOKEN                               # 1280 samples = 80 ms
 def rss_gb():
     with open("/proc/self/status") as f:
         return {k: int(v.split()[0]) / 1e6 for k, _, v in (line.partition(":") for line in f) if k in ("VmRSS", "VmHWM")}
-
-
-class LinearClock:
-    """Wraps kernels.linear (every weight-streaming matmul goes through it) to sum the time spent inside."""
-
-    def __init__(self):
-        self.seconds, self._linear = 0.0, kernels.linear
-
-    def __enter__(self):
-        def timed(x, w, b=None):
-            t = time.perf_counter()
-            y = self._linear(x, w, b)
-            self.seconds += time.perf_counter() - t
-            return y
-        kernels.linear = timed
-        return self
-
-    def __exit__(self, *exc):
-        kernels.linear = self._linear
 
 
 def weight_bytes(model):
@@ -93,7 +74,7 @@ def fast_forward(session, tokens):
     session._arrivals = type(session._arrivals)((end + tokens * BLOCK, t) for end, t in session._arrivals)
 
 
-def paced(session, audio, seconds, clock):
+def paced(session, audio, seconds):
     """Feed `seconds` of audio block by block in real time; -> step seconds, linear seconds, first-token latency."""
     steps, inside, first = [], [], None
     t_next = time.perf_counter()
@@ -103,12 +84,12 @@ def paced(session, audio, seconds, clock):
             time.sleep(wait)
         t_next += BLOCK / C.SAMPLE_RATE
         block = audio[start % len(audio):][:BLOCK]
-        lin0 = clock.seconds
+        lin0 = ckernels.weight_seconds()
         t0 = time.perf_counter()
         session.feed(block)
         e = session.step()
         steps.append(time.perf_counter() - t0)
-        inside.append(clock.seconds - lin0)
+        inside.append(ckernels.weight_seconds() - lin0)
         if first is None and e.latency_s:
             first = e.latency_s[0]
     return np.array(steps), np.array(inside), first
@@ -133,28 +114,27 @@ def run(path, args, machine):
     out = {"model": str(path), "quantize": model.quantize, "precision": model.precision, "load_s": load_s,
            "weight_GB": weight_bytes(model) / 1e9}
     label = model.quantize or model.precision
-    with LinearClock() as clock:
-        session = model.stream()
-        # the first token needs 1280 * (delay + 1) + 40 samples: feed up to just before, then the block
-        # that completes it, timed as a live client sees it
-        lead = BLOCK * (session.n_delay + 1) + 40 - BLOCK
-        session.feed(audio[:lead])
-        session.step()
-        for phase in ("start", "full"):
-            if phase == "full":
-                fast_forward(session, model.cfg.decoder.sliding_window)
-            bw_before = machine.read_gbs()
-            steps, inside, first = paced(session, audio[lead:], args.seconds, clock)
-            bw = (bw_before + machine.read_gbs()) / 2
-            out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw)
-            out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
-            if phase == "start":
-                out["first_token_latency_ms"] = 1e3 * first if first is not None else None
-            r = out[phase]
-            print(f"{label:>10} {phase:>5}: step {r['step_ms_median']:.1f} / {r['step_ms_mean']:.1f} / "
-                  f"{r['step_ms_p95']:.1f} ms (median/mean/p95), live RTF {r['live_rtf']:.2f}, "
-                  f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s -> roofline {r['roofline_ms']:.1f} ms "
-                  f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms", flush=True)
+    session = model.stream()
+    # the first token needs 1280 * (delay + 1) + 40 samples: feed up to just before, then the block
+    # that completes it, timed as a live client sees it
+    lead = BLOCK * (session.n_delay + 1) + 40 - BLOCK
+    session.feed(audio[:lead])
+    session.step()
+    for phase in ("start", "full"):
+        if phase == "full":
+            fast_forward(session, model.cfg.decoder.sliding_window)
+        bw_before = machine.read_gbs()
+        steps, inside, first = paced(session, audio[lead:], args.seconds)
+        bw = (bw_before + machine.read_gbs()) / 2
+        out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw)
+        out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
+        if phase == "start":
+            out["first_token_latency_ms"] = 1e3 * first if first is not None else None
+        r = out[phase]
+        print(f"{label:>10} {phase:>5}: step {r['step_ms_median']:.1f} / {r['step_ms_mean']:.1f} / "
+              f"{r['step_ms_p95']:.1f} ms (median/mean/p95), live RTF {r['live_rtf']:.2f}, "
+              f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s -> roofline {r['roofline_ms']:.1f} ms "
+              f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms", flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM")
     print(f"{label:>10}: load {load_s:.2f} s, first token {out['first_token_latency_ms']:.0f} ms after its audio, "
           f"peak RSS {out['peak_rss_GB']:.2f} GB", flush=True)

@@ -22,7 +22,11 @@ static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows
 
 /* Few rows per kv head (decode, streaming): tasks are ranges of keys, each for every head, leaving a
  * partial (max m, sum l, unnormalised o) per row; merged here as
- *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
+ *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M).
+ * The ranges (and the kernel's super-blocks within them) sit at fixed multiples of the key index, and a
+ * range or super-block a row does not see leaves its (m, l, o) exactly as they were: so a row's result
+ * depends on its own query and the keys only, not on the other rows of the call (which set the range
+ * of keys looked at), nor on the thread count. */
 static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     const int H = a->hkv, D = a->d, g = a->hq / a->hkv;
     int64_t qmin = INT64_MAX, qmax = INT64_MIN, j_lo, j_hi;
@@ -37,7 +41,7 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     const int sb = vx_att_sb(D, a->kvtype);
     const int64_t chunk = sb > 128 ? sb : 128;   /* whole super-blocks; 3 ranges for the encoder's first steps
                                                   * (~290 keys) keep 2 threads busy */
-    const int64_t nchunks = j_hi > j_lo ? (j_hi - j_lo + chunk - 1) / chunk : 1;
+    const int64_t c_lo = j_lo / chunk, nchunks = j_hi > j_lo ? (j_hi + chunk - 1) / chunk - c_lo : 1;
     const size_t per = (size_t)H * nrows * (2 + D);
     float *state = vx_alloc(sizeof(float) * per * nchunks);
     if (nt > nchunks) nt = (int)nchunks;
@@ -48,7 +52,7 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
                                   + (size_t)sb * D * (a->kvtype == VX_KV_INT8 ? 1 : sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
-            int64_t j0 = j_lo + c * chunk, j1 = j0 + chunk < j_hi ? j0 + chunk : j_hi;
+            const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;
             isa->attention_keys(a, j0, j1, nrows, state + c * per, scratch);
         }
         free(scratch);
@@ -83,9 +87,18 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
             a.k_sorted = 0;
             break;
         }
-    const int64_t nrows = tq * (hq / hkv);          /* rows of one kv head: (query, head of the group) */
-    if (nrows <= isa->attn_vw)
-        by_keys(isa, &a, (int)nrows);
+    const int g = hq / hkv, qg = isa->attn_vw / g;  /* queries whose rows fit one by_keys call */
+    if (tq * g <= isa->attn_vw)
+        by_keys(isa, &a, (int)(tq * g));
+    else if (qg > 0 && tq <= VX_ATT_FEW_QUERIES)
+        /* a decode step with drafts (speculative verification): by_keys, a group of queries at a time, so
+         * each query's result is the one it gets alone (see by_keys), whatever k */
+        for (int64_t i0 = 0; i0 < tq; i0 += qg) {
+            vx_attention_args b = a;
+            b.tq = tq - i0 < qg ? tq - i0 : qg;
+            b.q = q + i0 * hq * d, b.out = out + i0 * hq * d, b.q_pos = q_pos + i0;
+            by_keys(isa, &b, (int)(b.tq * g));
+        }
     else
-        by_rows(isa, &a, nrows);
+        by_rows(isa, &a, tq * g);
 }

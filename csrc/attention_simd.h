@@ -145,14 +145,15 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
 
-/* A super-block's key positions relative to qmin (padding keys past nk: a position no query sees), shared
- * by every head; -> whether some query sees a key (any) and every query every key (all). */
-static inline void keys_visible(const vx_attention_args *a, int64_t jb, int nk, int SB, int64_t qmin, int64_t qmax,
-                                float *kp, int *any, int *all) {
+/* A super-block's key positions relative to qmin, shared by every head: keys [lo, hi) of it are in the
+ * call's range, the others pad it (a position no query sees); -> whether some query sees a key (any) and
+ * every query every key (all). */
+static inline void keys_visible(const vx_attention_args *a, int64_t jb, int lo, int hi, int SB, int64_t qmin,
+                                int64_t qmax, float *kp, int *any, int *all) {
     const int64_t W = a->window, span = qmax - qmin;
-    *any = 0, *all = nk == SB;
+    *any = 0, *all = lo == 0 && hi == SB;
     for (int jj = 0; jj < SB; jj++) {
-        if (jj >= nk) {
+        if (jj < lo || jj >= hi) {
             kp[jj] = (float)(-W - 1);
             continue;
         }
@@ -275,11 +276,11 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
     for (int jj = 0; jj < SB; jj++) ksc[jj] = 1.0f, vsc[jj] = 1.0f;
-    for (int64_t jb = j0; jb < j1; jb += SB) {
-        const int nk = (int)(j1 - jb < SB ? j1 - jb : SB);
+    for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
+        const int lo = (int)(j0 > jb ? j0 - jb : 0), nk = (int)(j1 - jb < SB ? j1 - jb : SB);
         float kp[VX_ATT_SB_MAX];
         int any, all;
-        keys_visible(a, jb, nk, SB, qmin, qmax, kp, &any, &all);
+        keys_visible(a, jb, lo, nk, SB, qmin, qmax, kp, &any, &all);
         if (!any) continue;
         {   /* the next super-block, every head: one contiguous run of K and one of V, into L2 while this one is
              * computed (its rows are hkv * d apart per head, a pattern the hardware prefetchers miss) */
@@ -289,7 +290,12 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         }
         for (int hk = 0; hk < H; hk++) {
             const int64_t at = (jb * H + hk) * D;
-            for (int jj = 0; jj < nk; jj++) {
+            for (int jj = 0; jj < lo; jj++) {          /* before the range: padding, as past it */
+                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
+                memset(vbuf + jj * D * esz, 0, D * esz);
+                ksc[jj] = vsc[jj] = 0.0f;
+            }
+            for (int jj = lo; jj < nk; jj++) {
                 if (Q8) {
                     const int8_t *kc = (const int8_t *)a->k + at + jj * row;
                     int d = 0;

@@ -116,3 +116,9 @@ void *vx_alloc(size_t bytes) {
     }
     return p;
 }
+
+static int64_t weight_ns;
+
+void vx_count_weight_ns(int64_t ns) { __atomic_fetch_add(&weight_ns, ns, __ATOMIC_RELAXED); }
+
+double vx_weight_seconds(void) { return 1e-9 * (double)__atomic_load_n(&weight_ns, __ATOMIC_RELAXED); }

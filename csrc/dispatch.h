@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 
@@ -39,6 +40,10 @@ static inline int vx_att_sb(int d, int kvtype) {
     while (sb > 16 && sb * bytes_per_key > 32768) sb /= 2;
     return sb;
 }
+
+/* calls of at most this many queries (a decode step and its drafts: generate.MAX_DRAFT + 1) run per query
+ * group by keys (attention.c), so each query's result equals the one it gets in a call of its own */
+enum { VX_ATT_FEW_QUERIES = 16 };
 
 /* rows of scratch the attention rows kernel widens an int8 cache's keys and values into (2 per key of a block) */
 enum { VX_ATT_CONV = 16 };
@@ -203,6 +208,14 @@ static inline float vx_round_bf16(float f) {
     return f;
 }
 
-void *vx_alloc(size_t bytes);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */
+void *vx_alloc(size_t bytes);
+
+/* monotonic nanoseconds; the time spent inside the weight-streaming linears is summed (vx_weight_seconds) */
+static inline int64_t vx_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+void vx_count_weight_ns(int64_t ns);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */
 
 #endif

@@ -29,6 +29,7 @@ int vx_get_isa(void);
 const char *vx_isa_name(int level);      /* "scalar", "avx2", "avxvnni", "avx512", "avx512bf16" */
 const char *vx_isa_detail(int level);    /* one line: what the level uses */
 void vx_set_threads(int n);              /* n <= 0: the OpenMP default (one per core) */
+double vx_weight_seconds(void);          /* seconds spent in vx_linear and vx_qlinear since load (benchmarks) */
 int vx_get_threads(void);                /* 1 when built without OpenMP */
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */

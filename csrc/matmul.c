@@ -99,8 +99,8 @@ static void linear_gemm(const vx_linear_args *a, const vx_gemm_kernel *g) {
     free(ap);
 }
 
-void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,
-               float *y) {
+static void linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,
+                   float *y) {
     vx_linear_args a = {x, n, k, m, xtype, w, wtype, b, y};
     if (n <= 0 || m <= 0) return;
     if (k == 0) {   /* an empty sum: the bias alone */
@@ -123,4 +123,11 @@ void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, i
     } else {
         linear_gemm(&a, &isa->gemm);
     }
+}
+
+void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,
+               float *y) {
+    const int64_t t0 = vx_now_ns();
+    linear(x, n, k, xtype, w, wtype, m, b, y);
+    vx_count_weight_ns(vx_now_ns() - t0);
 }

@@ -34,7 +34,7 @@ void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt
     }
 }
 
-void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
+static void qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
     if (n <= 0 || m <= 0) return;
     const int64_t nb = k / VX_QBLOCK;
     vx_qlinear_args a = {vx_alloc((size_t)(n * k)), vx_alloc(sizeof(float) * n * nb), vx_alloc(sizeof(int32_t) * n * nb),
@@ -53,4 +53,10 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
     free((void *)a.xq);
     free((void *)a.sx);
     free((void *)a.xsum);
+}
+
+void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
+    const int64_t t0 = vx_now_ns();
+    qlinear(x, n, k, w, fmt, m, b, y);
+    vx_count_weight_ns(vx_now_ns() - t0);
 }

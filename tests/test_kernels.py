@@ -570,3 +570,31 @@ def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
     assert len(fused) == len(readable)
     for a, b in zip(fused, readable):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@FAST
+@given(tq=st.integers(2, 16), past=st.integers(0, 400), hkv=st.integers(1, 3), g=st.sampled_from([1, 2, 4]),
+       d=st.sampled_from([8, 24, 64, 128]), window=st.integers(1, 300), order=st.sampled_from(["sorted", "ring"]),
+       kv=st.sampled_from(["f32", "int8"]), seed=st.integers(0, 2**32 - 1))
+def test_a_query_gets_what_it_gets_alone(level, tq, past, hkv, g, d, window, order, kv, seed):
+    """A decode step with drafts (up to 16 queries over a cache): each query's output is bit for bit the one
+    a call of its own gives, so verifying drafts (and a backlog, and the engine's sessions) computes every
+    kept position exactly as one-at-a-time decoding does. (Where a vector cannot hold a GQA group, the
+    scalar level, the many-row path runs and only the twin's tolerance holds.)"""
+    if g > ck.ISA_VW[level]:
+        return
+    rng = np.random.default_rng(seed)
+    tk = past + tq
+    q = rng.standard_normal((tq, hkv * g, d), dtype=np.float32) * np.float32(3)
+    k, v = (rng.standard_normal((tk, hkv, d), dtype=np.float32) for _ in range(2))
+    k_pos = np.arange(tk, dtype=np.int64) + 1000
+    perm = ring_order(tk, rng) if order == "ring" else np.arange(tk)
+    k, v, k_pos = k[perm], v[perm], k_pos[perm]
+    if kv == "int8":
+        k, v = kv8(k), kv8(v)
+    q_pos = np.arange(1000 + past, 1000 + tk)
+    with isa(level):
+        together = ck.attention(q, k, v, q_pos, k_pos, window)
+        for i in range(tq):
+            np.testing.assert_array_equal(together[i], ck.attention(q[i:i + 1], k, v, q_pos[i:i + 1], k_pos, window)[0])

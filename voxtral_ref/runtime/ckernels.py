@@ -28,6 +28,7 @@ except ImportError:  # not built (e.g. a source checkout without `pip install .`
     ffi = lib = None
 
 ISA_LEVELS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16")
+ISA_VW = {"scalar": 1, "avx2": 8, "avxvnni": 8, "avx512": 16, "avx512bf16": 16}    # floats per vector (simd.h VW)
 _WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1}                          # csrc/kernels.h
 _XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
 _warned = False
@@ -61,6 +62,12 @@ def set_threads(n):
 
 def get_threads():
     return lib.vx_get_threads() if lib is not None else 1
+
+
+def weight_seconds():
+    """Seconds spent inside the weight-streaming linears (vx_linear, vx_qlinear) since load: benchmarks
+    subtract it from a step's time to get what runs outside them."""
+    return lib.vx_weight_seconds()
 
 
 def set_isa(name):
