@@ -10,25 +10,37 @@
 #define VX_CLIP(v, lo, hi) VX_MIN(VX_MAX(v, lo), hi)
 
 /* ---- activations: [n, k] -> int8 per block (32 for the linears, a head row for attention) ------------ */
-VX_INLINE void quantize_block(const float *xb, int64_t block, int8_t *qb, float *sx, int32_t *xsum) {
-    float amax = 0.0f;
-    for (int64_t t = 0; t < block; t++) amax = VX_MAX(amax, fabsf(xb[t]));
-    const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
-    int32_t sum = 0;
-    for (int64_t t = 0; t < block; t++) {
-        qb[t] = (int8_t)VX_CLIP(nearbyintf(xb[t] / safe), -127.0f, 127.0f);
-        sum += qb[t];
-    }
-    *sx = s, *xsum = sum;
-}
-
 VX_FN static void VX_NAME(quantize_act)(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx,
                                         int32_t *xsum) {
-    for (int64_t i = 0; i < n * (k / block); i++)   /* the linears' 32 as a constant: vectorised */
-        if (block == VX_QBLOCK)
-            quantize_block(x + i * VX_QBLOCK, VX_QBLOCK, xq + i * VX_QBLOCK, sx + i, xsum + i);
-        else
-            quantize_block(x + i * block, block, xq + i * block, sx + i, xsum + i);
+    if (block == VX_QBLOCK) {        /* the linears': a constant block, each step a loop the compiler vectorises */
+        for (int64_t i = 0; i < n * (k / VX_QBLOCK); i++) {
+            const float *xb = x + i * VX_QBLOCK;
+            float amax = 0.0f, q[VX_QBLOCK];
+            for (int t = 0; t < VX_QBLOCK; t++) amax = VX_MAX(amax, fabsf(xb[t]));
+            const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
+            for (int t = 0; t < VX_QBLOCK; t++) q[t] = VX_CLIP(nearbyintf(xb[t] / safe), -127.0f, 127.0f);
+            int32_t sum = 0;
+            for (int t = 0; t < VX_QBLOCK; t++) {
+                xq[i * VX_QBLOCK + t] = (int8_t)q[t];
+                sum += (int32_t)q[t];
+            }
+            sx[i] = s, xsum[i] = sum;
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n * (k / block); i++) {   /* any block: the KV caches' head rows */
+        const float *xb = x + i * block;
+        float amax = 0.0f;
+        for (int64_t t = 0; t < block; t++) amax = VX_MAX(amax, fabsf(xb[t]));
+        const float s = amax / 127.0f, safe = s > 0.0f ? s : 1.0f;
+        int32_t sum = 0;
+        for (int64_t t = 0; t < block; t++) {
+            const float q = VX_CLIP(nearbyintf(xb[t] / safe), -127.0f, 127.0f);
+            xq[i * block + t] = (int8_t)q;
+            sum += (int32_t)q;
+        }
+        sx[i] = s, xsum[i] = sum;
+    }
 }
 
 /* ---- weights -> panels -----------------------------------------------------------------------------------
