@@ -61,6 +61,9 @@ from ..stages.mel import log_mel_frames
 
 HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
 LOOK_AHEAD = HALF_WINDOW - HOP            # 40 samples (2.5 ms) past a token's 1280 for its last frame
+# A file's session (transcribe()) encodes up to this many tokens per encoder call: 1000 frames, wide enough
+# for the GEMMs' efficiency (39 tokens per call cost 15-20 % more than one whole-file pass, measured)
+FILE_ENCODE_TOKENS = 250
 # A session behind the audio (a backlog of positions whose embeddings are ready) verifies up to this many
 # drafted tokens per decoder pass (generate.draft_tokens). 3: a 4-row pass costs about what a 1-row one does
 # on the full-size model (README, Batching: q4 0.99-1.06x, int8 1.02-1.06x), so all-missed drafts cost
@@ -97,7 +100,9 @@ class StreamSession:
         with model.kernel_mode():                              # caches in the model's KV dtype
             # max_positions None (live): rings of window + prompt - 1 positions
             self._dec = Decoder(model.weights, self.n_delay, max_positions)
-            self._batch = len(self._dec.prompt)                # tokens encoded at once, at most: the prompt's
+            # tokens encoded at once, at most: the prompt's live (each step's latency); a file's (transcribe():
+            # max_positions known) more, for wide encoder GEMMs
+            self._batch = len(self._dec.prompt) if max_positions is None else max(len(self._dec.prompt), FILE_ENCODE_TOKENS)
             ds = model.cfg.downsample
             self._enc_caches = [KVCache(enc.sliding_window, ds * self._batch, enc.n_heads, enc.head_dim,
                                         max_positions and ds * max_positions) for _ in range(enc.n_layers)]

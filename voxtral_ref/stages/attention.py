@@ -3,6 +3,7 @@ kernels.rope), sliding-window attention and the rolling KV cache that bounds mem
 length."""
 
 import contextvars
+import functools
 
 import numpy as np
 
@@ -100,5 +101,11 @@ def fused_layer(h, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, ep
         pos, cache = pos[0], cache[0]
     if not kernels.fused_layers() or ATTENTION_PROBE.get() or (cache is not None and len(pos) > cache.max_chunk):
         return None
-    cos, sin = rope_angles(pos, head_dim, rope_theta)                              # [T, hd/2]
+    cos, sin = _layer_angles(np.asarray(pos, np.int64).tobytes(), head_dim, rope_theta)  # [T, hd/2]
     return kernels.layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache)
+
+
+@functools.lru_cache(maxsize=4)
+def _layer_angles(pos_bytes, head_dim, theta):
+    """rope_angles for every layer of a pass at once (they share the positions); read-only."""
+    return rope_angles(np.frombuffer(pos_bytes, np.int64), head_dim, theta)
