@@ -121,6 +121,12 @@ typedef struct {
 
 extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avxvnni, vx_isa_avx512, vx_isa_avx512_bf16;
 
+/* vx_qlinear for up to VX_QLINEARS_MAX matrices of one input (a layer's q/k/v, or w1/w3): the input
+ * quantised once and one team of threads over all their panels; each y_i as vx_qlinear gives it */
+enum { VX_QLINEARS_MAX = 3 };
+void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
+                     const int64_t *m, const float *const *b, float *const *y);
+
 /* the 256-bit quantised linears (qmatmul_256.h), shared by the avx2, avxvnni and avx512 tables */
 void vx_qlinear_avx2(const vx_qlinear_args *a, int64_t p0, int64_t p1);
 void vx_qlinear_avxvnni(const vx_qlinear_args *a, int64_t p0, int64_t p1);

@@ -8,11 +8,32 @@
 
 #include "dispatch.h"
 
+static int quantised(const vx_mat *w) { return w->kind == VX_MAT_INT8 || w->kind == VX_MAT_Q4; }
+
+/* y_i = x @ w_i.T (+ b_i) for `count` matrices of one input: quantised ones in one call (x quantised once,
+ * one team of threads for all), as each would be alone */
+static void matmuls(int count, const vx_mat *const *w, const float *x, int64_t n, int xtype, const float *const *b,
+                    float *const *y) {
+    int all = 1;
+    for (int i = 0; i < count; i++) all &= quantised(w[i]);
+    if (all) {
+        const uint8_t *data[VX_QLINEARS_MAX];
+        int fmt[VX_QLINEARS_MAX];
+        int64_t m[VX_QLINEARS_MAX];
+        for (int i = 0; i < count; i++)
+            data[i] = w[i]->data, fmt[i] = w[i]->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, m[i] = w[i]->m;
+        vx_qlinear_many(x, n, w[0]->k, count, data, fmt, m, b, y);
+        return;
+    }
+    for (int i = 0; i < count; i++)
+        if (quantised(w[i]))
+            vx_qlinear(x, n, w[i]->k, w[i]->data, w[i]->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, w[i]->m, b[i], y[i]);
+        else
+            vx_linear(x, n, w[i]->k, xtype, w[i]->data, w[i]->kind == VX_MAT_BF16 ? VX_W_BF16 : VX_W_F32, w[i]->m, b[i], y[i]);
+}
+
 static void matmul(const vx_mat *w, const float *x, int64_t n, int xtype, const float *b, float *y) {
-    if (w->kind == VX_MAT_INT8 || w->kind == VX_MAT_Q4)
-        vx_qlinear(x, n, w->k, (const uint8_t *)w->data, w->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, w->m, b, y);
-    else
-        vx_linear(x, n, w->k, xtype, w->data, w->kind == VX_MAT_BF16 ? VX_W_BF16 : VX_W_F32, w->m, b, y);
+    matmuls(1, &w, x, n, xtype, &b, &y);
 }
 
 /* rows [t, heads * hd] of fresh keys or values -> ring slots (or a chunk's own buffer): float32 copied,
@@ -41,9 +62,12 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
 
     /* attention block: x = norm(h); h += wo(attention(rope(wq x), rope(wk x), wv x)) */
     vx_rms_norm(h, L->attention_norm, L->eps, x, t, D);
-    matmul(&L->wq, x, t, xtype, L->bq, q);
-    matmul(&L->wk, x, t, xtype, NULL, k);
-    matmul(&L->wv, x, t, xtype, L->bv, v);
+    {
+        const vx_mat *w[] = {&L->wq, &L->wk, &L->wv};
+        const float *b[] = {L->bq, NULL, L->bv};
+        float *out[] = {q, k, v};
+        matmuls(3, w, x, t, xtype, b, out);
+    }
     vx_rope(q, cos, sin, qr, t, L->n_heads, L->head_dim, L->interleaved);
     vx_rope(k, cos, sin, kr, t, L->n_kv_heads, L->head_dim, L->interleaved);
     const size_t esz = ring->kvtype == VX_KV_INT8 ? 1 : sizeof(float);
@@ -74,8 +98,12 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
     if (ada)
         for (int64_t i = 0; i < t; i++)
             for (int64_t j = 0; j < D; j++) x[i * D + j] = x[i * D + j] * (1.0f + ada[j]);
-    matmul(&L->w1, x, t, xtype, NULL, a);
-    matmul(&L->w3, x, t, xtype, NULL, g);
+    {
+        const vx_mat *w[] = {&L->w1, &L->w3};
+        const float *b[] = {NULL, NULL};
+        float *out[] = {a, g};
+        matmuls(2, w, x, t, xtype, b, out);
+    }
     vx_silu_mul(a, g, a, t * F);
     matmul(&L->w2, a, t, xtype, L->b2, y);
     for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];

@@ -34,29 +34,47 @@ void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt
     }
 }
 
-static void qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
-    if (n <= 0 || m <= 0) return;
+/* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once, and one team of
+ * threads over all their panels (each thread a contiguous run of the concatenated panels) */
+static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
+                     const int64_t *m, const float *const *b, float *const *y) {
+    if (n <= 0) return;
     const int64_t nb = k / VX_QBLOCK;
-    vx_qlinear_args a = {vx_alloc((size_t)(n * k)), vx_alloc(sizeof(float) * n * nb), vx_alloc(sizeof(int32_t) * n * nb),
-                         n, k, m, w, fmt, vx_qpanel_bytes(fmt, k), b, y};
-    vx_quantize_act(x, n, k, VX_QBLOCK, (int8_t *)a.xq, (float *)a.sx, (int32_t *)a.xsum);
+    int8_t *xq = vx_alloc((size_t)(n * k));
+    float *sx = vx_alloc(sizeof(float) * n * nb);
+    int32_t *xsum = vx_alloc(sizeof(int32_t) * n * nb);
+    vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
+    vx_qlinear_args a[VX_QLINEARS_MAX];
+    int64_t first[VX_QLINEARS_MAX + 1] = {0}, work = 0;   /* matrix i's panels: [first[i], first[i + 1]) */
+    for (int i = 0; i < count; i++) {
+        a[i] = (vx_qlinear_args){xq, sx, xsum, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
+        first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
+        work += m[i] * k;
+    }
     const vx_isa *isa = vx_active();
-    const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL;
-    int nt = vx_threads_for((double)m * k);
+    int nt = vx_threads_for((double)work);
     /* contiguous ranges of panels per thread: one sequential weight stream each, as the GEMV */
 #pragma omp parallel num_threads(nt)
     {
         int64_t lo, hi;
-        vx_split(panels, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        if (lo < hi) isa->qlinear(&a, lo, hi);
+        vx_split(first[count], 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        for (int i = 0; i < count; i++) {
+            const int64_t p0 = lo > first[i] ? lo : first[i], p1 = hi < first[i + 1] ? hi : first[i + 1];
+            if (p0 < p1) isa->qlinear(&a[i], p0 - first[i], p1 - first[i]);
+        }
     }
-    free((void *)a.xq);
-    free((void *)a.sx);
-    free((void *)a.xsum);
+    free(xq);
+    free(sx);
+    free(xsum);
+}
+
+void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
+                     const int64_t *m, const float *const *b, float *const *y) {
+    const int64_t t0 = vx_now_ns();
+    qlinears(x, n, k, count, w, fmt, m, b, y);
+    vx_count_weight_ns(vx_now_ns() - t0);
 }
 
 void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {
-    const int64_t t0 = vx_now_ns();
-    qlinear(x, n, k, w, fmt, m, b, y);
-    vx_count_weight_ns(vx_now_ns() - t0);
+    vx_qlinear_many(x, n, k, 1, &w, &fmt, &m, &b, &y);
 }
