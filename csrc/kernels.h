@@ -125,12 +125,14 @@ typedef struct {
     int kvtype;
 } vx_kv_ring;
 
-/* h [t, dim] <- the layer applied to h (in place), rows at absolute positions pos [t]; cos, sin
- * [t, head_dim / 2] their RoPE angles; ada [dim] the decoder's AdaRMSNorm scale or NULL; xtype the
- * float weights' input precision (VX_X_F32 / VX_X_BF16). The chunk's keys and values go into the ring
- * (slot = pos % capacity) before attending, as KVCache.update does. */
+/* h [t, dim] <- the layer applied to h (in place): the rows of nseq sequences stacked (seq_rows [nseq] rows
+ * each, in order), every weight once over all of them, attention per sequence against its own ring
+ * (rings [nseq]); rows at absolute positions pos [t]; cos, sin [t, head_dim / 2] their RoPE angles;
+ * ada [t, dim] the decoder's AdaRMSNorm scale of each row, or NULL; xtype the float weights' input
+ * precision (VX_X_F32 / VX_X_BF16). A sequence's keys and values go into its ring (slot = pos % capacity)
+ * before it attends, as KVCache.update does. */
 void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
-                      const float *ada, int xtype, vx_kv_ring *ring);
+                      const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *rings);
 
 /* ---- norms.c ------------------------------------------------------------------------------------- */
 /* y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) for each of `rows` rows; x, y [rows, d], w [d]. */

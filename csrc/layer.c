@@ -51,27 +51,14 @@ static void store_kv(const float *x, int64_t t, int heads, int hd, int kvtype, c
     }
 }
 
-void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
-                      const float *ada, int xtype, vx_kv_ring *ring) {
-    const int64_t D = L->dim, F = L->w1.m, HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
-    float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);
-    float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD), *o = vx_alloc(sizeof(float) * t * HD);
-    float *k = vx_alloc(sizeof(float) * t * KD), *kr = vx_alloc(sizeof(float) * t * KD), *v = vx_alloc(sizeof(float) * t * KD);
-    float *a = vx_alloc(sizeof(float) * t * F), *g = vx_alloc(sizeof(float) * t * F);
-    int64_t *slot = vx_alloc(sizeof(int64_t) * t);
-
-    /* attention block: x = norm(h); h += wo(attention(rope(wq x), rope(wk x), wv x)) */
-    vx_rms_norm(h, L->attention_norm, L->eps, x, t, D);
-    {
-        const vx_mat *w[] = {&L->wq, &L->wk, &L->wv};
-        const float *b[] = {L->bq, NULL, L->bv};
-        float *out[] = {q, k, v};
-        matmuls(3, w, x, t, xtype, b, out);
-    }
-    vx_rope(q, cos, sin, qr, t, L->n_heads, L->head_dim, L->interleaved);
-    vx_rope(k, cos, sin, kr, t, L->n_kv_heads, L->head_dim, L->interleaved);
+/* One sequence's attention: its rows' roped q [t, HD] and k, v [t, KD] -> o [t, HD]; the keys and values
+ * go into its ring first (or, without one, it attends to its own chunk) */
+static void attend(const vx_layer *L, const float *qr, const float *kr, const float *v, int64_t t, const int64_t *pos,
+                   vx_kv_ring *ring, float *o) {
+    const int64_t KD = (int64_t)L->n_kv_heads * L->head_dim;
     const size_t esz = ring->kvtype == VX_KV_INT8 ? 1 : sizeof(float);
-    void *ck = ring->k, *cv = ring->v;              /* no ring (a whole sequence): this chunk's own keys */
+    int64_t *slot = vx_alloc(sizeof(int64_t) * t);
+    void *ck = ring->k, *cv = ring->v;
     float *cks = ring->k_scale, *cvs = ring->v_scale;
     const int64_t *kpos = ring->pos;
     int64_t nkeys;
@@ -90,14 +77,37 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
     vx_attention(qr, ck, cv, ring->kvtype == VX_KV_INT8 ? cks : NULL, ring->kvtype == VX_KV_INT8 ? cvs : NULL,
                  ring->kvtype, o, t, nkeys, L->n_heads, L->n_kv_heads, L->head_dim, pos, kpos, L->window);
     if (ring->capacity <= 0) free(ck), free(cv), free(cks), free(cvs);
+    free(slot);
+}
+
+void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
+                      const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *rings) {
+    const int64_t D = L->dim, F = L->w1.m, HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
+    float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);
+    float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD), *o = vx_alloc(sizeof(float) * t * HD);
+    float *k = vx_alloc(sizeof(float) * t * KD), *kr = vx_alloc(sizeof(float) * t * KD), *v = vx_alloc(sizeof(float) * t * KD);
+    float *a = vx_alloc(sizeof(float) * t * F), *g = vx_alloc(sizeof(float) * t * F);
+
+    /* attention block: x = norm(h); h += wo(attention(rope(wq x), rope(wk x), wv x)), the projections once
+     * over every sequence's rows, attention per sequence */
+    vx_rms_norm(h, L->attention_norm, L->eps, x, t, D);
+    {
+        const vx_mat *w[] = {&L->wq, &L->wk, &L->wv};
+        const float *b[] = {L->bq, NULL, L->bv};
+        float *out[] = {q, k, v};
+        matmuls(3, w, x, t, xtype, b, out);
+    }
+    vx_rope(q, cos, sin, qr, t, L->n_heads, L->head_dim, L->interleaved);
+    vx_rope(k, cos, sin, kr, t, L->n_kv_heads, L->head_dim, L->interleaved);
+    for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows[s++])
+        attend(L, qr + r0 * HD, kr + r0 * KD, v + r0 * KD, seq_rows[s], pos + r0, &rings[s], o + r0 * HD);
     matmul(&L->wo, o, t, xtype, L->bo, y);
     for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
 
-    /* MLP block: x = norm(h) (* (1 + ada): the decoder's AdaRMSNorm); h += w2(silu(w1 x) * w3 x) */
+    /* MLP block: x = norm(h) (* (1 + ada): the decoder's AdaRMSNorm, a scale per row); h += w2(silu(w1 x) * w3 x) */
     vx_rms_norm(h, L->ffn_norm, L->eps, x, t, D);
     if (ada)
-        for (int64_t i = 0; i < t; i++)
-            for (int64_t j = 0; j < D; j++) x[i * D + j] = x[i * D + j] * (1.0f + ada[j]);
+        for (int64_t i = 0; i < t * D; i++) x[i] = x[i] * (1.0f + ada[i]);
     {
         const vx_mat *w[] = {&L->w1, &L->w3};
         const float *b[] = {NULL, NULL};
@@ -108,5 +118,5 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
     matmul(&L->w2, a, t, xtype, L->b2, y);
     for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
 
-    free(x), free(y), free(q), free(qr), free(o), free(k), free(kr), free(v), free(a), free(g), free(slot);
+    free(x), free(y), free(q), free(qr), free(o), free(k), free(kr), free(v), free(a), free(g);
 }

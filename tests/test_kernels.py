@@ -536,7 +536,8 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("mode", [{}, {"precision": "bf16"}, {"quantize": "q4"}, {"quantize": "int8"}])
 def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
     """csrc/layer.c runs a layer in one call: bit for bit the readable layer (encoder and decoder, a whole
-    sequence and chunks through a KV ring, ring wrap-around included), caches alike afterwards."""
+    sequence, chunks through a KV ring, ring wrap-around included, and two sequences' rows stacked with
+    their own rings), caches alike afterwards."""
     import voxtral_ref
     from conftest import MODEL_DIRS
     from voxtral_ref.stages import attention, decoder, encoder
@@ -561,6 +562,14 @@ def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
                     out.append(layer(*args))
                 out += [np.asarray(cache.k, np.float32), np.asarray(cache.v, np.float32), cache.pos.copy(),
                         np.array(cache.filled)]
+                # two sequences' rows stacked (the engine's passes), each with its own ring and AdaRMSNorm rows
+                two = [attention.KVCache(window=12, max_chunk=8, n_kv_heads=kvh, head_dim=c.head_dim) for _ in range(2)]
+                for p0, (n1, n2) in zip(range(0, 40, 8), [(3, 5), (8, 1), (1, 8), (5, 5), (2, 7)]):
+                    ps = [pos[p0:p0 + n1], pos[p0:p0 + n2] + 3]
+                    xs = rng.standard_normal((n1 + n2, c.dim), dtype=np.float32)
+                    ad = [] if stage == "enc" else [rng.standard_normal((n1 + n2, c.dim), dtype=np.float32)]
+                    out.append(layer(xs, ps, lw, c, *ad, inter, two))
+                out += [np.asarray(t.k, np.float32) for t in two] + [np.array([t.filled for t in two])]
         return out
 
     rng = np.random.default_rng(0)

@@ -264,12 +264,14 @@ def silu_mul(a, b):
     return y
 
 
-def layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache, kv, precision):
+def layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, caches, kv,
+          precision):
     """One encoder or decoder layer in one C call (csrc/layer.c): h [T, dim] at positions pos [T] -> [T, dim],
     bit for bit what the readable layer computes (stages/encoder.encoder_layer, decoder.decoder_layer) with
-    these kernels. w: the layer's tensors (checkpoint.weights.Layer); cos, sin [T, head_dim / 2]; ada [dim]
-    or None; cache: its stages.attention.KVCache, or None for a whole sequence; kv: the KV format. None
-    if a tensor is of a kind the call does not take (the caller then runs the readable layer)."""
+    these kernels. The rows stack the sequences of seq_rows (rows each), caches: their
+    stages.attention.KVCache (one sequence may have None: a whole sequence at once). w: the layer's tensors
+    (checkpoint.weights.Layer); cos, sin [T, head_dim / 2]; ada [T, dim] or None; kv: the KV format. None if
+    a tensor is of a kind the call does not take (the caller then runs the readable layer)."""
     desc = getattr(w, "_vx", None)
     if desc is None:
         desc = w._vx = _describe_layer(w, n_heads, n_kv_heads, head_dim, window, eps, interleaved)
@@ -277,13 +279,22 @@ def layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, co
         return None
     out = np.array(h, dtype=np.float32, order="C")                   # [T, dim], updated in place
     pos, cos, sin = np.ascontiguousarray(pos, np.int64), _f32(cos), _f32(sin)
-    ring = _ring(cache, kv)
-    ring.filled = cache.filled if cache is not None else 0
-    keep = [ada := _f32(ada)] if ada is not None else []
+    ada = None if ada is None else _f32(ada)
+    rows = np.asarray(seq_rows, np.int64)
+    if len(caches) == 1:
+        rings = _ring(caches[0], kv)                                  # the cache's own struct, an array of one
+        rings.filled = caches[0].filled if caches[0] is not None else 0
+    else:
+        rings = ffi.new("vx_kv_ring[]", len(caches))
+        for i, c in enumerate(caches):
+            rings[i] = _ring(c, kv)[0]
+            rings[i].filled = c.filled
     lib.vx_layer_forward(desc[0], _ptr("float *", out), len(pos), _ptr("int64_t *", pos), _ptr("float *", cos),
-                         _ptr("float *", sin), _ptr("float *", keep[0]) if keep else ffi.NULL, _XTYPES[precision], ring)
-    if cache is not None:
-        cache.filled = int(ring.filled)
+                         _ptr("float *", sin), ffi.NULL if ada is None else _ptr("float *", ada), _XTYPES[precision],
+                         len(caches), _ptr("int64_t *", rows), rings)
+    for i, c in enumerate(caches):
+        if c is not None:
+            c.filled = int(rings[i].filled)
     return out
 
 

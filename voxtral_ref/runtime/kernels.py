@@ -219,12 +219,12 @@ def fused_layers():
     return _c() is not None
 
 
-def layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache):
+def layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, caches):
     """A whole encoder or decoder layer in one call (C backend: ckernels.layer, bit for bit the readable
     layer in stages/), or None where it does not apply; see stages/attention.fused_layer."""
     c = _c()
-    return c.layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache,
-                   _kv.get(), _precision.get()) if c else None
+    return c.layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada,
+                   caches, _kv.get(), _precision.get()) if c else None
 
 
 def rope(x, cos, sin, interleaved=False):

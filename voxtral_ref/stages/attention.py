@@ -91,18 +91,21 @@ def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window,
 
 def fused_layer(h, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved, ada=None, cache=None):
     """A whole layer (the encoder's or the decoder's: attention block, then MLP block with the AdaRMSNorm
-    scale `ada` [dim] if given) in one kernel call where the backend has one: C's runs the readable
+    scale `ada` [T, dim] if given) in one kernel call where the backend has one: C's runs the readable
     layer's kernels in the same order (csrc/layer.c), bit for bit, without a trip through Python per
-    kernel (some 16 per layer, 58 layers per live step). -> h [T, dim], or None: run the readable layer.
-    Not for stacked sequences (runtime/engine.py) nor while the oracle records attention maps."""
-    if isinstance(pos, list):                                                      # one sequence's, or stacked
-        if len(pos) != 1:
-            return None
-        pos, cache = pos[0], cache[0]
-    if not kernels.fused_layers() or ATTENTION_PROBE.get() or (cache is not None and len(pos) > cache.max_chunk):
+    kernel (some 16 per layer, 58 layers per live step). h may stack several sequences' rows, as in
+    self_attention (pos and cache then lists). -> h [T, dim], or None: run the readable layer. Not while
+    the oracle records attention maps."""
+    seqs = list(zip(pos, cache)) if isinstance(pos, list) else [(pos, cache)]
+    if not kernels.fused_layers() or ATTENTION_PROBE.get():
         return None
-    cos, sin = _layer_angles(np.asarray(pos, np.int64).tobytes(), head_dim, rope_theta)  # [T, hd/2]
-    return kernels.layer(h, pos, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, cache)
+    for p, c in seqs:         # stacked rows need their caches; an oversized chunk gets the readable layer's error
+        if (c is None and len(seqs) > 1) or (c is not None and len(p) > c.max_chunk):
+            return None
+    allpos = np.concatenate([p for p, _ in seqs]) if len(seqs) > 1 else np.asarray(seqs[0][0])   # [T]
+    cos, sin = _layer_angles(np.asarray(allpos, np.int64).tobytes(), head_dim, rope_theta)     # [T, hd/2]
+    return kernels.layer(h, allpos, [len(p) for p, _ in seqs], w, n_heads, n_kv_heads, head_dim, window, eps,
+                         interleaved, cos, sin, ada, [c for _, c in seqs])
 
 
 @functools.lru_cache(maxsize=4)

@@ -36,7 +36,7 @@ def decoder_layer(h, pos, w, cfg, ada, interleaved, cache):
     stack the rows of several sequences (runtime/engine.py): then pos and cache are lists, one entry per
     sequence in row order (see self_attention), and ada [T, 3072] gives each row its own sequence's scale."""
     y = fused_layer(h, pos, w, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window,
-                    cfg.norm_eps, interleaved, ada[0], cache)                           # C: these lines in one call
+                    cfg.norm_eps, interleaved, ada, cache)                              # C: these lines in one call
     if y is not None:
         return y
     x = kernels.rms_norm(h, w["attention_norm"], cfg.norm_eps)                           # [T, 3072]
