@@ -12,9 +12,13 @@ For each model directory (one weight format each; unquantised ones run in --prec
            (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
            before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio.
   live     N sessions of one Engine, each fed an 80 ms block per round, then stepped together
-           (Engine.together, as the server's `advance` does): a round is what N live clients wait for (N encoders of 4 frames,
-           the decoder positions in shared passes). The largest N whose mean round stays under 80 ms is the
-           number of 16 kHz streams the machine sustains in real time (tried: --streams, doubling).
+           (Engine.together, as the server's `advance` does): a round is what N live clients wait for (their
+           4 encoder frames each and their decoder positions, each in shared passes). The largest N whose mean round stays under 80 ms is the
+           number of 16 kHz streams the machine sustains in real time (tried: every N doubling up to
+           --streams, so the rounds past the limit show what each added stream costs; --live-only skips
+           decode and verify). Before them, the encoder's share: one encoder + adapter pass over N
+           sessions' 4-frame chunks stacked (stream.encoder_pass, as the engine runs it) against N passes
+           of one each, N = 1, 2, 4, ... --streams.
   verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
            and k drafted tokens, k + 1 rows, the caches rewound after) against a 1-row pass, k = 1..15, with
            the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
@@ -39,6 +43,7 @@ import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import kernels  # noqa: E402
 from voxtral_ref.runtime.engine import Engine  # noqa: E402
+from voxtral_ref.runtime.stream import encoder_pass  # noqa: E402
 from voxtral_ref.stages.generate import MAX_DRAFT, Decoder, decoder_pass  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -142,6 +147,34 @@ def pad_rate(model):
     return rate
 
 
+def bench_encoder(model, counts, machine, rng, repeats=4):
+    """-> {N: (ms of one stacked encoder pass for N sessions' chunks, ms of N passes of one)}, medians."""
+    sessions, ds = [model.stream() for _ in range(max(counts))], model.cfg.downsample
+    frames = 0.1 * rng.standard_normal((ds, model.cfg.encoder.dim), dtype=np.float32)  # one 80 ms step's [4, C]
+
+    def chunk(s):                                   # the session's next positions, as its steps advance them
+        s._n_embeds += 1
+        return frames, np.arange((s._n_embeds - 1) * ds, s._n_embeds * ds), s._enc_caches
+    out, bw_before = {}, machine.read_gbs()
+    with model.kernel_mode():
+        for n in counts:
+            stacked, alone = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                encoder_pass(model.weights, [chunk(s) for s in sessions[:n]])
+                stacked.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                for s in sessions[:n]:
+                    encoder_pass(model.weights, [chunk(s)])
+                alone.append(time.perf_counter() - t)
+            out[n] = (1e3 * float(np.median(stacked)), 1e3 * float(np.median(alone)))
+    bw = (bw_before + machine.read_gbs()) / 2
+    print("  encoder, N sessions' 4 frames: " + ", ".join(f"N={n} {a:.1f} ms stacked / {b:.1f} ms one by one"
+                                                         for n, (a, b) in out.items()) + f"; probe {bw:.1f} GB/s",
+          flush=True)
+    return {"pass_ms_stacked_vs_one_by_one": out, "read_GB/s": bw}
+
+
 def bench_live(model, n, rounds, audio, machine):
     """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass."""
     engine = Engine(model)
@@ -159,16 +192,19 @@ def bench_live(model, n, rounds, audio, machine):
     round_(0, lead)
     bw_before = machine.read_gbs()
     passes0, rows0 = engine.passes, engine.rows
+    enc0, chunks0 = engine.encoder_passes, engine.encoder_chunks
     times = [round_(lead + i * BLOCK, BLOCK) for i in range(rounds)]
     bw = (bw_before + machine.read_gbs()) / 2
     mean = float(np.mean(times))
-    passes = engine.passes - passes0
+    passes, enc = engine.passes - passes0, engine.encoder_passes - enc0
     r = {"streams": n, "round_ms_mean": 1e3 * mean, "round_ms_p95": 1e3 * float(np.percentile(times, 95)),
          "live_rtf": mean / REAL_TIME_S, "passes_per_round": passes / rounds,
-         "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "read_GB/s": bw}
+         "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "encoder_passes_per_round": enc / rounds,
+         "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw}
     print(f"  live N={n:>2}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
           f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
-          f"rows each; probe {bw:.1f} GB/s", flush=True)
+          f"rows each; {r['encoder_passes_per_round']:.1f} encoder passes per round, "
+          f"{r['sessions_per_encoder_pass']:.1f} sessions each; probe {bw:.1f} GB/s", flush=True)
     return r
 
 
@@ -176,20 +212,21 @@ def run(path, args, machine):
     model = voxtral_ref.load(path, backend="c", precision=args.precision)
     label = model.quantize or model.precision
     print(f"{path}: {label} weights, decoder + LM head {decoder_bytes(model) / 1e9:.2f} GB", flush=True)
-    out = {"model": str(path), "quantize": model.quantize, "precision": model.precision,
-           "decode": bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))}
-    out["verify"] = bench_verify(model, args.tokens, machine, np.random.default_rng(1))
-    out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["pass_ms"])
-    out["verify"]["pad_rate_golden"] = pad_rate(model)
+    out = {"model": str(path), "quantize": model.quantize, "precision": model.precision}
+    if not args.live_only:
+        out["decode"] = bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))
+        out["verify"] = bench_verify(model, args.tokens, machine, np.random.default_rng(1))
+        out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["pass_ms"])
+        out["verify"]["pad_rate_golden"] = pad_rate(model)
     with np.load(GOLDEN) as z:
         audio = voxtral_ref.stages.audio.to_mono_16k(z["audio"], C.SAMPLE_RATE)
-    out["live"], n, sustained = [], 1, 0
+    counts = [2 ** i for i in range(args.streams.bit_length())]                     # 1, 2, 4, ... <= streams
+    out["encoder"] = bench_encoder(model, counts, machine, np.random.default_rng(2))
+    out["live"], n = [], 1
     while n <= args.streams:
-        r = bench_live(model, n, args.rounds, audio, machine)
-        out["live"].append(r)
-        if r["round_ms_mean"] >= 1e3 * REAL_TIME_S:
-            break
-        sustained, n = n, 2 * n
+        out["live"].append(bench_live(model, n, args.rounds, audio, machine))
+        n *= 2
+    sustained = max([r["streams"] for r in out["live"] if r["round_ms_mean"] < 1e3 * REAL_TIME_S], default=0)
     out["live_streams_sustained"] = sustained
     print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)", flush=True)
     return out
@@ -202,6 +239,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=16, help="timed passes per M (default 16)")
     ap.add_argument("--streams", type=int, default=16, help="most live streams to try, doubling from 1 (default 16)")
     ap.add_argument("--rounds", type=int, default=12, help="timed 80 ms rounds per N (default 12)")
+    ap.add_argument("--live-only", action="store_true", help="only the live streams (no decode, no verify)")
     ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")

@@ -180,30 +180,39 @@ def test_live_sessions_stepped_together_equal_each_alone(mode):
         chunks = sorted(rng.choice(np.arange(1, len(audio)), size=6, replace=False).tolist())
         plan.append((audio, delay, chunks))
     alone = [stream_ids(run.model.stream(d), a, c) for a, d, c in plan]
-    engine, results, errors = Engine(run.model), {}, []
-    started = threading.Barrier(3)                            # sessions 0-2 start together, 3-4 join later
+    engine = Engine(run.model)
+    results, _ = sessions_in_threads(engine, plan, lambda: engine.passes)
+    assert results == alone
+    assert engine.rows > engine.passes                       # positions of several sessions shared passes
+
+
+def sessions_in_threads(engine, plan, passes):
+    """A session of `engine` per (audio, delay, cuts) of plan, each fed (stream_ids) by a thread of its own:
+    0-2 start together, the rest join once passes() >= 3, each leaves when its audio ends.
+    -> (their ids, the sessions), in plan's order."""
+    results, sessions, errors = {}, {}, []
+    started = threading.Barrier(3)
 
     def client(i, audio, delay, chunks):
         try:
-            s = engine.stream(delay)
+            sessions[i] = engine.stream(delay)
             if i < 3:
                 started.wait()
-            results[i] = stream_ids(s, audio, chunks)
+            results[i] = stream_ids(sessions[i], audio, chunks)
         except Exception as e:                               # noqa: BLE001 - reported by the assert below
             errors.append(e)
 
     threads = [threading.Thread(target=client, args=(i, *p)) for i, p in enumerate(plan)]
     for t in threads[:3]:
         t.start()
-    while engine.passes < 3:                                 # the late ones join once the first have started
+    while passes() < 3 and not errors:                       # the late ones join once the first have started
         threading.Event().wait(0.001)
     for t in threads[3:]:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors
-    assert [results[i] for i in range(len(plan))] == alone
-    assert engine.rows > engine.passes                       # positions of several sessions shared passes
+    return [results[i] for i in range(len(plan))], [sessions[i] for i in range(len(plan))]
 
 
 def test_sessions_stepped_together_share_every_pass():

@@ -24,6 +24,11 @@ Two ways in:
 A live session behind its audio brings the last id and drafted tokens (runtime/stream.py's backlog
 verification): its chunk is several rows, and the drafts only fill the rows a pass has to spare under
 max_batch (`_fit_drafts`): catching up never pushes a shared pass past max_batch rows.
+A live session's encoder chunks meet the same way (`stream.encoder_pass`): the conv-stem frames of each
+session stepping at the same time, at its own positions, stacked through every encoder and adapter weight
+once, attention per session against its own encoder caches; N streams then read the encoder's weights
+once per round instead of N times. When every stepping thread waits, the waiting encoder chunks run first:
+their sessions' decoder positions then join the decoder pass the others wait in.
 A chunk that is malformed fails alone, before it joins a pass; an error inside a pass (out of memory) fails
 every sequence in that pass.
 """
@@ -32,7 +37,7 @@ import contextlib
 import threading
 import time
 
-from .stream import StreamSession
+from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass
 from ..config import SAMPLE_RATE, delay_tokens
 from ..errors import VoxtralError
 from ..stages.audio import to_mono_16k
@@ -41,13 +46,25 @@ from ..stages.generate import BATCHED, Decoder, check_chunk, decoder_pass, encod
 MAX_BATCH = 16                    # rows per pass: the small-row kernels' range (issue 11)
 
 
-class _Job:
-    """One sequence's chunk waiting for a pass, and what the pass made of it."""
+ENCODER, DECODER = "encoder", "decoder"      # the passes, in the order a pass is chosen when all wait
 
-    def __init__(self, dec, audio_embeds):
-        self.dec, self.audio_embeds = dec, audio_embeds
-        self.tokens, self.error, self.done = [], None, False
-        self.ticket = [self]              # the jobs of its run() call: its thread waits for all of them
+
+class _Job:
+    """One sequence's chunk waiting for a pass, and what the pass made of it. work: a decoder chunk's
+    (Decoder, its audio embeddings), or a session's encoder chunk (conv-stem frames, positions, caches)."""
+
+    def __init__(self, kind, work):
+        self.kind, self.work = kind, work
+        self.result, self.error, self.done = None, None, False
+        self.ticket = [self]              # the jobs of its thread's call: the thread waits for all of them
+
+    @property
+    def dec(self):                        # a decoder chunk's Decoder ...
+        return self.work[0]
+
+    @property
+    def audio_embeds(self):               # ... and its audio embeddings [t, dim]
+        return self.work[1]
 
 
 class Engine:
@@ -58,11 +75,12 @@ class Engine:
             raise VoxtralError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model, self.max_batch = model, max_batch
         self._cv = threading.Condition(threading.Lock())
-        self._queue = []                  # [_Job] waiting for a pass, oldest first
+        self._queues = {ENCODER: [], DECODER: []}  # [_Job] waiting for a pass of each kind, oldest first
         self._stepping = 0                # threads inside `stepping()`: a pass waits for each of them ...
         self._waiting = 0                 # ... to be waiting for one
         self._running = False             # one of the waiting threads is running a pass
-        self.passes, self.rows = 0, 0     # passes run, and the chunks they took (rows per pass = rows / passes)
+        self.passes, self.rows = 0, 0     # decoder passes run, and the chunks they took (rows / passes per pass)
+        self.encoder_passes, self.encoder_chunks = 0, 0   # the same for encoder passes (sessions' chunks)
 
     # --- live sessions -----------------------------------------------------------------------------------
     def stream(self, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
@@ -77,13 +95,12 @@ class Engine:
         results = [None] * len(calls)
 
         def worker(i, call):
-            token = BATCHED.set(self._run_one)
             try:
-                results[i] = (call(), None)
+                with self._routed():
+                    results[i] = (call(), None)
             except Exception as e:                           # noqa: BLE001 - handed back with its call
                 results[i] = (None, e)
             finally:
-                BATCHED.reset(token)
                 self._leave()
 
         for lo in range(0, len(calls), self.max_batch):
@@ -106,12 +123,21 @@ class Engine:
             return
         with self._cv:
             self._stepping += 1
-        token = BATCHED.set(self._run_one)
+        try:
+            with self._routed():
+                yield
+        finally:
+            self._leave()
+
+    @contextlib.contextmanager
+    def _routed(self):
+        """Send this thread's decoder chunks and sessions' encoder chunks to this engine's passes."""
+        tokens = BATCHED.set(self._run_one), ENCODER_BATCHED.set(self._encode_one)
         try:
             yield
         finally:
-            BATCHED.reset(token)
-            self._leave()
+            BATCHED.reset(tokens[0])
+            ENCODER_BATCHED.reset(tokens[1])
 
     def _leave(self):
         with self._cv:
@@ -122,7 +148,16 @@ class Engine:
         job, = self.run([(dec, audio_embeds)])
         if job.error is not None:
             raise job.error
-        return job.tokens
+        return job.result
+
+    def _encode_one(self, frames, pos, caches):
+        """A session's encoder chunk (stream.ENCODER_BATCHED) -> its audio embeddings, from a shared pass."""
+        check_encoder_chunk(self.model.weights, frames, pos, caches)     # a malformed one fails alone, here
+        job = _Job(ENCODER, (frames, pos, caches))
+        self._wait([job])
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     # --- offline files -----------------------------------------------------------------------------------
     def decode(self, sources):
@@ -157,52 +192,72 @@ class Engine:
     def run(self, work):
         """[(Decoder, audio embeddings of its next chunk)] -> their _Jobs once done (tokens or error), run in
         this engine's next passes together with the other threads' chunks. Call inside `stepping()`."""
-        jobs = [_Job(dec, a) for dec, a in work]
+        jobs = [_Job(DECODER, w) for w in work]
         for job in jobs:
             try:
-                check_chunk(job.dec, job.audio_embeds)
+                check_chunk(*job.work)
             except ValueError as e:
                 job.error, job.done = e, True
-        ticket = [j for j in jobs if not j.done]
+        self._wait([j for j in jobs if not j.done])
+        return jobs
+
+    def _wait(self, ticket):
+        """Queue a thread's jobs and wait until they are done, running passes (any thread's) meanwhile."""
         for j in ticket:
             j.ticket = ticket
         with self._cv:
             if ticket:
-                self._queue.extend(ticket)
+                for j in ticket:
+                    self._queues[j.kind].append(j)
                 self._waiting += 1        # until the pass that completes the ticket (_finish)
             while not all(j.done for j in ticket):
-                if self._running or not self._queue or (self._waiting < self._stepping
-                                                        and len(self._queue) < self.max_batch):
+                kind = self._next_pass()
+                if kind is None:
                     self._cv.wait()
                     continue
-                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
-                _fit_drafts(batch, self.max_batch)
+                queue = self._queues[kind]
+                batch, self._queues[kind] = queue[:self.max_batch], queue[self.max_batch:]
+                if kind == DECODER:
+                    _fit_drafts(batch, self.max_batch)
                 self._running = True
                 self._cv.release()
                 try:
-                    error = self._pass(batch)
+                    error = self._pass(kind, batch)
                 finally:
                     self._cv.acquire()
-                    self._finish(batch)
+                    self._finish(kind, batch)
                 if error is not None and not isinstance(error, Exception):
                     raise error               # KeyboardInterrupt: every job of the pass holds it too
-        return jobs
 
-    def _pass(self, batch):
-        """One decoder pass over the batch's chunks, the lock released (other threads queue meanwhile).
+    def _next_pass(self):
+        """Under the lock: the kind of pass to run now, or None to wait. A full queue runs at once; else a pass
+        waits for every stepping thread to be waiting, and then encoder chunks go first: their sessions'
+        decoder positions can then join the next decoder pass instead of needing one of their own."""
+        if self._running:
+            return None
+        full = [k for k, q in self._queues.items() if len(q) >= self.max_batch]
+        if full:
+            return full[0]
+        if self._waiting < self._stepping:
+            return None
+        return next((k for k, q in self._queues.items() if q), None)
+
+    def _pass(self, kind, batch):
+        """One pass of the kind over the batch's chunks, the lock released (other threads queue meanwhile).
         -> None, or the error that failed every chunk of it."""
+        run = encoder_pass if kind == ENCODER else decoder_pass
         try:
             with self.model.kernel_mode():
-                tokens = decoder_pass(self.model.weights, [(j.dec, j.audio_embeds) for j in batch])
+                results = run(self.model.weights, [j.work for j in batch])
         except BaseException as e:                           # noqa: BLE001 - handed to every sequence in it
             for j in batch:
                 j.error = e
             return e
-        for j, t in zip(batch, tokens):
-            j.tokens = t
+        for j, r in zip(batch, results):
+            j.result = r
         return None
 
-    def _finish(self, batch):
+    def _finish(self, kind, batch):
         """Under the lock: the batch's jobs are done, and the threads whose every job is done stop counting
         as waiting in the same step, so a thread served here cannot pass for one still waiting while it
         prepares its next chunk (a pass would then start without it)."""
@@ -211,7 +266,10 @@ class Engine:
         for ticket in {id(j.ticket): j.ticket for j in batch}.values():
             if all(j.done for j in ticket):
                 self._waiting -= 1
-        self.passes, self.rows = self.passes + 1, self.rows + len(batch)
+        if kind == ENCODER:
+            self.encoder_passes, self.encoder_chunks = self.encoder_passes + 1, self.encoder_chunks + len(batch)
+        else:
+            self.passes, self.rows = self.passes + 1, self.rows + len(batch)
         self._running = False
         self._cv.notify_all()
 
@@ -225,7 +283,7 @@ def _fit_drafts(batch, max_rows):
         keep = min(len(j.dec.draft), max(spare, 0))
         spare -= keep
         if keep < len(j.dec.draft):
-            j.audio_embeds = j.audio_embeds[:len(j.audio_embeds) - len(j.dec.draft) + keep]   # [1 + keep, dim]
+            j.work = (j.dec, j.audio_embeds[:len(j.audio_embeds) - len(j.dec.draft) + keep])   # [1 + keep, dim]
             j.dec.draft = j.dec.draft[:keep]
 
 

@@ -10,7 +10,9 @@ padded signal. Every stage is causal, so a session runs the same functions token
            keeps conv2's stride-2 parity and the 4-frame adapter groups aligned with offline.
   conv     `encoder.conv_stem` with `history`: the last 2 mel frames (conv1) and the last conv1 frame
            (conv2) of the previous tokens instead of the zeros offline puts before frame 0.
-  encoder  `encoder.encoder_transformer` with one `KVCache` per layer; RoPE positions are absolute.
+  encoder  `encoder.encoder_transformer` with one `KVCache` per layer; RoPE positions are absolute. A
+           session of a batching engine hands this chunk (and the adapter's) to the engine, which runs
+           the chunks of the sessions stepping at the same time as one stacked pass (`encoder_pass`).
   decoder  `generate.Decoder`: its first step takes the prompt's len(prompt) audio embeddings at once,
            then one per 80 ms token. A session behind the audio (fed faster than real time, or at close,
            the right pad) has the embeddings of several positions ready: then each pass also verifies up
@@ -40,6 +42,7 @@ for soxr 1.1.0 its output for any chunking is identical, sample for sample, to t
 """
 
 import collections
+import contextvars
 import signal
 import sys
 import threading
@@ -71,6 +74,11 @@ FILE_ENCODE_TOKENS = 250
 # queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
 # 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
 BACKLOG_DRAFT = 3
+
+# The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
+# other sessions' chunks: while it steps one, this holds its run(frames, pos, caches) -> audio embeddings
+# (the encoder's twin of generate.BATCHED).
+ENCODER_BATCHED = contextvars.ContextVar("voxtral_ref_batched_encoder_pass", default=None)
 
 
 @dataclass
@@ -271,14 +279,17 @@ class StreamSession:
         return len(self._embeds) + self._encodable()
 
     def _encode(self, n):
-        """The next n audio embeddings from the buffer, which starts 200 samples before their first frame."""
+        """The next n audio embeddings from the buffer, which starts 200 samples before their first frame.
+        Mel and conv stem here (cheap, and they carry this session's history); the encoder and the adapter
+        in a pass of their own, or in the engine's shared pass when an engine steps this session."""
         t0 = time.perf_counter()
         w, ds = self._model.weights, self._model.cfg.downsample
         mel = log_mel_frames(self._buf, n * MEL_FRAMES_PER_TOKEN)                 # [128, 8n]
         x, self._history = conv_stem(mel, w, self._history)                     # [4n, C]
         pos = np.arange(self._n_embeds * ds, (self._n_embeds + n) * ds)          # absolute encoder frames [4n]
-        x = encoder_transformer(x, pos, w, self._dec.interleaved, self._enc_caches)  # [4n, C]
-        out = adapter(downsample(x, ds), w["adapter.w_in"], w["adapter.w_out"])  # [n, 4C] -> [n, dim]
+        run = ENCODER_BATCHED.get()
+        chunk = (x, pos, self._enc_caches)
+        out = run(*chunk) if run else encoder_pass(w, [chunk])[0]                # [n, dim]
         self._buf = self._buf[n * SAMPLES_PER_TOKEN:]            # the next frame starts 200 before its token
         self._buf_start += n * SAMPLES_PER_TOKEN
         self._n_embeds += n
@@ -307,6 +318,37 @@ class StreamSession:
         while self._arrivals[0][0] < need:
             self._arrivals.popleft()
         return time.perf_counter() - self._arrivals[0][1]
+
+
+def check_encoder_chunk(weights, frames, pos, caches):
+    """A session's encoder chunk is conv-stem frames [4n, C] (n >= 1) at positions pos [4n], at most its
+    caches' max_chunk: one clear error for a malformed one, raised before it joins a pass (where it would
+    fail the other sessions too, with their caches written half-way)."""
+    enc, ds = weights.cfg.encoder, weights.cfg.downsample
+    t = len(pos)
+    if np.shape(frames) != (t, enc.dim) or t == 0 or t % ds:
+        raise ValueError(f"an encoder chunk is whole tokens of {ds} frames of width {enc.dim} at as many positions: "
+                         f"got frames of shape {np.shape(frames)} at {t} positions")
+    if len(caches) != enc.n_layers or t > caches[0].max_chunk:
+        raise ValueError(f"an encoder chunk of {t} frames needs {enc.n_layers} caches taking {t} positions at "
+                         f"once: got {len(caches)} taking {caches[0].max_chunk if caches else 0}")
+
+
+def encoder_pass(weights, work):
+    """One pass over the encoder and the adapter for the next chunk of one or more sessions, their rows
+    stacked: every weight runs once for all rows (each row on its own, so with the row-independent
+    quantised kernels a row's bits do not depend on the others), attention per session against its own
+    caches. work: [(conv-stem frames [4n_i, C], their absolute positions [4n_i], the session's KVCache per
+    layer)] -> per session its audio embeddings [n_i, dim]."""
+    for frames, pos, caches in work:
+        check_encoder_chunk(weights, frames, pos, caches)
+    ds = weights.cfg.downsample
+    x = np.concatenate([f for f, _, _ in work])                                                    # [R, C]
+    x = encoder_transformer(x, [p for _, p, _ in work], weights, weights.cfg.format == "mistral",
+                            [c for _, _, c in work])                                               # [R, C]
+    # each chunk is whole groups of ds frames, so the stacked groups are each session's own
+    out = adapter(downsample(x, ds), weights["adapter.w_in"], weights["adapter.w_out"])           # [R / ds, dim]
+    return np.split(out, np.cumsum([len(p) // ds for _, p, _ in work])[:-1])
 
 
 def session_prefix(model, n_delay):

@@ -50,7 +50,9 @@ def conv_stem(mel, w, history=None, trace=None):
 
 
 def encoder_layer(x, pos, w, cfg, interleaved, cache=None):
-    """x [T, 1280] -> [T, 1280]; pos [T] absolute frame positions."""
+    """x [T, 1280] -> [T, 1280]; pos [T] absolute frame positions. x may also stack the rows of several
+    streams (runtime/engine.py): then pos and cache are lists, one entry per stream in row order, and
+    attention runs per stream against its own cache (as self_attention and fused_layer take them)."""
     y = fused_layer(x, pos, w, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window,
                     cfg.norm_eps, interleaved, cache=cache)                             # C: these lines in one call
     if y is not None:
@@ -65,11 +67,15 @@ def encoder_layer(x, pos, w, cfg, interleaved, cache=None):
 
 def encoder_transformer(x, pos, weights, interleaved, caches=None, trace=None):
     """[T, 1280] conv-stem frames at positions `pos` -> [T, 1280] final-normed encoder states.
-    caches: one KVCache per layer when streaming, None to attend within this (whole) sequence."""
+    caches: one KVCache per layer when streaming, None to attend within this (whole) sequence.
+    Stacked streams (runtime/engine.py): x [R, 1280] holds their chunks in row order, pos a list of their
+    positions and caches a list of their per-layer caches; every weight then runs once over all R rows
+    (each row computed on its own) and attention per stream."""
     cfg = weights.cfg.encoder
+    stacked = isinstance(pos, list)
     for i in range(cfg.n_layers):
-        x = encoder_layer(x, pos, weights.layer(f"enc.layers.{i}"), cfg, interleaved,
-                          caches[i] if caches else None)                                # [T, 1280]
+        cache = [c[i] for c in caches] if stacked else caches[i] if caches else None
+        x = encoder_layer(x, pos, weights.layer(f"enc.layers.{i}"), cfg, interleaved, cache)  # [T, 1280]
         if trace:
             trace(f"encoder.layers.{i}", x)
     x = kernels.rms_norm(x, weights["enc.norm"], cfg.norm_eps)                          # [T, 1280]
