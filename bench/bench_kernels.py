@@ -183,6 +183,10 @@ def validate():
     kp = np.roll(np.arange(500), 123)
     err = np.abs(ck.attention(q, k, v, [499], kp, 8192) - kernels.attention_np(q, k, v, np.array([499]), kp, 8192)).max()
     rows.append(("attention decode GQA 32/8, ring cache 500", float(err / np.abs(v).max()), "|do| / max|v|"))
+    with kernels.use("c", kv="int8"):
+        k8, v8 = kernels.kv_pack(k), kernels.kv_pack(v)
+    err = np.abs(ck.attention(q, k8, v8, [499], kp, 8192) - kernels.attention_np(q, k8, v8, np.array([499]), kp, 8192)).max()
+    rows.append(("attention decode, int8 KV ring cache 500", float(err / np.abs(v).max()), "|do| / max|v|"))
     x = RNG.standard_normal((700, 1280), dtype=np.float32)
     g = RNG.standard_normal(1280, dtype=np.float32)
     ref = kernels.rms_norm_np(x, g, 1e-5)
@@ -278,9 +282,13 @@ def bench_gemm(m, peak, peak_bf16, peak_vnni, quick):
 def bench_attention(peak, quick):
     cases = [("encoder 30 s (T=1500, W=750)", 1500, 1500, 32, 32, 64, 750), ("encoder 10 s (T=700)", 700, 700, 32, 32, 64, 750),
              ("decoder prefill 39", 39, 39, 32, 8, 128, 8192), ("decode, 400 cached", 1, 400, 32, 8, 128, 8192),
-             ("decode, 4000 cached", 1, 4000, 32, 8, 128, 8192), ("decode, 8192 cached (ring)", 1, 8192, 32, 8, 128, 8192)]
+             ("decode, 4000 cached", 1, 4000, 32, 8, 128, 8192), ("decode, 8192 cached (ring)", 1, 8192, 32, 8, 128, 8192),
+             # the live step's calls over the quantised modes' int8 caches: a full decoder window, and the encoder's
+             # 4 new frames over its full 750-frame window
+             ("decode, 8192 cached (ring), int8 KV", 1, 8192, 32, 8, 128, 8192),
+             ("encoder step, 4 frames, 750 cached, int8 KV", 4, 753, 32, 32, 64, 750)]
     if quick:
-        cases = cases[1:2] + cases[3:4]
+        cases = cases[1:2] + cases[3:4] + cases[6:]
     rows = []
     for name, tq, tk, hq, hkv, d, W in cases:
         q = RNG.standard_normal((tq, hq, d), dtype=np.float32)
@@ -290,6 +298,9 @@ def bench_attention(peak, quick):
         if "ring" in name:
             kp = np.roll(kp, tk // 3)
             k, v = np.roll(k, tk // 3, axis=0), np.roll(v, tk // 3, axis=0)
+        if "int8 KV" in name:
+            with kernels.use("c", kv="int8"):
+                k, v = kernels.kv_pack(k), kernels.kv_pack(v)
         visible = int(((kp[None, :] > qp[:, None] - W) & (kp[None, :] <= qp[:, None])).sum())
         flop = 4 * d * visible * hq
         args = (q, k, v, qp, kp, W)

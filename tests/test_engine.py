@@ -247,8 +247,12 @@ def test_cli_batch_size_writes_what_one_by_one_writes(cli, tmp_path):
             paths.append(tmp_path / f"{name}.wav")
             sf.write(paths[-1], load_case(name)["audio"], 16000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF????WAVEfmt ")
+    # float32: one by one, transcribe() encodes as it decodes (chunks), a batch encodes each file whole; the
+    # two sum the encoder's attention in different orders, which the quantised modes' int8 roundings can turn
+    # into a flipped near tie (README, Quantised weights). The engine's own tests compare quantised batches
+    # with the whole-file path bit for bit.
     args = ["transcribe", *paths[:2], tmp_path / "broken.wav", *paths[2:], "--model", MODEL_DIRS["mistral"],
-            "--quantize", "q4", "-f", "json", "-q"]
+            "-f", "json", "-q"]
     one = cli(*args)
     batched = cli(*args, "--batch-size", "3")
     assert one[0] == batched[0] == 2                          # the broken file fails alone ...
