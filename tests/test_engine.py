@@ -139,11 +139,14 @@ def test_a_malformed_chunk_fails_alone_before_the_pass():
     assert len(good.ids) == generate.PREFIX and not bad.ids and engine.passes == 1
 
 
-def test_transcribe_batch_size_equals_transcribing_alone():
-    run = run_of(BACKENDS[-1], "int8")
+@pytest.mark.parametrize("mode", ["int8", "q4"])
+def test_transcribe_batch_size_equals_transcribing_alone(mode):
+    """Each file of a batch runs what transcribe() runs for it alone (its session, an engine's), so the ids
+    are transcribe()'s exactly, quantised modes included."""
+    run = run_of(BACKENDS[-1], mode)
     audios = [load_case(n)["audio"] for n, d in CASES if d == 480]
     batch = run.model.transcribe(audios, batch_size=3)
-    assert [r.token_ids for r in batch] == [run.alone[i][0] for i, (_, d) in enumerate(CASES) if d == 480]
+    assert [r.token_ids for r in batch] == [run.model.transcribe(a).token_ids for a in audios]
     assert [r.text for r in batch] == [run.model.tokenizer.decode(r.token_ids) for r in batch]
     assert all(r.timings["decode_s"] > 0 and r.timings["encode_s"] > 0 for r in batch)
     assert run.model.transcribe([], batch_size=4) == []
@@ -247,12 +250,8 @@ def test_cli_batch_size_writes_what_one_by_one_writes(cli, tmp_path):
             paths.append(tmp_path / f"{name}.wav")
             sf.write(paths[-1], load_case(name)["audio"], 16000)
     (tmp_path / "broken.wav").write_bytes(b"RIFF????WAVEfmt ")
-    # float32: one by one, transcribe() encodes as it decodes (chunks), a batch encodes each file whole; the
-    # two sum the encoder's attention in different orders, which the quantised modes' int8 roundings can turn
-    # into a flipped near tie (README, Quantised weights). The engine's own tests compare quantised batches
-    # with the whole-file path bit for bit.
     args = ["transcribe", *paths[:2], tmp_path / "broken.wav", *paths[2:], "--model", MODEL_DIRS["mistral"],
-            "-f", "json", "-q"]
+            "--quantize", "q4", "-f", "json", "-q"]
     one = cli(*args)
     batched = cli(*args, "--batch-size", "3")
     assert one[0] == batched[0] == 2                          # the broken file fails alone ...

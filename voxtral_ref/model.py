@@ -20,10 +20,9 @@ from .checkpoint.weights import load_weights
 # transcribe() runs through a streaming session, fed the first token's audio, then chunks doubling up to
 # SESSION_FEED: the first token comes after encoding ~0.6 s, not the whole file (HF's generate also encodes
 # as it decodes), the ids are the same (tests/test_stream.py, tests/test_golden.py) and memory stays flat in
-# the file's length. The whole-file order (encode everything, then decode) remains the oracle's: with a trace
-# or speculative verification, and for the batching engine's files up to LONG_AUDIO_SAMPLES, whose encoder
-# states it holds ([T/2, 1280] floats and their q/k/v, about 2 GB per 10 minutes on the real model).
-LONG_AUDIO_SAMPLES = 10 * 60 * C.SAMPLE_RATE
+# the file's length. Batches (transcribe(list, batch_size)) run the same sessions through an Engine. The
+# whole-file order (encode everything, then decode) remains the oracle's: with a trace or speculative
+# verification.
 SESSION_FEED = 60 * C.SAMPLE_RATE                     # at most this many samples per session step
 
 
@@ -190,12 +189,14 @@ class Model:
         """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""
         return kernels.use(self.backend, self.precision, self.kv)
 
-    def _transcribe_in_session(self, x, delay_ms, on_token, t0):
+    def _transcribe_in_session(self, x, delay_ms, on_token, t0, session=None):
         """transcribe() through a session (see SESSION_FEED): encoding and decoding interleave, so timings
-        give the encoder's total (encode_s), the rest (decode_s) and the first token's time."""
+        give the encoder's total (encode_s), the rest (decode_s) and the first token's time. `session`: one
+        made for x by the caller (an Engine's, for batches), else a plain one."""
         from .runtime.stream import LOOK_AHEAD, StreamSession
         n_delay = C.delay_tokens(delay_ms)
-        session, first = StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay)), []
+        session = session or StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay))
+        first = []
 
         def emit(tokens):
             if tokens and not first:

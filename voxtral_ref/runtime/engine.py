@@ -13,8 +13,10 @@ the same way whatever the number of rows); the float32 / bf16 `linear` switches 
 4 rows, which sums in another order, so there the logits differ from a lone sequence's by float32 rounding.
 
 Two ways in:
-  decode()   offline files: up to max_batch decode in lockstep, the next file taking the place of one that
-             ends (`Model.transcribe(list, batch_size=N)` goes through `transcribe_batch`).
+  decode()   sequences whose audio embeddings are all known (whole files encoded first, the oracle's order):
+             up to max_batch decode in lockstep, the next taking the place of one that ends.
+             `Model.transcribe(list, batch_size=N)` instead runs each file as transcribe() does, in a
+             session of this engine (`transcribe_batch`), so a batch gives each file transcribe()'s result.
   stream()   live sessions (StreamSession's feed/step/close), each stepped by its caller's thread, or
              several at once by `together` (the server's `advance`). While a session steps, its decoder
              chunks wait here for a pass. A pass runs as soon as every thread stepping one of this engine's
@@ -38,10 +40,10 @@ import threading
 import time
 
 from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass
-from ..config import SAMPLE_RATE, delay_tokens
+from ..config import SAMPLE_RATE, delay_tokens, n_positions
 from ..errors import VoxtralError
 from ..stages.audio import to_mono_16k
-from ..stages.generate import BATCHED, Decoder, check_chunk, decoder_pass, encode, pad_offline
+from ..stages.generate import BATCHED, Decoder, check_chunk, decoder_pass
 
 MAX_BATCH = 16                    # rows per pass: the small-row kernels' range (issue 11)
 
@@ -291,8 +293,8 @@ class EngineSession(StreamSession):
     """A live session (see runtime/stream.py) whose steps run their decoder positions in the engine's passes,
     with the other sessions' that are stepping at the same time. Make one with `Engine.stream()`."""
 
-    def __init__(self, engine, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False):
-        super().__init__(engine.model, delay_ms, sample_rate, past_eos)
+    def __init__(self, engine, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, max_positions=None):
+        super().__init__(engine.model, delay_ms, sample_rate, past_eos, max_positions=max_positions)
         self._engine = engine
         self._turn = threading.Lock()     # one thread of this session at a time counts as stepping
 
@@ -307,35 +309,41 @@ class EngineSession(StreamSession):
 
 def transcribe_batch(model, audios, sample_rate, delay_ms, batch_size):
     """Model.transcribe(list, batch_size=N): every input is checked first (one VoxtralError naming the bad
-    one, before any compute), then each is encoded as it joins the batch and all decode through one
-    Engine. -> [Transcript], each equal to transcribing its file alone. A file too long for the offline
-    path (model.LONG_AUDIO_SAMPLES) is transcribed alone through a session, as transcribe() does."""
-    from ..model import LONG_AUDIO_SAMPLES, Transcript
-    n_delay = delay_tokens(delay_ms)
+    one, before any compute), then N threads each take the next file and run exactly what transcribe() runs
+    for it alone (Model._transcribe_in_session: the same feeds, encoder chunks and decoder positions), its
+    session one of an Engine's, so the files' encoder and decoder passes are shared. -> [Transcript], each
+    transcribe()'s for its file: the same ids, and with quantised weights the same logits bit for bit (every
+    row is computed on its own); a file whose decoding fails raises its error once all have ended."""
     xs = []
     for i, a in enumerate(audios):
         try:
             xs.append(to_mono_16k(a, sample_rate))                                   # [N] @ 16 kHz
         except VoxtralError as e:
             raise VoxtralError(f"audio {i} of the batch: {e}") from None
-    timings = [{} for _ in xs]
+    engine, n_delay, out = Engine(model, batch_size), delay_tokens(delay_ms), [None] * len(xs)
+    todo, lock = iter(range(len(xs))), threading.Lock()
 
-    def source(i):
-        def encoded():
-            t0 = time.perf_counter()
-            with model.kernel_mode():
-                embeds = encode(model.weights, pad_offline(xs[i], n_delay))         # [n_tokens, dim]
-            timings[i].update(encode_s=time.perf_counter() - t0, joined=time.perf_counter())
-            return embeds, n_delay
-        return encoded
+    def worker():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                # made before counting as stepping: the first computes the silence prefix, alone, while the
+                # others wait for it (runtime/stream.session_prefix)
+                session = EngineSession(engine, delay_ms, max_positions=n_positions(len(xs[i]), n_delay))
+                with engine.stepping():  # counted between its steps too: a pass waits for its next position
+                    out[i] = model._transcribe_in_session(xs[i], delay_ms, None, time.perf_counter(), session)
+            except Exception as e:                           # noqa: BLE001 - raised below, once all have ended
+                out[i] = e
 
-    short = [i for i, x in enumerate(xs) if len(x) <= LONG_AUDIO_SAMPLES]
-    out = {i: model.transcribe(x, delay_ms=delay_ms) for i, x in enumerate(xs) if len(x) > LONG_AUDIO_SAMPLES}
-    for i, ids in Engine(model, batch_size).decode([source(i) for i in short]):
-        if isinstance(ids, Exception):
-            raise ids
-        t = timings[i]
-        t["decode_s"] = time.perf_counter() - t.pop("joined")          # shared passes, from its joining to its end
-        t["total_s"] = t["encode_s"] + t["decode_s"]
-        out[i] = Transcript(model.tokenizer.decode(ids), ids, delay_ms, len(xs[i]), t)
-    return [out[i] for i in range(len(xs))]
+    threads = [threading.Thread(target=worker, name="voxtral-ref file") for _ in range(min(batch_size, len(xs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+    return out
