@@ -9,10 +9,10 @@
  * small exact integers in float32 (the Python wrapper keeps them below 2^23). */
 
 /* Key j of kv head hk: its K and V rows (an int8 cache's widened into conv[2 * d] first: K as its codes,
- * whose scale multiplies the scores, V dequantised), the key's scale (1 for float32 keys) and its position relative to qmin, clamped to
- * [-window - 1, span + 1] (which keeps every visibility test unchanged). Keys at or past j_hi pad the
- * block: a zero row that no query sees. `any` / `all` track whether some / every query of the block sees
- * the key. */
+ * whose scale multiplies the scores, V dequantised), the key's scale (1 for float32 keys) and its position
+ * relative to qmin, clamped to [-window - 1, span + 1] (which keeps every visibility test unchanged). Keys
+ * at or past j_hi pad the block: a zero row that no query sees. `any` / `all` track whether some / every
+ * query of the block sees the key. */
 static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, int64_t j_hi, int64_t qmin, int64_t qmax,
                                  int64_t span, const float *zero_row, float *conv, const float **kr, const float **vr,
                                  float *ks, float *kp, int *any, int *all) {

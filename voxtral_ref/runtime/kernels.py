@@ -70,9 +70,6 @@ class KV8:
     def __setitem__(self, idx, other):
         self.codes[idx], self.scale[idx] = other.codes, other.scale
 
-    def __len__(self):
-        return len(self.codes)
-
     def copy(self):
         return KV8(self.codes.copy(), self.scale.copy())
 
