@@ -533,7 +533,8 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "hf"])
-@pytest.mark.parametrize("mode", [{}, {"precision": "bf16"}, {"quantize": "q4"}, {"quantize": "int8"}])
+@pytest.mark.parametrize("mode", [{}, {"precision": "bf16"}, {"quantize": "q4"}, {"quantize": "int8"},
+                                  {"quantize": "q4,enc=none,dec.layers.*.wk=int8", "precision": "bf16"}])
 def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
     """csrc/layer.c runs a layer in one call: bit for bit the readable layer (encoder and decoder, a whole
     sequence, chunks through a KV ring, ring wrap-around included, and two sequences' rows stacked with
