@@ -10,6 +10,8 @@
 
 static int quantised(const vx_mat *w) { return w->kind == VX_MAT_INT8 || w->kind == VX_MAT_Q4; }
 
+static int qformat(const vx_mat *w) { return w->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4; }
+
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices of one input: quantised ones in one call (x quantised once,
  * one team of threads for all), as each would be alone */
 static void matmuls(int count, const vx_mat *const *w, const float *x, int64_t n, int xtype, const float *const *b,
@@ -21,13 +23,13 @@ static void matmuls(int count, const vx_mat *const *w, const float *x, int64_t n
         int fmt[VX_QLINEARS_MAX];
         int64_t m[VX_QLINEARS_MAX];
         for (int i = 0; i < count; i++)
-            data[i] = w[i]->data, fmt[i] = w[i]->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, m[i] = w[i]->m;
+            data[i] = w[i]->data, fmt[i] = qformat(w[i]), m[i] = w[i]->m;
         vx_qlinear_many(x, n, w[0]->k, count, data, fmt, m, b, y);
         return;
     }
     for (int i = 0; i < count; i++)
         if (quantised(w[i]))
-            vx_qlinear(x, n, w[i]->k, w[i]->data, w[i]->kind == VX_MAT_INT8 ? VX_Q_INT8 : VX_Q_Q4, w[i]->m, b[i], y[i]);
+            vx_qlinear(x, n, w[i]->k, w[i]->data, qformat(w[i]), w[i]->m, b[i], y[i]);
         else
             vx_linear(x, n, w[i]->k, xtype, w[i]->data, w[i]->kind == VX_MAT_BF16 ? VX_W_BF16 : VX_W_F32, w[i]->m, b[i], y[i]);
 }
@@ -83,10 +85,12 @@ static void attend(const vx_layer *L, const float *qr, const float *kr, const fl
 void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
                       const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *rings) {
     const int64_t D = L->dim, F = L->w1.m, HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
-    float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);
-    float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD), *o = vx_alloc(sizeof(float) * t * HD);
-    float *k = vx_alloc(sizeof(float) * t * KD), *kr = vx_alloc(sizeof(float) * t * KD), *v = vx_alloc(sizeof(float) * t * KD);
-    float *a = vx_alloc(sizeof(float) * t * F), *g = vx_alloc(sizeof(float) * t * F);
+    float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);            /* [t, D] */
+    float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD);           /* [t, H, hd] */
+    float *o = vx_alloc(sizeof(float) * t * HD);                                                  /* [t, H, hd] */
+    float *k = vx_alloc(sizeof(float) * t * KD), *kr = vx_alloc(sizeof(float) * t * KD);           /* [t, Hkv, hd] */
+    float *v = vx_alloc(sizeof(float) * t * KD);                                                  /* [t, Hkv, hd] */
+    float *a = vx_alloc(sizeof(float) * t * F), *g = vx_alloc(sizeof(float) * t * F);             /* [t, F] */
 
     /* attention block: x = norm(h); h += wo(attention(rope(wq x), rope(wk x), wv x)), the projections once
      * over every sequence's rows, attention per sequence */

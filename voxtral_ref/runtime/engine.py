@@ -13,10 +13,9 @@ the same way whatever the number of rows); the float32 / bf16 `linear` switches 
 4 rows, which sums in another order, so there the logits differ from a lone sequence's by float32 rounding.
 
 Two ways in:
-  decode()   sequences whose audio embeddings are all known (whole files encoded first, the oracle's order):
-             up to max_batch decode in lockstep, the next taking the place of one that ends.
-             `Model.transcribe(list, batch_size=N)` instead runs each file as transcribe() does, in a
-             session of this engine (`transcribe_batch`), so a batch gives each file transcribe()'s result.
+  files      `Model.transcribe(list, batch_size=N)` (`transcribe_batch`): N threads each run a file exactly
+             as transcribe() does, in a session of this engine, the next file taking the place of one
+             that ends, so a batch gives each file transcribe()'s result.
   stream()   live sessions (StreamSession's feed/step/close), each stepped by its caller's thread, or
              several at once by `together` (the server's `advance`). While a session steps, its decoder
              chunks wait here for a pass. A pass runs as soon as every thread stepping one of this engine's
@@ -43,7 +42,7 @@ from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder
 from ..config import SAMPLE_RATE, delay_tokens, n_positions
 from ..errors import VoxtralError
 from ..stages.audio import to_mono_16k
-from ..stages.generate import BATCHED, Decoder, check_chunk, decoder_pass
+from ..stages.generate import BATCHED, check_chunk, decoder_pass
 
 MAX_BATCH = 16                    # rows per pass: the small-row kernels' range (issue 11)
 
@@ -160,35 +159,6 @@ class Engine:
         if job.error is not None:
             raise job.error
         return job.result
-
-    # --- offline files -----------------------------------------------------------------------------------
-    def decode(self, sources):
-        """Greedy decoding of many files, up to max_batch per pass. sources: zero-argument callables, each
-        -> (audio embeddings [n_i, 3072], n_delay) of one file, called when the file takes a place in the
-        batch (so at most max_batch files' embeddings are held at once). Yields (index, ids) as each file
-        ends, ids as greedy_decode's, or (index, exception) for a file whose source or chunk failed: the
-        others go on."""
-        pending, live = iter(enumerate(sources)), []                   # live: [(index, Decoder, embeds)]
-        while True:
-            while len(live) < self.max_batch and (item := next(pending, None)) is not None:
-                i, source = item
-                try:
-                    embeds, n_delay = source()
-                    with self.model.kernel_mode():                     # its delay's scales, as the passes compute
-                        dec = Decoder(self.model.weights, n_delay, max_positions=len(embeds))
-                    live.append((i, dec, embeds))
-                except Exception as e:                       # noqa: BLE001 - one file's fault ends only it
-                    yield i, e
-            if not live:
-                return
-            with self.stepping():
-                jobs = self.run([(dec, embeds[p0:p0 + len(ids)]) for _, dec, embeds in live
-                                 for ids, p0 in [dec.chunk()]])
-            ended = [job.error is not None or dec.finished(len(embeds)) for (_, dec, embeds), job in zip(live, jobs)]
-            for (i, dec, _), job, end in zip(live, jobs, ended):
-                if end:
-                    yield i, job.error if job.error is not None else dec.ids[len(dec.prompt):]
-            live = [s for s, end in zip(live, ended) if not end]
 
     # --- the passes --------------------------------------------------------------------------------------
     def run(self, work):
