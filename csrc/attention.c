@@ -47,9 +47,12 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        /* K rows [sb][d], p [VW][sb], K and V scales [2][sb] (float32), V rows [sb][d] (float32 or int8) */
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (size_t)(isa->attn_vw + 2) * sb)
-                                  + (size_t)sb * D * (a->kvtype == VX_KV_INT8 ? 1 : sizeof(float)));
+        /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
+         * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] and the super-block's
+         * K and V codes by head [2][hkv][sb][d] */
+        const size_t vw = (size_t)isa->attn_vw;
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + vw * D + vw * sb)
+                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D + 2 * (size_t)sb * H * D : (size_t)sb * D * sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;
@@ -81,7 +84,16 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
                   const int64_t *k_pos, int64_t window) {
     const vx_isa *isa = vx_active();
     vx_attention_args a = {q, k, v, k_scale, v_scale, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1,
-                           1.0f / sqrtf((float)d)};
+                           1.0f / sqrtf((float)d), NULL, NULL, NULL, NULL};
+    int8_t *qc = NULL;
+    float *qk = NULL;
+    int32_t *qsum = NULL;
+    if (kvtype == VX_KV_INT8) {   /* the queries' codes: per row, whatever the call, so a score is too */
+        qc = vx_alloc((size_t)(tq * hq * d)), qk = vx_alloc(sizeof(float) * tq * hq), qsum = vx_alloc(sizeof(int32_t) * tq * hq);
+        isa->quantize_act(q, tq * hq, d, d, qc, qk, qsum);
+        for (int64_t i = 0; i < tq * hq; i++) qk[i] = qk[i] * a.scale;
+        a.qc = qc, a.qk = qk, a.qsum = qsum, a.idots = d % 64 == 0 && d <= VX_ATT_DMAX ? isa->attention_idots : NULL;
+    }
     for (int64_t j = 1; j < tk; j++)
         if (k_pos[j] < k_pos[j - 1]) {
             a.k_sorted = 0;
@@ -97,8 +109,12 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
             vx_attention_args b = a;
             b.tq = tq - i0 < qg ? tq - i0 : qg;
             b.q = q + i0 * hq * d, b.out = out + i0 * hq * d, b.q_pos = q_pos + i0;
+            if (qc) b.qc = qc + i0 * hq * d, b.qk = qk + i0 * hq, b.qsum = qsum + i0 * hq;
             by_keys(isa, &b, (int)(b.tq * g));
         }
     else
         by_rows(isa, &a, tq * g);
+    free(qc);
+    free(qk);
+    free(qsum);
 }

@@ -56,16 +56,20 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
         qmin = p < qmin ? p : qmin;
         qmax = p > qmax ? p : qmax;
     }
-    float qrel[ATT_RV * VW];
+    float qrel[ATT_RV * VW], qkr[ATT_RV * VW];   /* qkr: a row's score factor (int8 cache: its codes' scale) */
+    const int q8 = a->kvtype == VX_KV_INT8;
     for (int r = 0; r < R; r++) {
         int64_t i = (row0 + r) / g, h = (int64_t)hk * g + (row0 + r) % g;
         const float *qrow = a->q + (i * a->hq + h) * D;
-        for (int d = 0; d < D; d++) qt[d * R + r] = r < nr ? qrow[d] : 0.0f, ot[d * R + r] = 0.0f;
+        const int8_t *qcode = q8 ? a->qc + (i * a->hq + h) * D : NULL;
+        for (int d = 0; d < D; d++) qt[d * R + r] = r < nr ? (q8 ? (float)qcode[d] : qrow[d]) : 0.0f, ot[d * R + r] = 0.0f;
         qrel[r] = r < nr ? (float)(a->q_pos[i] - qmin) : -3.0e7f;   /* padding rows see no key */
+        qkr[r] = r < nr && q8 ? a->qk[i * a->hq + h] : a->scale;
     }
     for (int d = 0; d < D; d++) zero_row[d] = 0.0f;
-    vf qhi[ATT_RV], qlo[ATT_RV], m[ATT_RV], l[ATT_RV];
+    vf qhi[ATT_RV], qlo[ATT_RV], m[ATT_RV], l[ATT_RV], qk[ATT_RV];
     for (int v = 0; v < ATT_RV; v++) {
+        qk[v] = vx_load(qkr + v * VW);
         qhi[v] = vx_load(qrel + v * VW);
         qlo[v] = vx_sub(qhi[v], vx_set1((float)W));
         m[v] = vx_set1(-INFINITY);
@@ -98,7 +102,7 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
         for (int v = 0; v < ATT_RV; v++) {
             vf mb = vx_set1(-INFINITY);
             for (int jj = 0; jj < ATT_BK; jj++) {
-                s[jj][v] = vx_mul(vx_mul(s[jj][v], vx_set1(a->scale)), vx_set1(ks[jj]));   /* ks 1: exact */
+                s[jj][v] = vx_mul(vx_mul(s[jj][v], qk[v]), vx_set1(ks[jj]));   /* ks 1: exact */
                 if (!all) s[jj][v] = vx_mask_range(s[jj][v], vx_set1(kp[jj]), qlo[v], qhi[v]);
                 mb = vx_max(mb, s[jj][v]);
             }
@@ -137,11 +141,14 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * The work is split by keys, not heads: each call takes a range of keys for every kv head, so the cache
  * is swept in memory order (a key's heads are contiguous; one head's keys are hkv * d apart, a stride that
  * defeats the hardware prefetchers and the TLB), and leaves a partial (m, l, o) per row that the driver
- * merges across key ranges (as flash-decoding does). Keys come in super-blocks (vx_att_sb); per
- * super-block and kv head, its K rows are first widened (int8) or copied (float32) into kbuf and its V rows
- * copied into vbuf: in the cache they are hkv * d apart, 1-4 KB, so they would fall in the same L1 sets
- * and each row's pass would refetch them. The online softmax updates once per super-block, and the next
- * super-block is prefetched into L2.
+ * merges across key ranges (as flash-decoding does). Keys come in super-blocks (vx_att_sb). A float32
+ * cache's K and V rows are copied per kv head into kbuf / vbuf: in the cache they are hkv * d apart, 1-4 KB,
+ * so they would fall in the same L1 sets and each row's pass would refetch them. An int8 cache's
+ * super-block is first copied whole, in memory order (two sequential runs, which the hardware prefetchers
+ * follow: 1.23 -> 0.97 ms per full-window decoder call against reading rows in place or per head), into
+ * [hkv][sb][d]; its K codes then feed the integer scores (attention_idots, or widened into kbuf), its V
+ * codes pv_rows. The online softmax updates once per super-block, and the next super-block is prefetched
+ * into L2.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
 
@@ -213,10 +220,10 @@ VX_INLINE float softmax_update(const vf *s, int NSUB, float *m, float *l, const 
     return corr;
 }
 
-/* NR (<= 4) rows' outputs over a super-block's nk value rows vbuf[nk][D] (float32, or int8 codes if Q8):
+/* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
  * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
  * so each value vector, widened once, serves every row and the loads stay below the FMAs. */
-VX_INLINE void pv_rows(const void *vbuf, int nk, int D, const float *p, int SB, const float *corr, float *o,
+VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
                        const int NR, const int Q8) {
     const int DB = 4 * VW;
     int d0 = 0;
@@ -231,7 +238,7 @@ VX_INLINE void pv_rows(const void *vbuf, int nk, int D, const float *p, int SB, 
             vf v[4];
             VX_UNROLL
             for (int i = 0; i < 4; i++)
-                v[i] = Q8 ? vx_load_i8((const int8_t *)vbuf + jj * D + d0 + i * VW) : vx_load((const float *)vbuf + jj * D + d0 + i * VW);
+                v[i] = Q8 ? vx_load_i8((const int8_t *)vrow[jj] + d0 + i * VW) : vx_load((const float *)vrow[jj] + d0 + i * VW);
             VX_UNROLL
             for (int r = 0; r < NR; r++) {
                 vf pb = vx_set1(p[r * SB + jj]);
@@ -249,7 +256,7 @@ VX_INLINE void pv_rows(const void *vbuf, int nk, int D, const float *p, int SB, 
         for (int d = d0; d < D; d++) {
             float t = o[r * D + d] * corr[r];
             for (int jj = 0; jj < nk; jj++)
-                t += p[r * SB + jj] * (Q8 ? (float)((const int8_t *)vbuf)[jj * D + d] : ((const float *)vbuf)[jj * D + d]);
+                t += p[r * SB + jj] * (Q8 ? (float)((const int8_t *)vrow[jj])[d] : ((const float *)vrow[jj])[d]);
             o[r * D + d] = t;
         }
 }
@@ -264,7 +271,13 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     const size_t esz = Q8 ? 1 : sizeof(float);
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
     float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
-    char *vbuf = (char *)(vsc + SB);
+    float *qf = vsc + SB;                          /* Q8: a head's query codes as floats [nrows][D] */
+    int32_t *isc = (int32_t *)(qf + (size_t)VW * D);   /* Q8 with a->idots: integer scores [nrows][SB] */
+    char *vbuf = (char *)(isc + (size_t)VW * SB);
+    const int idots = Q8 && a->idots;
+    const int8_t *zrow = (const int8_t *)vbuf;     /* Q8: vbuf's first row, zeros */
+    int8_t *kloc = (int8_t *)vbuf + D, *vloc = kloc + (size_t)SB * H * D;   /* Q8: [H][SB][D] each */
+    if (Q8) memset(vbuf, 0, D);
     float qrel[VW] = {0}, corr[VW];
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
@@ -275,7 +288,6 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
-    for (int jj = 0; jj < SB; jj++) ksc[jj] = 1.0f, vsc[jj] = 1.0f;
     for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
         const int lo = (int)(j0 > jb ? j0 - jb : 0), nk = (int)(j1 - jb < SB ? j1 - jb : SB);
         float kp[VX_ATT_SB_MAX];
@@ -283,39 +295,69 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         keys_visible(a, jb, lo, nk, SB, qmin, qmax, kp, &any, &all);
         if (!any) continue;
         {   /* the next super-block, every head: one contiguous run of K and one of V, into L2 while this one is
-             * computed (its rows are hkv * d apart per head, a pattern the hardware prefetchers miss) */
+             * computed */
             const int64_t next = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
             const char *kn = (const char *)a->k + (size_t)((jb + SB) * row) * esz, *vn = (const char *)a->v + (size_t)((jb + SB) * row) * esz;
             for (size_t o = 0; o < (size_t)(next * row) * esz; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
+        if (Q8) {   /* the super-block's K and V, in memory order (two sequential runs), by head */
+            for (int jj = lo; jj < nk; jj++)
+                for (int hk = 0; hk < H; hk++) {
+                    const int64_t from = ((jb + jj) * H + hk) * D;
+                    memcpy(kloc + ((size_t)hk * SB + jj) * D, (const int8_t *)a->k + from, D);
+                    memcpy(vloc + ((size_t)hk * SB + jj) * D, (const int8_t *)a->v + from, D);
+                }
+        }
         for (int hk = 0; hk < H; hk++) {
             const int64_t at = (jb * H + hk) * D;
-            for (int jj = 0; jj < lo; jj++) {          /* before the range: padding, as past it */
-                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
-                memset(vbuf + jj * D * esz, 0, D * esz);
-                ksc[jj] = vsc[jj] = 0.0f;
-            }
-            for (int jj = lo; jj < nk; jj++) {
+            /* The super-block's K and V rows of head hk (an int8 cache's from kloc / vloc, a float32 one's
+             * copied into kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
+            const void *krow[VX_ATT_SB_MAX], *vrow[VX_ATT_SB_MAX];
+            for (int jj = 0; jj < SB; jj++) {
+                const int in = jj >= lo && jj < nk;
                 if (Q8) {
-                    const int8_t *kc = (const int8_t *)a->k + at + jj * row;
-                    int d = 0;
-                    for (; d + VW <= D; d += VW) vx_store(kbuf + jj * D + d, vx_load_i8(kc + d));
-                    for (; d < D; d++) kbuf[jj * D + d] = (float)kc[d];
-                    ksc[jj] = a->ks[(jb + jj) * H + hk], vsc[jj] = a->vs[(jb + jj) * H + hk];
+                    krow[jj] = in ? kloc + ((size_t)hk * SB + jj) * D : zrow;
+                    vrow[jj] = in ? vloc + ((size_t)hk * SB + jj) * D : zrow;
+                    ksc[jj] = in ? a->ks[(jb + jj) * H + hk] : 0.0f;
+                    vsc[jj] = in ? a->vs[(jb + jj) * H + hk] : 0.0f;
+                    if (!idots) {
+                        const int8_t *kc = krow[jj];
+                        int d = 0;
+                        for (; d + VW <= D; d += VW) vx_store(kbuf + jj * D + d, vx_load_i8(kc + d));
+                        for (; d < D; d++) kbuf[jj * D + d] = (float)kc[d];
+                    }
                 } else {
-                    memcpy(kbuf + jj * D, (const float *)a->k + at + jj * row, sizeof(float) * D);
+                    if (in) memcpy(kbuf + jj * D, (const float *)a->k + at + jj * row, sizeof(float) * D);
+                    else for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
+                    if (in) memcpy(vbuf + jj * D * esz, (const float *)a->v + at + jj * row, sizeof(float) * D);
+                    else if (jj < lo) memset(vbuf + jj * D * esz, 0, sizeof(float) * D);
+                    vrow[jj] = vbuf + jj * D * esz;
                 }
-                memcpy(vbuf + jj * D * esz, (const char *)a->v + (at + jj * row) * esz, D * esz);
             }
-            for (int jj = nk; jj < SB; jj++) {         /* padding: masked, and p * 0 */
-                for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
-                ksc[jj] = vsc[jj] = 0.0f;
+            /* int8 caches: a score is the exact integer q . k (float32 sums of these small integers stay
+             * below 2^24, exact in any order, so every path and level gets the same), times its row's factor */
+            if (idots) {
+                const int8_t *qrows[VW];
+                int32_t qsum[VW];
+                for (int r = 0; r < nrows; r++) {
+                    const int64_t qi = (int64_t)(r / g) * a->hq + hk * g + r % g;
+                    qrows[r] = a->qc + qi * D, qsum[r] = a->qsum[qi];
+                }
+                a->idots((const int8_t *const *)krow, SB, D, qrows, qsum, nrows, isc);
+            } else if (Q8) {
+                for (int r = 0; r < nrows; r++) {
+                    const int8_t *qcode = a->qc + ((int64_t)(r / g) * a->hq + hk * g + r % g) * D;
+                    for (int d = 0; d < D; d++) qf[r * D + d] = (float)qcode[d];
+                }
             }
             for (int r = 0; r < nrows; r++) {
-                const float *qrow = a->q + ((int64_t)(r / g) * a->hq + hk * g + r % g) * D;
+                const int64_t qi = (int64_t)(r / g) * a->hq + hk * g + r % g;
+                const float *qrow = Q8 ? qf + r * D : a->q + qi * D;
+                const vf qk = vx_set1(Q8 ? a->qk[qi] : a->scale);
                 vf s[VX_ATT_SB_MAX / VW];
                 for (int sb = 0; sb < NSUB; sb++) {
-                    vf sv = vx_mul(key_dots(qrow, kbuf + (size_t)sb * VW * D, D), vx_set1(a->scale));
+                    vf dot = idots ? vx_load_i32(isc + r * SB + sb * VW) : key_dots(qrow, kbuf + (size_t)sb * VW * D, D);
+                    vf sv = vx_mul(dot, qk);
                     if (Q8) sv = vx_mul(sv, vx_load(ksc + sb * VW));
                     if (!all) sv = vx_mask_range(sv, vx_load(kp + sb * VW), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
                     s[sb] = sv;
@@ -325,10 +367,10 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             for (int r = 0; r < nrows; r += 4) {
                 const int nr = nrows - r < 4 ? nrows - r : 4;
                 float *o = os + ((int64_t)hk * nrows + r) * D;
-                if (nr == 4) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8);
-                else if (nr == 3) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8);
-                else if (nr == 2) pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8);
-                else pv_rows(vbuf, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8);
+                if (nr == 4) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8);
+                else if (nr == 3) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8);
+                else if (nr == 2) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8);
+                else pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8);
             }
         }
     }
@@ -348,3 +390,39 @@ VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0
 VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {
     attention_block(a, hk, row0, scratch);
 }
+
+#if VX_LEVEL == VX_LEVEL_AVX512
+/* vx_isa.attention_idots with AVX512-VNNI (the avx512bf16 level). Per 16 keys, their codes are transposed
+ * into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key j, biased to unsigned by xor 0x80), so one VPDPBUSD
+ * with 4 broadcast query bytes adds 4 products to each key's lane: no horizontal sums, and each transposed
+ * vector serves every row. The bias adds 128 * qsum, taken off at the end: exact. */
+#define VX_ATT_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+VX_ATT_VNNI_FN static void attention_idots_vnni(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum,
+                                                int nrows, int32_t *s) {
+    __m512i kt[VX_ATT_DMAX / 4];
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    for (int j0 = 0; j0 < sb; j0 += 16) {
+        for (int c = 0; c < d; c += 64) {
+            vf r[16];
+            for (int jj = 0; jj < 16; jj++) r[jj] = _mm512_loadu_ps((const float *)(kb[j0 + jj] + c));
+            vx_transpose(r);
+            for (int i = 0; i < 16; i++) kt[c / 4 + i] = _mm512_xor_si512(_mm512_castps_si512(r[i]), bias);
+        }
+        for (int r0 = 0; r0 < nrows; r0 += 4) {
+            const int8_t *qr[4];
+            for (int i = 0; i < 4; i++) qr[i] = q[r0 + i < nrows ? r0 + i : nrows - 1];   /* past nrows: discarded */
+            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (int p = 0; p < d / 4; p++) {
+                VX_UNROLL
+                for (int i = 0; i < 4; i++) {
+                    int32_t q4;
+                    memcpy(&q4, qr[i] + 4 * p, 4);
+                    acc[i] = _mm512_dpbusd_epi32(acc[i], kt[p], _mm512_set1_epi32(q4));
+                }
+            }
+            for (int i = 0; i < 4 && r0 + i < nrows; i++)
+                _mm512_storeu_si512(s + (size_t)(r0 + i) * sb + j0, _mm512_sub_epi32(acc[i], _mm512_set1_epi32(128 * qsum[r0 + i])));
+        }
+    }
+}
+#endif

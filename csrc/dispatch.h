@@ -34,6 +34,7 @@ typedef struct {
 /* keys per super-block of attention_keys: a power of two (16..256) whose K rows (widened to float32) and V
  * rows (float32, or int8 codes) fit in 32 KB of L1; the online softmax updates once per super-block */
 enum { VX_ATT_SB_MAX = 256 };
+enum { VX_ATT_DMAX = 256 };   /* head sizes attention_idots takes (multiples of 64 up to this) */
 static inline int vx_att_sb(int d, int kvtype) {
     const int bytes_per_key = d * ((int)sizeof(float) + (kvtype == VX_KV_INT8 ? 1 : (int)sizeof(float)));
     int sb = VX_ATT_SB_MAX;
@@ -59,6 +60,13 @@ typedef struct {
     const int64_t *q_pos, *k_pos;
     int k_sorted;           /* k_pos ascending: each query block's keys are one contiguous run */
     float scale;            /* 1 / sqrt(d) */
+    /* VX_KV_INT8: the queries quantised as the keys are (one block per head row), so a score's dot product
+     * is an exact integer: codes qc [tq, hq, d], and per row qk = its scale / sqrt(d), qsum its codes' sum */
+    const int8_t *qc;
+    const float *qk;
+    const int32_t *qsum;
+    /* the level's vx_isa.attention_idots (NULL: scores by float32 FMAs, exact on these integers too) */
+    void (*idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows, int32_t *s);
 } vx_attention_args;
 
 /* A GEMM micro-kernel and its weight packing. Both operands are packed k-major into 32-bit elements that
@@ -104,10 +112,14 @@ typedef struct {
     /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
      * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
-     * o [hkv][nrows][d]), scratch of 2 * vx_att_sb(d, kvtype) * d floats. */
+     * o [hkv][nrows][d]), scratch as by_keys (attention.c) allocates it. */
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
     void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch);
+    /* NULL, or the integer dot products of an int8 cache's keys with int8 queries (VNNI): kb[j] key j's d
+     * codes (d a multiple of 64, sb of 16), q[r] row r's d codes and qsum[r] their sum -> s [nrows][sb] */
+    void (*attention_idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows,
+                            int32_t *s);
     /* quantised linears (qmatmul_simd.h): panels [p0, p1) for all n rows; one panel of weights, one
      * activation format; and the quantisers */
     void (*qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1);

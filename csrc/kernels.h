@@ -79,9 +79,10 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
  *     VX_KV_F32   float32 (k_scale, v_scale NULL)
  *     VX_KV_INT8  int8 codes with one float32 scale per (key, kv head) row, k_scale / v_scale [tk, hkv]
  *                 (the compact caches of the quantised modes: a row is scale * codes, quantised as the
- *                 activations are, one block per row). A score is (q . codes) / sqrt(d) * the key's scale;
- *                 the values' scales multiply the probabilities. The queries stay float32: quantising
- *                 them too made token ids depend on how a sequence is cut into calls (measured).
+ *                 activations are, one block per row). The queries are quantised the same way, so a
+ *                 score is the exact integer (q codes . k codes) * (q scale / sqrt(d)) * the key's scale,
+ *                 whatever the call (VNNI levels use integer dot products, the others float32 sums of
+ *                 the codes, exact below 2^24); the values' scales multiply the probabilities.
  *   q_pos [tq], k_pos [tk]: absolute positions; k_pos in any order (ring-buffer caches).
  *   Key j is visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]; query head h uses kv head
  *   h / (hq / hkv); scores scaled by 1/sqrt(d); softmax online in float32. A query that sees no key

@@ -59,6 +59,8 @@ VX_INLINE vf vx_load_bf16(const uint16_t *p) {
 }
 /* VW int8 codes as floats (exact) */
 VX_INLINE vf vx_load_i8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+/* VW int32 as floats (exact below 2^24) */
+VX_INLINE vf vx_load_i32(const int32_t *p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
 VX_INLINE vf vx_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 VX_INLINE vf vx_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 VX_INLINE vf vx_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -126,6 +128,7 @@ VX_INLINE vf vx_load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 VX_INLINE vf vx_load_i8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+VX_INLINE vf vx_load_i32(const int32_t *p) { return _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)p)); }
 VX_INLINE vf vx_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 VX_INLINE vf vx_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 VX_INLINE vf vx_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -185,6 +188,7 @@ VX_INLINE vf vx_load(const float *p) { return *p; }
 VX_INLINE void vx_store(float *p, vf a) { *p = a; }
 VX_INLINE vf vx_load_bf16(const uint16_t *p) { return vx_bf16_to_f32(*p); }
 VX_INLINE vf vx_load_i8(const int8_t *p) { return (float)*p; }
+VX_INLINE vf vx_load_i32(const int32_t *p) { return (float)*p; }
 VX_INLINE vf vx_add(vf a, vf b) { return a + b; }
 VX_INLINE vf vx_sub(vf a, vf b) { return a - b; }
 VX_INLINE vf vx_mul(vf a, vf b) { return a * b; }

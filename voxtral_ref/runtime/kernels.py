@@ -136,17 +136,22 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     q_pos[i] - window < k_pos[j] <= q_pos[i]  (the window counts the query's own position, as HF's
     sliding-window mask does). Softmax in float32 with scale 1/sqrt(D). Queries are taken in blocks so
     memory stays O(block * window) however long the sequence.
-    With KV8 keys and values (an int8 cache) a score is (q . codes) / sqrt(D) times the key's scale, and
-    the values are dequantised. The queries stay float32: quantising them as well made the token ids of the
-    quantised modes depend on how a sequence is cut into calls (speculative passes, stream chunks)."""
+    With KV8 keys and values (an int8 cache) the queries are quantised as the keys are (one int8 block per
+    head row), so a score is the exact integer dot product of the codes times (the query's scale / sqrt(D))
+    times the key's scale: the same in every kernel path and call shape, and the C kernels' integer
+    dot-product instructions compute it. The values are dequantised."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv                                               # query heads per kv head
     scale = np.float32(1.0 / np.sqrt(d))
     if isinstance(k, KV8):
         kscale, k = k.scale, k.codes.astype(np.float32)         # [Tk, Hkv], [Tk, Hkv, D]
+        qc, qs, _ = quant.quantize_act_np(q.reshape(-1, d), d)  # [Tq*Hq, D] int8, [Tq*Hq, 1]
+        # float32 sums of these integers stay below 2^24 (D * 127^2): exact, whatever einsum's order
+        q, qfactor = qc.reshape(q.shape).astype(np.float32), (qs * scale).reshape(tq, hq)   # [Tq, Hq, D], [Tq, Hq]
     else:
         kscale = np.ones(k.shape[:2], np.float32)
+        qfactor = np.full((tq, hq), scale, np.float32)
     v = np.asarray(v, np.float32)                               # an int8 cache's values, dequantised
     out = np.empty_like(q)                                      # [Tq, Hq, D]
     for s in range(0, tq, 128):
@@ -154,14 +159,21 @@ def attention_np(q, k, v, q_pos, k_pos, window):
         sel = np.nonzero((k_pos > qp.min() - window) & (k_pos <= qp.max()))[0]
         kb, vb, kp, ks = k[sel], v[sel], k_pos[sel], kscale[sel]  # [t, Hkv, D], [t, Hkv]
         qg = qb.reshape(len(qb), hkv, g, d)                     # [b, Hkv, g, D]
-        scores = np.einsum("bhgd,thd->hgbt", qg, kb) * scale * ks.T[:, None, None, :]  # [Hkv, g, b, t]
+        qf = qfactor[s:s + 128].reshape(len(qb), hkv, g).transpose(1, 2, 0)[..., None]  # [Hkv, g, b, 1]
+        scores = np.einsum("bhgd,thd->hgbt", qg, kb) * qf * ks.T[:, None, None, :]  # [Hkv, g, b, t]
         visible = (kp[None, :] > qp[:, None] - window) & (kp[None, :] <= qp[:, None])  # [b, t]
         scores = np.where(visible, scores, -np.inf)
         scores -= scores.max(-1, keepdims=True)
         p = np.exp(scores)
-        p /= p.sum(-1, keepdims=True)
-        ob = np.einsum("hgbt,thd->bhgd", p, vb)                 # [b, Hkv, g, D]
-        out[s:s + 128] = ob.reshape(len(qb), hq, d)
+        # Sums over keys run left to right (np.cumsum; BLAS and np.sum block theirs by the array's length),
+        # so the keys another query of the call brings in, masked to exact zeros, change no rounding: a
+        # query's result is the same whatever the call (a speculative pass, a batch, a stream's chunking).
+        p /= np.cumsum(p, -1)[..., -1:]
+        ob = np.zeros((hkv, g, len(qb), d), np.float32)         # [Hkv, g, b, D]
+        for t0 in range(0, len(sel), 16):
+            terms = p[..., t0:t0 + 16, None] * vb[t0:t0 + 16].transpose(1, 0, 2)[:, None, None]  # [Hkv, g, b, 16, D]
+            ob = np.cumsum(np.concatenate([ob[..., None, :], terms], axis=-2), axis=-2)[..., -1, :]
+        out[s:s + 128] = ob.transpose(2, 0, 1, 3).reshape(len(qb), hq, d)
     return out
 
 
