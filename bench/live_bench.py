@@ -74,19 +74,20 @@ def fast_forward(session, tokens):
     session._arrivals = type(session._arrivals)((end + tokens * BLOCK, t) for end, t in session._arrivals)
 
 
-def paced(session, audio, seconds):
-    """Feed `seconds` of audio block by block in real time; -> step seconds, linear seconds, first-token latency."""
+def paced(session, audio, seconds, block):
+    """Feed `seconds` of audio `block` samples at a time in real time; -> step seconds, linear seconds,
+    first-token latency."""
     steps, inside, first = [], [], None
     t_next = time.perf_counter()
-    for start in range(0, int(seconds * C.SAMPLE_RATE), BLOCK):
+    for start in range(0, int(seconds * C.SAMPLE_RATE), block):
         wait = t_next - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        t_next += BLOCK / C.SAMPLE_RATE
-        block = audio[start % len(audio):][:BLOCK]
+        t_next += block / C.SAMPLE_RATE
+        chunk = audio[start % len(audio):][:block]
         lin0 = ckernels.weight_seconds()
         t0 = time.perf_counter()
-        session.feed(block)
+        session.feed(chunk)
         e = session.step()
         steps.append(time.perf_counter() - t0)
         inside.append(ckernels.weight_seconds() - lin0)
@@ -95,10 +96,10 @@ def paced(session, audio, seconds):
     return np.array(steps), np.array(inside), first
 
 
-def summary(steps, inside, nbytes, bw):
+def summary(steps, inside, nbytes, bw, block):
     mean = steps.mean()
     return {"steps": len(steps), "step_ms_median": 1e3 * float(np.median(steps)), "step_ms_mean": 1e3 * float(mean),
-            "step_ms_p95": 1e3 * float(np.percentile(steps, 95)), "live_rtf": float(mean / (BLOCK / C.SAMPLE_RATE)),
+            "step_ms_p95": 1e3 * float(np.percentile(steps, 95)), "live_rtf": float(mean / (block / C.SAMPLE_RATE)),
             "bytes_per_step_GB": nbytes / 1e9, "read_GB/s": bw, "roofline_ms": 1e3 * nbytes / 1e9 / bw,
             "vs_roofline": float(mean / (nbytes / 1e9 / bw)),
             "outside_kernels_ms_mean": 1e3 * float((steps - inside).mean())}
@@ -114,6 +115,8 @@ def run(path, args, machine):
     out = {"model": str(path), "quantize": model.quantize, "precision": model.precision, "load_s": load_s,
            "weight_GB": weight_bytes(model) / 1e9}
     label = model.quantize or model.precision
+    block = BLOCK * args.block_ms // C.MS_PER_TOKEN
+    out["block_ms"] = args.block_ms
     session = model.stream()
     # the first token needs 1280 * (delay + 1) + 40 samples: feed up to just before, then the block
     # that completes it, timed as a live client sees it
@@ -124,9 +127,9 @@ def run(path, args, machine):
         if phase == "full":
             fast_forward(session, model.cfg.decoder.sliding_window)
         bw_before = machine.read_gbs()
-        steps, inside, first = paced(session, audio[lead:], args.seconds)
+        steps, inside, first = paced(session, audio[lead:], args.seconds, block)
         bw = (bw_before + machine.read_gbs()) / 2
-        out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw)
+        out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw, block)
         out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
         if phase == "start":
             out["first_token_latency_ms"] = 1e3 * first if first is not None else None
@@ -148,6 +151,9 @@ def main():
     ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
+    ap.add_argument("--block-ms", type=int, default=C.MS_PER_TOKEN, choices=[80, 160, 240],
+                    help="audio per feed() + step(): wider blocks step the encoder less often and decode a "
+                         "backlog of positions per step, for more latency (default 80)")
     ap.add_argument("--json", type=Path, default=OUT / "live.json")
     run_models(ap.parse_args(), run)
 

@@ -23,10 +23,11 @@ static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows
 /* Few rows per kv head (decode, streaming): tasks are ranges of keys, each for every head, leaving a
  * partial (max m, sum l, unnormalised o) per row; merged here as
  *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M).
- * The ranges (and the kernel's super-blocks within them) sit at fixed multiples of the key index, and a
- * range or super-block a row does not see leaves its (m, l, o) exactly as they were: so a row's result
- * depends on its own query and the keys only, not on the other rows of the call (which set the range
- * of keys looked at), nor on the thread count. */
+ * The ranges (and the kernel's super-blocks within them) sit at fixed multiples of the key index, a
+ * range or super-block a row does not see leaves its (m, l, o) exactly as they were, and a row merges the
+ * ranges it saw in the order of their keys' positions: so a row's result depends on its own query and the
+ * keys only, not on the other rows of the call (which set the range of keys looked at), nor on the thread
+ * count, nor (VX_ATT_ALIGN) on the capacity of the ring the keys sit in. */
 static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     const int H = a->hkv, D = a->d, g = a->hq / a->hkv;
     int64_t qmin = INT64_MAX, qmax = INT64_MIN, j_lo, j_hi;
@@ -43,7 +44,9 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
                                                   * (~290 keys) keep 2 threads busy */
     const int64_t c_lo = j_lo / chunk, nchunks = j_hi > j_lo ? (j_hi + chunk - 1) / chunk - c_lo : 1;
     const size_t per = (size_t)H * nrows * (2 + D);
+    const int64_t tq = nrows / g;
     float *state = vx_alloc(sizeof(float) * per * nchunks);
+    int64_t *last = vx_alloc(sizeof(int64_t) * nchunks * tq);   /* [chunk][query]: its last visible key's position */
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
@@ -57,25 +60,46 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;
             isa->attention_keys(a, j0, j1, nrows, state + c * per, scratch);
+            for (int64_t i = 0; i < tq; i++) {
+                int64_t p = INT64_MIN;
+                for (int64_t j = j0; j < j1; j++)
+                    if (a->k_pos[j] > a->q_pos[i] - a->window && a->k_pos[j] <= a->q_pos[i] && a->k_pos[j] > p) p = a->k_pos[j];
+                last[c * tq + i] = p;
+            }
         }
         free(scratch);
     }
-    for (int hk = 0; hk < H; hk++)
-        for (int r = 0; r < nrows; r++) {
-            const size_t row = (size_t)hk * nrows + r;
-            float m = -INFINITY, l = 0.0f;
-            for (int64_t c = 0; c < nchunks; c++) m = fmaxf(m, state[c * per + row]);
-            float *out = a->out + ((r / g) * a->hq + hk * g + r % g) * D;
-            for (int d = 0; d < D; d++) out[d] = 0.0f;
-            for (int64_t c = 0; c < nchunks; c++) {
-                const float *st = state + c * per;
-                float w = st[row] == -INFINITY ? 0.0f : expf(st[row] - m);   /* a range that saw nothing */
-                l += st[(size_t)H * nrows + row] * w;
-                const float *o = st + (size_t)2 * H * nrows + row * D;
-                for (int d = 0; d < D; d++) out[d] += o[d] * w;
-            }
-            for (int d = 0; d < D; d++) out[d] /= l;               /* 0 / 0 = NaN if no key was visible */
+    int64_t *order = vx_alloc(sizeof(int64_t) * nchunks);
+    for (int64_t i = 0; i < tq; i++) {
+        /* the ranges query i saw, by position (a ring's index order wraps): its merge then adds the same
+         * partial sums in the same order whatever the ring's capacity (see VX_ATT_ALIGN) */
+        int64_t n = 0;
+        for (int64_t c = 0; c < nchunks; c++) {
+            if (last[c * tq + i] == INT64_MIN) continue;   /* saw nothing: its (m, l, o) are untouched */
+            int64_t at = n++;
+            for (; at > 0 && last[order[at - 1] * tq + i] > last[c * tq + i]; at--) order[at] = order[at - 1];
+            order[at] = c;
         }
+        for (int hk = 0; hk < H; hk++)
+            for (int rr = 0; rr < g; rr++) {
+                const int64_t r = i * g + rr;
+                const size_t row = (size_t)hk * nrows + r;
+                float m = -INFINITY, l = 0.0f;
+                for (int64_t k = 0; k < n; k++) m = fmaxf(m, state[order[k] * per + row]);
+                float *out = a->out + (i * a->hq + hk * g + rr) * D;
+                for (int d = 0; d < D; d++) out[d] = 0.0f;
+                for (int64_t k = 0; k < n; k++) {
+                    const float *st = state + order[k] * per;
+                    const float w = expf(st[row] - m);
+                    l += st[(size_t)H * nrows + row] * w;
+                    const float *o = st + (size_t)2 * H * nrows + row * D;
+                    for (int d = 0; d < D; d++) out[d] += o[d] * w;
+                }
+                for (int d = 0; d < D; d++) out[d] /= l;               /* 0 / 0 = NaN if no key was visible */
+            }
+    }
+    free(order);
+    free(last);
     free(state);
 }
 
@@ -102,7 +126,7 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
     const int g = hq / hkv, qg = isa->attn_vw / g;  /* queries whose rows fit one by_keys call */
     if (tq * g <= isa->attn_vw)
         by_keys(isa, &a, (int)(tq * g));
-    else if (qg > 0 && tq <= VX_ATT_FEW_QUERIES)
+    else if (qg > 0 && (tq <= VX_ATT_FEW_QUERIES || kvtype == VX_KV_INT8))
         /* a decode step with drafts (speculative verification): by_keys, a group of queries at a time, so
          * each query's result is the one it gets alone (see by_keys), whatever k */
         for (int64_t i0 = 0; i0 < tq; i0 += qg) {

@@ -34,7 +34,12 @@ typedef struct {
 /* keys per super-block of attention_keys: a power of two (16..256) whose K rows (widened to float32) and V
  * rows (float32, or int8 codes) fit in 32 KB of L1; the online softmax updates once per super-block */
 enum { VX_ATT_SB_MAX = 256 };
-enum { VX_ATT_DMAX = 256 };   /* head sizes attention_idots takes (multiples of 64 up to this) */
+enum { VX_ATT_DMAX = 256 };
+/* by_keys' key ranges (attention.c) are a power of two between 128 and VX_ATT_SB_MAX keys, so they divide
+ * this. A ring cache (stages/attention.py KVCache) whose capacity is a multiple of it, and at least the
+ * window + VX_ATT_ALIGN - 1, holds in each aligned range, as far as any one query sees, consecutive
+ * positions of one lap: the same keys, in the same order, as any other such ring. */
+enum { VX_ATT_ALIGN = 256 };   /* head sizes attention_idots takes (multiples of 64 up to this) */
 static inline int vx_att_sb(int d, int kvtype) {
     const int bytes_per_key = d * ((int)sizeof(float) + (kvtype == VX_KV_INT8 ? 1 : (int)sizeof(float)));
     int sb = VX_ATT_SB_MAX;

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voxtral_ref.runtime import kernels
-from voxtral_ref.stages.attention import KVCache, rope_angles
+from voxtral_ref.stages.attention import RING_ALIGN, KVCache, rope_angles
 from voxtral_ref.runtime.kernels import interleaved_to_split_half, rope_np
 from voxtral_ref.stages.encoder import conv_stem
 from voxtral_ref.stages.mel import log_mel, log_mel_frames, mel_filters
@@ -108,19 +108,21 @@ def test_rope_layouts_agree_and_preserve_norms(hd, seed):
 
 
 @FAST
-@given(window=st.integers(1, 20), chunks=st.lists(st.integers(1, 5), min_size=1, max_size=40), seed=st.integers(0, 2**31))
+@given(window=st.integers(1, 20), chunks=st.lists(st.integers(1, 40), min_size=1, max_size=40), seed=st.integers(0, 2**31))
 def test_kv_cache_attention_equals_full_sequence(window, chunks, seed):
-    """Feeding a sequence chunk by chunk through the bounded ring equals attending over the whole
-    sequence at once, and the ring never grows past window + max_chunk - 1 slots."""
+    """Feeding a sequence chunk by chunk through the bounded ring (which wraps past 512 positions here)
+    equals attending over the whole sequence at once, and the ring never grows past its capacity: at least
+    window + max_chunk - 1 slots, rounded up to a multiple of RING_ALIGN past window + RING_ALIGN - 1."""
     rng = np.random.default_rng(seed)
     n = sum(chunks)
     q, k, v = (rng.standard_normal((n, 2, 4)).astype(np.float32) for _ in range(3))
     pos = np.arange(n)
     full = kernels.attention_np(q, k, v, pos, pos, window)
-    cache, out, p = KVCache(window, 5, 2, 4), [], 0
+    cache, out, p = KVCache(window, 40, 2, 4), [], 0
+    assert cache.capacity % RING_ALIGN == 0 and window + RING_ALIGN - 1 <= cache.capacity < window + 2 * RING_ALIGN - 1
     for c in chunks:
         kk, vv, kp = cache.update(k[p:p + c], v[p:p + c], pos[p:p + c])
-        assert len(kp) <= window + 4
+        assert len(kp) <= cache.capacity
         out.append(kernels.attention_np(q[p:p + c], kk, vv, pos[p:p + c], kp, window))
         p += c
     np.testing.assert_allclose(np.concatenate(out), full, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from voxtral_ref.runtime import ckernels
 from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN, delay_tokens
 from voxtral_ref.model import Model
 from voxtral_ref.runtime.stream import LOOK_AHEAD
+from voxtral_ref.stages.attention import RING_ALIGN
 
 from conftest import MODEL_DIRS, golden_cases, load_case
 
@@ -142,8 +143,11 @@ def test_long_stream_equals_offline_with_flat_state(tiny_mistral):
         sizes.append(fp["audio_buffer"])
     s.close()
     assert s.token_ids == off.token_ids and s.text == off.text
-    assert start["encoder_kv_slots"] == cfg.encoder.n_layers * (cfg.encoder.sliding_window + 4 * len(s._dec.prompt) - 1)
-    assert start["decoder_kv_slots"] == cfg.decoder.n_layers * (cfg.decoder.sliding_window + len(s._dec.prompt) - 1)
+    for slots, c, chunk in [(start["encoder_kv_slots"], cfg.encoder, 4 * len(s._dec.prompt)),
+                            (start["decoder_kv_slots"], cfg.decoder, len(s._dec.prompt))]:
+        per_layer = slots // c.n_layers       # window + chunk - 1, rounded up as KVCache says (RING_ALIGN)
+        assert per_layer * c.n_layers == slots and per_layer % RING_ALIGN == 0
+        assert c.sliding_window + max(chunk, RING_ALIGN) - 1 <= per_layer < c.sliding_window + max(chunk, RING_ALIGN) - 1 + RING_ALIGN
 
 
 # --- threads --------------------------------------------------------------------------------------------
@@ -194,19 +198,60 @@ def test_c_backend_stream_equals_golden():
         assert ids == model.transcribe(g["audio"], delay_ms=int(g["delay_ms"])).token_ids == g["token_ids"].tolist()
 
 
+QUANTISED = {}
+
+
+def quantised_model(backend, fmt):
+    if (backend, fmt) not in QUANTISED:
+        QUANTISED[backend, fmt] = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, quantize=fmt)
+    return QUANTISED[backend, fmt]
+
+
+def assert_stream_is_offline_bit_for_bit(model, case, sizes, every=1):
+    """ids equal, and the logits each token was chosen from equal bit for bit."""
+    from test_engine import recording
+    g = load_case(case)
+    with recording() as logits:
+        off = model.transcribe(g["audio"], delay_ms=int(g["delay_ms"])).token_ids
+    with recording() as streamed:
+        ids, _ = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes, every)
+    assert ids == off
+    (want,), (got,) = logits.values(), streamed.values()
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("sizes", [[1], [1281], [7, 4000, 1281]])
-@pytest.mark.parametrize("mode", [{"precision": "bf16"}, {"quantize": "int8"}, {"quantize": "q4"}],
-                         ids=["bf16", "int8", "q4"])
-def test_approximate_stream_follows_offline(mode, sizes):
-    """A session runs the model's mode (bf16 matmul inputs, or quantised weights: their ids differ from
-    float32's on this tiny random model, so a session that fell back to float32 would fail here). The
-    encoder computes 4 frames at a time with sums in another order than for the whole file (attention, and
-    in bf16 the GEMV against the GEMM), and rounding the next matmul's input (to bf16 or int8) can turn that
-    float32-level difference into a whole step: so ids equal offline's up to a near tie of offline's own
-    logits (within the 5e-2 of scale that tests/test_golden.py's isolation test bounds input rounding by)."""
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+@pytest.mark.parametrize("backend", ["c", "numpy"] if ckernels.available() else ["numpy"])
+def test_quantised_stream_equals_offline_bit_for_bit(backend, fmt, sizes):
+    """With quantised weights (int8 KV caches) a stream computes what offline computes, bit for bit, though
+    its encoder runs 4 frames a call against offline's 1000: the linears compute each row alone, attention
+    scores are exact integers, every sum over keys follows their positions (the C kernel's key ranges are
+    aligned to positions and merged in position order; the twin sums left to right), and the rings'
+    capacities keep those ranges aligned (stages/attention.py RING_ALIGN). These quantised ids differ from
+    float32's on this tiny random model, so a session that fell back to float32 would fail here."""
+    model = quantised_model(backend, fmt)
+    for case in CASES if backend == "c" else CASES[:3]:
+        assert_stream_is_offline_bit_for_bit(model, case, sizes)
+
+
+@pytest.mark.skipif(not ckernels.available(), reason="the C kernels are not built")
+@settings(max_examples=12, deadline=None)
+@given(case=st.sampled_from(CASES), sizes=chunkings, every=st.integers(1, 4), fmt=st.sampled_from(["int8", "q4"]))
+def test_quantised_any_chunking_equals_offline_bit_for_bit(case, sizes, every, fmt):
+    assert_stream_is_offline_bit_for_bit(quantised_model("c", fmt), case, sizes, every)
+
+
+@pytest.mark.parametrize("sizes", [[1], [1281], [7, 4000, 1281]])
+def test_bf16_stream_follows_offline(sizes):
+    """A bf16 session runs the model's precision (its ids differ from float32's on this tiny random model).
+    Its float32 caches' attention and the bf16 matmuls (GEMV against the GEMM) sum in another order for 4
+    frames than for the whole file, and rounding the next matmul's input to bf16 can turn that float32-level
+    difference into a whole step: so ids equal offline's up to a near tie of offline's own logits (within the
+    5e-2 of scale that tests/test_golden.py's isolation test bounds input rounding by)."""
     from voxtral_ref.apps.oracle import capture
     backend = "c" if ckernels.available() else "numpy"
-    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, **mode)
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend, precision="bf16")
     for case in CASES:
         g = load_case(case)
         ids, _ = run_stream(model.stream(delay_ms=int(g["delay_ms"])), g["audio"], sizes)

@@ -157,6 +157,7 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     for s in range(0, tq, 128):
         qb, qp = q[s:s + 128], q_pos[s:s + 128]                 # [b, Hq, D], [b]
         sel = np.nonzero((k_pos > qp.min() - window) & (k_pos <= qp.max()))[0]
+        sel = sel[np.argsort(k_pos[sel], kind="stable")]        # by position: a ring's slot order wraps
         kb, vb, kp, ks = k[sel], v[sel], k_pos[sel], kscale[sel]  # [t, Hkv, D], [t, Hkv]
         qg = qb.reshape(len(qb), hkv, g, d)                     # [b, Hkv, g, D]
         qf = qfactor[s:s + 128].reshape(len(qb), hkv, g).transpose(1, 2, 0)[..., None]  # [Hkv, g, b, 1]
@@ -165,9 +166,10 @@ def attention_np(q, k, v, q_pos, k_pos, window):
         scores = np.where(visible, scores, -np.inf)
         scores -= scores.max(-1, keepdims=True)
         p = np.exp(scores)
-        # Sums over keys run left to right (np.cumsum; BLAS and np.sum block theirs by the array's length),
-        # so the keys another query of the call brings in, masked to exact zeros, change no rounding: a
-        # query's result is the same whatever the call (a speculative pass, a batch, a stream's chunking).
+        # Sums over keys run left to right in position order (np.cumsum; BLAS and np.sum block theirs by the
+        # array's length), so the keys another query of the call brings in, masked to exact zeros, change no
+        # rounding: a query's result is the same whatever the call (a speculative pass, a batch, a stream's
+        # chunking) and whatever ring the keys sit in.
         p /= np.cumsum(p, -1)[..., -1:]
         ob = np.zeros((hkv, g, len(qb), d), np.float32)         # [Hkv, g, b, D]
         for t0 in range(0, len(sel), 16):

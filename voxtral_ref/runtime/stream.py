@@ -33,7 +33,7 @@ and including the first EOS.
 
 Memory is O(1) in the stream's length: the audio buffer holds at most the samples the next frames need
 plus what was fed and not yet processed; encoder and decoder KV caches are rings of (window + chunk - 1)
-slots; at most one batch of audio embeddings (plus a draft's) waits for the decoder. Only the output (ids,
+slots or a little more (KVCache); at most one batch of audio embeddings (plus a draft's) waits for the decoder. Only the output (ids,
 text) grows.
 
 Input at other sample rates goes through soxr's stream resampler at the quality `Model.transcribe` uses;

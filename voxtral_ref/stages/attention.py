@@ -23,18 +23,25 @@ def rope_angles(pos, head_dim, theta):
     return np.cos(angles), np.sin(angles)
 
 
+RING_ALIGN = 256                  # csrc/dispatch.h VX_ATT_ALIGN
+
+
 class KVCache:
     """One layer's keys and values for the last `window` positions, in a ring buffer.
 
-    A chunk of up to `max_chunk` new positions is written BEFORE attending, so the ring holds
+    A chunk of up to `max_chunk` new positions is written BEFORE attending, so the ring holds at least
     window + max_chunk - 1 slots: the oldest query of the chunk still finds its window - 1 predecessors.
-    Slots are addressed by position modulo capacity; attention masks by position, so order is free.
+    Slots are addressed by position modulo capacity; attention masks by position, so order is free. The
+    capacity is rounded up to a multiple of RING_ALIGN past window + RING_ALIGN - 1: then the C attention's
+    aligned key ranges hold, for each query, the same positions in the same order in every such ring, so a
+    stream's caches (4 encoder frames a step) give the sums a file's (1000 frames a call) give.
     Keys and values are kept in the KV format in force (kernels.use): float32, or int8 codes with a scale
     per row (kernels.KV8) in the quantised modes.
     A sequence known to end within `max_positions` needs no more slots than that (short files)."""
 
     def __init__(self, window, max_chunk, n_kv_heads, head_dim, max_positions=None):
-        self.capacity = min(window + max_chunk - 1, max_positions or window + max_chunk - 1)
+        ring = -(-(window + max(max_chunk, RING_ALIGN) - 1) // RING_ALIGN) * RING_ALIGN
+        self.capacity = min(ring, max_positions or ring)
         self.max_chunk = max_chunk
         self.k = kernels.kv_empty((self.capacity, n_kv_heads, head_dim))      # [cap, Hkv, hd]
         self.v = kernels.kv_empty((self.capacity, n_kv_heads, head_dim))      # [cap, Hkv, hd]
