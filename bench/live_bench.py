@@ -16,8 +16,9 @@ per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes 
 plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
 and after each phase), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
 weight-streaming kernels (step minus the time inside the C linears, ckernels.weight_seconds), and peak RSS.
-The fast-forward is a benchmark device: it shifts the session's clocks and fills its caches with positions
-it never computed (values do not change speed), and is never used for real transcription.
+The fast-forward is a benchmark device: it shifts the session's clocks and fills its caches with random
+keys and values at positions it never computed (their values do not change speed, but pages never written
+would: they read as the kernel's shared zero page), and is never used for real transcription.
 """
 
 import argparse
@@ -59,8 +60,11 @@ def kv_bytes(session):
 
 
 def fast_forward(session, tokens):
-    """Move a running session `tokens` positions ahead and fill every cache slot (see the module doc)."""
+    """Move a running session `tokens` positions ahead and fill every cache slot (see the module doc) with
+    random keys and values: slots never written would stay on the kernel's shared zero page, which every
+    read then finds in cache, hiding the KV caches' real memory traffic."""
     ds = session._model.cfg.downsample
+    rng = np.random.default_rng(0)
     session._dec.ids[len(session._dec.prompt):len(session._dec.prompt)] = [C.STREAMING_PAD_ID] * tokens
     for caches, shift in ((session._dec.caches, tokens), (session._enc_caches, tokens * ds)):
         for c in caches:
@@ -68,6 +72,12 @@ def fast_forward(session, tokens):
             c.pos[:] = -1
             c.pos[np.arange(newest - c.capacity + 1, newest + 1) % c.capacity] = np.arange(newest - c.capacity + 1, newest + 1)
             c.filled = c.capacity
+            for kv in (c.k, c.v):
+                if isinstance(kv, kernels.KV8):
+                    kv.codes[...] = rng.integers(-127, 128, kv.codes.shape, np.int8)
+                    kv.scale[...] = rng.uniform(0.001, 0.01, kv.scale.shape).astype(np.float32)
+                else:
+                    kv[...] = rng.standard_normal(kv.shape, np.float32)
     session._n_embeds += tokens
     session._buf_start += tokens * BLOCK
     session._n_samples += tokens * BLOCK
