@@ -108,13 +108,13 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
                   const int64_t *k_pos, int64_t window) {
     const vx_isa *isa = vx_active();
     vx_attention_args a = {q, k, v, k_scale, v_scale, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1,
-                           1.0f / sqrtf((float)d), NULL, NULL, NULL, NULL};
+                           1.0f / sqrtf((float)d), NULL, NULL, NULL, 1, NULL};
     int8_t *qc = NULL;
     float *qk = NULL;
     int32_t *qsum = NULL;
     if (kvtype == VX_KV_INT8) {   /* the queries' codes: per row, whatever the call, so a score is too */
         qc = vx_alloc((size_t)(tq * hq * d)), qk = vx_alloc(sizeof(float) * tq * hq), qsum = vx_alloc(sizeof(int32_t) * tq * hq);
-        isa->quantize_act(q, tq * hq, d, d, qc, qk, qsum);
+        vx_quantize_act(q, tq * hq, d, d, qc, qk, qsum);
         for (int64_t i = 0; i < tq * hq; i++) qk[i] = qk[i] * a.scale;
         a.qc = qc, a.qk = qk, a.qsum = qsum, a.idots = d % 64 == 0 && d <= VX_ATT_DMAX ? isa->attention_idots : NULL;
     }
@@ -134,6 +134,7 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
             b.tq = tq - i0 < qg ? tq - i0 : qg;
             b.q = q + i0 * hq * d, b.out = out + i0 * hq * d, b.q_pos = q_pos + i0;
             if (qc) b.qc = qc + i0 * hq * d, b.qk = qk + i0 * hq, b.qsum = qsum + i0 * hq;
+            b.kv_copy = tq <= qg;
             by_keys(isa, &b, (int)(b.tq * g));
         }
     else

@@ -300,7 +300,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             const char *kn = (const char *)a->k + (size_t)((jb + SB) * row) * esz, *vn = (const char *)a->v + (size_t)((jb + SB) * row) * esz;
             for (size_t o = 0; o < (size_t)(next * row) * esz; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
-        if (Q8) {   /* the super-block's K and V, in memory order (two sequential runs), by head */
+        if (Q8 && a->kv_copy) {   /* the super-block's K and V, in memory order (two sequential runs), by head */
             for (int jj = lo; jj < nk; jj++)
                 for (int hk = 0; hk < H; hk++) {
                     const int64_t from = ((jb + jj) * H + hk) * D;
@@ -316,8 +316,8 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             for (int jj = 0; jj < SB; jj++) {
                 const int in = jj >= lo && jj < nk;
                 if (Q8) {
-                    krow[jj] = in ? kloc + ((size_t)hk * SB + jj) * D : zrow;
-                    vrow[jj] = in ? vloc + ((size_t)hk * SB + jj) * D : zrow;
+                    krow[jj] = !in ? zrow : a->kv_copy ? kloc + ((size_t)hk * SB + jj) * D : (const int8_t *)a->k + at + jj * row;
+                    vrow[jj] = !in ? zrow : a->kv_copy ? vloc + ((size_t)hk * SB + jj) * D : (const int8_t *)a->v + at + jj * row;
                     ksc[jj] = in ? a->ks[(jb + jj) * H + hk] : 0.0f;
                     vsc[jj] = in ? a->vs[(jb + jj) * H + hk] : 0.0f;
                     if (!idots) {
