@@ -70,8 +70,8 @@ typedef struct {
     const int8_t *qc;
     const float *qk;
     const int32_t *qsum;
-    /* VX_KV_INT8: copy each super-block's K and V first (1: the call sweeps the cache once, from memory)
-     * or read them in place (0: several query groups sweep it, the later ones from cache) */
+    /* VX_KV_INT8: copy each super-block's K and V first (1: the cache is read from memory) or read them in
+     * place (0: several query groups sweep a cache small enough to stay cached; see VX_ATT_SHARED_BYTES) */
     int kv_copy;
     /* the level's vx_isa.attention_idots (NULL: scores by float32 FMAs, exact on these integers too) */
     void (*idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows, int32_t *s);
