@@ -391,37 +391,62 @@ VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, in
     attention_block(a, hk, row0, scratch);
 }
 
+#if VX_LEVEL == VX_LEVEL_AVX512 || VX_LEVEL == VX_LEVEL_AVX2
+/* vx_isa.attention_idots with VPDPBUSD: AVX512-VNNI (the avx512bf16 level) or AVX-VNNI (the avxvnni level,
+ * 256-bit). Per VW keys, their codes are transposed into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key
+ * j, biased to unsigned by xor 0x80), so one VPDPBUSD with 4 broadcast query bytes adds 4 products to each
+ * key's lane: no horizontal sums, and each transposed vector serves every row. The bias adds 128 * qsum,
+ * taken off at the end: exact. */
 #if VX_LEVEL == VX_LEVEL_AVX512
-/* vx_isa.attention_idots with AVX512-VNNI (the avx512bf16 level). Per 16 keys, their codes are transposed
- * into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key j, biased to unsigned by xor 0x80), so one VPDPBUSD
- * with 4 broadcast query bytes adds 4 products to each key's lane: no horizontal sums, and each transposed
- * vector serves every row. The bias adds 128 * qsum, taken off at the end: exact. */
-#define VX_ATT_VNNI_FN __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
-VX_ATT_VNNI_FN static void attention_idots_vnni(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum,
-                                                int nrows, int32_t *s) {
-    __m512i kt[VX_ATT_DMAX / 4];
-    const __m512i bias = _mm512_set1_epi8((char)0x80);
-    for (int j0 = 0; j0 < sb; j0 += 16) {
-        for (int c = 0; c < d; c += 64) {
-            vf r[16];
-            for (int jj = 0; jj < 16; jj++) r[jj] = _mm512_loadu_ps((const float *)(kb[j0 + jj] + c));
+typedef __m512i vi;
+#define VI_TARGET "avx512f,avx512bw,avx512vnni,avx2,fma"
+#define VI_NAME attention_idots_vnni
+#define vi_zero _mm512_setzero_si512
+#define vi_of_vf _mm512_castps_si512
+#define vi_xor _mm512_xor_si512
+#define vi_set1_8 _mm512_set1_epi8
+#define vi_set1_32 _mm512_set1_epi32
+#define vi_dot _mm512_dpbusd_epi32
+#define vi_sub _mm512_sub_epi32
+#define vi_store(p, v) _mm512_storeu_si512(p, v)
+#else
+typedef __m256i vi;
+#define VI_TARGET "avx2,fma,avxvnni"
+#define VI_NAME attention_idots_avxvnni
+#define vi_zero _mm256_setzero_si256
+#define vi_of_vf _mm256_castps_si256
+#define vi_xor _mm256_xor_si256
+#define vi_set1_8 _mm256_set1_epi8
+#define vi_set1_32 _mm256_set1_epi32
+#define vi_dot _mm256_dpbusd_avx_epi32
+#define vi_sub _mm256_sub_epi32
+#define vi_store(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#endif
+__attribute__((target(VI_TARGET))) static void VI_NAME(const int8_t *const *kb, int sb, int d, const int8_t *const *q,
+                                                       const int32_t *qsum, int nrows, int32_t *s) {
+    vi kt[VX_ATT_DMAX / 4];
+    const vi bias = vi_set1_8((char)0x80);
+    for (int j0 = 0; j0 < sb; j0 += VW) {
+        for (int c = 0; c < d; c += 4 * VW) {
+            vf r[VW];
+            for (int jj = 0; jj < VW; jj++) r[jj] = vx_load((const float *)(kb[j0 + jj] + c));
             vx_transpose(r);
-            for (int i = 0; i < 16; i++) kt[c / 4 + i] = _mm512_xor_si512(_mm512_castps_si512(r[i]), bias);
+            for (int i = 0; i < VW; i++) kt[c / 4 + i] = vi_xor(vi_of_vf(r[i]), bias);
         }
         for (int r0 = 0; r0 < nrows; r0 += 4) {
             const int8_t *qr[4];
             for (int i = 0; i < 4; i++) qr[i] = q[r0 + i < nrows ? r0 + i : nrows - 1];   /* past nrows: discarded */
-            __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            vi acc[4] = {vi_zero(), vi_zero(), vi_zero(), vi_zero()};
             for (int p = 0; p < d / 4; p++) {
                 VX_UNROLL
                 for (int i = 0; i < 4; i++) {
                     int32_t q4;
                     memcpy(&q4, qr[i] + 4 * p, 4);
-                    acc[i] = _mm512_dpbusd_epi32(acc[i], kt[p], _mm512_set1_epi32(q4));
+                    acc[i] = vi_dot(acc[i], kt[p], vi_set1_32(q4));
                 }
             }
             for (int i = 0; i < 4 && r0 + i < nrows; i++)
-                _mm512_storeu_si512(s + (size_t)(r0 + i) * sb + j0, _mm512_sub_epi32(acc[i], _mm512_set1_epi32(128 * qsum[r0 + i])));
+                vi_store(s + (size_t)(r0 + i) * sb + j0, vi_sub(acc[i], vi_set1_32(128 * qsum[r0 + i])));
         }
     }
 }

@@ -1,5 +1,6 @@
 /* The inner loops instantiated for the avx2 and avxvnni levels (see simd.h, dispatch.h and isa_table.h):
- * the same loops, and a quantised linear with AVX2's or AVX-VNNI's integer dot products (qmatmul_256.h). */
+ * the same loops, and a quantised linear with AVX2's or AVX-VNNI's integer dot products (qmatmul_256.h);
+ * avxvnni also takes attention's integer scores with AVX-VNNI (attention_simd.h). */
 #if defined(__x86_64__) || defined(__i386__)
 #define VX_LEVEL VX_LEVEL_AVX2
 #define VX_TABLE vx_isa_avx2
@@ -23,5 +24,6 @@
 #define Q256_FN(f) q256_vnni_##f
 #include "qmatmul_256.h"
 
-const vx_isa vx_isa_avxvnni = {.level = VX_ISA_AVXVNNI, VX_TABLE_ENTRIES, .qlinear = vx_qlinear_avxvnni};
+const vx_isa vx_isa_avxvnni = {.level = VX_ISA_AVXVNNI, VX_TABLE_ENTRIES, .qlinear = vx_qlinear_avxvnni,
+                               .attention_idots = attention_idots_avxvnni};
 #endif

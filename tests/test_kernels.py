@@ -343,20 +343,21 @@ def test_attention_over_an_int8_cache(level, tq, tk, hq, hkv, d):
     assert np.sqrt(np.mean((y - yf) ** 2) / np.mean(yf ** 2)) < 0.03       # measured 0.85-1.65 % (q x 3: sharp)
 
 
-@pytest.mark.skipif(not {"avx512", "avx512bf16"} <= set(ck.supported_isas()), reason="CPU lacks AVX512-VNNI")
+@pytest.mark.parametrize("plain, vnni", [pytest.param(a, b, marks=pytest.mark.skipif(
+    not {a, b} <= set(ck.supported_isas()), reason=f"CPU lacks {b}")) for a, b in [("avx512", "avx512bf16"), ("avx2", "avxvnni")]])
 @pytest.mark.parametrize("tq, hq, hkv, d", [(1, 32, 8, 128), (4, 32, 32, 64), (3, 8, 2, 192), (1, 4, 1, 256)])
-def test_vnni_scores_are_the_exact_integers(tq, hq, hkv, d):
-    """Over an int8 cache a score's dot product is an exact integer: the avx512bf16 level's VNNI kernel
-    (biased bytes, the bias taken off) and the avx512 level's float32 FMAs agree bit for bit, so the
-    whole outputs do (they share every other step)."""
+def test_vnni_scores_are_the_exact_integers(plain, vnni, tq, hq, hkv, d):
+    """Over an int8 cache a score's dot product is an exact integer: a VNNI level's integer kernel (biased
+    bytes, the bias taken off; AVX512-VNNI at avx512bf16, AVX-VNNI at avxvnni) and its plain level's
+    float32 FMAs agree bit for bit, so the whole outputs do (they share every other step)."""
     rng = np.random.default_rng(d)
     tk = 777
     q = rng.standard_normal((tq, hq, d), dtype=np.float32) * np.float32(3)
     k, v = (kv8(rng.standard_normal((tk, hkv, d), dtype=np.float32)) for _ in range(2))
     kp, qp = np.roll(np.arange(tk), 100), np.arange(tk - tq, tk)
-    with isa("avx512"):
+    with isa(plain):
         want = ck.attention(q, k, v, qp, kp, 500)
-    with isa("avx512bf16"):
+    with isa(vnni):
         np.testing.assert_array_equal(ck.attention(q, k, v, qp, kp, 500), want)
 
 
