@@ -52,10 +52,10 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     {
         /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
          * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] and the super-block's
-         * K and V codes by head [2][hkv][sb][d] */
+         * K and V codes by head [2][hkv][sb * d + 64] (see attention_keys_d) */
         const size_t vw = (size_t)isa->attn_vw;
         float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + vw * D + vw * sb)
-                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D + 2 * (size_t)sb * H * D : (size_t)sb * D * sizeof(float)));
+                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D + 2 * ((size_t)sb * D + 64) * H : (size_t)sb * D * sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;

@@ -276,7 +276,11 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     char *vbuf = (char *)(isc + (size_t)VW * SB);
     const int idots = Q8 && a->idots;
     const int8_t *zrow = (const int8_t *)vbuf;     /* Q8: vbuf's first row, zeros */
-    int8_t *kloc = (int8_t *)vbuf + D, *vloc = kloc + (size_t)SB * H * D;   /* Q8: [H][SB][D] each */
+    /* Q8: the super-block's K and V codes by head, [H][SB][D] each with a head's rows HS bytes apart: SB * D
+     * is 4 KB for the model's heads (32 x 128, 64 x 64), and without the extra line every head's row of a
+     * key would land in one L1 set (and alias the source at 4 KB): the encoder's copy took half its time */
+    const size_t HS = (size_t)SB * D + 64;
+    int8_t *kloc = (int8_t *)vbuf + D, *vloc = kloc + HS * H;
     if (Q8) memset(vbuf, 0, D);
     float qrel[VW] = {0}, corr[VW];
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
@@ -304,8 +308,8 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             for (int jj = lo; jj < nk; jj++)
                 for (int hk = 0; hk < H; hk++) {
                     const int64_t from = ((jb + jj) * H + hk) * D;
-                    memcpy(kloc + ((size_t)hk * SB + jj) * D, (const int8_t *)a->k + from, D);
-                    memcpy(vloc + ((size_t)hk * SB + jj) * D, (const int8_t *)a->v + from, D);
+                    memcpy(kloc + hk * HS + (size_t)jj * D, (const int8_t *)a->k + from, D);
+                    memcpy(vloc + hk * HS + (size_t)jj * D, (const int8_t *)a->v + from, D);
                 }
         }
         for (int hk = 0; hk < H; hk++) {
@@ -316,8 +320,8 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             for (int jj = 0; jj < SB; jj++) {
                 const int in = jj >= lo && jj < nk;
                 if (Q8) {
-                    krow[jj] = !in ? zrow : a->kv_copy ? kloc + ((size_t)hk * SB + jj) * D : (const int8_t *)a->k + at + jj * row;
-                    vrow[jj] = !in ? zrow : a->kv_copy ? vloc + ((size_t)hk * SB + jj) * D : (const int8_t *)a->v + at + jj * row;
+                    krow[jj] = !in ? zrow : a->kv_copy ? kloc + hk * HS + (size_t)jj * D : (const int8_t *)a->k + at + jj * row;
+                    vrow[jj] = !in ? zrow : a->kv_copy ? vloc + hk * HS + (size_t)jj * D : (const int8_t *)a->v + at + jj * row;
                     ksc[jj] = in ? a->ks[(jb + jj) * H + hk] : 0.0f;
                     vsc[jj] = in ? a->vs[(jb + jj) * H + hk] : 0.0f;
                     if (!idots) {
