@@ -312,6 +312,38 @@ def bench_attention(peak, quick):
         rows.append(r)
         print(f"  {r['kernel']:<44} {r['ms']:8.3f} ms  {r['GFLOP/s']:6.1f} GF/s ({r['pct_of_peak']:4.1f}% of peak)  "
               f"KV {r['KV_GB/s']:5.1f} GB/s   NumPy twin {r['numpy_ms']:8.1f} ms", flush=True)
+    return rows + attention_step()
+
+
+def attention_step():
+    """A live step's attention at full windows in the quantised modes: each layer's own int8 cache, a ring
+    as KVCache sizes it, swept layer after layer as a step does, so the caches stream from memory (the single
+    cache above stays in the last-level cache between repeats). Validated on the first layer first."""
+    from voxtral_ref.stages.attention import KVCache
+    rows = []
+    for name, layers, tq, chunk, hq, hkv, d, W in [("decoder: 26 layers, 8192 cached, 1 token", 26, 1, 39, 32, 8, 128, 8192),
+                                                   ("encoder: 32 layers, 750 cached, 4 frames", 32, 4, 156, 32, 32, 64, 750)]:
+        cap = KVCache(W, chunk, 1, 1).capacity
+        newest = 10 * cap + 3
+        pos = np.arange(newest - cap + 1, newest + 1)
+        kp = np.empty(cap, np.int64)
+        kp[pos % cap] = pos
+        qp = pos[-tq:].copy()
+        q = RNG.standard_normal((tq, hq, d), dtype=np.float32)
+        with kernels.use("c", kv="int8"):
+            caches = [tuple(kernels.kv_pack(RNG.standard_normal((cap, hkv, d), dtype=np.float32)) for _ in range(2))
+                      for _ in range(layers)]
+        k0, v0 = caches[0]
+        y, want = ck.attention(q, k0, v0, qp, kp, W), kernels.attention_np(q, k0, v0, qp, kp, W)
+        err = float(np.abs(y - want).max() / np.abs(want).max())
+        assert err < 1e-4, f"attention step {name}: {err:.2e} from the twin"
+        t = best_time(lambda: [ck.attention(q, k, v, qp, kp, W) for k, v in caches])
+        kv_bytes = layers * 2 * W * hkv * (d + 4)          # the visible keys' and values' codes and scales
+        r = {"kernel": f"attention step, {name}", "ms_per_step": 1e3 * t, "ms_per_call": 1e3 * t / layers,
+             "KV_GB/s": kv_bytes / t / 1e9, "error_vs_twin": err}
+        rows.append(r)
+        print(f"  {r['kernel']:<52} {r['ms_per_step']:7.2f} ms per step = {r['ms_per_call']:.3f} ms per call  "
+              f"KV {r['KV_GB/s']:5.1f} GB/s (validated: {err:.1e} of the twin's max)", flush=True)
     return rows
 
 

@@ -108,6 +108,19 @@ def batch_equals_alone(run, delay, order, batch_size, monkeypatch):
     with recording() as logits:
         batch = run.model.transcribe([load_case(CASES[alone[k][0]][0])["audio"] for k in order], delay_ms=delay,
                                      batch_size=batch_size)
+    if run.model.backend == "numpy" and run.mode == "bf16":
+        # NumPy's matmul (BLAS) sums a stack of rows in another order than one row, and rounding the next
+        # layer's input to bf16 can turn that float32-level difference into a flipped near tie; so here the
+        # ids equal the lone ones up to a near tie of the lone logits (the C kernels compute each row alone)
+        for r, k in zip(batch, order):
+            got, (_, want, rows) = r.token_ids, alone[k]
+            i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            if i is None:
+                assert got == want
+            else:
+                top2 = np.sort(rows[i])[-2:]
+                assert (top2[1] - top2[0]) / np.abs(rows[i]).max() < 1e-2, f"token {i} differs at a clear margin"
+        return engines[0] if engines else None
     assert [r.token_ids for r in batch] == [alone[k][1] for k in order]
     # each decoder's logits equal those of its file alone. C only: a backlog's drafts (at close) depend on
     # the batch, and only the C attention computes a query the same way whatever the others in its call
