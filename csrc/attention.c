@@ -133,8 +133,9 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
     if (tq * g <= isa->attn_vw)
         by_keys(isa, &a, (int)(tq * g));
     else if (qg > 0 && (tq <= VX_ATT_FEW_QUERIES || kvtype == VX_KV_INT8))
-        /* a decode step with drafts (speculative verification): by_keys, a group of queries at a time, so
-         * each query's result is the one it gets alone (see by_keys), whatever k */
+        /* a decode step with drafts (speculative verification), or any call over an int8 cache (a stream's
+         * 4 encoder frames and a file's 1000 then compute each query alike): by_keys, a group of queries at
+         * a time, so each query's result is the one it gets alone (see by_keys) */
         for (int64_t i0 = 0; i0 < tq; i0 += qg) {
             vx_attention_args b = a;
             b.tq = tq - i0 < qg ? tq - i0 : qg;
