@@ -340,22 +340,20 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             }
             /* int8 caches: a score is the exact integer q . k (float32 sums of these small integers stay
              * below 2^24, exact in any order, so every path and level gets the same), times its row's factor */
-            if (idots) {
-                const int8_t *qrows[VW];
-                int32_t qsum[VW];
-                for (int r = 0; r < nrows; r++) {
-                    const int64_t qi = (int64_t)(r / g) * a->hq + hk * g + r % g;
-                    qrows[r] = a->qc + qi * D, qsum[r] = a->qsum[qi];
-                }
-                a->idots((const int8_t *const *)krow, SB, D, qrows, qsum, nrows, isc);
-            } else if (Q8) {
-                for (int r = 0; r < nrows; r++) {
-                    const int8_t *qcode = a->qc + ((int64_t)(r / g) * a->hq + hk * g + r % g) * D;
-                    for (int d = 0; d < D; d++) qf[r * D + d] = (float)qcode[d];
-                }
-            }
+            int64_t qrow_at[VW];                       /* row r: query r / g, head hk * g + r % g, of [tq, hq] */
+            const int8_t *qrows[VW];
+            int32_t qsum[VW];
             for (int r = 0; r < nrows; r++) {
-                const int64_t qi = (int64_t)(r / g) * a->hq + hk * g + r % g;
+                qrow_at[r] = (int64_t)(r / g) * a->hq + hk * g + r % g;
+                if (Q8) qrows[r] = a->qc + qrow_at[r] * D, qsum[r] = a->qsum[qrow_at[r]];
+            }
+            if (idots)
+                a->idots((const int8_t *const *)krow, SB, D, qrows, qsum, nrows, isc);
+            else if (Q8)
+                for (int r = 0; r < nrows; r++)
+                    for (int d = 0; d < D; d++) qf[r * D + d] = (float)qrows[r][d];
+            for (int r = 0; r < nrows; r++) {
+                const int64_t qi = qrow_at[r];
                 const float *qrow = Q8 ? qf + r * D : a->q + qi * D;
                 const vf qk = vx_set1(Q8 ? a->qk[qi] : a->scale);
                 vf s[VX_ATT_SB_MAX / VW];
