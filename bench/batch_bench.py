@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_bench import run_models  # noqa: E402
+from live_bench import run_models, slot_bytes  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import kernels  # noqa: E402
@@ -60,7 +60,7 @@ def decoder_bytes(model):
 
 
 def kv_read_bytes(decoders):
-    return sum(2 * c.filled * c.k[0].nbytes for d in decoders for c in d.caches)
+    return sum(2 * c.filled * slot_bytes(c.k) for d in decoders for c in d.caches)
 
 
 def bench_decode(model, rows, tokens, machine, rng):

@@ -96,7 +96,8 @@ def build_probes():
     ffi.cdef("float read_bw(const float *p, int64_t n, int threads);"
              "double fma_peak(int64_t iters, int threads, float *sink);"
              "double bf16dot_peak(int64_t iters, int threads, float *sink);"
-             "double vnni_peak(int64_t iters, int threads, float *sink);")
+             "double vnni_peak(int64_t iters, int threads, float *sink);"
+             "void overlap(const float *p, int64_t n, int threads, int mode, int64_t work, float *sink);")
     ffi.set_source("_probes", (ROOT / "bench" / "probes.c").read_text(),
                    extra_compile_args=["-O3", "-march=native", "-fopenmp"], extra_link_args=["-fopenmp"])
     path = ffi.compile(tmpdir=str(OUT / "probes"))
@@ -138,6 +139,13 @@ class Machine:
     def vnni_gops(self, threads=None):
         """the int8 dot-product peak in ops (2 per multiply-add; nan without AVX512-VNNI)"""
         return self.fma_gflops(threads, "vnni_peak")
+
+    def overlap_ms(self, work=2000):
+        """The overlap probe over 1 GiB on every thread: ms for loads alone, arithmetic alone (`work` FMA steps
+        per 32 KB block: about what the loads take), loads then arithmetic, arithmetic with prefetches."""
+        sink = self.p.ffi.new("float[]", 256)
+        return [1e3 * best_time(lambda mode=mode: self.p.lib.overlap(self.ptr, self.buf.size, self.threads, mode, work, sink),
+                                repeats=3, min_time=0) for mode in range(4)]
 
     def memcpy_gbs(self):
         a = self.buf[: 1 << 27]
@@ -389,6 +397,11 @@ def main():
     print(f"  FMA peak (-march=native probe)  1 thread {peak1:6.1f} GFLOP/s   {threads} threads {peak_n:6.1f} GFLOP/s")
     print(f"  bf16 dot-product peak           1 thread {dot1:6.1f} GFLOP/s   {threads} threads {dot_n:6.1f} GFLOP/s")
     print(f"  int8 dot-product (VNNI) peak    1 thread {vnni1:6.1f} GOP/s     {threads} threads {vnni_n:6.1f} GOP/s")
+    loads, arith, both, prefetched = m.overlap_ms()
+    hidden = (loads + arith - both) / min(loads, arith)
+    print(f"  overlap of memory and arithmetic ({threads} threads, per 32 KB block): loads alone {loads:.0f} ms, "
+          f"arithmetic alone {arith:.0f} ms, loads then arithmetic {both:.0f} ms, arithmetic prefetching the "
+          f"next block {prefetched:.0f} ms: {100 * hidden:.0f} % of the shorter one hidden")
     print("GEMV (memory-bound: weight bytes streamed per second vs the read bandwidth, best of 3 alternated runs each)")
     gemv = bench_gemv(m, args.quick)
     print("GEMM (compute-bound; % of the FMA / bf16 dot peak above)")
@@ -402,7 +415,8 @@ def main():
               "machine": {"read_GB/s_1_thread": read1, f"read_GB/s_{threads}_threads": read_n, "memcpy_GB/s": memcpy,
                           "fma_peak_GFLOP/s_1_thread": peak1, f"fma_peak_GFLOP/s_{threads}_threads": peak_n,
                           "bf16dot_peak_GFLOP/s_1_thread": dot1, f"bf16dot_peak_GFLOP/s_{threads}_threads": dot_n,
-                          "vnni_peak_GOP/s_1_thread": vnni1, f"vnni_peak_GOP/s_{threads}_threads": vnni_n},
+                          "vnni_peak_GOP/s_1_thread": vnni1, f"vnni_peak_GOP/s_{threads}_threads": vnni_n,
+                          "overlap_ms_loads_arith_both_prefetched": [loads, arith, both, prefetched]},
               "validation": validation, "gemv": gemv, "gemm": gemm, "attention": att, "elementwise": elem,
               "command": " ".join([Path(sys.executable).name] + sys.argv), "cwd": os.getcwd()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,10 +53,16 @@ def weight_bytes(model):
     return sum(w._t[n].nbytes for n in names) + w.lm_head.nbytes
 
 
+def slot_bytes(kv):
+    """Bytes of one position's keys (or values) in a cache: float32 rows, or KV8's codes and scales."""
+    _, h, d = kv.shape
+    return h * (d + 4) if isinstance(kv, kernels.KV8) else h * d * 4
+
+
 def kv_bytes(session):
     """Bytes of the KV caches a step's attention reads: every live slot of every layer, keys and values."""
     caches = session._dec.caches + session._enc_caches
-    return sum(2 * c.filled * c.k[0].nbytes for c in caches)
+    return sum(2 * c.filled * slot_bytes(c.k) for c in caches)
 
 
 def fast_forward(session, tokens):
@@ -74,7 +80,7 @@ def fast_forward(session, tokens):
             c.filled = c.capacity
             for kv in (c.k, c.v):
                 if isinstance(kv, kernels.KV8):
-                    kv.codes[...] = rng.integers(-127, 128, kv.codes.shape, np.int8)
+                    kv.blocks[...] = rng.integers(-127, 128, kv.blocks.shape, np.int8)
                     kv.scale[...] = rng.uniform(0.001, 0.01, kv.scale.shape).astype(np.float32)
                 else:
                     kv[...] = rng.standard_normal(kv.shape, np.float32)

@@ -7,7 +7,12 @@
  * bf16dot_peak: the same loop with the AVX512-BF16 dot-product instruction (32 multiply-adds each), the
  *           ceiling of the bf16-precision GEMM; 0 where the CPU lacks it.
  * vnni_peak: the same loop with the AVX512-VNNI int8 dot product (64 multiply-adds each), the ceiling of the
- *           quantised-weight kernels; counts 2 ops per multiply-add; 0 where the CPU lacks it. */
+ *           quantised-weight kernels; counts 2 ops per multiply-add; 0 where the CPU lacks it.
+ * overlap:  does a thread's streaming from memory hide under its arithmetic? Each thread walks its share of
+ *           a buffer in 32 KB blocks, and per block: mode 0 loads it (one load per 64-byte line); mode 1
+ *           runs `work` steps of register-only FMAs (8 independent chains); mode 2 both, the loads first;
+ *           mode 3 the arithmetic with software prefetches of the next block spread through it. Full overlap
+ *           would make modes 2 and 3 take the longer of modes 0 and 1; none, their sum. */
 #include <stdint.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -154,4 +159,30 @@ double vnni_peak(int64_t iters, int threads, float *sink) {
     (void)iters, (void)threads, (void)sink;
     return 0.0;
 #endif
+}
+
+void overlap(const float *p, int64_t n, int threads, int mode, int64_t work, float *sink) {
+    const int64_t block = 32768 / sizeof(float), nblocks = n / block;
+#pragma omp parallel num_threads(threads)
+    {
+        vec a[8], m = VSET1(0.999f);
+        for (int i = 0; i < 8; i++) a[i] = VSET1(1.0f);
+        unsigned t = 0;
+        const int64_t every = work * 64 / (32768 * 2) > 0 ? work * 64 / (32768 * 2) : 1;   /* steps per prefetch */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const char *blk = (const char *)(p + b * block), *next = blk + 32768;
+            if (mode == 0 || mode == 2)
+                for (int64_t o = 0; o < 32768; o += 64) t ^= *(const unsigned *)(blk + o);
+            if (mode >= 1)
+                for (int64_t s = 0, o = 0; s < work; s++) {
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++) a[i] = VFMA(a[i], m, m);
+                    if (mode == 3 && s % every == 0 && o < 32768 && b + 1 < nblocks) __builtin_prefetch(next + o, 0, 3), o += 64;
+                }
+        }
+        float s = (float)t;
+        for (int i = 0; i < 8; i++) s += VSUM(a[i]);
+        sink[omp_get_thread_num()] = s;
+    }
 }

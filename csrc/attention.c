@@ -51,11 +51,10 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
 #pragma omp parallel num_threads(nt)
     {
         /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
-         * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] and the super-block's
-         * K and V codes by head [2][hkv][sb * d + 64] (see attention_keys_d) */
+         * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] (see attention_keys_d) */
         const size_t vw = (size_t)isa->attn_vw;
         float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + vw * D + vw * sb)
-                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D + 2 * ((size_t)sb * D + 64) * H : (size_t)sb * D * sizeof(float)));
+                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D : (size_t)sb * D * sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
             const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;
@@ -104,9 +103,9 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
 }
 
 /* An int8 cache whose K and V take at most this many bytes stays in the last-level cache while several query
- * groups sweep it, so they read its rows in place; a larger one (or a single group) is read from memory, best
- * by copying each super-block first (the offline encoder's 1000-frame calls over 7 MB: 26 ms per layer in
- * place against 32 copying; 8 decode queries over a full 17 MB window: 5.3 ms in place against 4.2) */
+ * groups sweep it; a larger one (or a single group) is read from memory, where a burst of loads over each
+ * super-block before the arithmetic on it reads it faster than the arithmetic's own loads would (see
+ * attention_keys_d) */
 enum { VX_ATT_SHARED_BYTES = 8 << 20 };
 
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
@@ -141,7 +140,7 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
             b.tq = tq - i0 < qg ? tq - i0 : qg;
             b.q = q + i0 * hq * d, b.out = out + i0 * hq * d, b.q_pos = q_pos + i0;
             if (qc) b.qc = qc + i0 * hq * d, b.qk = qk + i0 * hq, b.qsum = qsum + i0 * hq;
-            b.kv_copy = tq <= qg || 2 * tk * hkv * d > VX_ATT_SHARED_BYTES;
+            b.kv_touch = tq <= qg || 2 * tk * hkv * d > VX_ATT_SHARED_BYTES;
             by_keys(isa, &b, (int)(b.tq * g));
         }
     else

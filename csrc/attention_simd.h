@@ -26,13 +26,15 @@ static inline void attention_key(const vx_attention_args *a, int hk, int64_t j, 
     *any |= p > qmin - W && p <= qmax;
     *all &= p > qmax - W && p <= qmin;
     *kp = (float)(rel < -W - 1 ? -W - 1 : rel > span + 1 ? span + 1 : rel);
-    const int64_t at = (j * a->hkv + hk) * a->d, n = a->d;
+    const int64_t n = a->d;
     if (a->kvtype == VX_KV_INT8) {
+        const int64_t at = vx_kv8_row(j, hk, a->hkv, a->d);
         const int8_t *kc = (const int8_t *)a->k + at, *vc = (const int8_t *)a->v + at;
         const float vs = a->vs[j * a->hkv + hk];
         for (int64_t i = 0; i < n; i++) conv[i] = (float)kc[i], conv[n + i] = (float)vc[i] * vs;
         *kr = conv, *vr = conv + n, *ks = a->ks[j * a->hkv + hk];
     } else {
+        const int64_t at = (j * a->hkv + hk) * a->d;
         *kr = (const float *)a->k + at, *vr = (const float *)a->v + at;
     }
 }
@@ -143,12 +145,13 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * defeats the hardware prefetchers and the TLB), and leaves a partial (m, l, o) per row that the driver
  * merges across key ranges (as flash-decoding does). Keys come in super-blocks (vx_att_sb). A float32
  * cache's K and V rows are copied per kv head into kbuf / vbuf: in the cache they are hkv * d apart, 1-4 KB,
- * so they would fall in the same L1 sets and each row's pass would refetch them. An int8 cache's
- * super-block is first copied whole, in memory order (two sequential runs, which the hardware prefetchers
- * follow: 1.23 -> 0.97 ms per full-window decoder call against reading rows in place or per head), into
- * [hkv][sb][d]; its K codes then feed the integer scores (attention_idots, or widened into kbuf), its V
- * codes pv_rows. The online softmax updates once per super-block, and the next super-block is prefetched
- * into L2.
+ * so they would fall in the same L1 sets and each row's pass would refetch them. An int8 cache is stored
+ * in blocks of 32 keys, head-major (vx_kv8_row), so a super-block's rows of one head are contiguous and
+ * read in place: its K codes feed the integer scores (attention_idots, or widened into kbuf), its V codes
+ * pv_rows. On this project's machines a thread's DRAM reads do not overlap its arithmetic (whatever the
+ * prefetching, bench_kernels.py's overlap probe), so a super-block read from memory is first loaded in one
+ * burst of loads, one per line in memory order, whose misses overlap each other. The online softmax
+ * updates once per super-block, and the next super-block is prefetched into L2.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
 
@@ -276,11 +279,6 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     char *vbuf = (char *)(isc + (size_t)VW * SB);
     const int idots = Q8 && a->idots;
     const int8_t *zrow = (const int8_t *)vbuf;     /* Q8: vbuf's first row, zeros */
-    /* Q8: the super-block's K and V codes by head, [H][SB][D] each with a head's rows HS bytes apart: SB * D
-     * is 4 KB for the model's heads (32 x 128, 64 x 64), and without the extra line every head's row of a
-     * key would land in one L1 set (and alias the source at 4 KB): the encoder's copy took half its time */
-    const size_t HS = (size_t)SB * D + 64;
-    int8_t *kloc = (int8_t *)vbuf + D, *vloc = kloc + HS * H;
     if (Q8) memset(vbuf, 0, D);
     float qrel[VW] = {0}, corr[VW];
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
@@ -304,24 +302,29 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             const char *kn = (const char *)a->k + (size_t)((jb + SB) * row) * esz, *vn = (const char *)a->v + (size_t)((jb + SB) * row) * esz;
             for (size_t o = 0; o < (size_t)(next * row) * esz; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
-        if (Q8 && a->kv_copy) {   /* the super-block's K and V, in memory order (two sequential runs), by head */
-            for (int jj = lo; jj < nk; jj++)
-                for (int hk = 0; hk < H; hk++) {
-                    const int64_t from = ((jb + jj) * H + hk) * D;
-                    memcpy(kloc + hk * HS + (size_t)jj * D, (const int8_t *)a->k + from, D);
-                    memcpy(vloc + hk * HS + (size_t)jj * D, (const int8_t *)a->v + from, D);
-                }
+        if (Q8 && a->kv_touch) {   /* the blocks holding keys [jb + lo, jb + nk), K and V: one load per line */
+            const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
+            const int64_t b0 = (jb + lo) / VX_KV8_BLOCK * blk, b1 = ((jb + nk - 1) / VX_KV8_BLOCK + 1) * blk;
+            const char *kb = (const char *)a->k, *vb = (const char *)a->v;
+            uint64_t t = 0;
+            for (int64_t o = b0; o < b1; o += 64) {
+                uint64_t x, y;
+                memcpy(&x, kb + o, 8), memcpy(&y, vb + o, 8);
+                t ^= x ^ y;
+            }
+            __asm__ volatile("" : : "r"(t));    /* keeps the loads */
         }
         for (int hk = 0; hk < H; hk++) {
             const int64_t at = (jb * H + hk) * D;
-            /* The super-block's K and V rows of head hk (an int8 cache's from kloc / vloc, a float32 one's
-             * copied into kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
+            /* The super-block's K and V rows of head hk (an int8 cache's in place, a float32 one's copied into
+             * kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
             const void *krow[VX_ATT_SB_MAX], *vrow[VX_ATT_SB_MAX];
             for (int jj = 0; jj < SB; jj++) {
                 const int in = jj >= lo && jj < nk;
                 if (Q8) {
-                    krow[jj] = !in ? zrow : a->kv_copy ? kloc + hk * HS + (size_t)jj * D : (const int8_t *)a->k + at + jj * row;
-                    vrow[jj] = !in ? zrow : a->kv_copy ? vloc + hk * HS + (size_t)jj * D : (const int8_t *)a->v + at + jj * row;
+                    const int64_t kv8 = vx_kv8_row(jb + jj, hk, H, D);
+                    krow[jj] = !in ? zrow : (const int8_t *)a->k + kv8;
+                    vrow[jj] = !in ? zrow : (const int8_t *)a->v + kv8;
                     ksc[jj] = in ? a->ks[(jb + jj) * H + hk] : 0.0f;
                     vsc[jj] = in ? a->vs[(jb + jj) * H + hk] : 0.0f;
                     if (!idots) {

@@ -40,6 +40,11 @@ enum { VX_ATT_DMAX = 256 };
  * window + VX_ATT_ALIGN - 1, holds in each aligned range, as far as any one query sees, consecutive
  * positions of one lap: the same keys, in the same order, as any other such ring. */
 enum { VX_ATT_ALIGN = 256 };   /* head sizes attention_idots takes (multiples of 64 up to this) */
+/* the offset of key j, kv head hk's codes in an int8 cache's blocks (kernels.h VX_KV_INT8) */
+static inline int64_t vx_kv8_row(int64_t j, int hk, int hkv, int d) {
+    return ((j / VX_KV8_BLOCK * hkv + hk) * VX_KV8_BLOCK + j % VX_KV8_BLOCK) * d;
+}
+
 static inline int vx_att_sb(int d, int kvtype) {
     const int bytes_per_key = d * ((int)sizeof(float) + (kvtype == VX_KV_INT8 ? 1 : (int)sizeof(float)));
     int sb = VX_ATT_SB_MAX;
@@ -56,7 +61,7 @@ enum { VX_ATT_CONV = 16 };
 
 typedef struct {
     const float *q;         /* [tq, hq, d] */
-    const void *k, *v;      /* [tk, hkv, d] of kvtype: float32, or int8 codes (a compact KV cache) */
+    const void *k, *v;      /* [tk, hkv, d] of kvtype: float32, or int8 codes in blocks (vx_kv8_row) */
     const float *ks, *vs;   /* VX_KV_INT8: the rows' scales [tk, hkv]; else NULL */
     int kvtype;
     float *out;             /* [tq, hq, d] */
@@ -70,9 +75,10 @@ typedef struct {
     const int8_t *qc;
     const float *qk;
     const int32_t *qsum;
-    /* VX_KV_INT8: copy each super-block's K and V first (1: the cache is read from memory) or read them in
-     * place (0: several query groups sweep a cache small enough to stay cached; see VX_ATT_SHARED_BYTES) */
-    int kv_copy;
+    /* VX_KV_INT8: read each super-block's K and V once in a burst before computing on them (1: the cache is
+     * read from memory), or not (0: several query groups sweep a cache small enough to stay cached; see
+     * VX_ATT_SHARED_BYTES) */
+    int kv_touch;
     /* the level's vx_isa.attention_idots (NULL: scores by float32 FMAs, exact on these integers too) */
     void (*idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows, int32_t *s);
 } vx_attention_args;

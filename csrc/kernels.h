@@ -79,7 +79,9 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
  *     VX_KV_F32   float32 (k_scale, v_scale NULL)
  *     VX_KV_INT8  int8 codes with one float32 scale per (key, kv head) row, k_scale / v_scale [tk, hkv]
  *                 (the compact caches of the quantised modes: a row is scale * codes, quantised as the
- *                 activations are, one block per row). The queries are quantised the same way, so a
+ *                 activations are, one block per row). The codes are stored in blocks of VX_KV8_BLOCK
+ *                 keys, head-major within a block: [ceil(tk / 32), hkv, 32, d] (vx_kv8_row), so a block's
+ *                 rows of one head are contiguous and read in place. The queries are quantised the same way, so a
  *                 score is the exact integer (q codes . k codes) * (q scale / sqrt(d)) * the key's scale,
  *                 whatever the call (VNNI levels use integer dot products, the others float32 sums of
  *                 the codes, exact below 2^24); the values' scales multiply the probabilities.
@@ -90,6 +92,7 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
  *   Positions are compared relative to each query block, so the q positions of one call must span less
  *   than 2^23 - window (the Python wrapper checks). */
 enum { VX_KV_F32 = 0, VX_KV_INT8 = 1 };
+enum { VX_KV8_BLOCK = 32 };   /* kernels.KV8_BLOCK */
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window);
@@ -116,7 +119,7 @@ typedef struct {
 } vx_layer;
 
 /* A layer's KV ring (voxtral_ref/stages/attention.py KVCache): k, v [capacity, n_kv_heads, head_dim] of
- * kvtype, their scales [capacity, n_kv_heads] (VX_KV_INT8), pos [capacity] (-1: unwritten), `filled` live
+ * kvtype (int8: in vx_attention's blocks), their scales [capacity, n_kv_heads] (VX_KV_INT8), pos [capacity] (-1: unwritten), `filled` live
  * slots (updated here). capacity 0: no ring, the chunk attends to itself (a whole sequence at once). */
 typedef struct {
     void *k, *v;

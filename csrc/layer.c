@@ -39,15 +39,18 @@ static void matmul(const vx_mat *w, const float *x, int64_t n, int xtype, const 
 }
 
 /* rows [t, heads * hd] of fresh keys or values -> ring slots (or a chunk's own buffer): float32 copied,
- * int8 quantised per (position, head) row as kernels.kv_pack does */
+ * int8 quantised per (position, head) row as kernels.kv_pack does, each head's codes into its block */
 static void store_kv(const float *x, int64_t t, int heads, int hd, int kvtype, const int64_t *slot, void *dst,
                      float *scale) {
     const int64_t row = (int64_t)heads * hd;
     if (kvtype == VX_KV_INT8) {
         int32_t *sums = vx_alloc(sizeof(int32_t) * heads);
-        for (int64_t i = 0; i < t; i++)
-            vx_quantize_act(x + i * row, heads, hd, hd, (int8_t *)dst + slot[i] * row, scale + slot[i] * heads, sums);
-        free(sums);
+        int8_t *codes = vx_alloc((size_t)row);
+        for (int64_t i = 0; i < t; i++) {
+            vx_quantize_act(x + i * row, heads, hd, hd, codes, scale + slot[i] * heads, sums);
+            for (int h = 0; h < heads; h++) memcpy((int8_t *)dst + vx_kv8_row(slot[i], h, heads, hd), codes + h * hd, hd);
+        }
+        free(codes), free(sums);
     } else {
         for (int64_t i = 0; i < t; i++) memcpy((float *)dst + slot[i] * row, x + i * row, sizeof(float) * row);
     }
@@ -70,7 +73,8 @@ static void attend(const vx_layer *L, const float *qr, const float *kr, const fl
         nkeys = ring->filled;
     } else {
         for (int64_t i = 0; i < t; i++) slot[i] = i;
-        ck = vx_alloc(esz * t * KD), cv = vx_alloc(esz * t * KD);
+        const int64_t rows = ring->kvtype == VX_KV_INT8 ? (t + VX_KV8_BLOCK - 1) / VX_KV8_BLOCK * VX_KV8_BLOCK : t;
+        ck = vx_alloc(esz * rows * KD), cv = vx_alloc(esz * rows * KD);
         cks = vx_alloc(sizeof(float) * t * L->n_kv_heads), cvs = vx_alloc(sizeof(float) * t * L->n_kv_heads);
         kpos = pos, nkeys = t;
     }

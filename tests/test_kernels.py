@@ -321,7 +321,36 @@ def kv8(x):
     """float32 keys or values [T, Hkv, D] -> kernels.KV8, quantised as a cache stores them."""
     t, h, d = x.shape
     codes, scale, _ = quant.quantize_act_np(x.reshape(t * h, d), d)
-    return kernels.KV8(codes.reshape(t, h, d), scale.reshape(t, h))
+    return kernels.KV8.pack(codes.reshape(t, h, d), scale.reshape(t, h))
+
+
+@pytest.mark.parametrize("s", [1, 31, 32, 33, 100])
+def test_an_int8_cache_keeps_its_rows_in_head_major_blocks(s):
+    """KV8 acts as an array of rows whatever its storage: rows round-trip through pack, prefix slices are views
+    onto the same blocks, fancy reads and writes reach the right rows, and the codes sit where the C kernels
+    look for them (csrc/dispatch.h vx_kv8_row: block j // 32, then head, then row j % 32)."""
+    assert ck.lib is None or ck.lib.VX_KV8_BLOCK == kernels.KV8_BLOCK
+    rng, h, d = np.random.default_rng(s), 3, 8
+    codes = rng.integers(-127, 128, (s, h, d)).astype(np.int8)
+    scale = rng.uniform(0.1, 1.0, (s, h)).astype(np.float32)
+    kv = kernels.KV8.pack(codes, scale)
+    assert kv.shape == (s, h, d) and kv.blocks.shape == (-(-s // 32), h, 32, d)
+    np.testing.assert_array_equal(kv.codes, codes)
+    for j in range(s):
+        for hk in range(h):
+            np.testing.assert_array_equal(kv.blocks.reshape(-1)[((j // 32 * h + hk) * 32 + j % 32) * d:][:d], codes[j, hk])
+    np.testing.assert_array_equal(np.asarray(kv, np.float32), codes.astype(np.float32) * scale[..., None])
+    head = kv[:s - s // 2]
+    assert np.shares_memory(head.blocks, kv.blocks) and head.shape == (s - s // 2, h, d)
+    np.testing.assert_array_equal(head.codes, codes[:s - s // 2])
+    pick = rng.permutation(s)[:max(1, s // 3)]
+    np.testing.assert_array_equal(kv[pick].codes, codes[pick])
+    np.testing.assert_array_equal(kv[pick].scale, scale[pick])
+    new = kernels.KV8.pack(codes[pick][:, :, ::-1].copy(), scale[pick] * 2)
+    kv[pick] = new
+    codes[pick], scale[pick] = codes[pick][:, :, ::-1], scale[pick] * 2
+    np.testing.assert_array_equal(kv.codes, codes)
+    np.testing.assert_array_equal(kv.scale, scale)
 
 
 @pytest.mark.parametrize("level", ISAS)

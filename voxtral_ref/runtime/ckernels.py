@@ -192,22 +192,20 @@ def attention(q, k, v, q_pos, k_pos, window):
     int8 = isinstance(k, kernels.KV8)
     if int8 != isinstance(v, kernels.KV8):
         raise ValueError("attention: keys and values must be both float32 or both int8 (KV8)")
-    if int8:
-        k, ks = np.ascontiguousarray(k.codes), np.ascontiguousarray(k.scale)
-        v, vs = np.ascontiguousarray(v.codes), np.ascontiguousarray(v.scale)
-    else:
+    if not int8:
         k, v = _f32(k), _f32(v)
     q_pos, k_pos = np.ascontiguousarray(q_pos, np.int64), np.ascontiguousarray(k_pos, np.int64)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
-    if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,) or (
-            int8 and not ks.shape == vs.shape == (tk, hkv)):
+    if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,):
         raise ValueError(f"attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape}, "
                          f"q_pos {q_pos.shape}, k_pos {k_pos.shape}")
     # The kernel compares positions as float32 offsets from each query block; keep them exact.
     if tq and int(q_pos.max()) - int(q_pos.min()) + int(window) >= 1 << 23:
-        return kernels.attention_np(q, kernels.KV8(k, ks) if int8 else k, kernels.KV8(v, vs) if int8 else v,
-                                    q_pos, k_pos, window)
+        return kernels.attention_np(q, k, v, q_pos, k_pos, window)
+    if int8:                                         # the codes in their blocks, as the kernel reads them
+        k, ks = np.ascontiguousarray(k.blocks), np.ascontiguousarray(k.scale)
+        v, vs = np.ascontiguousarray(v.blocks), np.ascontiguousarray(v.scale)
     out = np.empty_like(q)
     if tq and tk:
         lib.vx_attention(_ptr("float *", q), _ptr("void *", k), _ptr("void *", v),
@@ -338,7 +336,7 @@ def _ring(cache, kv):
     if getattr(cache, "_vx", None) is None:
         r = ffi.new("vx_kv_ring *")
         int8 = isinstance(cache.k, kernels.KV8)
-        keep = [_ptr("void *", cache.k.codes if int8 else cache.k), _ptr("void *", cache.v.codes if int8 else cache.v),
+        keep = [_ptr("void *", cache.k.blocks if int8 else cache.k), _ptr("void *", cache.v.blocks if int8 else cache.v),
                 _ptr("int64_t *", cache.pos)]
         r.k, r.v, r.pos = keep
         if int8:

@@ -51,35 +51,67 @@ def use(backend, precision="f32", kv="f32"):
         _kv.reset(tokens[2])
 
 
-class KV8:
-    """Keys or values in an int8 cache: codes [S, Hkv, D] int8 and one scale per (position, head) row
-    [S, Hkv] float32, a row being scale * codes (quantised as activations are, one block per row:
-    quant.quantize_act_np). Indexing, assignment and copy act on both, like an array of rows;
-    np.asarray(kv, np.float32) dequantises."""
+KV8_BLOCK = 32                    # positions per block of an int8 cache's codes: csrc/kernels.h VX_KV8_BLOCK
 
-    def __init__(self, codes, scale):
-        self.codes, self.scale = codes, scale
+
+class KV8:
+    """Keys or values in an int8 cache: S rows of Hkv heads, a (position, head) row being one float32 scale
+    times D int8 codes (quantised as activations are, one block per row: quant.quantize_act_np).
+    The scales are [S, Hkv]; the codes are kept as the C attention reads them, in blocks of KV8_BLOCK
+    positions, head-major within a block: blocks [ceil(S / 32), Hkv, 32, D], so that a block's rows of one
+    head are contiguous and the kernel reads them in place (csrc/attention_simd.h); `codes` gives them
+    by position, [S, Hkv, D]. Indexing, assignment and copy act on rows, like an array of them (a prefix
+    slice is a view, any other index a copy); np.asarray(kv, np.float32) dequantises."""
+
+    def __init__(self, blocks, scale):
+        self.blocks, self.scale = blocks, scale                 # [ceil(S / 32), Hkv, 32, D] int8, [S, Hkv]
 
     @classmethod
     def empty(cls, shape):
-        return cls(np.zeros(shape, np.int8), np.zeros(shape[:-1], np.float32))
+        s, h, d = shape
+        return cls(np.zeros((-(-s // KV8_BLOCK), h, KV8_BLOCK, d), np.int8), np.zeros((s, h), np.float32))
+
+    @classmethod
+    def pack(cls, codes, scale):
+        """codes [S, Hkv, D] int8 and their scales [S, Hkv] -> KV8"""
+        kv = cls.empty(codes.shape)
+        kv[:len(codes)] = codes, scale
+        return kv
+
+    def _rows(self, idx):
+        """the positions an index selects, and where their codes sit: [n], ([n] block, [n] row in it)"""
+        p = np.arange(len(self.scale))[idx].reshape(-1)
+        return p, (p // KV8_BLOCK, p % KV8_BLOCK)
+
+    @property
+    def codes(self):
+        h, d = self.blocks.shape[1], self.blocks.shape[3]
+        return self.blocks.transpose(0, 2, 1, 3).reshape(-1, h, d)[:len(self.scale)]   # [S, Hkv, D]
 
     def __getitem__(self, idx):
-        return KV8(self.codes[idx], self.scale[idx])
+        if isinstance(idx, slice) and idx.start in (None, 0) and idx.step in (None, 1):
+            n = len(range(*idx.indices(len(self.scale))))
+            return KV8(self.blocks[:-(-n // KV8_BLOCK)], self.scale[:n])
+        p, (b, r) = self._rows(idx)
+        return KV8.pack(self.blocks.transpose(0, 2, 1, 3)[b, r], self.scale[p])
 
     def __setitem__(self, idx, other):
-        self.codes[idx], self.scale[idx] = other.codes, other.scale
+        """kv[idx] = another KV8, or (codes [n, Hkv, D], scales [n, Hkv])"""
+        codes, scale = (other.codes, other.scale) if isinstance(other, KV8) else other
+        p, (b, r) = self._rows(idx)
+        self.blocks.transpose(0, 2, 1, 3)[b, r] = codes
+        self.scale[p] = scale
 
     def copy(self):
-        return KV8(self.codes.copy(), self.scale.copy())
+        return KV8(self.blocks.copy(), self.scale.copy())
 
     @property
     def shape(self):
-        return self.codes.shape
+        return (len(self.scale), self.blocks.shape[1], self.blocks.shape[3])
 
     @property
     def nbytes(self):
-        return self.codes.nbytes + self.scale.nbytes
+        return self.blocks.nbytes + self.scale.nbytes
 
     def __array__(self, dtype=None, copy=None):
         x = self.codes.astype(np.float32) * self.scale[..., None]
@@ -98,7 +130,7 @@ def kv_pack(x):
     t, h, d = x.shape
     c = _c()
     codes, scale, _ = (c.quantize_act if c else quant.quantize_act_np)(x.reshape(t * h, d), d)  # [T*Hkv, D], [T*Hkv, 1]
-    return KV8(codes.reshape(t, h, d), scale.reshape(t, h))
+    return KV8.pack(codes.reshape(t, h, d), scale.reshape(t, h))
 
 
 def _c():
