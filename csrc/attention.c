@@ -39,7 +39,7 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     int nt = vx_threads_for((double)nrows * H * (j_hi - j_lo) * D);
     /* Fixed-size key ranges (a multiple of every VW), not one per thread: the merge order, hence the
      * rounding, then depends on the shapes only, and the thread count never changes a result. */
-    const int sb = vx_att_sb(D, a->kvtype);
+    const int sb = vx_att_sb(D, H, a->kvtype);
     const int64_t chunk = sb > 128 ? sb : 128;   /* whole super-blocks; 3 ranges for the encoder's first steps
                                                   * (~290 keys) keep 2 threads busy */
     const int64_t c_lo = j_lo / chunk, nchunks = j_hi > j_lo ? (j_hi + chunk - 1) / chunk - c_lo : 1;

@@ -269,7 +269,7 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
                                 float *scratch, const int DC, const int Q8) {
     const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
-    const int SB = vx_att_sb(D, a->kvtype), NSUB = SB / VW;
+    const int SB = vx_att_sb(D, H, a->kvtype), NSUB = SB / VW;
     const int64_t W = a->window, row = (int64_t)H * D;
     const size_t esz = Q8 ? 1 : sizeof(float);
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
