@@ -50,11 +50,10 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     if (nt > nchunks) nt = (int)nchunks;
 #pragma omp parallel num_threads(nt)
     {
-        /* K rows [sb][d], p [R][sb], K and V scales [2][sb], query codes [R][d] (float32), integer scores
-         * [R][sb], p V's integers [R][d], p's codes [R][sb] (bytes), R = VX_ATT_ROWS; then float32 V rows [sb][d], or for an
-         * int8 cache a zero row [d] (see attention_keys_d) */
-        const size_t vw = VX_ATT_ROWS;
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + 2 * vw * D + vw * sb) + vw * sb
+        /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
+         * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] (see attention_keys_d) */
+        const size_t vw = (size_t)isa->attn_vw;
+        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + vw * D + vw * sb)
                                   + (a->kvtype == VX_KV_INT8 ? (size_t)D : (size_t)sb * D * sizeof(float)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; c++) {
@@ -109,8 +108,6 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
  * attention_keys_d) */
 enum { VX_ATT_SHARED_BYTES = 8 << 20 };
 
-int vx_kv8_super_block(int d, int hkv) { return vx_att_sb(d, hkv, VX_KV_INT8); }
-
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window) {
@@ -124,16 +121,15 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
         qc = vx_alloc((size_t)(tq * hq * d)), qk = vx_alloc(sizeof(float) * tq * hq), qsum = vx_alloc(sizeof(int32_t) * tq * hq);
         vx_quantize_act(q, tq * hq, d, d, qc, qk, qsum);
         for (int64_t i = 0; i < tq * hq; i++) qk[i] = qk[i] * a.scale;
-        a.qc = qc, a.qk = qk, a.qsum = qsum;
-        if (d % 64 == 0 && d <= VX_ATT_DMAX) a.idots = isa->attention_idots, a.pvdots = isa->attention_pvdots;
+        a.qc = qc, a.qk = qk, a.qsum = qsum, a.idots = d % 64 == 0 && d <= VX_ATT_DMAX ? isa->attention_idots : NULL;
     }
     for (int64_t j = 1; j < tk; j++)
         if (k_pos[j] < k_pos[j - 1]) {
             a.k_sorted = 0;
             break;
         }
-    const int g = hq / hkv, qg = VX_ATT_ROWS / g;  /* queries whose rows fit one by_keys call */
-    if (tq * g <= VX_ATT_ROWS)
+    const int g = hq / hkv, qg = isa->attn_vw / g;  /* queries whose rows fit one by_keys call */
+    if (tq * g <= isa->attn_vw)
         by_keys(isa, &a, (int)(tq * g));
     else if (qg > 0 && (tq <= VX_ATT_FEW_QUERIES || kvtype == VX_KV_INT8))
         /* a decode step with drafts (speculative verification), or any call over an int8 cache (a stream's

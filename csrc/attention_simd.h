@@ -2,8 +2,8 @@
  *
  * A "row" is a (query, query head of the group) pair of one kv head, so the hq / hkv query heads sharing a
  * kv head share every key and value load (GQA). Two loops, by the number of rows per kv head:
- *   attention_block  (prefill, encoder: more than VX_ATT_ROWS rows per kv head) vectors run across rows;
- *   attention_keys   (decode, streaming: at most VX_ATT_ROWS rows per kv head) vectors run along d.
+ *   attention_block  (prefill, encoder: more than VW rows per kv head) vectors run across rows;
+ *   attention_keys   (decode, streaming: at most VW rows per kv head) vectors run along d.
  * Both keep an online softmax (running max m, running sum l, rescaling by exp(m_old - m_new)) in float32,
  * take keys in blocks, and mask by comparing positions relative to the block's smallest query position:
  * small exact integers in float32 (the Python wrapper keeps them below 2^23). */
@@ -136,7 +136,7 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
     }
 }
 
-/* At most VX_ATT_ROWS rows per kv head (decode: the hq / hkv query heads of one token; streaming: a few frames).
+/* At most VW rows per kv head (decode: the hq / hkv query heads of one token; streaming: a few frames).
  * Vectors across rows would leave most lanes idle, so here they run along d (scores: a row's VW partial
  * dot products for VW keys are transposed and summed into one vector of VW scores, no per-key horizontal
  * sums) and along d for the outputs (4 rows at a time, so each value vector serves the GQA group).
@@ -264,57 +264,6 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
         }
 }
 
-/* pv_rows for any number of rows, 4 at a time: rows r of o [nrows][D] (row stride D), p [nrows][SB] */
-VX_INLINE void pv_all_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
-                           int nrows, const int Q8) {
-    for (int r = 0; r < nrows; r += 4) {
-        const int nr = nrows - r < 4 ? nrows - r : 4;
-        if (nr == 4) pv_rows(vrow, nk, D, p + r * SB, SB, corr + r, o + r * D, 4, Q8);
-        else if (nr == 3) pv_rows(vrow, nk, D, p + r * SB, SB, corr + r, o + r * D, 3, Q8);
-        else if (nr == 2) pv_rows(vrow, nk, D, p + r * SB, SB, corr + r, o + r * D, 2, Q8);
-        else pv_rows(vrow, nk, D, p + r * SB, SB, corr + r, o + r * D, 1, Q8);
-    }
-}
-
-/* o = o * corr + p V over an int8 cache's super-block, for nrows rows. Each row's weights p (probabilities
- * times the values' scales) are rounded to 8-bit codes against the largest of the super-block, c = max p /
- * 255 (kernels.attention_np specifies it), so that p V is an exact integer, the codes . the value codes
- * (attention_pvdots; or float32 FMAs, exact below 2^24: every level gets the same), times c. p is
- * overwritten (the codes as floats); scratch pq [nrows][SB] bytes, iv [nrows][D] int32, fv [nrows][D] float32. */
-VX_INLINE void pv_int8(const vx_attention_args *a, const void *const *vrow, int nk, int D, int SB, int nrows, float *p,
-                       const float *corr, float *o, uint8_t *pq, int32_t *iv, float *fv) {
-    float c[VX_ATT_ROWS];
-    const int dots = a->pvdots != NULL;
-    for (int r = 0; r < nrows; r++) {
-        float *pr = p + r * SB;
-        vf mx = vx_load(pr);
-        for (int j = VW; j < SB; j += VW) mx = vx_max(mx, vx_load(pr + j));
-        c[r] = vx_hmax(mx) / 255.0f;
-        const vf inv = vx_set1(1.0f / (c[r] > 0.0f ? c[r] : 1.0f));   /* all zero: codes 0 */
-        for (int j = 0; j < SB; j += VW) {
-            const vf q = vx_round(vx_mul(vx_load(pr + j), inv));
-            if (dots) vx_store_u8(pq + r * SB + j, q);
-            else vx_store(pr + j, q);
-        }
-    }
-    if (dots) {
-        a->pvdots((const int8_t *const *)vrow, SB, D, pq, nrows, iv);
-    } else {
-        const float zero[VX_ATT_ROWS] = {0};
-        for (int i = 0; i < nrows * D; i++) fv[i] = 0.0f;
-        pv_all_rows(vrow, nk, D, p, SB, zero, fv, nrows, 1);
-    }
-    for (int r = 0; r < nrows; r++) {
-        const vf cr = vx_set1(c[r]), kr = vx_set1(corr[r]);
-        int d = 0;
-        for (; d + VW <= D; d += VW) {
-            const vf s = dots ? vx_load_i32(iv + r * D + d) : vx_load(fv + r * D + d);
-            vx_store(o + r * D + d, vx_fma(cr, s, vx_mul(vx_load(o + r * D + d), kr)));
-        }
-        for (; d < D; d++) o[r * D + d] = fmaf(c[r], dots ? (float)iv[r * D + d] : fv[r * D + d], o[r * D + d] * corr[r]);
-    }
-}
-
 /* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [SB] float32, then vbuf [SB][d] (float32,
  * or int8 if Q8) */
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
@@ -324,16 +273,14 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     const int64_t W = a->window, row = (int64_t)H * D;
     const size_t esz = Q8 ? 1 : sizeof(float);
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VX_ATT_ROWS * SB, *vsc = ksc + SB;
+    float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
     float *qf = vsc + SB;                          /* Q8: a head's query codes as floats [nrows][D] */
-    int32_t *isc = (int32_t *)(qf + (size_t)VX_ATT_ROWS * D);   /* Q8 with a->idots: integer scores [nrows][SB] */
-    int32_t *iv = isc + (size_t)VX_ATT_ROWS * SB;           /* Q8: p V's integers [nrows][D] (pv_int8) */
-    uint8_t *pq = (uint8_t *)(iv + (size_t)VX_ATT_ROWS * D);   /* Q8: p's codes [nrows][SB] */
-    char *vbuf = (char *)(pq + (size_t)VX_ATT_ROWS * SB);
+    int32_t *isc = (int32_t *)(qf + (size_t)VW * D);   /* Q8 with a->idots: integer scores [nrows][SB] */
+    char *vbuf = (char *)(isc + (size_t)VW * SB);
     const int idots = Q8 && a->idots;
     const int8_t *zrow = (const int8_t *)vbuf;     /* Q8: vbuf's first row, zeros */
     if (Q8) memset(vbuf, 0, D);
-    float qrel[VX_ATT_ROWS] = {0}, corr[VX_ATT_ROWS];
+    float qrel[VW] = {0}, corr[VW];
     int64_t qmin = INT64_MAX, qmax = INT64_MIN;
     for (int r = 0; r < nrows; r++) {
         int64_t p = a->q_pos[r / g];
@@ -406,9 +353,9 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             }
             /* int8 caches: a score is the exact integer q . k (float32 sums of these small integers stay
              * below 2^24, exact in any order, so every path and level gets the same), times its row's factor */
-            int64_t qrow_at[VX_ATT_ROWS];                       /* row r: query r / g, head hk * g + r % g, of [tq, hq] */
-            const int8_t *qrows[VX_ATT_ROWS];
-            int32_t qsum[VX_ATT_ROWS];
+            int64_t qrow_at[VW];                       /* row r: query r / g, head hk * g + r % g, of [tq, hq] */
+            const int8_t *qrows[VW];
+            int32_t qsum[VW];
             for (int r = 0; r < nrows; r++) {
                 qrow_at[r] = (int64_t)(r / g) * a->hq + hk * g + r % g;
                 if (Q8) qrows[r] = a->qc + qrow_at[r] * D, qsum[r] = a->qsum[qrow_at[r]];
@@ -432,8 +379,14 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 }
                 corr[r] = softmax_update(s, NSUB, ms + hk * nrows + r, ls + hk * nrows + r, Q8 ? vsc : NULL, pj + r * SB);
             }
-            if (Q8) pv_int8(a, vrow, nk, D, SB, nrows, pj, corr, os + (int64_t)hk * nrows * D, pq, iv, qf);
-            else pv_all_rows(vrow, nk, D, pj, SB, corr, os + (int64_t)hk * nrows * D, nrows, 0);
+            for (int r = 0; r < nrows; r += 4) {
+                const int nr = nrows - r < 4 ? nrows - r : 4;
+                float *o = os + ((int64_t)hk * nrows + r) * D;
+                if (nr == 4) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8);
+                else if (nr == 3) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8);
+                else if (nr == 2) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8);
+                else pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8);
+            }
         }
     }
 }
@@ -463,13 +416,7 @@ VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, in
 typedef __m512i vi;
 #define VI_TARGET "avx512f,avx512bw,avx512vnni,avx2,fma"
 #define VI_NAME attention_idots_vnni
-#define VI_PV_NAME attention_pvdots_vnni
 #define vi_zero _mm512_setzero_si512
-#define vi_loadu(p) _mm512_loadu_si512(p)
-#define vi_unpacklo8 _mm512_unpacklo_epi8
-#define vi_unpackhi8 _mm512_unpackhi_epi8
-#define vi_unpacklo16 _mm512_unpacklo_epi16
-#define vi_unpackhi16 _mm512_unpackhi_epi16
 #define vi_of_vf _mm512_castps_si512
 #define vi_xor _mm512_xor_si512
 #define vi_set1_8 _mm512_set1_epi8
@@ -481,13 +428,7 @@ typedef __m512i vi;
 typedef __m256i vi;
 #define VI_TARGET "avx2,fma,avxvnni"
 #define VI_NAME attention_idots_avxvnni
-#define VI_PV_NAME attention_pvdots_avxvnni
 #define vi_zero _mm256_setzero_si256
-#define vi_loadu(p) _mm256_loadu_si256((const __m256i *)(p))
-#define vi_unpacklo8 _mm256_unpacklo_epi8
-#define vi_unpackhi8 _mm256_unpackhi_epi8
-#define vi_unpacklo16 _mm256_unpacklo_epi16
-#define vi_unpackhi16 _mm256_unpackhi_epi16
 #define vi_of_vf _mm256_castps_si256
 #define vi_xor _mm256_xor_si256
 #define vi_set1_8 _mm256_set1_epi8
@@ -521,44 +462,6 @@ __attribute__((target(VI_TARGET))) static void VI_NAME(const int8_t *const *kb, 
             }
             for (int i = 0; i < 4 && r0 + i < nrows; i++)
                 vi_store(s + (size_t)(r0 + i) * sb + j0, vi_sub(acc[i], vi_set1_32(128 * qsum[r0 + i])));
-        }
-    }
-}
-
-/* vx_isa.attention_pvdots with VPDPBUSD: o[r] = p[r] . V over sb keys, exact. Per 4 keys, their value codes
- * are interleaved bytewise (unpack 8, then 16, within each 128-bit lane: lane dword 4L + i of u[k] holds
- * the 4 keys' codes at d = 16L + 4k + i), so one VPDPBUSD with the row's 4 probability codes broadcast
- * adds 4 products to each d's lane, and each interleaved vector serves 4 rows. */
-__attribute__((target(VI_TARGET))) static void VI_PV_NAME(const int8_t *const *vb, int sb, int d, const uint8_t *p, int nrows,
-                                                          int32_t *o) {
-    enum { LANES = (int)(sizeof(vi) / 4), B = (int)sizeof(vi) };   /* int32 lanes, value codes per load */
-    for (int r0 = 0; r0 < nrows; r0 += 4) {
-        const uint8_t *pr[4];
-        for (int i = 0; i < 4; i++) pr[i] = p + (size_t)(r0 + i < nrows ? r0 + i : nrows - 1) * sb;   /* past nrows: discarded */
-        for (int d0 = 0; d0 < d; d0 += B) {
-            vi acc[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int k = 0; k < 4; k++) acc[i][k] = vi_zero();
-            for (int j = 0; j < sb; j += 4) {
-                const vi v0 = vi_loadu(vb[j] + d0), v1 = vi_loadu(vb[j + 1] + d0), v2 = vi_loadu(vb[j + 2] + d0),
-                         v3 = vi_loadu(vb[j + 3] + d0);
-                const vi t0 = vi_unpacklo8(v0, v1), t1 = vi_unpackhi8(v0, v1), t2 = vi_unpacklo8(v2, v3), t3 = vi_unpackhi8(v2, v3);
-                const vi u[4] = {vi_unpacklo16(t0, t2), vi_unpackhi16(t0, t2), vi_unpacklo16(t1, t3), vi_unpackhi16(t1, t3)};
-                VX_UNROLL
-                for (int i = 0; i < 4; i++) {
-                    int32_t p4;
-                    memcpy(&p4, pr[i] + j, 4);
-                    const vi pb = vi_set1_32(p4);
-                    VX_UNROLL
-                    for (int k = 0; k < 4; k++) acc[i][k] = vi_dot(acc[i][k], pb, u[k]);
-                }
-            }
-            for (int i = 0; i < 4 && r0 + i < nrows; i++) {
-                int32_t t[4][LANES];
-                for (int k = 0; k < 4; k++) vi_store(t[k], acc[i][k]);
-                for (int L = 0; L < LANES / 4; L++)
-                    for (int k = 0; k < 4; k++) memcpy(o + (size_t)(r0 + i) * d + d0 + 16 * L + 4 * k, &t[k][4 * L], 16);
-            }
         }
     }
 }

@@ -85,10 +85,8 @@ typedef struct {
      * read from memory), or not (0: several query groups sweep a cache small enough to stay cached; see
      * VX_ATT_SHARED_BYTES) */
     int kv_touch;
-    /* the level's vx_isa.attention_idots and attention_pvdots (NULL: float32 FMAs, exact on these integers
-     * too) */
+    /* the level's vx_isa.attention_idots (NULL: scores by float32 FMAs, exact on these integers too) */
     void (*idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows, int32_t *s);
-    void (*pvdots)(const int8_t *const *vb, int sb, int d, const uint8_t *p, int nrows, int32_t *o);
 } vx_attention_args;
 
 /* A GEMM micro-kernel and its weight packing. Both operands are packed k-major into 32-bit elements that
@@ -131,8 +129,8 @@ typedef struct {
      * bf16 weights directly (used for VX_X_BF16 with bf16 weights) */
     vx_gemm_kernel gemm;
     const vx_gemm_kernel *gemm_bf16dot;
-    /* attention (attention_simd.h). More than VX_ATT_ROWS rows per kv head: rows [row0, row0 + 2 * attn_vw)
-     * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most VX_ATT_ROWS rows (all tq * hq / hkv of
+    /* attention (attention_simd.h). More than attn_vw rows per kv head: rows [row0, row0 + 2 * attn_vw)
+     * of kv head hk, scratch of 4 * attn_vw * d + d floats. At most attn_vw rows (all tq * hq / hkv of
      * them): keys [j0, j1) of every kv head into a partial state (m [hkv][nrows], l [hkv][nrows],
      * o [hkv][nrows][d]), scratch as by_keys (attention.c) allocates it. */
     int attn_vw;
@@ -142,10 +140,6 @@ typedef struct {
      * codes (d a multiple of 64, sb of 16), q[r] row r's d codes and qsum[r] their sum -> s [nrows][sb] */
     void (*attention_idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows,
                             int32_t *s);
-    /* NULL, or the integer dot products of an int8 cache's values with 8-bit probability codes (VNNI): vb[j]
-     * key j's d value codes (d a multiple of 64, sb of 16), p [nrows][sb] the rows' codes ->
-     * o [nrows][d] = p . v, exact */
-    void (*attention_pvdots)(const int8_t *const *vb, int sb, int d, const uint8_t *p, int nrows, int32_t *o);
     /* quantised linears (qmatmul_simd.h): panels [p0, p1) for all n rows; one panel of weights, one
      * activation format; and the quantisers */
     void (*qlinear)(const vx_qlinear_args *a, int64_t p0, int64_t p1);

@@ -25,5 +25,5 @@
 #include "qmatmul_256.h"
 
 const vx_isa vx_isa_avxvnni = {.level = VX_ISA_AVXVNNI, VX_TABLE_ENTRIES, .qlinear = vx_qlinear_avxvnni,
-                               .attention_idots = attention_idots_avxvnni, .attention_pvdots = attention_pvdots_avxvnni};
+                               .attention_idots = attention_idots_avxvnni};
 #endif

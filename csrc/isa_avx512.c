@@ -7,9 +7,8 @@
 #include "isa_table.h"
 
 /* the same loops plus the bf16 dot-product GEMM (matmul_simd.h), the VNNI quantised linear (qmatmul_simd.h)
- * and attention's VNNI integer scores and value sums (attention_simd.h), for CPUs with AVX512-BF16 (all of which have
+ * and attention's VNNI integer scores (attention_simd.h), for CPUs with AVX512-BF16 (all of which have
  * AVX512-VNNI; dispatch.c checks both) */
 const vx_isa vx_isa_avx512_bf16 = {.level = VX_ISA_AVX512_BF16, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot,
-                                   .qlinear = qlinear_vnni, .attention_idots = attention_idots_vnni,
-                                   .attention_pvdots = attention_pvdots_vnni};
+                                   .qlinear = qlinear_vnni, .attention_idots = attention_idots_vnni};
 #endif

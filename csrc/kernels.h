@@ -93,14 +93,6 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
  *   than 2^23 - window (the Python wrapper checks). */
 enum { VX_KV_F32 = 0, VX_KV_INT8 = 1 };
 enum { VX_KV8_BLOCK = 32 };   /* kernels.KV8_BLOCK */
-/* Most rows per kv head (queries x the query heads of a kv head) of one by-keys pass (attention.c). Over an
- * int8 cache every call goes by keys, a group of queries at a time, as the twin specifies it; with more query
- * heads per kv head than this it would go by rows, whose float32 value sums the twin does not specify (the
- * Python wrapper runs the twin instead). */
-enum { VX_ATT_ROWS = 16 };
-/* keys per super-block of vx_attention over an int8 cache of hkv heads of d (kernels.kv8_super_block: its
- * rounding of the probabilities groups keys so) */
-int vx_kv8_super_block(int d, int hkv);
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window);

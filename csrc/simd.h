@@ -71,8 +71,6 @@ VX_INLINE vf vx_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); } /* a 
 VX_INLINE float vx_hsum(vf a) { return _mm512_reduce_add_ps(a); }
 VX_INLINE float vx_hmax(vf a) { return _mm512_reduce_max_ps(a); }
 VX_INLINE vf vx_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-/* VW whole numbers in [0, 255] as bytes */
-VX_INLINE void vx_store_u8(uint8_t *p, vf a) { _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a))); }
 /* 2^n for integral n in [-126, 127] */
 VX_INLINE vf vx_pow2i(vf n) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -151,11 +149,6 @@ VX_INLINE float vx_hmax(vf a) {
     return _mm_cvtss_f32(s);
 }
 VX_INLINE vf vx_round(vf a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-VX_INLINE void vx_store_u8(uint8_t *p, vf a) {
-    const __m256i i = _mm256_cvtps_epi32(a);
-    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-    _mm_storel_epi64((__m128i *)p, _mm_packus_epi16(w, w));
-}
 VX_INLINE vf vx_pow2i(vf n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -208,8 +201,6 @@ VX_INLINE float vx_hmax(vf a) { return a; }
 VX_INLINE vf vx_mask_range(vf s, vf k, vf lo, vf hi) { return (k > lo && k <= hi) ? s : -INFINITY; }
 VX_INLINE vf vx_ninf_to_zero(vf a) { return a == -INFINITY ? 0.0f : a; }
 VX_INLINE vf vx_exp(vf a) { return expf(a); }
-VX_INLINE vf vx_round(vf a) { return nearbyintf(a); }
-VX_INLINE void vx_store_u8(uint8_t *p, vf a) { *p = (uint8_t)(int)a; }
 VX_INLINE void vx_transpose(vf r[1]) { (void)r; }
 
 #else

@@ -330,9 +330,6 @@ def test_an_int8_cache_keeps_its_rows_in_head_major_blocks(s):
     onto the same blocks, fancy reads and writes reach the right rows, and the codes sit where the C kernels
     look for them (csrc/dispatch.h vx_kv8_row: block j // 32, then head, then row j % 32)."""
     assert ck.lib is None or ck.lib.VX_KV8_BLOCK == kernels.KV8_BLOCK
-    if ck.lib is not None:          # the twin rounds probabilities in the C kernel's super-blocks
-        for dh, hkv in [(16, 1), (64, 32), (128, 8), (256, 4), (24, 3), (512, 64)]:
-            assert ck.lib.vx_kv8_super_block(dh, hkv) == kernels.kv8_super_block(dh, hkv), (dh, hkv)
     rng, h, d = np.random.default_rng(s), 3, 8
     codes = rng.integers(-127, 128, (s, h, d)).astype(np.int8)
     scale = rng.uniform(0.1, 1.0, (s, h)).astype(np.float32)
@@ -358,12 +355,11 @@ def test_an_int8_cache_keeps_its_rows_in_head_major_blocks(s):
 
 @pytest.mark.parametrize("level", ISAS)
 @pytest.mark.parametrize("tq, tk, hq, hkv, d", [(1, 300, 32, 8, 128), (4, 200, 4, 4, 16), (39, 39, 8, 2, 32),
-                                                (40, 100, 4, 4, 64), (3, 500, 6, 3, 24), (2, 700, 32, 32, 64),
-                                                (2, 300, 32, 1, 64)])   # 32 heads a kv head: the twin runs
+                                                (40, 100, 4, 4, 64), (3, 500, 6, 3, 24), (2, 700, 32, 32, 64)])
 def test_attention_over_an_int8_cache(level, tq, tk, hq, hkv, d):
-    """int8 keys and values (the quantised modes' compact caches): one query group or several, a ring's
-    unordered positions: the twin's result to float32 rounding (the probabilities' 8-bit codes came out the
-    same), and the float32 keys' and values' result to int8's rounding (relative RMS error)."""
+    """int8 keys and values (the quantised modes' compact caches) on both paths (few rows: split by keys;
+    many: by rows), a ring's unordered positions: the twin's result to float32 rounding, and the float32
+    keys' and values' result to int8's rounding (relative RMS error)."""
     rng = np.random.default_rng(tk)
     q = rng.standard_normal((tq, hq, d), dtype=np.float32) * np.float32(3)
     kf, vf = (rng.standard_normal((tk, hkv, d), dtype=np.float32) for _ in range(2))
@@ -373,17 +369,16 @@ def test_attention_over_an_int8_cache(level, tq, tk, hq, hkv, d):
         y = ck.attention(q, k, v, qp, kp, 90)
     np.testing.assert_allclose(y, kernels.attention_np(q, k, v, qp, kp, 90), rtol=0, atol=2e-6 * np.abs(vf).max() * 3)
     yf = kernels.attention_np(q, kf, vf, qp, kp, 90)
-    assert np.sqrt(np.mean((y - yf) ** 2) / np.mean(yf ** 2)) < 0.03       # measured 1.1-2.0 % (q x 3: sharp)
+    assert np.sqrt(np.mean((y - yf) ** 2) / np.mean(yf ** 2)) < 0.03       # measured 0.85-1.65 % (q x 3: sharp)
 
 
 @pytest.mark.parametrize("plain, vnni", [pytest.param(a, b, marks=pytest.mark.skipif(
     not {a, b} <= set(ck.supported_isas()), reason=f"CPU lacks {b}")) for a, b in [("avx512", "avx512bf16"), ("avx2", "avxvnni")]])
 @pytest.mark.parametrize("tq, hq, hkv, d", [(1, 32, 8, 128), (4, 32, 32, 64), (3, 8, 2, 192), (1, 4, 1, 256)])
 def test_vnni_scores_are_the_exact_integers(plain, vnni, tq, hq, hkv, d):
-    """Over an int8 cache a score's dot product and a super-block's sum of 8-bit probability codes times value
-    codes are exact integers: a VNNI level's integer kernels (biased bytes, the bias taken off; AVX512-VNNI
-    at avx512bf16, AVX-VNNI at avxvnni) and its plain level's float32 FMAs agree bit for bit, so the whole
-    outputs do (they share every other step)."""
+    """Over an int8 cache a score's dot product is an exact integer: a VNNI level's integer kernel (biased
+    bytes, the bias taken off; AVX512-VNNI at avx512bf16, AVX-VNNI at avxvnni) and its plain level's
+    float32 FMAs agree bit for bit, so the whole outputs do (they share every other step)."""
     rng = np.random.default_rng(d)
     tk = 777
     q = rng.standard_normal((tq, hq, d), dtype=np.float32) * np.float32(3)

@@ -200,9 +200,8 @@ def attention(q, k, v, q_pos, k_pos, window):
     if k.shape != v.shape or k.shape[2] != d or hq % hkv or q_pos.shape != (tq,) or k_pos.shape != (tk,):
         raise ValueError(f"attention: bad shapes q {q.shape}, k {k.shape}, v {v.shape}, "
                          f"q_pos {q_pos.shape}, k_pos {k_pos.shape}")
-    # The kernel compares positions as float32 offsets from each query block; keep them exact. And over an
-    # int8 cache it follows the twin for at most VX_ATT_ROWS query heads per kv head (csrc/kernels.h).
-    if tq and int(q_pos.max()) - int(q_pos.min()) + int(window) >= 1 << 23 or int8 and hq // hkv > lib.VX_ATT_ROWS:
+    # The kernel compares positions as float32 offsets from each query block; keep them exact.
+    if tq and int(q_pos.max()) - int(q_pos.min()) + int(window) >= 1 << 23:
         return kernels.attention_np(q, k, v, q_pos, k_pos, window)
     if int8:                                         # the codes in their blocks, as the kernel reads them
         k, ks = np.ascontiguousarray(k.blocks), np.ascontiguousarray(k.scale)

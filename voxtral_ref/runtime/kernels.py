@@ -171,23 +171,20 @@ def attention_np(q, k, v, q_pos, k_pos, window):
     With KV8 keys and values (an int8 cache) the queries are quantised as the keys are (one int8 block per
     head row), so a score is the exact integer dot product of the codes times (the query's scale / sqrt(D))
     times the key's scale: the same in every kernel path and call shape, and the C kernels' integer
-    dot-product instructions compute it. The values' side is integer too (_pv_int8)."""
+    dot-product instructions compute it. The values are dequantised."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv                                               # query heads per kv head
     scale = np.float32(1.0 / np.sqrt(d))
-    int8 = isinstance(k, KV8)
-    if int8:
+    if isinstance(k, KV8):
         kscale, k = k.scale, k.codes.astype(np.float32)         # [Tk, Hkv], [Tk, Hkv, D]
-        vscale, v = v.scale, v.codes.astype(np.float32)         # the same for the values
-        sb = kv8_super_block(d, hkv)
         qc, qs, _ = quant.quantize_act_np(q.reshape(-1, d), d)  # [Tq*Hq, D] int8, [Tq*Hq, 1]
         # float32 sums of these integers stay below 2^24 (D * 127^2): exact, whatever einsum's order
         q, qfactor = qc.reshape(q.shape).astype(np.float32), (qs * scale).reshape(tq, hq)   # [Tq, Hq, D], [Tq, Hq]
     else:
         kscale = np.ones(k.shape[:2], np.float32)
         qfactor = np.full((tq, hq), scale, np.float32)
-        v = np.asarray(v, np.float32)
+    v = np.asarray(v, np.float32)                               # an int8 cache's values, dequantised
     out = np.empty_like(q)                                      # [Tq, Hq, D]
     for s in range(0, tq, 128):
         qb, qp = q[s:s + 128], q_pos[s:s + 128]                 # [b, Hq, D], [b]
@@ -205,45 +202,12 @@ def attention_np(q, k, v, q_pos, k_pos, window):
         # array's length), so the keys another query of the call brings in, masked to exact zeros, change no
         # rounding: a query's result is the same whatever the call (a speculative pass, a batch, a stream's
         # chunking) and whatever ring the keys sit in.
-        total = np.cumsum(p, -1)[..., -1:]                      # [Hkv, g, b, 1]
-        if int8:
-            ob = _pv_int8(p, vscale[sel], vb, sel // sb) / total
-        else:
-            p /= total
-            ob = np.zeros((hkv, g, len(qb), d), np.float32)     # [Hkv, g, b, D]
-            for t0 in range(0, len(sel), 16):
-                terms = p[..., t0:t0 + 16, None] * vb[t0:t0 + 16].transpose(1, 0, 2)[:, None, None]  # [Hkv, g, b, 16, D]
-                ob = np.cumsum(np.concatenate([ob[..., None, :], terms], axis=-2), axis=-2)[..., -1, :]
+        p /= np.cumsum(p, -1)[..., -1:]
+        ob = np.zeros((hkv, g, len(qb), d), np.float32)         # [Hkv, g, b, D]
+        for t0 in range(0, len(sel), 16):
+            terms = p[..., t0:t0 + 16, None] * vb[t0:t0 + 16].transpose(1, 0, 2)[:, None, None]  # [Hkv, g, b, 16, D]
+            ob = np.cumsum(np.concatenate([ob[..., None, :], terms], axis=-2), axis=-2)[..., -1, :]
         out[s:s + 128] = ob.transpose(2, 0, 1, 3).reshape(len(qb), hq, d)
-    return out
-
-
-def kv8_super_block(d, hkv):
-    """Keys per super-block of the C attention over an int8 cache (csrc/dispatch.h vx_att_sb): the largest power
-    of two from 16 to 256 whose keys' K and V codes, every kv head's, take at most 256 KB."""
-    sb = 256
-    while sb > 16 and sb * 2 * hkv * d > 256 << 10:
-        sb //= 2
-    return sb
-
-
-def _pv_int8(p, vscale, vcodes, group):
-    """Unnormalised attention output over an int8 cache's values, as every kernel computes it: per row and
-    super-block of keys (the C kernel's: kv8_super_block consecutive slots of the cache, `group` = slot //
-    its size; in a KVCache ring, whose capacity is a multiple of 256, as in a whole file's keys, that is
-    consecutive positions), the weights w = p * the values' scales are rounded to 8-bit codes against the
-    block's largest, c = max w / 255, so a block's sum is an exact integer, codes . value codes, times c
-    (integer dot-product instructions compute it). The rounding moves a weight by at most c / 2 (0.2 % of
-    the block's largest).
-    p [Hkv, g, b, t], vscale [t, Hkv], vcodes [t, Hkv, D] as float32, group [t] -> [Hkv, g, b, D]"""
-    w = p * vscale.T[:, None, None, :]                                         # [Hkv, g, b, t]
-    out = np.zeros(p.shape[:3] + vcodes.shape[-1:], np.float32)                # [Hkv, g, b, D]
-    for block in group[np.sort(np.unique(group, return_index=True)[1])]:     # in the order keys meet them
-        at = group == block                                                    # [t]
-        c = w[..., at].max(-1, keepdims=True) / np.float32(255)                # [Hkv, g, b, 1]
-        codes = np.rint(w[..., at] * (np.float32(1) / np.where(c > 0, c, np.float32(1))))  # [Hkv, g, b, t_block]
-        # products below 255 * 127 and sums of at most 256 of them: exact in float32, in any order
-        out = out + c * np.einsum("hgbt,thd->hgbd", codes, vcodes[at])
     return out
 
 
