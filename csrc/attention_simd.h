@@ -271,7 +271,6 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
     const int SB = vx_att_sb(D, H, a->kvtype), NSUB = SB / VW;
     const int64_t W = a->window, row = (int64_t)H * D;
-    const size_t esz = Q8 ? 1 : sizeof(float);
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
     float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
     float *qf = vsc + SB;                          /* Q8: a head's query codes as floats [nrows][D] */
@@ -300,8 +299,8 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                       * L2 while this one is computed (an int8 cache's burst below reads faster without it: an encoder
                       * call 0.22 -> 0.20 ms) */
             const int64_t next = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
-            const char *kn = (const char *)a->k + (size_t)((jb + SB) * row) * esz, *vn = (const char *)a->v + (size_t)((jb + SB) * row) * esz;
-            for (size_t o = 0; o < (size_t)(next * row) * esz; o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
+            const char *kn = (const char *)((const float *)a->k + (jb + SB) * row), *vn = (const char *)((const float *)a->v + (jb + SB) * row);
+            for (size_t o = 0; o < (size_t)(next * row) * sizeof(float); o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
         if (Q8 && a->kv_touch) {   /* the blocks holding keys [jb + lo, jb + nk), K and V: one load per line */
             const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
@@ -316,7 +315,6 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             __asm__ volatile("" : : "r"(t));    /* keeps the loads */
         }
         for (int hk = 0; hk < H; hk++) {
-            const int64_t at = (jb * H + hk) * D;
             /* The super-block's K and V rows of head hk (an int8 cache's in place, a float32 one's copied into
              * kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
             const void *krow[VX_ATT_SB_MAX], *vrow[VX_ATT_SB_MAX];
@@ -342,13 +340,16 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                         for (; d + VW <= D; d += VW) vx_store(kbuf + jj * D + d, vx_load_i8(kc + d));
                         for (; d < D; d++) kbuf[jj * D + d] = (float)kc[d];
                     }
-            } else for (int jj = 0; jj < SB; jj++) {
-                const int in = jj >= lo && jj < nk;
-                if (in) memcpy(kbuf + jj * D, (const float *)a->k + at + jj * row, sizeof(float) * D);
-                else for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
-                if (in) memcpy(vbuf + jj * D * esz, (const float *)a->v + at + jj * row, sizeof(float) * D);
-                else if (jj < lo) memset(vbuf + jj * D * esz, 0, sizeof(float) * D);
-                vrow[jj] = vbuf + jj * D * esz;
+            } else {   /* a float32 cache: head hk's rows copied out, hkv * d apart in it */
+                const int64_t at = (jb * H + hk) * D;
+                for (int jj = 0; jj < SB; jj++) {
+                    const int in = jj >= lo && jj < nk;
+                    if (in) memcpy(kbuf + jj * D, (const float *)a->k + at + jj * row, sizeof(float) * D);
+                    else for (int d = 0; d < D; d++) kbuf[jj * D + d] = 0.0f;
+                    if (in) memcpy(vbuf + jj * D * sizeof(float), (const float *)a->v + at + jj * row, sizeof(float) * D);
+                    else if (jj < lo) memset(vbuf + jj * D * sizeof(float), 0, sizeof(float) * D);
+                    vrow[jj] = vbuf + jj * D * sizeof(float);
+                }
             }
             /* int8 caches: a score is the exact integer q . k (float32 sums of these small integers stay
              * below 2^24, exact in any order, so every path and level gets the same), times its row's factor */

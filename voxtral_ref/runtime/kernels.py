@@ -61,7 +61,8 @@ class KV8:
     positions, head-major within a block: blocks [ceil(S / 32), Hkv, 32, D], so that a block's rows of one
     head are contiguous and the kernel reads them in place (csrc/attention_simd.h); `codes` gives them
     by position, [S, Hkv, D]. Indexing, assignment and copy act on rows, like an array of them (a prefix
-    slice is a view, any other index a copy); np.asarray(kv, np.float32) dequantises."""
+    slice is a view, any other index a copy, an integer one keeping its row axis: kv[0] is 1 row);
+    np.asarray(kv, np.float32) dequantises."""
 
     def __init__(self, blocks, scale):
         self.blocks, self.scale = blocks, scale                 # [ceil(S / 32), Hkv, 32, D] int8, [S, Hkv]
@@ -85,6 +86,7 @@ class KV8:
 
     @property
     def codes(self):
+        """the codes by position (a copy): [S, Hkv, D] int8"""
         h, d = self.blocks.shape[1], self.blocks.shape[3]
         return self.blocks.transpose(0, 2, 1, 3).reshape(-1, h, d)[:len(self.scale)]   # [S, Hkv, D]
 
