@@ -107,12 +107,18 @@ typedef struct {
 
 enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_CANDIDATES = 10 };  /* quant.py */
 
+/* How far ahead the quantised kernels prefetch their panels: 4 q4 super-blocks, 9216 bytes. Counted in
+ * blocks instead, int8's 4 x 544 bytes arrived too late once a block's arithmetic served 4-8 rows (1 thread,
+ * DRAM: an 8-row pass 855 -> 513 us, 4 rows 576 -> 439; q4 unchanged). */
+#define VX_QPREFETCH (4 * (VX_Q4_HEAD + 8 * VX_QPANEL * VX_QBLOCK / 2))
+
 static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }
 
 typedef struct {
     const int8_t *xq;       /* [n, k] */
     const float *sx;        /* [n, k / 32] */
     const int32_t *xsum;    /* [n, k / 32] */
+    const float *sxs;       /* [n, k / 32]: sx * xsum, rounded once */
     int64_t n, k, m;
     const uint8_t *w;       /* panels */
     int fmt;

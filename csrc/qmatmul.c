@@ -43,11 +43,13 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     int8_t *xq = vx_alloc((size_t)(n * k));
     float *sx = vx_alloc(sizeof(float) * n * nb);
     int32_t *xsum = vx_alloc(sizeof(int32_t) * n * nb);
+    float *sxs = vx_alloc(sizeof(float) * n * nb);
     vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
+    for (int64_t i = 0; i < n * nb; i++) sxs[i] = sx[i] * (float)xsum[i];
     vx_qlinear_args a[VX_QLINEARS_MAX];
     int64_t first[VX_QLINEARS_MAX + 1] = {0}, work = 0;   /* matrix i's panels: [first[i], first[i + 1]) */
     for (int i = 0; i < count; i++) {
-        a[i] = (vx_qlinear_args){xq, sx, xsum, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
+        a[i] = (vx_qlinear_args){xq, sx, xsum, sxs, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
         first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
         work += m[i] * k;
     }
@@ -66,6 +68,7 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     free(xq);
     free(sx);
     free(xsum);
+    free(sxs);
 }
 
 void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,

@@ -10,8 +10,8 @@
  *                and the twin's bias term, 128 S sx xsum, is not subtracted.
  * A panel's 16 rows are two halves of 8; each half streams the panel's blocks once (the second half's
  * bytes are then in L1/L2), and up to Q256_X activation rows share each weight load and unpacking.
- * Per block: exact integer dots, then acc += (S sx) dot - (M sx) xsum in two fused steps, so a row's result
- * does not depend on n or the threads. Q256_NAME is the function's name, Q256_TARGET its target string. */
+ * Per block: exact integer dots, then acc += (dot sx) S and, for q4, acc -= M sxs, as the AVX-512 kernel
+ * does, so a row's result does not depend on n or the threads. Q256_NAME is the function's name, Q256_TARGET its target string. */
 #define Q256_X 4
 #define Q256_INLINE static inline __attribute__((always_inline, target(Q256_TARGET)))
 
@@ -35,7 +35,7 @@ Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int6
     const int64_t K = a->k, nblocks = K / VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
     const float *sx = a->sx + i0 * nblocks;
-    const int32_t *xs = a->xsum + i0 * nblocks;
+    const float *sxs = a->sxs + i0 * nblocks;
     const __m256i low4 = _mm256_set1_epi8(15);
     const int64_t nb = fmt == VX_Q_INT8 ? 1 : vx_q4_blocks_per_super(K);
     const int64_t sup_bytes = fmt == VX_Q_INT8 ? 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK
@@ -43,8 +43,8 @@ Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int6
     for (int i = 0; i < NX; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
         const uint8_t *h = pw + s0 / nb * sup_bytes;
-        if (hh == 0)   /* every line of the super-block 4 ahead, as the AVX-512 kernel */
-            for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + 4 * sup_bytes + l, 0, 0);
+        if (hh == 0)   /* every line of the super-block VX_QPREFETCH bytes ahead, as the AVX-512 kernel */
+            for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
         __m256 d = _mm256_setzero_ps(), dmin = d;
         if (fmt == VX_Q_Q4) {
             d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
@@ -53,20 +53,20 @@ Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int6
         for (int64_t bb = 0; bb < nb; bb++) {
             const int64_t b = s0 + bb;
             const int8_t *xb = xq + b * VX_QBLOCK;
-            __m256 S, M;
+            __m256 S, M = _mm256_setzero_ps();     /* M: q4's (int8's is folded into the dot, or re-centred away) */
             __m256i dot[Q256_X];
             for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
             if (fmt == VX_Q_INT8) {
                 const uint8_t *u = h + 2 * VX_QPANEL + 32 * hh;
                 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
 #if Q256_VNNI
-                M = _mm256_mul_ps(S, _mm256_set1_ps(128.0f));
                 for (int s = 0; s < 8; s++) {
                     const __m256i wv = _mm256_loadu_si256((const __m256i *)(u + 64 * s));
                     for (int i = 0; i < NX; i++) dot[i] = Q256_FN(dot_u8)(dot[i], wv, Q256_FN(bcast4)(xb + i * K + 4 * s));
                 }
+                for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
+                    dot[i] = _mm256_sub_epi32(dot[i], _mm256_slli_epi32(_mm256_set1_epi32(a->xsum[(i0 + i) * nblocks + b]), 7));
 #else
-                M = _mm256_setzero_ps();
                 for (int s = 0; s < 8; s++) {
                     const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 64 * s)), _mm256_set1_epi8((char)0x80));
                     for (int i = 0; i < NX; i++) {
@@ -115,9 +115,8 @@ Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int6
 #endif
             }
             for (int i = 0; i < NX; i++) {
-                const __m256 sxv = _mm256_set1_ps(sx[i * nblocks + b]);
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_mul_ps(S, sxv), acc[i]);
-                acc[i] = _mm256_fnmadd_ps(_mm256_mul_ps(M, sxv), _mm256_set1_ps((float)xs[i * nblocks + b]), acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_set1_ps(sx[i * nblocks + b])), S, acc[i]);
+                if (fmt == VX_Q_Q4) acc[i] = _mm256_fnmadd_ps(M, _mm256_set1_ps(sxs[i * nblocks + b]), acc[i]);
             }
         }
     }

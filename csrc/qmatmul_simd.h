@@ -197,8 +197,8 @@ VX_FN static void VX_NAME(quantize_panel)(const void *w, int wtype, int64_t row0
 /* ---- y = x @ w.T, portable: one panel, one activation row at a time ------------------------------------
  * The scalar level's (the others use integer dot-product instructions: qmatmul_256.h and the VNNI kernel
  * below).
- * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row, then
- * acc[r] += (S[r] sx) dot - (M[r] sx) xsum (two roundings each; the VNNI kernel fuses them). */
+ * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row (int8: less its offset,
+ * 128 xsum), then acc[r] += (dot sx) S[r] - M[r] sxs, the other levels' order (they fuse two of its roundings). */
 #if VX_LEVEL == VX_LEVEL_SCALAR
 
 /* S, M [16] of block b (in q4: block bb of the super-block whose header is h) */
@@ -209,7 +209,7 @@ static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, i
         for (int r = 0; r < VX_QPANEL; r++) {
             uint16_t h;
             memcpy(&h, blk + 2 * r, 2);
-            S[r] = vx_f16_to_f32(h), M[r] = 128.0f * S[r];
+            S[r] = vx_f16_to_f32(h), M[r] = 0.0f;     /* M = 128 S: folded into the integer dot */
         }
         *weights = blk + 2 * VX_QPANEL;
         return;
@@ -240,7 +240,8 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
                 const uint8_t *u;
                 q_block_scales(a, pw, b, S, M, &u);
                 const int8_t *xq = a->xq + i * a->k + b * VX_QBLOCK;
-                const float sx = a->sx[i * nblocks + b], xs = (float)a->xsum[i * nblocks + b];
+                const float sx = a->sx[i * nblocks + b], sxs = a->sxs[i * nblocks + b];
+                const int32_t offset = a->fmt == VX_Q_INT8 ? 128 * a->xsum[i * nblocks + b] : 0;
                 int32_t dot[VX_QPANEL] = {0};
                 for (int t = 0; t < VX_QBLOCK; t++)
                     for (int r = 0; r < VX_QPANEL; r++) {
@@ -248,7 +249,7 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
                                                              : u[((t / 4) % 4) * 64 + 4 * r + t % 4] >> (4 * (t >= 16)) & 15;
                         dot[r] += byte * xq[t];
                     }
-                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + (S[r] * sx) * (float)dot[r] - (M[r] * sx) * xs;
+                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + ((float)(dot[r] - offset) * sx) * S[r] - M[r] * sxs;
             }
             const int64_t row0 = p * VX_QPANEL;
             for (int r = 0; r < VX_QPANEL && row0 + r < a->m; r++)
@@ -261,7 +262,11 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
 /* ---- y = x @ w.T with AVX512-VNNI (the avx512bf16 level: every CPU with AVX512-BF16 has it) ---------------
  * One panel is one zmm of 16 rows; VPDPBUSD multiplies its 4 unsigned weight bytes per row by 4 signed
  * activation bytes broadcast from x and adds them into the row's int32 lane. Per block of 32 inputs that is
- * 8 dot steps per activation row, then one conversion and two FMAs into the row's float32 accumulators.
+ * 8 dot steps per activation row, then acc += (dot sx) S, and for q4 acc -= M sxs (sxs = sx xsum, computed
+ * once per activation block); int8's offset, M = 128 S, is subtracted from the exact integer dot instead.
+ * On Zen 5 every vector multiply (VPDPBUSD, FMA, VPMULLD) issues on the same two pipes (2 a cycle each,
+ * alone or mixed), so past one row these 10 (int8) or 11 (q4) multiplies per row and block are the cost:
+ * the two extra multiplies of (S sx) dot - (M sx) xsum made an 8-row q4 pass 11 % slower, an int8 one 26 %.
  * Up to QX activation rows share each weight load (and each q4 unpacking), so a pass over the weights serves
  * QX rows: the decode GEMV (n = 1), the streaming encoder (n = 4), batches, and the GEMM alike. */
 #if VX_LEVEL == VX_LEVEL_AVX512
@@ -281,6 +286,7 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
     const int8_t *xq = a->xq + i0 * K;
     const float *sx = a->sx + i0 * nblocks;
     const int32_t *xs = a->xsum + i0 * nblocks;
+    const float *sxs = a->sxs + i0 * nblocks;
     __m512 acc[QX];
     for (int i = 0; i < NX; i++) acc[i] = _mm512_setzero_ps();
     const __m512i low4 = _mm512_set1_epi8(15);
@@ -289,9 +295,10 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
                                                : VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
     for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
         const uint8_t *h = pw + s0 / nb * sup_bytes;
-        /* every line of the super-block 4 ahead: the hardware prefetcher alone lets the q4 kernel's unpacking
-         * and the DRAM reads take turns (33 -> 65 GB/s at n = 1 with a 75-80 GB/s probe, bench/bench_kernels.py) */
-        for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + 4 * sup_bytes + l, 0, 0);
+        /* every line of the super-block VX_QPREFETCH bytes ahead: the hardware prefetcher alone lets the q4
+         * kernel's unpacking and the DRAM reads take turns (33 -> 65 GB/s at n = 1 with a 75-80 GB/s probe,
+         * bench/bench_kernels.py) */
+        for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
         __m512 d = _mm512_setzero_ps(), dmin = d;
         if (fmt == VX_Q_Q4) {
             d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
@@ -299,11 +306,10 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
         }
         for (int64_t bb = 0; bb < nb; bb++) {
             const int64_t b = s0 + bb;
-            __m512 S, M;
+            __m512 S, M = _mm512_setzero_ps();     /* M: q4's (int8's is folded into the dot) */
             const uint8_t *u;
             if (fmt == VX_Q_INT8) {
                 S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
-                M = _mm512_mul_ps(S, _mm512_set1_ps(128.0f));
                 u = h + 2 * VX_QPANEL;
             } else {
                 const int gi = (int)(bb & 3), up = (int)(bb >> 2);
@@ -327,6 +333,8 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
                     const __m512i wv = _mm512_loadu_si512(u + 64 * s);
                     for (int i = 0; i < NX; i++) dot[i] = _mm512_dpbusd_epi32(dot[i], wv, q_bcast4(xb + i * K + 4 * s));
                 }
+                for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
+                    dot[i] = _mm512_sub_epi32(dot[i], _mm512_slli_epi32(_mm512_set1_epi32(xs[i * nblocks + b]), 7));
             } else {
                 for (int v = 0; v < 4; v++) {
                     const __m512i raw = _mm512_loadu_si512(u + 64 * v);
@@ -338,9 +346,8 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
                 }
             }
             for (int i = 0; i < NX; i++) {
-                const __m512 sxv = _mm512_set1_ps(sx[i * nblocks + b]);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(S, sxv), acc[i]);
-                acc[i] = _mm512_fnmadd_ps(_mm512_mul_ps(M, sxv), _mm512_set1_ps((float)xs[i * nblocks + b]), acc[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(sx[i * nblocks + b])), S, acc[i]);
+                if (fmt == VX_Q_Q4) acc[i] = _mm512_fnmadd_ps(M, _mm512_set1_ps(sxs[i * nblocks + b]), acc[i]);
             }
         }
     }
