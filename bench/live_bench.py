@@ -15,7 +15,9 @@ encoder + adapter + decoder + LM head for one token, as a live client sees it. R
 per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
 plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
 and after each phase), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
-weight-streaming kernels (step minus the time inside the C linears, ckernels.weight_seconds), and peak RSS.
+weight-streaming kernels (step minus the time inside the C linears, ckernels.weight_seconds) and, of it, the
+time inside attention (ckernels.attention_seconds: the KV caches' reads) and the rest (Python, cffi, norms,
+RoPE, activation quantisation outside the linears, threads waking), and peak RSS.
 The fast-forward is a benchmark device: it shifts the session's clocks and fills its caches with random
 keys and values at positions it never computed (their values do not change speed, but pages never written
 would: they read as the kernel's shared zero page), and is never used for real transcription.
@@ -92,8 +94,8 @@ def fast_forward(session, tokens):
 
 def paced(session, audio, seconds, block):
     """Feed `seconds` of audio `block` samples at a time in real time; -> step seconds, linear seconds,
-    first-token latency."""
-    steps, inside, first = [], [], None
+    attention seconds, first-token latency."""
+    steps, inside, attn, first = [], [], [], None
     t_next = time.perf_counter()
     for start in range(0, int(seconds * C.SAMPLE_RATE), block):
         wait = t_next - time.perf_counter()
@@ -101,24 +103,26 @@ def paced(session, audio, seconds, block):
             time.sleep(wait)
         t_next += block / C.SAMPLE_RATE
         chunk = audio[start % len(audio):][:block]
-        lin0 = ckernels.weight_seconds()
+        lin0, att0 = ckernels.weight_seconds(), ckernels.attention_seconds()
         t0 = time.perf_counter()
         session.feed(chunk)
         e = session.step()
         steps.append(time.perf_counter() - t0)
         inside.append(ckernels.weight_seconds() - lin0)
+        attn.append(ckernels.attention_seconds() - att0)
         if first is None and e.latency_s:
             first = e.latency_s[0]
-    return np.array(steps), np.array(inside), first
+    return np.array(steps), np.array(inside), np.array(attn), first
 
 
-def summary(steps, inside, nbytes, bw, block):
+def summary(steps, inside, attn, nbytes, bw, block):
     mean = steps.mean()
     return {"steps": len(steps), "step_ms_median": 1e3 * float(np.median(steps)), "step_ms_mean": 1e3 * float(mean),
             "step_ms_p95": 1e3 * float(np.percentile(steps, 95)), "live_rtf": float(mean / (block / C.SAMPLE_RATE)),
             "bytes_per_step_GB": nbytes / 1e9, "read_GB/s": bw, "roofline_ms": 1e3 * nbytes / 1e9 / bw,
             "vs_roofline": float(mean / (nbytes / 1e9 / bw)),
-            "outside_kernels_ms_mean": 1e3 * float((steps - inside).mean())}
+            "outside_kernels_ms_mean": 1e3 * float((steps - inside).mean()),
+            "attention_ms_mean": 1e3 * float(attn.mean()), "rest_ms_mean": 1e3 * float((steps - inside - attn).mean())}
 
 
 def run(path, args, machine):
@@ -143,9 +147,9 @@ def run(path, args, machine):
         if phase == "full":
             fast_forward(session, model.cfg.decoder.sliding_window)
         bw_before = machine.read_gbs()
-        steps, inside, first = paced(session, audio[lead:], args.seconds, block)
+        steps, inside, attn, first = paced(session, audio[lead:], args.seconds, block)
         bw = (bw_before + machine.read_gbs()) / 2
-        out[phase] = summary(steps, inside, weight_bytes(model) + kv_bytes(session), bw, block)
+        out[phase] = summary(steps, inside, attn, weight_bytes(model) + kv_bytes(session), bw, block)
         out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
         if phase == "start":
             out["first_token_latency_ms"] = 1e3 * first if first is not None else None
@@ -153,7 +157,8 @@ def run(path, args, machine):
         print(f"{label:>10} {phase:>5}: step {r['step_ms_median']:.1f} / {r['step_ms_mean']:.1f} / "
               f"{r['step_ms_p95']:.1f} ms (median/mean/p95), live RTF {r['live_rtf']:.2f}, "
               f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s -> roofline {r['roofline_ms']:.1f} ms "
-              f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms", flush=True)
+              f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms (attention "
+              f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})", flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM")
     print(f"{label:>10}: load {load_s:.2f} s, first token {out['first_token_latency_ms']:.0f} ms after its audio, "
           f"peak RSS {out['peak_rss_GB']:.2f} GB", flush=True)

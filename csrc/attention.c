@@ -111,6 +111,7 @@ enum { VX_ATT_SHARED_BYTES = 8 << 20 };
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window) {
+    const int64_t t0 = vx_now_ns();
     const vx_isa *isa = vx_active();
     vx_attention_args a = {q, k, v, k_scale, v_scale, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1,
                            1.0f / sqrtf((float)d), NULL, NULL, NULL, 1, NULL};
@@ -148,4 +149,5 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
     free(qc);
     free(qk);
     free(qsum);
+    vx_count_ns(VX_TIME_ATTENTION, vx_now_ns() - t0);
 }

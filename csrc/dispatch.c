@@ -117,8 +117,10 @@ void *vx_alloc(size_t bytes) {
     return p;
 }
 
-static int64_t weight_ns;
+static int64_t kernel_ns[2];   /* by VX_TIME_* */
 
-void vx_count_weight_ns(int64_t ns) { __atomic_fetch_add(&weight_ns, ns, __ATOMIC_RELAXED); }
+void vx_count_ns(int kind, int64_t ns) { __atomic_fetch_add(&kernel_ns[kind], ns, __ATOMIC_RELAXED); }
 
-double vx_weight_seconds(void) { return 1e-9 * (double)__atomic_load_n(&weight_ns, __ATOMIC_RELAXED); }
+double vx_kernel_seconds(int kind) {
+    return kind == VX_TIME_WEIGHTS || kind == VX_TIME_ATTENTION ? 1e-9 * (double)__atomic_load_n(&kernel_ns[kind], __ATOMIC_RELAXED) : 0.0;
+}

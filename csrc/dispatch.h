@@ -252,14 +252,15 @@ static inline float vx_round_bf16(float f) {
     return f;
 }
 
-void *vx_alloc(size_t bytes);
+void *vx_alloc(size_t bytes);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */
 
-/* monotonic nanoseconds; the time spent inside the weight-streaming linears is summed (vx_weight_seconds) */
+/* monotonic nanoseconds; the time spent inside the weight-streaming linears and inside attention is summed
+ * per kind (vx_count_ns, vx_kernel_seconds) */
 static inline int64_t vx_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
-void vx_count_weight_ns(int64_t ns);   /* 64-byte aligned; aborts on failure (sizes are small and bounded) */
+void vx_count_ns(int kind, int64_t ns);
 
 #endif

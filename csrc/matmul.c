@@ -129,5 +129,5 @@ void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, i
                float *y) {
     const int64_t t0 = vx_now_ns();
     linear(x, n, k, xtype, w, wtype, m, b, y);
-    vx_count_weight_ns(vx_now_ns() - t0);
+    vx_count_ns(VX_TIME_WEIGHTS, vx_now_ns() - t0);
 }

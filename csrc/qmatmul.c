@@ -75,7 +75,7 @@ void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint
                      const int64_t *m, const float *const *b, float *const *y) {
     const int64_t t0 = vx_now_ns();
     qlinears(x, n, k, count, w, fmt, m, b, y);
-    vx_count_weight_ns(vx_now_ns() - t0);
+    vx_count_ns(VX_TIME_WEIGHTS, vx_now_ns() - t0);
 }
 
 void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y) {

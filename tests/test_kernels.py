@@ -606,6 +606,22 @@ def test_isa_and_thread_controls():
         assert ck.get_threads() in (3, 1)                                  # 1: built without OpenMP
 
 
+def test_kernel_clocks_count_each_kind_apart():
+    # the benches split a step's time by these clocks: a linear must move only the weights' clock, an
+    # attention call only attention's
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((4, 256), np.float32), rng.standard_normal((512, 256), np.float32)
+    q, k = rng.standard_normal((1, 2, 64), np.float32), rng.standard_normal((300, 1, 64), np.float32)
+    before = ck.weight_seconds(), ck.attention_seconds()
+    ck.linear(x, w)
+    ck.linear(x, ck.quantize(w, "q4"))
+    middle = ck.weight_seconds(), ck.attention_seconds()
+    ck.attention(q, k, k, np.array([299]), np.arange(300), 0)
+    after = ck.weight_seconds(), ck.attention_seconds()
+    assert middle[0] > before[0] and middle[1] == before[1]
+    assert after[0] == middle[0] and after[1] > middle[1]
+
+
 def test_backend_dispatch_reaches_the_c_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(ck, "rms_norm", lambda x, w, eps: calls.append("c") or kernels.rms_norm_np(x, w, eps))

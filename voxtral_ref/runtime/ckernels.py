@@ -67,7 +67,13 @@ def get_threads():
 def weight_seconds():
     """Seconds spent inside the weight-streaming linears (vx_linear, vx_qlinear) since load: benchmarks
     subtract it from a step's time to get what runs outside them."""
-    return lib.vx_weight_seconds()
+    return lib.vx_kernel_seconds(lib.VX_TIME_WEIGHTS)
+
+
+def attention_seconds():
+    """Seconds spent inside attention (vx_attention, every layer's) since load: what of a step's time
+    outside the linears is reading the KV caches."""
+    return lib.vx_kernel_seconds(lib.VX_TIME_ATTENTION)
 
 
 def set_isa(name):
