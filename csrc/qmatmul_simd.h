@@ -10,8 +10,39 @@
 #define VX_CLIP(v, lo, hi) VX_MIN(VX_MAX(v, lo), hi)
 
 /* ---- activations: [n, k] -> int8 per block (32 for the linears, a head row for attention) ------------ */
+#if VX_LEVEL == VX_LEVEL_AVX512
+/* Blocks of a multiple of 16 with explicit 512-bit steps, each the C loops' own operation (max, IEEE
+ * division, round to nearest even, min / max clamp, exact integer sums), so the result is theirs bit for
+ * bit: the compiler made 256-bit code of those loops with blends and scalar steps, 0.54 ns an element (the
+ * linears' inputs, attention's queries and every KV row go through here), against 0.1 here. */
+VX_FN static void quantize_act_zmm(const float *x, int64_t nblocks, int64_t block, int8_t *xq, float *sx, int32_t *xsum) {
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int64_t i = 0; i < nblocks; i++) {
+        const float *xb = x + i * block;
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t t = 0; t < block; t += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + t)));
+        const float s = _mm512_reduce_max_ps(m) / 127.0f, safe = s > 0.0f ? s : 1.0f;
+        const __m512 sv = _mm512_set1_ps(safe);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t t = 0; t < block; t += 16) {
+            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xb + t), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, lo), hi));
+            _mm_storeu_si128((__m128i *)(xq + i * block + t), _mm512_cvtepi32_epi8(c));
+            sum = _mm512_add_epi32(sum, c);
+        }
+        sx[i] = s, xsum[i] = _mm512_reduce_add_epi32(sum);
+    }
+}
+#endif
+
 VX_FN static void VX_NAME(quantize_act)(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx,
                                         int32_t *xsum) {
+#if VX_LEVEL == VX_LEVEL_AVX512
+    if (block % 16 == 0) {
+        quantize_act_zmm(x, n * (k / block), block, xq, sx, xsum);
+        return;
+    }
+#endif
     if (block == VX_QBLOCK) {        /* the linears': a constant block, each step a loop the compiler vectorises */
         for (int64_t i = 0; i < n * (k / VX_QBLOCK); i++) {
             const float *xb = x + i * VX_QBLOCK;

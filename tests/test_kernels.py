@@ -210,6 +210,20 @@ def test_quantize_act_is_bit_exact_with_twin(level, n, k, row_block, seed):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("block", [8, 16, 24, 48, 64, 80])
+def test_quantize_act_any_block_is_bit_exact_with_twin(level, block):
+    """Block widths off and on the 16-float vector (the avx512 levels take multiples of 16 in 512-bit steps)."""
+    rng = np.random.default_rng(block)
+    x = rng.standard_normal((3, 960), dtype=np.float32) * np.float32(7.0)
+    x[1, :block] = 0
+    x[2, :4] = [63.5, -0.5, 1.5, 127]                                        # ties, rounded to even
+    with isa(level):
+        got = ck.quantize_act(x, block)
+    for a, b in zip(got, quant.quantize_act_np(x, block)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_quantised_round_trip_error():
     """int8: within half a step of the float16 scale; q4: within half a step plus the 6-bit coding of
     scale and offset, and on average better than the plain min-max grid (the fit's purpose)."""
