@@ -11,7 +11,8 @@
  * A panel's 16 rows are two halves of 8; each half streams the panel's blocks once (the second half's
  * bytes are then in L1/L2), and up to Q256_X activation rows share each weight load and unpacking.
  * Per block: exact integer dots, then acc += (dot sx) S and, for q4, acc -= M sxs, as the AVX-512 kernel
- * does, so a row's result does not depend on n or the threads. Q256_NAME is the function's name, Q256_TARGET its target string. */
+ * does, so a row's result does not depend on n or the threads. Q256_NAME is the function's name,
+ * Q256_TARGET its target string. */
 #define Q256_X 4
 #define Q256_INLINE static inline __attribute__((always_inline, target(Q256_TARGET)))
 
