@@ -8,7 +8,9 @@ sequences cost against one for a single sequence, and how many live streams does
 For each model directory (one weight format each; unquantised ones run in --precision):
   decode   M = 1, 2, 4, 8, 16 sequences per pass (runtime/engine.py's `decoder_pass`, as the engine runs
            it): each sequence prefilled with its prompt, then --tokens passes of one position per sequence,
-           timed. Reported: ms per pass, aggregate tokens/s, the speed-up over M = 1, the bytes a pass reads
+           timed, each followed by a timed pass of one more sequence alone. Reported: ms per pass, aggregate
+           tokens/s, the speed-up over the 1-row passes between them (this host's read bandwidth can switch
+           between two levels within a run, so a speed-up only compares passes run side by side), the bytes a pass reads
            (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
            before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio.
   live     N sessions of one Engine, each fed an 80 ms block per round, then stepped together
@@ -20,7 +22,8 @@ For each model directory (one weight format each; unquantised ones run in --prec
            sessions' 4-frame chunks stacked (stream.encoder_pass, as the engine runs it) against N passes
            of one each, N = 1, 2, 4, ... --streams.
   verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
-           and k drafted tokens, k + 1 rows, the caches rewound after) against a 1-row pass, k = 1..15, with
+           and k drafted tokens, k + 1 rows, the caches rewound after) against the 1-row passes interleaved
+           with it, k = 1..15, with
            the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
            draft right with probability a: a pass yields (1 - a^(k+1)) / (1 - a) tokens on average), the
            best k for each a, and the rate the [STREAMING_PAD] drafter has on the golden cases (the share of
@@ -64,69 +67,95 @@ def kv_read_bytes(decoders):
 
 
 def bench_decode(model, rows, tokens, machine, rng):
-    """-> one record per M: M sequences decoded together, `tokens` timed passes of one position each."""
+    """-> one record per M: M sequences decoded together, `tokens` timed passes of one position each, each
+    followed by a timed pass of one more sequence alone, so that every speed-up compares passes run in the
+    same memory regime (this host's bandwidth can switch between two levels within a run)."""
     dim, out = model.cfg.decoder.dim, []
-    with model.kernel_mode():
-        for m in rows:
-            decs = [Decoder(model.weights, C.delay_tokens(480), max_positions=64 + tokens) for _ in range(m)]
-            n = len(decs[0].prompt) + tokens
-            embeds = [0.1 * rng.standard_normal((n, dim), dtype=np.float32) for _ in range(m)]
 
-            def chunk(d, e):
-                ids, p0 = d.chunk()
-                return d, e[p0:p0 + len(ids)]
-            for _ in range(2):                                       # the prompt: silence prefix, then the rest
-                decoder_pass(model.weights, [chunk(d, e) for d, e in zip(decs, embeds)])
+    def sequences(m, positions):
+        decs = [Decoder(model.weights, C.delay_tokens(480), max_positions=positions) for _ in range(m)]
+        embeds = [0.1 * rng.standard_normal((len(decs[0].prompt) + positions, dim), dtype=np.float32) for _ in range(m)]
+        return decs, embeds
+
+    def timed_pass(decs, embeds):
+        chunks = []
+        for d, e in zip(decs, embeds):
+            ids, p0 = d.chunk()
+            chunks.append((d, e[p0:p0 + len(ids)]))
+        t = time.perf_counter()
+        decoder_pass(model.weights, chunks)
+        return time.perf_counter() - t
+
+    with model.kernel_mode():
+        alone = sequences(1, 64 + tokens * len(rows))                # the 1-row passes interleaved with each M's
+        for _ in range(2):                                           # the prompt: silence prefix, then the rest
+            timed_pass(*alone)
+        for m in rows:
+            decs, embeds = sequences(m, 64 + tokens)
+            for _ in range(2):
+                timed_pass(decs, embeds)
             bw_before = machine.read_gbs()
-            times = []
+            times, singles = [], []
             for _ in range(tokens):
-                t = time.perf_counter()
-                decoder_pass(model.weights, [chunk(d, e) for d, e in zip(decs, embeds)])
-                times.append(time.perf_counter() - t)
+                times.append(timed_pass(decs, embeds))
+                singles.append(timed_pass(*alone))
             bw = (bw_before + machine.read_gbs()) / 2
-            mean = float(np.mean(times))
+            mean, single = float(np.mean(times)), float(np.mean(singles))
             nbytes = decoder_bytes(model) + kv_read_bytes(decs)
             r = {"rows": m, "pass_ms_mean": 1e3 * mean, "pass_ms_median": 1e3 * float(np.median(times)),
-                 "tokens_per_s": m / mean, "bytes_per_pass_GB": nbytes / 1e9, "read_GB/s": bw,
+                 "tokens_per_s": m / mean, "one_row_pass_ms_mean": 1e3 * single, "speedup_vs_1": m * single / mean,
+                 "bytes_per_pass_GB": nbytes / 1e9, "read_GB/s": bw,
                  "read_GB/s_before_after": [bw_before, 2 * bw - bw_before], "vs_roofline": mean / (nbytes / 1e9 / bw)}
-            r["speedup_vs_1"] = r["tokens_per_s"] / out[0]["tokens_per_s"] if out else 1.0
             out.append(r)
             print(f"  decode M={m:>2}: pass {r['pass_ms_mean']:.1f} ms (median {r['pass_ms_median']:.1f}), "
-                  f"{r['tokens_per_s']:.1f} tokens/s = {r['speedup_vs_1']:.2f}x M=1; {nbytes / 1e9:.2f} GB/pass at "
-                  f"{bw:.1f} GB/s -> {r['vs_roofline']:.2f}x roofline", flush=True)
+                  f"{r['tokens_per_s']:.1f} tokens/s = {r['speedup_vs_1']:.2f}x the 1-row passes between them "
+                  f"({r['one_row_pass_ms_mean']:.1f} ms); {nbytes / 1e9:.2f} GB/pass at {bw:.1f} GB/s -> "
+                  f"{r['vs_roofline']:.2f}x roofline", flush=True)
     return out
 
 
 def bench_verify(model, tokens, machine, rng):
-    """-> {k: mean ms of a (k+1)-row verification pass of one sequence}, k = 0 the plain 1-row pass."""
-    dim, out = model.cfg.decoder.dim, {}
+    """-> {k: mean ms of a (k+1)-row verification pass of one sequence}, k = 0 the plain 1-row pass, and the
+    ratios of each k's passes to the 1-row passes interleaved with them (same memory regime)."""
+    dim, out, ratio = model.cfg.decoder.dim, {}, {}
     with model.kernel_mode():
-        n = 64 + (MAX_DRAFT + 1) * (tokens + 2) * (MAX_DRAFT + 2)                # positions, however many are kept
+        n = 64 + (MAX_DRAFT + 1) * (2 * tokens + 2) * (MAX_DRAFT + 2)            # positions, however many are kept
         dec = Decoder(model.weights, C.delay_tokens(480), max_positions=n)
         embeds = 0.1 * rng.standard_normal((n, dim), dtype=np.float32)                # [n, dim]
+
+        def timed_pass(k):
+            if len(dec.ids) >= len(dec.prompt):
+                dec.draft = [C.STREAMING_PAD_ID] * k
+            ids, p0 = dec.chunk()
+            t = time.perf_counter()
+            decoder_pass(model.weights, [(dec, embeds[p0:p0 + len(ids)])])
+            dec.draft = []
+            return time.perf_counter() - t
+        for _ in range(2):                                       # the prompt's chunks, untimed
+            timed_pass(0)
         bw_before = machine.read_gbs()
+        singles = []
         for k in range(MAX_DRAFT + 1):
-            times = []
-            for i in range(tokens + 2):                          # the first two: the prompt's chunks, untimed
-                if len(dec.ids) >= len(dec.prompt):
-                    dec.draft = [C.STREAMING_PAD_ID] * k
-                ids, p0 = dec.chunk()
-                t = time.perf_counter()
-                decoder_pass(model.weights, [(dec, embeds[p0:p0 + len(ids)])])
-                times.append(time.perf_counter() - t)
-                dec.draft = []
-            out[k] = 1e3 * float(np.mean(times[2:] if k == 0 else times))
+            times, ones = [], []
+            for _ in range(tokens):
+                times.append(timed_pass(k))
+                ones.append(timed_pass(0))
+            out[k] = 1e3 * float(np.mean(times))
+            ratio[k] = float(np.mean(times) / np.mean(ones))
+            singles += ones
         bw = (bw_before + machine.read_gbs()) / 2
-    print("  verify: (k+1)-row pass / 1-row pass: " + ", ".join(f"k={k} {out[k] / out[0]:.2f}x" for k in range(1, MAX_DRAFT + 1))
-          + f" (1-row {out[0]:.1f} ms; probe {bw:.1f} GB/s)", flush=True)
-    return {"pass_ms": out, "read_GB/s": bw}
+    print("  verify: (k+1)-row pass / the 1-row passes between them: "
+          + ", ".join(f"k={k} {ratio[k]:.2f}x" for k in range(1, MAX_DRAFT + 1))
+          + f" (1-row {1e3 * np.mean(singles):.1f} ms; probe {bw:.1f} GB/s)", flush=True)
+    return {"pass_ms": out, "vs_one_row": ratio, "read_GB/s": bw}
 
 
-def speedups(pass_ms, rates=(0.0, 0.25, 0.5, 0.75, 0.9)):
-    """For each acceptance rate: the best k and its speed-up over plain decoding (tokens per second)."""
+def speedups(vs_one_row, rates=(0.0, 0.25, 0.5, 0.75, 0.9)):
+    """For each acceptance rate: the best k and its speed-up over plain decoding (tokens per second), from
+    each (k+1)-row pass's cost in 1-row passes."""
     out = {}
     for a in rates:
-        gain = {k: sum(a ** i for i in range(k + 1)) * pass_ms[0] / pass_ms[k] for k in pass_ms}
+        gain = {k: sum(a ** i for i in range(k + 1)) / vs_one_row[k] for k in vs_one_row}
         best = max(gain, key=gain.get)
         out[a] = {"best_k": best, "speedup": gain[best], "k=7": gain[7] if 7 in gain else None}
     print("  verify: speed-up at acceptance rate " + ", ".join(f"{a:.2f}: {r['speedup']:.2f}x (k={r['best_k']})"
@@ -216,7 +245,7 @@ def run(path, args, machine):
     if not args.live_only:
         out["decode"] = bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))
         out["verify"] = bench_verify(model, args.tokens, machine, np.random.default_rng(1))
-        out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["pass_ms"])
+        out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["vs_one_row"])
         out["verify"]["pad_rate_golden"] = pad_rate(model)
     with np.load(GOLDEN) as z:
         audio = voxtral_ref.stages.audio.to_mono_16k(z["audio"], C.SAMPLE_RATE)
