@@ -10,8 +10,8 @@ For each model directory (one weight format each; unquantised ones run in --prec
            it): each sequence prefilled with its prompt, then --tokens passes of one position per sequence,
            timed, each followed by a timed pass of one more sequence alone. Reported: ms per pass, aggregate
            tokens/s, the speed-up over the 1-row passes between them (this host's read bandwidth can switch
-           between two levels within a run, so a speed-up only compares passes run side by side), the bytes a pass reads
-           (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
+           between two levels within a run, so a speed-up only compares passes run side by side), the bytes
+           a pass reads (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
            before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio.
   live     N sessions of one Engine, each fed an 80 ms block per round, then stepped together
            (Engine.together, as the server's `advance` does): a round is what N live clients wait for (their
@@ -23,8 +23,7 @@ For each model directory (one weight format each; unquantised ones run in --prec
            of one each, N = 1, 2, 4, ... --streams.
   verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
            and k drafted tokens, k + 1 rows, the caches rewound after) against the 1-row passes interleaved
-           with it, k = 1..15, with
-           the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
+           with it, k = 1..15, with the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
            draft right with probability a: a pass yields (1 - a^(k+1)) / (1 - a) tokens on average), the
            best k for each a, and the rate the [STREAMING_PAD] drafter has on the golden cases (the share of
            PAD among greedy's ids) for THIS model: with random weights that says nothing of the real
@@ -66,6 +65,23 @@ def kv_read_bytes(decoders):
     return sum(2 * c.filled * slot_bytes(c.k) for d in decoders for c in d.caches)
 
 
+def timed_pass(model, decs, embeds, draft=0):
+    """Seconds of one decoder pass over the sequences' next chunks (embeds: each one's [positions, dim]), each
+    past its prompt feeding `draft` [STREAMING_PAD] drafts after its last id (a verification pass)."""
+    chunks = []
+    for d, e in zip(decs, embeds):
+        if len(d.ids) >= len(d.prompt):
+            d.draft = [C.STREAMING_PAD_ID] * draft
+        ids, p0 = d.chunk()
+        chunks.append((d, e[p0:p0 + len(ids)]))
+    t = time.perf_counter()
+    decoder_pass(model.weights, chunks)
+    t = time.perf_counter() - t
+    for d in decs:
+        d.draft = []
+    return t
+
+
 def bench_decode(model, rows, tokens, machine, rng):
     """-> one record per M: M sequences decoded together, `tokens` timed passes of one position each, each
     followed by a timed pass of one more sequence alone, so that every speed-up compares passes run in the
@@ -77,28 +93,19 @@ def bench_decode(model, rows, tokens, machine, rng):
         embeds = [0.1 * rng.standard_normal((len(decs[0].prompt) + positions, dim), dtype=np.float32) for _ in range(m)]
         return decs, embeds
 
-    def timed_pass(decs, embeds):
-        chunks = []
-        for d, e in zip(decs, embeds):
-            ids, p0 = d.chunk()
-            chunks.append((d, e[p0:p0 + len(ids)]))
-        t = time.perf_counter()
-        decoder_pass(model.weights, chunks)
-        return time.perf_counter() - t
-
     with model.kernel_mode():
         alone = sequences(1, 64 + tokens * len(rows))                # the 1-row passes interleaved with each M's
         for _ in range(2):                                           # the prompt: silence prefix, then the rest
-            timed_pass(*alone)
+            timed_pass(model, *alone)
         for m in rows:
             decs, embeds = sequences(m, 64 + tokens)
             for _ in range(2):
-                timed_pass(decs, embeds)
+                timed_pass(model, decs, embeds)
             bw_before = machine.read_gbs()
             times, singles = [], []
             for _ in range(tokens):
-                times.append(timed_pass(decs, embeds))
-                singles.append(timed_pass(*alone))
+                times.append(timed_pass(model, decs, embeds))
+                singles.append(timed_pass(model, *alone))
             bw = (bw_before + machine.read_gbs()) / 2
             mean, single = float(np.mean(times)), float(np.mean(singles))
             nbytes = decoder_bytes(model) + kv_read_bytes(decs)
@@ -121,27 +128,18 @@ def bench_verify(model, tokens, machine, rng):
     with model.kernel_mode():
         n = 64 + (MAX_DRAFT + 1) * (2 * tokens + 2) * (MAX_DRAFT + 2)            # positions, however many are kept
         dec = Decoder(model.weights, C.delay_tokens(480), max_positions=n)
-        embeds = 0.1 * rng.standard_normal((n, dim), dtype=np.float32)                # [n, dim]
-
-        def timed_pass(k):
-            if len(dec.ids) >= len(dec.prompt):
-                dec.draft = [C.STREAMING_PAD_ID] * k
-            ids, p0 = dec.chunk()
-            t = time.perf_counter()
-            decoder_pass(model.weights, [(dec, embeds[p0:p0 + len(ids)])])
-            dec.draft = []
-            return time.perf_counter() - t
+        embeds = [0.1 * rng.standard_normal((n, dim), dtype=np.float32)]              # [n, dim]
         for _ in range(2):                                       # the prompt's chunks, untimed
-            timed_pass(0)
+            timed_pass(model, [dec], embeds)
         bw_before = machine.read_gbs()
         singles = []
         for k in range(MAX_DRAFT + 1):
             times, ones = [], []
             for _ in range(tokens):
-                times.append(timed_pass(k))
-                ones.append(timed_pass(0))
+                times.append(timed_pass(model, [dec], embeds, k))
+                ones.append(timed_pass(model, [dec], embeds))
             out[k] = 1e3 * float(np.mean(times))
-            ratio[k] = float(np.mean(times) / np.mean(ones))
+            ratio[k] = float(np.mean(times) / np.mean(ones)) if k else 1.0    # k = 0: plain decoding itself
             singles += ones
         bw = (bw_before + machine.read_gbs()) / 2
     print("  verify: (k+1)-row pass / the 1-row passes between them: "

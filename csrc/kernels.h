@@ -20,7 +20,6 @@
 /* Levels by instruction set, not strictly nested: a CPU may have AVX-512 without AVX-VNNI (Skylake-X, Ice
  * Lake) or AVX-VNNI without AVX-512 (Alder Lake); each level needs what the one below it needs, except that
  * avx512 does not need avxvnni. An aarch64 family (NEON, dotprod, i8mm) would add its own levels here. */
-enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };
 enum { VX_ISA_SCALAR = 0, VX_ISA_AVX2 = 1, VX_ISA_AVXVNNI = 2, VX_ISA_AVX512 = 3, VX_ISA_AVX512_BF16 = 4 };
 
 int vx_isa_supported(int level);         /* 1 if this CPU (and OS) can run the level */
@@ -30,6 +29,7 @@ int vx_get_isa(void);
 const char *vx_isa_name(int level);      /* "scalar", "avx2", "avxvnni", "avx512", "avx512bf16" */
 const char *vx_isa_detail(int level);    /* one line: what the level uses */
 void vx_set_threads(int n);              /* n <= 0: the OpenMP default (one per core) */
+enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds sums */
 double vx_kernel_seconds(int kind);     /* seconds spent since load (benchmarks) in the weight-streaming linears
                                           * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or vx_attention (VX_TIME_ATTENTION) */
 int vx_get_threads(void);                /* 1 when built without OpenMP */
