@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -368,6 +369,34 @@ def bench_elementwise():
     return rows
 
 
+def bench_regions(calls=3000):
+    """A threaded kernel call's fixed cost (csrc/pool.c): an RMSNorm just big enough to use every thread
+    (64 x 2048), timed from the main thread and from another one (the engine and the server step sessions
+    from theirs). libgomp, used before, cost ~30 us more per call from any thread but its first."""
+    x = RNG.standard_normal((64, 2048), dtype=np.float32)
+    g = RNG.standard_normal(2048, dtype=np.float32)
+
+    def per_call(out):
+        t = time.perf_counter()
+        for _ in range(calls):
+            ck.rms_norm(x, g, 1e-5)
+        out.append((time.perf_counter() - t) / calls)
+    rows = {}
+    for where in ("main thread", "another thread"):
+        times = []
+        for _ in range(3):
+            if where == "main thread":
+                per_call(times)
+            else:
+                t = threading.Thread(target=per_call, args=(times,))
+                t.start()
+                t.join()
+        rows[where] = 1e6 * min(times)
+    print(f"  threaded call (rms_norm 64x2048): {rows['main thread']:.1f} us from the main thread, "
+          f"{rows['another thread']:.1f} us from another", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all available cores)")
@@ -410,6 +439,7 @@ def main():
     att = bench_attention(peak_n, args.quick)
     print("elementwise")
     elem = bench_elementwise()
+    regions = bench_regions()
 
     report = {"info": ck.info(), "isa": ck.get_isa(), "threads": threads, "cpu": platform.processor() or platform.machine(),
               "machine": {"read_GB/s_1_thread": read1, f"read_GB/s_{threads}_threads": read_n, "memcpy_GB/s": memcpy,
@@ -418,6 +448,7 @@ def main():
                           "vnni_peak_GOP/s_1_thread": vnni1, f"vnni_peak_GOP/s_{threads}_threads": vnni_n,
                           "overlap_ms_loads_arith_both_prefetched": [loads, arith, both, prefetched]},
               "validation": validation, "gemv": gemv, "gemm": gemm, "attention": att, "elementwise": elem,
+              "threaded_call_us": regions,
               "command": " ".join([Path(sys.executable).name] + sys.argv), "cwd": os.getcwd()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))

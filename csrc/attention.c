@@ -5,19 +5,60 @@
 
 #include "dispatch.h"
 
+typedef struct {
+    const vx_isa *isa;
+    const vx_attention_args *a;
+    int64_t ntasks, next;      /* tasks, and the next one to take (whichever thread is free) */
+    int rows;                  /* by_rows: rows per task */
+    int nrows;                 /* by_keys: rows per kv head */
+    int64_t j_lo, j_hi, c_lo, chunk;
+    size_t per;                /* by_keys: floats of partial state per key range */
+    float *state;
+    int64_t *last;
+} att_ctx;
+
+static void by_rows_task(void *ctx, int tid, int nt) {
+    att_ctx *c = ctx;
+    const vx_attention_args *a = c->a;
+    float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * a->d * c->rows + a->d + VX_ATT_CONV * a->d));
+    (void)tid, (void)nt;
+    for (int64_t t; (t = vx_next_tasks(&c->next, 1)) < c->ntasks;)
+        c->isa->attention_rows(a, (int)(t % a->hkv), (t / a->hkv) * c->rows, scratch);
+    free(scratch);
+}
+
 /* Many rows per kv head (prefill, encoder): tasks are (kv head, block of 2 * VW rows). */
 static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows) {
     const int rows = 2 * isa->attn_vw;
     const int64_t nblocks = (nrows + rows - 1) / rows, ntasks = nblocks * a->hkv;
     int nt = vx_threads_for((double)nrows * a->hkv * (a->tk < a->window ? a->tk : a->window) * a->d);
     if (nt > ntasks) nt = (int)ntasks;
-#pragma omp parallel num_threads(nt)
-    {
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)2 * a->d * rows + a->d + VX_ATT_CONV * a->d));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < ntasks; t++) isa->attention_rows(a, (int)(t % a->hkv), (t / a->hkv) * rows, scratch);
-        free(scratch);
+    att_ctx c = {.isa = isa, .a = a, .ntasks = ntasks, .rows = rows};
+    vx_parallel(nt, by_rows_task, &c);
+}
+
+static void by_keys_task(void *ctx, int tid, int nt) {
+    att_ctx *c = ctx;
+    const vx_attention_args *a = c->a;
+    const int64_t tq = c->nrows / (a->hq / a->hkv);
+    /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
+     * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] (see attention_keys_d) */
+    const size_t vw = (size_t)c->isa->attn_vw, sb = (size_t)vx_att_sb(a->d, a->hkv, a->kvtype), D = (size_t)a->d;
+    float *scratch = vx_alloc(sizeof(float) * (sb * D + (vw + 2) * sb + vw * D + vw * sb)
+                              + (a->kvtype == VX_KV_INT8 ? D : sb * D * sizeof(float)));
+    (void)tid, (void)nt;
+    for (int64_t ci; (ci = vx_next_tasks(&c->next, 1)) < c->ntasks;) {
+        const int64_t c0 = (c->c_lo + ci) * c->chunk, j0 = c0 > c->j_lo ? c0 : c->j_lo;
+        const int64_t j1 = c0 + c->chunk < c->j_hi ? c0 + c->chunk : c->j_hi;
+        c->isa->attention_keys(a, j0, j1, c->nrows, c->state + ci * c->per, scratch);
+        for (int64_t i = 0; i < tq; i++) {
+            int64_t p = INT64_MIN;
+            for (int64_t j = j0; j < j1; j++)
+                if (a->k_pos[j] > a->q_pos[i] - a->window && a->k_pos[j] <= a->q_pos[i] && a->k_pos[j] > p) p = a->k_pos[j];
+            c->last[ci * tq + i] = p;
+        }
     }
+    free(scratch);
 }
 
 /* Few rows per kv head (decode, streaming): tasks are ranges of keys, each for every head, leaving a
@@ -48,26 +89,9 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     float *state = vx_alloc(sizeof(float) * per * nchunks);
     int64_t *last = vx_alloc(sizeof(int64_t) * nchunks * tq);   /* [chunk][query]: its last visible key's position */
     if (nt > nchunks) nt = (int)nchunks;
-#pragma omp parallel num_threads(nt)
-    {
-        /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
-         * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] (see attention_keys_d) */
-        const size_t vw = (size_t)isa->attn_vw;
-        float *scratch = vx_alloc(sizeof(float) * ((size_t)sb * D + (vw + 2) * sb + vw * D + vw * sb)
-                                  + (a->kvtype == VX_KV_INT8 ? (size_t)D : (size_t)sb * D * sizeof(float)));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < nchunks; c++) {
-            const int64_t c0 = (c_lo + c) * chunk, j0 = c0 > j_lo ? c0 : j_lo, j1 = c0 + chunk < j_hi ? c0 + chunk : j_hi;
-            isa->attention_keys(a, j0, j1, nrows, state + c * per, scratch);
-            for (int64_t i = 0; i < tq; i++) {
-                int64_t p = INT64_MIN;
-                for (int64_t j = j0; j < j1; j++)
-                    if (a->k_pos[j] > a->q_pos[i] - a->window && a->k_pos[j] <= a->q_pos[i] && a->k_pos[j] > p) p = a->k_pos[j];
-                last[c * tq + i] = p;
-            }
-        }
-        free(scratch);
-    }
+    att_ctx ctx = {.isa = isa, .a = a, .ntasks = nchunks, .nrows = nrows, .j_lo = j_lo, .j_hi = j_hi, .c_lo = c_lo,
+                   .chunk = chunk, .per = per, .state = state, .last = last};
+    vx_parallel(nt, by_keys_task, &ctx);
     int64_t *order = vx_alloc(sizeof(int64_t) * nchunks);
     for (int64_t i = 0; i < tq; i++) {
         /* the ranges query i saw, by position (a ring's index order wraps): its merge then adds the same

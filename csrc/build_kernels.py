@@ -9,14 +9,12 @@ AVX-512 loops are enabled per function with target attributes and chosen at run 
 unless a kernel asks for it: the kernels must round like the NumPy twins (the quantisers bit for bit).
 """
 
-import os
-import sys
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["dispatch.c", "matmul.c", "qmatmul.c", "attention.c", "norms.c", "layer.c", "isa_scalar.c", "isa_avx2.c",
+SOURCES = ["dispatch.c", "pool.c", "matmul.c", "qmatmul.c", "attention.c", "norms.c", "layer.c", "isa_scalar.c", "isa_avx2.c",
            "isa_avx512.c"]
 
 
@@ -26,17 +24,9 @@ def _cdef():
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
-def _openmp_flags():
-    # Apple's clang has no -fopenmp; there the kernels run single-threaded (the pragmas are then inert).
-    if sys.platform == "darwin" or os.environ.get("VOXTRAL_REF_NO_OPENMP"):
-        return ["-Wno-unknown-pragmas", "-Wno-unused-variable"], []
-    return ["-fopenmp"], ["-fopenmp"]
-
-
 def make_builder(src_dir="csrc"):
     """The FFI builder; `src_dir` as setuptools needs it (relative to the project root, where setup.py
     runs) or absolute (the in-place build below, which compiles from a temporary directory)."""
-    omp_compile, omp_link = _openmp_flags()
     ffi = FFI()
     ffi.cdef(_cdef())
     ffi.set_source(
@@ -44,8 +34,8 @@ def make_builder(src_dir="csrc"):
         '#include "kernels.h"',
         sources=[f"{src_dir}/{s}" for s in SOURCES],
         include_dirs=[src_dir],
-        extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", *omp_compile],
-        extra_link_args=omp_link,
+        extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-ffp-contract=off", "-pthread"],
+        extra_link_args=["-pthread"],
         libraries=["m"],
     )
     return ffi

@@ -94,13 +94,7 @@ const char *vx_isa_detail(int level) {
 
 void vx_set_threads(int n) { threads = n > 0 ? n : 0; }
 
-int vx_get_threads(void) {
-#ifdef _OPENMP
-    return threads > 0 ? threads : omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
+int vx_get_threads(void) { return threads > 0 ? threads : vx_cpus(); }
 
 int vx_threads_for(double work) {
     int nt = vx_get_threads();

@@ -14,12 +14,13 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static inline int omp_get_thread_num(void) { return 0; }
-static inline int omp_get_num_threads(void) { return 1; }
-#endif
+/* pool.c: the kernels' threads, one team shared by every caller (see there why not OpenMP) */
+typedef void (*vx_task_fn)(void *ctx, int tid, int nt);
+void vx_parallel(int nt, vx_task_fn fn, void *ctx);   /* fn(ctx, tid, nt) for tid 0 .. nt-1 (0 on the caller) */
+void vx_team_barrier(int nt);                          /* inside a region of nt threads: wait for all of them */
+int vx_cpus(void);                                     /* the cores this process may run on */
+/* dynamic scheduling inside a region: the next `step` tasks from a counter the region's threads share */
+static inline int64_t vx_next_tasks(int64_t *counter, int64_t step) { return __atomic_fetch_add(counter, step, __ATOMIC_RELAXED); }
 
 typedef struct {
     const float *x;         /* [n, k] */

@@ -28,11 +28,11 @@ int vx_set_isa(int level);               /* use the highest supported level <= l
 int vx_get_isa(void);
 const char *vx_isa_name(int level);      /* "scalar", "avx2", "avxvnni", "avx512", "avx512bf16" */
 const char *vx_isa_detail(int level);    /* one line: what the level uses */
-void vx_set_threads(int n);              /* n <= 0: the OpenMP default (one per core) */
+void vx_set_threads(int n);              /* n <= 0: one per core this process may run on */
 enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds sums */
 double vx_kernel_seconds(int kind);     /* seconds spent since load (benchmarks) in the weight-streaming linears
                                           * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or vx_attention (VX_TIME_ATTENTION) */
-int vx_get_threads(void);                /* 1 when built without OpenMP */
+int vx_get_threads(void);
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */
 enum { VX_W_F32 = 0, VX_W_BF16 = 1 };

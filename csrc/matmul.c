@@ -5,15 +5,15 @@
 #include "dispatch.h"
 
 /* ---- n <= 4: GEMV, weight rows split evenly over the threads (each streams its share once) ---- */
+static void gemv_task(void *ctx, int tid, int nt) {
+    const vx_linear_args *a = ctx;
+    int64_t lo, hi;
+    vx_split(a->m, 16, tid, nt, &lo, &hi);
+    if (lo < hi) vx_active()->gemv(a, lo, hi);
+}
+
 static void linear_gemv(const vx_linear_args *a) {
-    const vx_isa *isa = vx_active();
-    int nt = vx_threads_for((double)a->m * a->k);
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        vx_split(a->m, 16, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        if (lo < hi) isa->gemv(a, lo, hi);
-    }
+    vx_parallel(vx_threads_for((double)a->m * a->k), gemv_task, (void *)a);
 }
 
 /* ---- larger n: GEMM, blocked as in BLIS (Goto & van de Geijn) -----------------------------------
@@ -50,53 +50,63 @@ static void merge_edge_tile(const vx_linear_args *a, const float *tile, int mr, 
     }
 }
 
-static void linear_gemm(const vx_linear_args *a, const vx_gemm_kernel *g) {
+typedef struct {
+    const vx_linear_args *a;
+    const vx_gemm_kernel *g;
+    uint32_t *ap;              /* the packed activations, shared */
+} gemm_ctx;
+
+static void gemm_task(void *ctx, int tid, int nt) {
+    const gemm_ctx *c = ctx;
+    const vx_linear_args *a = c->a;
+    const vx_gemm_kernel *g = c->g;
     const int mr = g->mr, nr = g->nr;
-    const int64_t mc_max = (int64_t)MC_PANELS * mr, nc_max = (int64_t)NC_PANELS * nr;
+    const int64_t mc_max = (int64_t)MC_PANELS * mr, nc_max = (int64_t)NC_PANELS * nr, nb_max = (NB + mr - 1) / mr * mr;
+    uint32_t *bp = vx_alloc(4 * (size_t)KC * nc_max), *ap = c->ap;
+    float *tile = vx_alloc(sizeof(float) * mr * nr);
+    int64_t lo, hi;
+    vx_split(a->m, nr, tid, nt, &lo, &hi);
+    for (int64_t n0 = 0; n0 < a->n; n0 += nb_max) {
+        const int64_t nb = a->n - n0 < nb_max ? a->n - n0 : nb_max, npanels = (nb + mr - 1) / mr;
+        int64_t p0, p1;
+        vx_split(npanels, 1, tid, nt, &p0, &p1);
+        for (int64_t p = p0; p < p1; p++) pack_activations(a, g, n0, nb, p, ap);
+        vx_team_barrier(nt);   /* every panel is packed */
+        for (int64_t j0 = lo; j0 < hi; j0 += nc_max) {
+            const int64_t nc = hi - j0 < nc_max ? hi - j0 : nc_max;
+            for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
+                const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC, steps = (kc + g->kstep - 1) / g->kstep;
+                const uint32_t *apk = ap + k0 / g->kstep * npanels * mr;
+                g->pack_weights(a, j0, nc, k0, kc, bp);
+                for (int64_t i0 = 0; i0 < nb; i0 += mc_max)
+                    for (int64_t jp = 0; jp < nc; jp += nr)
+                        for (int64_t ip = i0; ip < i0 + mc_max && ip < nb; ip += mr) {
+                            const int64_t row = n0 + ip, col = j0 + jp;
+                            if (row + mr <= a->n && col + nr <= a->m) {
+                                g->micro(steps, apk + ip * steps, bp + jp * steps, a->y + row * a->m + col, a->m, k0 > 0);
+                            } else {
+                                g->micro(steps, apk + ip * steps, bp + jp * steps, tile, nr, 0);
+                                merge_edge_tile(a, tile, mr, nr, row, col, k0 == 0);
+                            }
+                        }
+            }
+        }
+        vx_team_barrier(nt);   /* ap is refilled for the next rows only once every thread is done with it */
+    }
+    if (a->b)   /* added to the finished sum, as the twin does */
+        for (int64_t i = 0; i < a->n; i++)
+            for (int64_t j = lo; j < hi; j++) a->y[i * a->m + j] += a->b[j];
+    free(tile);
+    free(bp);
+}
+
+static void linear_gemm(const vx_linear_args *a, const vx_gemm_kernel *g) {
+    const int mr = g->mr;
     const int64_t nb_max = (NB + mr - 1) / mr * mr;
     const int64_t k_elems = (KC + g->kstep - 1) / g->kstep * ((a->k + KC - 1) / KC);   /* 32-bit elements per row */
-    uint32_t *ap = vx_alloc(4 * (size_t)(a->n < nb_max ? (a->n + mr - 1) / mr * mr : nb_max) * k_elems);
-    int nt = vx_threads_for((double)a->n * a->m * a->k / 16);
-#pragma omp parallel num_threads(nt)
-    {
-        uint32_t *bp = vx_alloc(4 * (size_t)KC * nc_max);
-        float *tile = vx_alloc(sizeof(float) * mr * nr);
-        int64_t lo, hi;
-        vx_split(a->m, nr, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        for (int64_t n0 = 0; n0 < a->n; n0 += nb_max) {
-            const int64_t nb = a->n - n0 < nb_max ? a->n - n0 : nb_max, npanels = (nb + mr - 1) / mr;
-#pragma omp for schedule(static)
-            for (int64_t p = 0; p < npanels; p++) pack_activations(a, g, n0, nb, p, ap);
-            /* (the implicit barrier: every panel is packed) */
-            for (int64_t j0 = lo; j0 < hi; j0 += nc_max) {
-                const int64_t nc = hi - j0 < nc_max ? hi - j0 : nc_max;
-                for (int64_t k0 = 0; k0 < a->k; k0 += KC) {
-                    const int64_t kc = a->k - k0 < KC ? a->k - k0 : KC, steps = (kc + g->kstep - 1) / g->kstep;
-                    const uint32_t *apk = ap + k0 / g->kstep * npanels * mr;
-                    g->pack_weights(a, j0, nc, k0, kc, bp);
-                    for (int64_t i0 = 0; i0 < nb; i0 += mc_max)
-                        for (int64_t jp = 0; jp < nc; jp += nr)
-                            for (int64_t ip = i0; ip < i0 + mc_max && ip < nb; ip += mr) {
-                                const int64_t row = n0 + ip, col = j0 + jp;
-                                if (row + mr <= a->n && col + nr <= a->m) {
-                                    g->micro(steps, apk + ip * steps, bp + jp * steps, a->y + row * a->m + col, a->m, k0 > 0);
-                                } else {
-                                    g->micro(steps, apk + ip * steps, bp + jp * steps, tile, nr, 0);
-                                    merge_edge_tile(a, tile, mr, nr, row, col, k0 == 0);
-                                }
-                            }
-                }
-            }
-#pragma omp barrier
-            /* (ap is refilled for the next rows only once every thread is done with it) */
-        }
-        if (a->b)   /* added to the finished sum, as the twin does */
-            for (int64_t i = 0; i < a->n; i++)
-                for (int64_t j = lo; j < hi; j++) a->y[i * a->m + j] += a->b[j];
-        free(tile);
-        free(bp);
-    }
-    free(ap);
+    gemm_ctx c = {a, g, vx_alloc(4 * (size_t)(a->n < nb_max ? (a->n + mr - 1) / mr * mr : nb_max) * k_elems)};
+    vx_parallel(vx_threads_for((double)a->n * a->m * a->k / 16), gemm_task, &c);
+    free(c.ap);
 }
 
 static void linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, int wtype, int64_t m, const float *b,

@@ -11,26 +11,65 @@ int64_t vx_qpanel_bytes(int fmt, int64_t k) {
     return k / (nb * VX_QBLOCK) * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
 }
 
+typedef struct {
+    const float *x;
+    int64_t n, k, block;
+    int8_t *xq;
+    float *sx;
+    int32_t *xsum;
+} act_ctx;
+
+static void quantize_act_task(void *ctx, int tid, int nt) {
+    const act_ctx *c = ctx;
+    int64_t lo, hi;
+    vx_split(c->n, 1, tid, nt, &lo, &hi);
+    const int64_t nb = c->k / c->block;
+    if (lo < hi) vx_active()->quantize_act(c->x + lo * c->k, hi - lo, c->k, c->block, c->xq + lo * c->k, c->sx + lo * nb, c->xsum + lo * nb);
+}
+
 void vx_quantize_act(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx, int32_t *xsum) {
-    const vx_isa *isa = vx_active();
-    int nt = vx_threads_for((double)n * k / 4);
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        vx_split(n, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        const int64_t nb = k / block;
-        if (lo < hi) isa->quantize_act(x + lo * k, hi - lo, k, block, xq + lo * k, sx + lo * nb, xsum + lo * nb);
-    }
+    act_ctx c = {x, n, k, block, xq, sx, xsum};
+    vx_parallel(vx_threads_for((double)n * k / 4), quantize_act_task, &c);
+}
+
+typedef struct {
+    const void *w;
+    int wtype, fmt;
+    int64_t m, k;
+    uint8_t *out;
+    int64_t next;              /* the next panel to take */
+} wq_ctx;
+
+static void quantize_weights_task(void *ctx, int tid, int nt) {
+    wq_ctx *c = ctx;
+    const int64_t panels = (c->m + VX_QPANEL - 1) / VX_QPANEL, bytes = vx_qpanel_bytes(c->fmt, c->k);
+    (void)tid, (void)nt;
+    for (int64_t p0; (p0 = vx_next_tasks(&c->next, 4)) < panels;)   /* 4 panels at a time, to whichever thread is free */
+        for (int64_t p = p0; p < p0 + 4 && p < panels; p++) {
+            const int64_t rows = c->m - p * VX_QPANEL < VX_QPANEL ? c->m - p * VX_QPANEL : VX_QPANEL;
+            vx_active()->quantize_panel(c->w, c->wtype, p * VX_QPANEL, rows, c->k, c->fmt, c->out + p * bytes);
+        }
 }
 
 void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt, uint8_t *out) {
-    const vx_isa *isa = vx_active();
-    const int64_t panels = (m + VX_QPANEL - 1) / VX_QPANEL, bytes = vx_qpanel_bytes(fmt, k);
-    int nt = vx_threads_for((double)m * k);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-    for (int64_t p = 0; p < panels; p++) {
-        const int64_t rows = m - p * VX_QPANEL < VX_QPANEL ? m - p * VX_QPANEL : VX_QPANEL;
-        isa->quantize_panel(w, wtype, p * VX_QPANEL, rows, k, fmt, out + p * bytes);
+    wq_ctx c = {w, wtype, fmt, m, k, out, 0};
+    vx_parallel(vx_threads_for((double)m * k), quantize_weights_task, &c);
+}
+
+typedef struct {
+    int count;
+    const vx_qlinear_args *a;
+    const int64_t *first;      /* matrix i's panels: [first[i], first[i + 1]) */
+} qlinears_ctx;
+
+/* contiguous ranges of panels per thread: one sequential weight stream each, as the GEMV */
+static void qlinears_task(void *ctx, int tid, int nt) {
+    const qlinears_ctx *c = ctx;
+    int64_t lo, hi;
+    vx_split(c->first[c->count], 1, tid, nt, &lo, &hi);
+    for (int i = 0; i < c->count; i++) {
+        const int64_t p0 = lo > c->first[i] ? lo : c->first[i], p1 = hi < c->first[i + 1] ? hi : c->first[i + 1];
+        if (p0 < p1) vx_active()->qlinear(&c->a[i], p0 - c->first[i], p1 - c->first[i]);
     }
 }
 
@@ -53,18 +92,8 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
         first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
         work += m[i] * k;
     }
-    const vx_isa *isa = vx_active();
-    int nt = vx_threads_for((double)work);
-    /* contiguous ranges of panels per thread: one sequential weight stream each, as the GEMV */
-#pragma omp parallel num_threads(nt)
-    {
-        int64_t lo, hi;
-        vx_split(first[count], 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
-        for (int i = 0; i < count; i++) {
-            const int64_t p0 = lo > first[i] ? lo : first[i], p1 = hi < first[i + 1] ? hi : first[i + 1];
-            if (p0 < p1) isa->qlinear(&a[i], p0 - first[i], p1 - first[i]);
-        }
-    }
+    qlinears_ctx c = {count, a, first};
+    vx_parallel(vx_threads_for((double)work), qlinears_task, &c);
     free(xq);
     free(sx);
     free(xsum);

@@ -49,7 +49,7 @@ BAD = {"broken", "empty"}
 
 @pytest.fixture(scope="module")
 def model():
-    """One thread, as every run here (the tests share 2 cores with others: two OpenMP threads would wait on
+    """One thread, as every run here (the tests share 2 cores with others: two kernel threads would wait on
     each other), restored after."""
     from voxtral_ref.runtime import ckernels
     before = ckernels.get_threads()

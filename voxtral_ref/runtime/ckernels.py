@@ -50,8 +50,8 @@ def _missing():
 # --- configuration --------------------------------------------------------------------------------------
 def set_threads(n):
     """Threads for every kernel; n <= 0 restores the default (one per available core). More than
-    MAX_THREADS_PER_CORE per available core is capped, with a warning: OpenMP aborts (or the process
-    crashes) when asked for tens of thousands of threads, and beyond the cores they only add contention."""
+    MAX_THREADS_PER_CORE per available core is capped, with a warning: each is a thread the process keeps
+    (csrc/pool.c), tens of thousands exhaust it, and beyond the cores they only add contention."""
     if lib is None:
         return
     n, cap = int(n) if n and n > 0 else _default_threads(), MAX_THREADS_PER_CORE * _default_threads()
