@@ -17,6 +17,7 @@ Layouts (all row-major, float32 activations):
 
 import contextlib
 import contextvars
+import mmap
 
 import ml_dtypes
 import numpy as np
@@ -52,6 +53,19 @@ def use(backend, precision="f32", kv="f32"):
 
 
 KV8_BLOCK = 32                    # positions per block of an int8 cache's codes: csrc/kernels.h VX_KV8_BLOCK
+LAZY_MIN_BYTES = 1 << 20
+
+
+def lazy_zeros(shape, dtype):
+    """Zeros whose pages the OS provides only as they are first written, and takes back when the array goes:
+    a private anonymous mapping (for 1 MB and more). A cache's ring is sized for its whole window, but a
+    stream fills it over minutes. From np.zeros it came out of the heap, where load() keeps freed memory for
+    reuse (model.keep_freed_memory_for_reuse), so calloc had to clear it at once: opening a stream of the
+    full model (0.58 GB of int8 rings) took 22 ms to 1 s, while the server's event loop waited."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < LAZY_MIN_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype).reshape(shape)
 
 
 class KV8:
@@ -70,7 +84,7 @@ class KV8:
     @classmethod
     def empty(cls, shape):
         s, h, d = shape
-        return cls(np.zeros((-(-s // KV8_BLOCK), h, KV8_BLOCK, d), np.int8), np.zeros((s, h), np.float32))
+        return cls(lazy_zeros((-(-s // KV8_BLOCK), h, KV8_BLOCK, d), np.int8), lazy_zeros((s, h), np.float32))
 
     @classmethod
     def pack(cls, codes, scale):
@@ -122,7 +136,7 @@ class KV8:
 
 def kv_empty(shape):
     """A cache's zeroed keys (or values) [S, Hkv, D] in the KV format in force (see `use`)."""
-    return KV8.empty(shape) if _kv.get() == "int8" else np.zeros(shape, np.float32)
+    return KV8.empty(shape) if _kv.get() == "int8" else lazy_zeros(shape, np.float32)
 
 
 def kv_pack(x):
