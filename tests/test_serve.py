@@ -29,6 +29,7 @@ import voxtral_ref  # noqa: E402
 from voxtral_ref.apps.serve.http import GracefulServer, Limits, ServerState, build_app  # noqa: E402
 from voxtral_ref.apps.serve import bind  # noqa: E402
 from voxtral_ref.apps.subtitles import segments, to_srt, to_vtt  # noqa: E402
+from voxtral_ref.config import delay_tokens  # noqa: E402
 
 from conftest import MODEL_DIRS, SPEECH_WAV  # noqa: E402
 
@@ -81,6 +82,15 @@ def server(model):
     with running(model, max_sessions=8, max_buffer_s=8.0, max_message_bytes=256 << 10,
                  max_upload_bytes=1 << 20) as s:
         yield s
+
+
+def test_the_default_delays_prefix_is_ready_before_the_first_client():
+    """The silence prefix every session starts from is computed at startup, not in the first client's
+    open() on the event loop."""
+    fresh = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    assert not fresh.prefixes
+    with running(fresh):
+        assert list(fresh.prefixes) == [(delay_tokens(fresh.cfg.default_delay_ms), "c", "f32")]
 
 
 def b64(samples):
