@@ -27,7 +27,7 @@
 
 /* after a region a worker spins this long for the next before it sleeps: a live step's kernels come
  * 5-100 us apart (Python between them), its steps 80 ms apart. Longer spins gained nothing measurable (a q4
- * step, 50 us to 1 ms) and kept a core busy for whatever runs next (a bench's bandwidth probe read low) */
+ * step, 50 us to 1 ms) and kept a core from whatever runs next (bench_kernels' VNNI probe read 35 % low) */
 enum { VX_SPIN_NS = 200000 };
 
 static struct {
