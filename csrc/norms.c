@@ -2,7 +2,7 @@
  * the compiler vectorises it at baseline width). */
 #include "dispatch.h"
 
-typedef struct {
+typedef struct {   /* the arguments of the three kernels below, each taking its own (silu_mul: a in x) */
     const float *x, *w, *b;
     float eps, *y;
     int64_t rows, d;

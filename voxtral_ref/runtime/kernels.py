@@ -82,9 +82,10 @@ class KV8:
         self.blocks, self.scale = blocks, scale                 # [ceil(S / 32), Hkv, 32, D] int8, [S, Hkv]
 
     @classmethod
-    def empty(cls, shape):
+    def empty(cls, shape, zeros=np.zeros):
+        """zeros: lazy_zeros for a cache's ring"""
         s, h, d = shape
-        return cls(lazy_zeros((-(-s // KV8_BLOCK), h, KV8_BLOCK, d), np.int8), lazy_zeros((s, h), np.float32))
+        return cls(zeros((-(-s // KV8_BLOCK), h, KV8_BLOCK, d), np.int8), zeros((s, h), np.float32))
 
     @classmethod
     def pack(cls, codes, scale):
@@ -136,7 +137,7 @@ class KV8:
 
 def kv_empty(shape):
     """A cache's zeroed keys (or values) [S, Hkv, D] in the KV format in force (see `use`)."""
-    return KV8.empty(shape) if _kv.get() == "int8" else lazy_zeros(shape, np.float32)
+    return KV8.empty(shape, lazy_zeros) if _kv.get() == "int8" else lazy_zeros(shape, np.float32)
 
 
 def kv_pack(x):
