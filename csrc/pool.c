@@ -60,6 +60,12 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* a wait inside or for a region: with more threads than cores, give the core to one that has work */
+static inline void wait_a_moment(void) {
+    if (__atomic_load_n(&pool.spin_ns, __ATOMIC_RELAXED)) cpu_relax();
+    else sched_yield();
+}
+
 /* a region other than `seen` is published */
 static inline int region_after(unsigned seen, unsigned *g) {
     *g = __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE);
@@ -153,13 +159,12 @@ void vx_parallel(int nt, vx_task_fn fn, void *ctx) {
     pthread_mutex_lock(&pool.region);
     in_region = 1;
     nt = ensure_workers(nt);
-    static int cpus;
+    static int cpus;                    /* (read once: under the region lock) */
     cpus = cpus ? cpus : vx_cpus();
     /* more threads than cores (set_threads allows up to 4 a core): a spinning worker would hold a core that
-     * another needs (an RMSNorm call on 8 threads of 2 cores: 1.1 ms), so they sleep at once and the caller
-     * yields while it waits */
-    const int crowded = nt > cpus;
-    __atomic_store_n(&pool.spin_ns, crowded ? 0 : VX_SPIN_NS, __ATOMIC_RELAXED);
+     * another needs (an RMSNorm call on 8 threads of 2 cores: 1.1 ms), so they sleep at once, and the caller
+     * and the barrier yield while they wait */
+    __atomic_store_n(&pool.spin_ns, nt > cpus ? 0 : VX_SPIN_NS, __ATOMIC_RELAXED);
     const unsigned g = pool.gen;
     __atomic_store_n(&pool.gen, g + 1, __ATOMIC_RELAXED);     /* odd: being written */
     __atomic_thread_fence(__ATOMIC_RELEASE);
@@ -173,7 +178,7 @@ void vx_parallel(int nt, vx_task_fn fn, void *ctx) {
         if (pool.slot[t]->sleeping) pthread_cond_signal(&pool.slot[t]->wake);
     pthread_mutex_unlock(&pool.m);
     fn(ctx, 0, nt);
-    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE)) crowded ? (void)sched_yield() : cpu_relax();
+    while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE)) wait_a_moment();
     in_region = 0;
     pthread_mutex_unlock(&pool.region);
 }
@@ -185,7 +190,7 @@ void vx_team_barrier(int nt) {
         __atomic_store_n(&pool.bar_count, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&pool.bar_phase, phase + 1, __ATOMIC_RELEASE);
     } else {
-        while (__atomic_load_n(&pool.bar_phase, __ATOMIC_ACQUIRE) == phase) cpu_relax();
+        while (__atomic_load_n(&pool.bar_phase, __ATOMIC_ACQUIRE) == phase) wait_a_moment();
     }
 }
 
