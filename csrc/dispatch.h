@@ -115,11 +115,17 @@ enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_
 
 static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }
 
+/* x quantised for a linear (quant.py): int8 matrices take xq, sx, xsum (blocks of 32); q4 matrices take xq4
+ * and sx4 (blocks of one super-block, nb * 32 inputs) and xpair, the sums of xq4 over its blocks b and b + 4
+ * of each super-block as one int32 of two int16 halves (b low, b + 4 high; 0 past nb), the operand of an
+ * int16 pair dot product with the two blocks' 6-bit offset codes. */
 typedef struct {
     const int8_t *xq;       /* [n, k] */
     const float *sx;        /* [n, k / 32] */
     const int32_t *xsum;    /* [n, k / 32] */
-    const float *sxs;       /* [n, k / 32]: sx * xsum, rounded once */
+    const int8_t *xq4;      /* [n, k] */
+    const float *sx4;       /* [n, k / (nb * 32)] */
+    const int32_t *xpair;   /* [n, k / (nb * 32), 4] */
     int64_t n, k, m;
     const uint8_t *w;       /* panels */
     int fmt;

@@ -58,7 +58,8 @@ void vx_linear(const float *x, int64_t n, int64_t k, int xtype, const void *w, i
  *              (192 bytes), then per block of 32 inputs 256 bytes of nibbles (see quant.py)
  * Activations: x [n, k] float32 -> xq [n, k] int8, sx [n, k / block] float32, xsum [n, k / block] int32:
  *   sx = max|x| / 127 per block, xq = rint(x / sx) (0 for an all-zero block), xsum = the block's sum of xq.
- *   The linears use blocks of 32; the int8 KV caches (and attention's queries) one block per head row. */
+ *   The linears use blocks of 32 for int8 weights and of one super-block for q4 weights; the int8 KV caches
+ *   (and attention's queries) one block per head row. */
 enum { VX_Q_INT8 = 0, VX_Q_Q4 = 1 };
 
 int64_t vx_qpanel_bytes(int fmt, int64_t k);
@@ -69,8 +70,8 @@ void vx_quantize_act(const float *x, int64_t n, int64_t k, int64_t block, int8_t
  * bit for bit what quant.quantize_int8_np / quantize_q4_np give. */
 void vx_quantize_weights(const void *w, int wtype, int64_t m, int64_t k, int fmt, uint8_t *out);
 
-/* y [n, m] = x [n, k] @ w.T (+ b [m] or NULL), x quantised as above; per row and block the integer dot is
- * exact and y = sum over blocks of sx * (S * dot - M * xsum), accumulated in float32 in block order. A row's
+/* y [n, m] = x [n, k] @ w.T (+ b [m] or NULL), x quantised as above; the integer sums are exact and y is
+ * quant.py's float sum over blocks (int8) or super-blocks (q4), accumulated in float32 in order. A row's
  * result is the same for any n. */
 void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt, int64_t m, const float *b, float *y);
 

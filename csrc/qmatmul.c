@@ -73,31 +73,50 @@ static void qlinears_task(void *ctx, int tid, int nt) {
     }
 }
 
-/* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once, and one team of
- * threads over all their panels (each thread a contiguous run of the concatenated panels) */
+/* x's int8 codes for the q4 matrices (vx_qlinear_args): a scale per super-block, and the pairs of block sums */
+static void quantize_act_q4(const float *x, int64_t n, int64_t k, int8_t *xq4, float *sx4, int32_t *xpair) {
+    const int64_t nb = vx_q4_blocks_per_super(k), supers = k / (nb * VX_QBLOCK);
+    int32_t *xsum = vx_alloc(sizeof(int32_t) * n * supers);     /* per super-block: unused */
+    vx_quantize_act(x, n, k, nb * VX_QBLOCK, xq4, sx4, xsum);
+    free(xsum);
+    for (int64_t c = 0; c < n * supers; c++) {
+        int32_t sum[8] = {0};
+        for (int64_t b = 0; b < nb; b++)
+            for (int t = 0; t < VX_QBLOCK; t++) sum[b] += xq4[(c * nb + b) * VX_QBLOCK + t];
+        for (int j = 0; j < 4; j++) xpair[c * 4 + j] = (int32_t)((uint32_t)(uint16_t)sum[j] | (uint32_t)sum[j + 4] << 16);
+    }
+}
+
+/* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once per format
+ * present, and one team of threads over all their panels (each thread a contiguous run of the concatenated
+ * panels) */
 static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
                      const int64_t *m, const float *const *b, float *const *y) {
     if (n <= 0) return;
-    const int64_t nb = k / VX_QBLOCK;
-    int8_t *xq = vx_alloc((size_t)(n * k));
-    float *sx = vx_alloc(sizeof(float) * n * nb);
-    int32_t *xsum = vx_alloc(sizeof(int32_t) * n * nb);
-    float *sxs = vx_alloc(sizeof(float) * n * nb);
-    vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
-    for (int64_t i = 0; i < n * nb; i++) sxs[i] = sx[i] * (float)xsum[i];
+    int has[2] = {0, 0};
+    for (int i = 0; i < count; i++) has[fmt[i]] = 1;
+    const int64_t nb = k / VX_QBLOCK, supers = k / (vx_q4_blocks_per_super(k) * VX_QBLOCK);
+    int8_t *xq = NULL, *xq4 = NULL;
+    float *sx = NULL, *sx4 = NULL;
+    int32_t *xsum = NULL, *xpair = NULL;
+    if (has[VX_Q_INT8]) {
+        xq = vx_alloc((size_t)(n * k)), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
+        vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
+    }
+    if (has[VX_Q_Q4]) {
+        xq4 = vx_alloc((size_t)(n * k)), sx4 = vx_alloc(sizeof(float) * n * supers), xpair = vx_alloc(sizeof(int32_t) * n * supers * 4);
+        quantize_act_q4(x, n, k, xq4, sx4, xpair);
+    }
     vx_qlinear_args a[VX_QLINEARS_MAX];
     int64_t first[VX_QLINEARS_MAX + 1] = {0}, work = 0;   /* matrix i's panels: [first[i], first[i + 1]) */
     for (int i = 0; i < count; i++) {
-        a[i] = (vx_qlinear_args){xq, sx, xsum, sxs, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
+        a[i] = (vx_qlinear_args){xq, sx, xsum, xq4, sx4, xpair, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
         first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
         work += m[i] * k;
     }
     qlinears_ctx c = {count, a, first};
     vx_parallel(vx_threads_for((double)work), qlinears_task, &c);
-    free(xq);
-    free(sx);
-    free(xsum);
-    free(sxs);
+    free(xq), free(sx), free(xsum), free(xq4), free(sx4), free(xpair);
 }
 
 void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,

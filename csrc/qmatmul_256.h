@@ -10,9 +10,8 @@
  *                and the twin's bias term, 128 S sx xsum, is not subtracted.
  * A panel's 16 rows are two halves of 8; each half streams the panel's blocks once (the second half's
  * bytes are then in L1/L2), and up to Q256_X activation rows share each weight load and unpacking.
- * Per block: exact integer dots, then acc += (dot sx) S and, for q4, acc -= M sxs, as the AVX-512 kernel
- * does, so a row's result does not depend on n or the threads. Q256_NAME is the function's name,
- * Q256_TARGET its target string. */
+ * The sums are the AVX-512 kernel's (qmatmul_simd.h), in its order, so a row's result does not depend on n
+ * or the threads. Q256_NAME is the function's name, Q256_TARGET its target string. */
 #define Q256_X 4
 #define Q256_INLINE static inline __attribute__((always_inline, target(Q256_TARGET)))
 
@@ -31,96 +30,126 @@ Q256_INLINE __m256i Q256_FN(dot_u8)(__m256i dot, __m256i w, __m256i x4) {
 #endif
 }
 
-Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
-                               const int hh, __m256 *acc) {
-    const int64_t K = a->k, nblocks = K / VX_QBLOCK;
+/* one 6-bit code per row (8 int32 lanes) of block g + 4 up of a q4 super-block, half hh: the low nibble from
+ * the code bytes at lo, the high 2 bits from hi at bit `shift` */
+Q256_INLINE __m256i Q256_FN(code6)(const uint8_t *lo, const uint8_t *hi, int up, int shift) {
+    const __m256i l = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)lo));
+    const __m256i hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)hi));
+    return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(l, 4 * up), _mm256_set1_epi32(15)),
+                           _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, shift), _mm256_set1_epi32(3)), 4));
+}
+
+Q256_INLINE void Q256_FN(int8_half)(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int hh,
+                                    __m256 *acc) {
+    const int64_t K = a->k, nblocks = K / VX_QBLOCK, blk_bytes = 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
     const float *sx = a->sx + i0 * nblocks;
-    const float *sxs = a->sxs + i0 * nblocks;
-    const __m256i low4 = _mm256_set1_epi8(15);
-    const int64_t nb = fmt == VX_Q_INT8 ? 1 : vx_q4_blocks_per_super(K);
-    const int64_t sup_bytes = fmt == VX_Q_INT8 ? 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK
-                                               : VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
-    for (int i = 0; i < NX; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
-        const uint8_t *h = pw + s0 / nb * sup_bytes;
-        if (hh == 0)   /* every line of the super-block VX_QPREFETCH bytes ahead, as the AVX-512 kernel */
-            for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
-        __m256 d = _mm256_setzero_ps(), dmin = d;
-        if (fmt == VX_Q_Q4) {
-            d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
-            dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 32 + 16 * hh)));
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL + 32 * hh;
+        if (hh == 0)   /* every line of the block VX_QPREFETCH bytes ahead, as the AVX-512 kernel */
+            for (int64_t l = 0; l < blk_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
+        const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
+        const int8_t *xb = xq + b * VX_QBLOCK;
+        __m256i dot[Q256_X];
+        for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
+#if Q256_VNNI
+        for (int s = 0; s < 8; s++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(u + 64 * s));
+            for (int i = 0; i < NX; i++) dot[i] = Q256_FN(dot_u8)(dot[i], wv, Q256_FN(bcast4)(xb + i * K + 4 * s));
         }
+        for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
+            dot[i] = _mm256_sub_epi32(dot[i], _mm256_slli_epi32(_mm256_set1_epi32(a->xsum[(i0 + i) * nblocks + b]), 7));
+#else
+        for (int s = 0; s < 8; s++) {
+            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 64 * s)), _mm256_set1_epi8((char)0x80));
+            for (int i = 0; i < NX; i++) {
+                const __m256i x4 = Q256_FN(bcast4)(xb + i * K + 4 * s);
+                const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x4, x4), _mm256_sign_epi8(q, x4));
+                dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            }
+        }
+#endif
+        for (int i = 0; i < NX; i++)
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_set1_ps(sx[i * nblocks + b])), S, acc[i]);
+    }
+}
+
+Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int hh,
+                                  __m256 *acc) {
+    const int64_t K = a->k, nb = vx_q4_blocks_per_super(K), supers = K / (nb * VX_QBLOCK);
+    const int64_t sup_bytes = VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
+    const int8_t *xq = a->xq4 + i0 * K;
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int64_t c = 0; c < supers; c++) {
+        const uint8_t *h = pw + c * sup_bytes, *codes = h + 8 * hh;
+        if (hh == 0)
+            for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
+        __m256i I[Q256_X];
+        for (int i = 0; i < NX; i++) I[i] = _mm256_setzero_si256();
         for (int64_t bb = 0; bb < nb; bb++) {
-            const int64_t b = s0 + bb;
-            const int8_t *xb = xq + b * VX_QBLOCK;
-            __m256 S, M = _mm256_setzero_ps();     /* M: q4's (int8's is folded into the dot, or re-centred away) */
+            const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+            const __m256i sc = Q256_FN(code6)(codes + 64 + 16 * gi, codes + 192 + 16 * gi, up, 2 * up);
+            const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2) + 32 * hh;
+            const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
+#if Q256_VNNI
             __m256i dot[Q256_X];
             for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
-            if (fmt == VX_Q_INT8) {
-                const uint8_t *u = h + 2 * VX_QPANEL + 32 * hh;
-                S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
-#if Q256_VNNI
-                for (int s = 0; s < 8; s++) {
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(u + 64 * s));
-                    for (int i = 0; i < NX; i++) dot[i] = Q256_FN(dot_u8)(dot[i], wv, Q256_FN(bcast4)(xb + i * K + 4 * s));
+            for (int v = 0; v < 4; v++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
+                const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                for (int i = 0; i < NX; i++) {
+                    dot[i] = Q256_FN(dot_u8)(dot[i], lo, Q256_FN(bcast4)(xb + i * K + 4 * v));
+                    dot[i] = Q256_FN(dot_u8)(dot[i], hi4, Q256_FN(bcast4)(xb + i * K + 4 * v + 16));
                 }
-                for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
-                    dot[i] = _mm256_sub_epi32(dot[i], _mm256_slli_epi32(_mm256_set1_epi32(a->xsum[(i0 + i) * nblocks + b]), 7));
-#else
-                for (int s = 0; s < 8; s++) {
-                    const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 64 * s)), _mm256_set1_epi8((char)0x80));
-                    for (int i = 0; i < NX; i++) {
-                        const __m256i x4 = Q256_FN(bcast4)(xb + i * K + 4 * s);
-                        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x4, x4), _mm256_sign_epi8(q, x4));
-                        dot[i] = _mm256_add_epi32(dot[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-                    }
-                }
-#endif
-            } else {
-                const int gi = (int)(bb & 3), up = (int)(bb >> 2);
-                const __m256i lo_sc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(h + 64 + 16 * gi + 8 * hh)));
-                const __m256i lo_mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(h + 128 + 16 * gi + 8 * hh)));
-                const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(h + 192 + 16 * gi + 8 * hh)));
-                const __m256i m15 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(3);
-                const __m256i sc = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo_sc, 4 * up), m15),
-                                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, 2 * up), m3), 4));
-                const __m256i mn = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo_mn, 4 * up), m15),
-                                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hi, 4 + 2 * up), m3), 4));
-                S = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
-                M = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn));
-                const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2) + 32 * hh;
-#if Q256_VNNI
-                for (int v = 0; v < 4; v++) {
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
-                    const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-                    for (int i = 0; i < NX; i++) {
-                        dot[i] = Q256_FN(dot_u8)(dot[i], lo, Q256_FN(bcast4)(xb + i * K + 4 * v));
-                        dot[i] = Q256_FN(dot_u8)(dot[i], hi4, Q256_FN(bcast4)(xb + i * K + 4 * v + 16));
-                    }
-                }
-#else
-                /* a lane of VPMADDUBSW holds 2 of a row's inputs; over the 4 steps' low and high codes it sums
-                 * 16 of them, at most 16 * 15 * 127 = 30480: one int16 sum per block, then VPMADDWD */
-                __m256i s16[Q256_X];
-                for (int i = 0; i < NX; i++) s16[i] = _mm256_setzero_si256();
-                for (int v = 0; v < 4; v++) {
-                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
-                    const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-                    for (int i = 0; i < NX; i++)
-                        s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, Q256_FN(bcast4)(xb + i * K + 4 * v)),
-                            _mm256_maddubs_epi16(hi4, Q256_FN(bcast4)(xb + i * K + 4 * v + 16))));
-                }
-                for (int i = 0; i < NX; i++) dot[i] = _mm256_madd_epi16(s16[i], _mm256_set1_epi16(1));
-#endif
             }
+            for (int i = 0; i < NX; i++) I[i] = _mm256_add_epi32(I[i], _mm256_mullo_epi32(dot[i], sc));
+#else
+            /* a lane of VPMADDUBSW holds 2 of a row's inputs; over the 4 steps' low and high codes it sums
+             * 16 of them, at most 16 * 15 * 127 = 30480: one int16 sum per block, then VPMADDWD with the
+             * block's code in both int16 halves multiplies and sums the pair at once */
+            __m256i s16[Q256_X];
+            for (int i = 0; i < NX; i++) s16[i] = _mm256_setzero_si256();
+            for (int v = 0; v < 4; v++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
+                const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+                for (int i = 0; i < NX; i++)
+                    s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, Q256_FN(bcast4)(xb + i * K + 4 * v)),
+                        _mm256_maddubs_epi16(hi4, Q256_FN(bcast4)(xb + i * K + 4 * v + 16))));
+            }
+            const __m256i sc2 = _mm256_or_si256(sc, _mm256_slli_epi32(sc, 16));
+            for (int i = 0; i < NX; i++) I[i] = _mm256_add_epi32(I[i], _mm256_madd_epi16(s16[i], sc2));
+#endif
+        }
+        __m256i N[Q256_X];   /* blocks past nb have codes 0 and sums 0 */
+        for (int i = 0; i < NX; i++) N[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 4; g++) {
+            const __m256i pair = _mm256_or_si256(Q256_FN(code6)(codes + 128 + 16 * g, codes + 192 + 16 * g, 0, 4),
+                                                 _mm256_slli_epi32(Q256_FN(code6)(codes + 128 + 16 * g, codes + 192 + 16 * g, 1, 6), 16));
             for (int i = 0; i < NX; i++) {
-                acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot[i]), _mm256_set1_ps(sx[i * nblocks + b])), S, acc[i]);
-                if (fmt == VX_Q_Q4) acc[i] = _mm256_fnmadd_ps(M, _mm256_set1_ps(sxs[i * nblocks + b]), acc[i]);
+                const __m256i xp = _mm256_set1_epi32(a->xpair[((i0 + i) * supers + c) * 4 + g]);
+#if Q256_VNNI
+                N[i] = _mm256_dpwssd_avx_epi32(N[i], pair, xp);
+#else
+                N[i] = _mm256_add_epi32(N[i], _mm256_madd_epi16(pair, xp));
+#endif
             }
         }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 32 + 16 * hh)));
+        for (int i = 0; i < NX; i++) {
+            const __m256 sxv = _mm256_set1_ps(a->sx4[(i0 + i) * supers + c]);
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(I[i]), sxv), d, acc[i]);
+            acc[i] = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(N[i]), sxv), dmin, acc[i]);
+        }
     }
+}
+
+Q256_INLINE void Q256_FN(half)(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
+                               const int hh, __m256 *acc) {
+    for (int i = 0; i < NX; i++) acc[i] = _mm256_setzero_ps();
+    if (fmt == VX_Q_INT8) Q256_FN(int8_half)(a, pw, i0, NX, hh, acc);
+    else Q256_FN(q4_half)(a, pw, i0, NX, hh, acc);
 }
 
 #define Q256_CASE(nx, fmt) \

@@ -230,61 +230,72 @@ VX_FN static void VX_NAME(quantize_panel)(const void *w, int wtype, int64_t row0
 
 /* ---- y = x @ w.T, portable: one panel, one activation row at a time ------------------------------------
  * The scalar level's (the others use integer dot-product instructions: qmatmul_256.h and the VNNI kernel
- * below).
- * Per block: S[r], M[r] from the panel's header, the exact integer dot of each row (int8: less its offset,
- * 128 xsum), then acc[r] += (dot sx) S[r] - M[r] sxs, the other levels' order (they fuse two of its roundings). */
+ * below), in the other levels' order (they fuse two of its roundings): int8 per block, acc[r] +=
+ * ((dot - 128 xsum) sx) s[r]; q4 per super-block, acc[r] += (I sx) d[r] - (N sx) dmin[r] (quant.py's terms). */
 #if VX_LEVEL == VX_LEVEL_SCALAR
 
-/* S, M [16] of block b (in q4: block bb of the super-block whose header is h) */
-static inline void q_block_scales(const vx_qlinear_args *a, const uint8_t *pw, int64_t b, float *S, float *M,
-                                  const uint8_t **weights) {
-    if (a->fmt == VX_Q_INT8) {
-        const uint8_t *blk = pw + b * (2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK);
+static inline float q_f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return vx_f16_to_f32(h);
+}
+
+/* the exact integer dots of one block's 16 rows with xq[0:32]: int8 steps u[(t / 4) * 64 + 4 r + t % 4];
+ * q4 nibbles, the low half of vector (t / 4) % 4 for t < 16, the high half after */
+static inline void q_block_dots(int fmt, const uint8_t *u, const int8_t *xq, int32_t *dot) {
+    for (int r = 0; r < VX_QPANEL; r++) dot[r] = 0;
+    for (int t = 0; t < VX_QBLOCK; t++)
         for (int r = 0; r < VX_QPANEL; r++) {
-            uint16_t h;
-            memcpy(&h, blk + 2 * r, 2);
-            S[r] = vx_f16_to_f32(h), M[r] = 0.0f;     /* M = 128 S: folded into the integer dot */
+            const int byte = fmt == VX_Q_INT8 ? u[(t / 4) * 64 + 4 * r + t % 4]
+                                              : u[((t / 4) % 4) * 64 + 4 * r + t % 4] >> (4 * (t >= 16)) & 15;
+            dot[r] += byte * xq[t];
         }
-        *weights = blk + 2 * VX_QPANEL;
-        return;
+}
+
+/* acc[16] for activation row i over an int8 panel */
+static inline void q_int8_row(const vx_qlinear_args *a, const uint8_t *pw, int64_t i, float *acc) {
+    const int64_t nblocks = a->k / VX_QBLOCK;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *blk = pw + b * (2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK);
+        int32_t dot[VX_QPANEL];
+        q_block_dots(VX_Q_INT8, blk + 2 * VX_QPANEL, a->xq + i * a->k + b * VX_QBLOCK, dot);
+        const float sx = a->sx[i * nblocks + b];
+        const int32_t offset = 128 * a->xsum[i * nblocks + b];
+        for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + ((float)(dot[r] - offset) * sx) * q_f16_at(blk + 2 * r);
     }
-    const int64_t nb = vx_q4_blocks_per_super(a->k), bb = b % nb;
-    const uint8_t *h = pw + b / nb * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
-    const int gi = (int)(bb & 3), up = (int)(bb >> 2);
-    for (int r = 0; r < VX_QPANEL; r++) {
-        uint16_t hd, hm;
-        memcpy(&hd, h + 2 * r, 2);
-        memcpy(&hm, h + 32 + 2 * r, 2);
-        const int hi = h[192 + gi * 16 + r];
-        const int sc = (h[64 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (2 * up) & 3) << 4;
-        const int mn = (h[128 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (4 + 2 * up) & 3) << 4;
-        S[r] = vx_f16_to_f32(hd) * (float)sc, M[r] = vx_f16_to_f32(hm) * (float)mn;
+}
+
+/* acc[16] for activation row i over a q4 panel */
+static inline void q_q4_row(const vx_qlinear_args *a, const uint8_t *pw, int64_t i, float *acc) {
+    const int64_t nb = vx_q4_blocks_per_super(a->k), supers = a->k / (nb * VX_QBLOCK);
+    for (int64_t c = 0; c < supers; c++) {
+        const uint8_t *h = pw + c * (VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2);
+        const int32_t *pair = a->xpair + (i * supers + c) * 4;
+        int32_t I[VX_QPANEL] = {0}, N[VX_QPANEL] = {0};
+        for (int64_t bb = 0; bb < nb; bb++) {
+            const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+            const int32_t xsum = (int16_t)(uint16_t)((uint32_t)pair[gi] >> (16 * up));
+            int32_t dot[VX_QPANEL];
+            q_block_dots(VX_Q_Q4, h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2), a->xq4 + i * a->k + (c * nb + bb) * VX_QBLOCK, dot);
+            for (int r = 0; r < VX_QPANEL; r++) {
+                const int hi = h[192 + gi * 16 + r];
+                I[r] += ((h[64 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (2 * up) & 3) << 4) * dot[r];
+                N[r] += ((h[128 + gi * 16 + r] >> (4 * up) & 15) | (hi >> (4 + 2 * up) & 3) << 4) * xsum;
+            }
+        }
+        const float sx = a->sx4[i * supers + c];
+        for (int r = 0; r < VX_QPANEL; r++)
+            acc[r] = acc[r] + ((float)I[r] * sx) * q_f16_at(h + 2 * r) - ((float)N[r] * sx) * q_f16_at(h + 32 + 2 * r);
     }
-    *weights = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
 }
 
 VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
-    const int64_t nblocks = a->k / VX_QBLOCK;
     for (int64_t p = p0; p < p1; p++) {
         const uint8_t *pw = a->w + p * a->panel_bytes;
         for (int64_t i = 0; i < a->n; i++) {
             float acc[VX_QPANEL] = {0};
-            for (int64_t b = 0; b < nblocks; b++) {
-                float S[VX_QPANEL], M[VX_QPANEL];
-                const uint8_t *u;
-                q_block_scales(a, pw, b, S, M, &u);
-                const int8_t *xq = a->xq + i * a->k + b * VX_QBLOCK;
-                const float sx = a->sx[i * nblocks + b], sxs = a->sxs[i * nblocks + b];
-                const int32_t offset = a->fmt == VX_Q_INT8 ? 128 * a->xsum[i * nblocks + b] : 0;
-                int32_t dot[VX_QPANEL] = {0};
-                for (int t = 0; t < VX_QBLOCK; t++)
-                    for (int r = 0; r < VX_QPANEL; r++) {
-                        const int byte = a->fmt == VX_Q_INT8 ? u[(t / 4) * 64 + 4 * r + t % 4]
-                                                             : u[((t / 4) % 4) * 64 + 4 * r + t % 4] >> (4 * (t >= 16)) & 15;
-                        dot[r] += byte * xq[t];
-                    }
-                for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + ((float)(dot[r] - offset) * sx) * S[r] - M[r] * sxs;
-            }
+            if (a->fmt == VX_Q_INT8) q_int8_row(a, pw, i, acc);
+            else q_q4_row(a, pw, i, acc);
             const int64_t row0 = p * VX_QPANEL;
             for (int r = 0; r < VX_QPANEL && row0 + r < a->m; r++)
                 a->y[i * a->m + row0 + r] = a->b ? acc[r] + a->b[row0 + r] : acc[r];
@@ -295,12 +306,14 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
 
 /* ---- y = x @ w.T with AVX512-VNNI (the avx512bf16 level: every CPU with AVX512-BF16 has it) ---------------
  * One panel is one zmm of 16 rows; VPDPBUSD multiplies its 4 unsigned weight bytes per row by 4 signed
- * activation bytes broadcast from x and adds them into the row's int32 lane. Per block of 32 inputs that is
- * 8 dot steps per activation row, then acc += (dot sx) S, and for q4 acc -= M sxs (sxs = sx xsum, computed
- * once per activation block); int8's offset, M = 128 S, is subtracted from the exact integer dot instead.
- * On Zen 5 every vector multiply (VPDPBUSD, FMA, VPMULLD) issues on the same two pipes (2 a cycle each,
- * alone or mixed), so past one row these 10 (int8) or 11 (q4) multiplies per row and block are the cost:
- * the two extra multiplies of (S sx) dot - (M sx) xsum made an 8-row q4 pass 11 % slower, an int8 one 26 %.
+ * activation bytes broadcast from x and adds them into the row's int32 lane: 8 dot steps per block of 32
+ * inputs and activation row. On Zen 5 every vector multiply (VPDPBUSD, FMA, VPMULLD) issues on the same two
+ * pipes, so past one row what a block adds to its 8 dot steps per row is the cost:
+ *   int8: acc += (dot sx) S, with the offset 128 xsum subtracted from the exact integer dot (2 multiplies);
+ *   q4:   I += sc dot in integers (VPMULLD), and per super-block (I sx) d and (N sx) dmin in float, N from
+ *         4 int16-pair dot steps (VPDPWSSD) of the offset codes with the pairs of block sums. A float scale
+ *         per block (a convert, a multiply and two multiply-adds per block and row) made an 8-row pass over
+ *         hot weights 11 % slower (one core, 8 panels x 3072 inputs in L2: 9.7 us against 8.6).
  * Up to QX activation rows share each weight load (and each q4 unpacking), so a pass over the weights serves
  * QX rows: the decode GEMV (n = 1), the streaming encoder (n = 4), batches, and the GEMM alike. */
 #if VX_LEVEL == VX_LEVEL_AVX512
@@ -314,77 +327,96 @@ VX_VNNI_INLINE __m512i q_bcast4(const int8_t *p) {
     return _mm512_set1_epi32(v);
 }
 
-VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
-                                int64_t row0) {
-    const int64_t K = a->k, nblocks = K / VX_QBLOCK;
+/* every line of a super-block VX_QPREFETCH bytes ahead: the hardware prefetcher alone lets the q4 kernel's
+ * unpacking and the DRAM reads take turns (33 -> 65 GB/s at n = 1 with a 75-80 GB/s probe,
+ * bench/bench_kernels.py) */
+VX_VNNI_INLINE void q_prefetch(const uint8_t *h, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
+}
+
+VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, __m512 *acc) {
+    const int64_t K = a->k, nblocks = K / VX_QBLOCK, blk_bytes = 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
     const float *sx = a->sx + i0 * nblocks;
     const int32_t *xs = a->xsum + i0 * nblocks;
-    const float *sxs = a->sxs + i0 * nblocks;
-    __m512 acc[QX];
-    for (int i = 0; i < NX; i++) acc[i] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(15);
-    const int64_t nb = fmt == VX_Q_INT8 ? 1 : vx_q4_blocks_per_super(K);
-    const int64_t sup_bytes = fmt == VX_Q_INT8 ? 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK
-                                               : VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
-    for (int64_t s0 = 0; s0 < nblocks; s0 += nb) {
-        const uint8_t *h = pw + s0 / nb * sup_bytes;
-        /* every line of the super-block VX_QPREFETCH bytes ahead: the hardware prefetcher alone lets the q4
-         * kernel's unpacking and the DRAM reads take turns (33 -> 65 GB/s at n = 1 with a 75-80 GB/s probe,
-         * bench/bench_kernels.py) */
-        for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
-        __m512 d = _mm512_setzero_ps(), dmin = d;
-        if (fmt == VX_Q_Q4) {
-            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
-            dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32)));
+    for (int64_t b = 0; b < nblocks; b++) {
+        const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL;
+        q_prefetch(h, blk_bytes);
+        const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+        __m512i dot[QX];
+        for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
+        const int8_t *xb = xq + b * VX_QBLOCK;
+        for (int s = 0; s < 8; s++) {
+            const __m512i wv = _mm512_loadu_si512(u + 64 * s);
+            for (int i = 0; i < NX; i++) dot[i] = _mm512_dpbusd_epi32(dot[i], wv, q_bcast4(xb + i * K + 4 * s));
         }
-        for (int64_t bb = 0; bb < nb; bb++) {
-            const int64_t b = s0 + bb;
-            __m512 S, M = _mm512_setzero_ps();     /* M: q4's (int8's is folded into the dot) */
-            const uint8_t *u;
-            if (fmt == VX_Q_INT8) {
-                S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
-                u = h + 2 * VX_QPANEL;
-            } else {
-                const int gi = (int)(bb & 3), up = (int)(bb >> 2);
-                const __m512i lo_sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 64 + 16 * gi)));
-                const __m512i lo_mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 128 + 16 * gi)));
-                const __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(h + 192 + 16 * gi)));
-                const __m512i m15 = _mm512_set1_epi32(15), m3 = _mm512_set1_epi32(3);
-                const __m512i sc = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_sc, 4 * up), m15),
-                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 2 * up), m3), 4));
-                const __m512i mn = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(lo_mn, 4 * up), m15),
-                                                   _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hi, 4 + 2 * up), m3), 4));
-                S = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
-                M = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn));
-                u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
-            }
-            __m512i dot[QX];
-            for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
-            const int8_t *xb = xq + b * VX_QBLOCK;
-            if (fmt == VX_Q_INT8) {
-                for (int s = 0; s < 8; s++) {
-                    const __m512i wv = _mm512_loadu_si512(u + 64 * s);
-                    for (int i = 0; i < NX; i++) dot[i] = _mm512_dpbusd_epi32(dot[i], wv, q_bcast4(xb + i * K + 4 * s));
-                }
-                for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
-                    dot[i] = _mm512_sub_epi32(dot[i], _mm512_slli_epi32(_mm512_set1_epi32(xs[i * nblocks + b]), 7));
-            } else {
-                for (int v = 0; v < 4; v++) {
-                    const __m512i raw = _mm512_loadu_si512(u + 64 * v);
-                    const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-                    for (int i = 0; i < NX; i++) {
-                        dot[i] = _mm512_dpbusd_epi32(dot[i], lo, q_bcast4(xb + i * K + 4 * v));
-                        dot[i] = _mm512_dpbusd_epi32(dot[i], hi, q_bcast4(xb + i * K + 4 * v + 16));
-                    }
-                }
-            }
-            for (int i = 0; i < NX; i++) {
-                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(sx[i * nblocks + b])), S, acc[i]);
-                if (fmt == VX_Q_Q4) acc[i] = _mm512_fnmadd_ps(M, _mm512_set1_ps(sxs[i * nblocks + b]), acc[i]);
-            }
+        for (int i = 0; i < NX; i++) {
+            dot[i] = _mm512_sub_epi32(dot[i], _mm512_slli_epi32(_mm512_set1_epi32(xs[i * nblocks + b]), 7));
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(sx[i * nblocks + b])), S, acc[i]);
         }
     }
+}
+
+/* one 6-bit code per row (16 int32 lanes) of block g + 4 up of a q4 super-block: the low nibble from the
+ * code bytes at lo, the high 2 bits from h[192 + 16 g] at bit `shift` */
+VX_VNNI_INLINE __m512i q4_code6(const uint8_t *lo, const uint8_t *hi, int up, int shift) {
+    const __m512i l = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)lo));
+    const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)hi));
+    return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(l, 4 * up), _mm512_set1_epi32(15)),
+                           _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, shift), _mm512_set1_epi32(3)), 4));
+}
+
+VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, __m512 *acc) {
+    const int64_t K = a->k, nb = vx_q4_blocks_per_super(K), supers = K / (nb * VX_QBLOCK);
+    const int64_t sup_bytes = VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
+    const int8_t *xq = a->xq4 + i0 * K;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    for (int64_t c = 0; c < supers; c++) {
+        const uint8_t *h = pw + c * sup_bytes;
+        q_prefetch(h, sup_bytes);
+        __m512i I[QX];
+        for (int i = 0; i < NX; i++) I[i] = _mm512_setzero_si512();
+        for (int64_t bb = 0; bb < nb; bb++) {
+            const int gi = (int)(bb & 3), up = (int)(bb >> 2);
+            const __m512i sc = q4_code6(h + 64 + 16 * gi, h + 192 + 16 * gi, up, 2 * up);
+            const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
+            const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
+            __m512i dot[QX];
+            for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
+            for (int v = 0; v < 4; v++) {
+                const __m512i raw = _mm512_loadu_si512(u + 64 * v);
+                const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                for (int i = 0; i < NX; i++) {
+                    dot[i] = _mm512_dpbusd_epi32(dot[i], lo, q_bcast4(xb + i * K + 4 * v));
+                    dot[i] = _mm512_dpbusd_epi32(dot[i], hi, q_bcast4(xb + i * K + 4 * v + 16));
+                }
+            }
+            for (int i = 0; i < NX; i++) I[i] = _mm512_add_epi32(I[i], _mm512_mullo_epi32(dot[i], sc));
+        }
+        __m512i N[QX];   /* blocks past nb have codes 0 and sums 0 */
+        for (int i = 0; i < NX; i++) N[i] = _mm512_setzero_si512();
+        for (int g = 0; g < 4; g++) {
+            const __m512i pair = _mm512_or_si512(q4_code6(h + 128 + 16 * g, h + 192 + 16 * g, 0, 4),
+                                                 _mm512_slli_epi32(q4_code6(h + 128 + 16 * g, h + 192 + 16 * g, 1, 6), 16));
+            for (int i = 0; i < NX; i++)
+                N[i] = _mm512_dpwssd_epi32(N[i], pair, _mm512_set1_epi32(a->xpair[((i0 + i) * supers + c) * 4 + g]));
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 32)));
+        for (int i = 0; i < NX; i++) {
+            const __m512 sxv = _mm512_set1_ps(a->sx4[(i0 + i) * supers + c]);
+            acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(I[i]), sxv), d, acc[i]);
+            acc[i] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(N[i]), sxv), dmin, acc[i]);
+        }
+    }
+}
+
+VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, const int fmt,
+                                int64_t row0) {
+    __m512 acc[QX];
+    for (int i = 0; i < NX; i++) acc[i] = _mm512_setzero_ps();
+    if (fmt == VX_Q_INT8) qpanel_int8_vnni(a, pw, i0, NX, acc);
+    else qpanel_q4_vnni(a, pw, i0, NX, acc);
     const __mmask16 valid = a->m - row0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (a->m - row0)) - 1);
     const __m512 bias = a->b ? _mm512_maskz_loadu_ps(valid, a->b + row0) : _mm512_setzero_ps();
     for (int i = 0; i < NX; i++) _mm512_mask_storeu_ps(a->y + (i0 + i) * a->m + row0, valid, _mm512_add_ps(acc[i], bias));

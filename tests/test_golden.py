@@ -38,13 +38,14 @@ REL_TOL = 1e-4
 #   RMS) and every matmul input is rounded to int8 per block of 32 (0.6%); on the tiny model's 64-256-wide
 #   layers nothing averages out and the stages move by up to 7.1e-2 of the scale (measured): 0.1.
 # - quantize="q4": 4-bit weights move by 7% (relative RMS, the format's cost: README, "Quantised weights");
-#   the stages move by up to 0.33 of the scale (measured): 0.45. A layout or scale bug scrambles the
+#   the stages move by up to 0.35 of the scale (measured): 0.45. A layout or scale bug scrambles the
 #   weights (> 100% error), and the isolation test below checks the kernels at a tight bound.
 APPROX_MODES = {"bf16": ({"precision": "bf16"}, 2e-2), "int8": ({"quantize": "int8"}, 0.1),
                 "q4": ({"quantize": "q4"}, 0.45)}
 # - quantised kernels against the float32 path on the same dequantised weights: only the int8 rounding of
-#   the matmul inputs differs, up to 3.7e-2 of the scale on the tiny model (measured): 5e-2.
-ISOLATION_REL_TOL = 5e-2
+#   the matmul inputs differs, up to 3.7e-2 of the scale on the tiny model with int8 weights (blocks of 32)
+#   and 4.6e-2 with q4 weights (blocks of 256, quant.py) (measured): 5e-2 and 7e-2.
+ISOLATION_REL_TOL = {"int8": 5e-2, "q4": 7e-2}
 
 CASES = [name for name, meta in golden_cases() if "token_ids" in meta]
 BACKENDS = ["numpy"] + (["c"] if ckernels.available() else [])
@@ -178,18 +179,18 @@ def isolated(request):
     d = voxtral_ref.load(MODEL_DIRS["mistral"], backend=backend)
     d.weights.quantize({n: f for n, f in q.weights.formats().items() if f in quant.FORMATS},
                        lambda w, f: quant.quantize_np(w, f).dequantize())
-    return tracer(q), tracer(d)
+    return tracer(q), tracer(d), ISOLATION_REL_TOL[fmt]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_quantised_kernels_match_float32_on_the_same_weights(isolated, case):
     """The quantised kernels differ from the float32 path on the same weights only by the int8 rounding of
     the matmul inputs: every stage within ISOLATION_REL_TOL, ids equal up to a near tie."""
-    (g, rq, tq), (_, rd, td) = isolated[0](case), isolated[1](case)
+    (g, rq, tq), (_, rd, td), tol = isolated[0](case), isolated[1](case), isolated[2]
     errors = stage_errors(tq, td, rq.token_ids, rd.token_ids, len(g["prompt_ids"]))
-    bad = {n: e for n, e in errors.items() if not e <= ISOLATION_REL_TOL}
-    assert not bad, f"stages over {ISOLATION_REL_TOL:g} of scale: {bad}"
-    assert_ids_follow(rq.token_ids, rd.token_ids, td["logits"][len(g["prompt_ids"]) - 1:], ISOLATION_REL_TOL)
+    bad = {n: e for n, e in errors.items() if not e <= tol}
+    assert not bad, f"stages over {tol:g} of scale: {bad}"
+    assert_ids_follow(rq.token_ids, rd.token_ids, td["logits"][len(g["prompt_ids"]) - 1:], tol)
 
 
 @pytest.mark.parametrize("recipe", ["q4", "int8,lm_head=q4,enc=none"])
