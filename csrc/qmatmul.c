@@ -60,16 +60,22 @@ typedef struct {
     int count;
     const vx_qlinear_args *a;
     const int64_t *first;      /* matrix i's panels: [first[i], first[i + 1]) */
+    int64_t step, next;        /* runs of `step` panels, and the next run's first panel */
 } qlinears_ctx;
 
-/* contiguous ranges of panels per thread: one sequential weight stream each, as the GEMV */
+/* Runs of consecutive panels (each a sequential weight stream) to whichever thread is free, about 8 per
+ * thread: a thread the OS pauses (the server's event loop, a client on the same cores) then delays the call
+ * by its share of one run, not of its half of the matrices as with one fixed range per thread. */
 static void qlinears_task(void *ctx, int tid, int nt) {
-    const qlinears_ctx *c = ctx;
-    int64_t lo, hi;
-    vx_split(c->first[c->count], 1, tid, nt, &lo, &hi);
-    for (int i = 0; i < c->count; i++) {
-        const int64_t p0 = lo > c->first[i] ? lo : c->first[i], p1 = hi < c->first[i + 1] ? hi : c->first[i + 1];
-        if (p0 < p1) vx_active()->qlinear(&c->a[i], p0 - c->first[i], p1 - c->first[i]);
+    qlinears_ctx *c = ctx;
+    const int64_t total = c->first[c->count];
+    (void)tid, (void)nt;
+    for (int64_t lo; (lo = vx_next_tasks(&c->next, c->step)) < total;) {
+        const int64_t hi = lo + c->step < total ? lo + c->step : total;
+        for (int i = 0; i < c->count; i++) {
+            const int64_t p0 = lo > c->first[i] ? lo : c->first[i], p1 = hi < c->first[i + 1] ? hi : c->first[i + 1];
+            if (p0 < p1) vx_active()->qlinear(&c->a[i], p0 - c->first[i], p1 - c->first[i]);
+        }
     }
 }
 
@@ -114,8 +120,9 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
         first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
         work += m[i] * k;
     }
-    qlinears_ctx c = {count, a, first};
-    vx_parallel(vx_threads_for((double)work), qlinears_task, &c);
+    const int nt = vx_threads_for((double)work);
+    qlinears_ctx c = {count, a, first, (first[count] + 8 * nt - 1) / (8 * nt), 0};
+    vx_parallel(nt, qlinears_task, &c);
     free(xq), free(sx), free(xsum), free(xq4), free(sx4), free(xpair);
 }
 
