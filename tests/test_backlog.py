@@ -62,12 +62,13 @@ def drafting(truths, wrong=frozenset()):
 def counting():
     """generate.decoder_pass counted: {"passes", "rows", "tokens"} of the passes run outside an engine, and
     every pass's tokens per sequence."""
-    real, seen = generate.decoder_pass, {"passes": 0, "rows": 0, "tokens": 0, "runs": []}
+    real, seen = generate.decoder_pass, {"passes": 0, "rows": 0, "tokens": 0, "runs": [], "sizes": []}
 
     def counted(weights, work, trace=None):
         out = real(weights, work, trace)
         seen["passes"] += 1
         seen["rows"] += sum(len(a) for _, a in work)
+        seen["sizes"].append(sum(len(a) for _, a in work))
         seen["tokens"] += sum(len(t) for t in out)
         seen["runs"] += out
         return out
@@ -98,9 +99,21 @@ def whole(session, audio):
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "hf"])
+def backoff_gaps(n):
+    """Passes from one drafted pass to the next when every draft misses, for the first n gaps: stream's
+    DRAFT_BACKOFF_MAX rule written out (1 + the passes it pauses)."""
+    return [1 + min(2 ** i, stream.DRAFT_BACKOFF_MAX) for i in range(n)]
+
+
+def test_backoff_reaches_its_cap():
+    assert backoff_gaps(8) == [2, 3, 5, 9, 17, 33, 33, 33]
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "hf"])
 def test_backlogged_session_equals_golden_with_real_and_right_drafts(fmt):
-    """Every golden case fed at once: the real drafter's all-missed drafts (every pass verifies 3 guesses and
-    keeps one token) and an oracle's right-3-in-4 drafts (fewer passes than tokens) give HF's ids."""
+    """Every golden case fed at once: the real drafter's all-missed drafts (each drafted pass verifies 3
+    guesses and keeps one token, then the session drafts after 1, 2, 4, ... passes without) and an oracle's
+    right-3-in-4 drafts (fewer passes than tokens) give HF's ids."""
     m = model(fmt)
     for case in CASES:
         g = load_case(case)
@@ -110,7 +123,12 @@ def test_backlogged_session_equals_golden_with_real_and_right_drafts(fmt):
             ids, out = whole(s, g["audio"])
         assert ids == golden and all(len(e.latency_s) == len(e.token_ids) for e in out)
         assert real["passes"] == real["tokens"] == len(ids)                  # all missed on the tiny model ...
-        assert real["rows"] > 3 * real["passes"]                             # ... after verifying 3 guesses
+        after_prompt = real["sizes"][1:]                                     # (the first: the prompt's rest)
+        drafted = [i for i, rows in enumerate(after_prompt) if rows > 1]
+        gaps = np.diff(drafted).tolist()             # a pass with no backlog (the audio all decoded) pauses no draft
+        assert drafted[0] == 0 and len(drafted) >= 4 and all(g >= w for g, w in zip(gaps, backoff_gaps(len(gaps))))
+        assert sum(g > w for g, w in zip(gaps, backoff_gaps(len(gaps)))) <= 1   # step() then close(): one such pass
+        assert all(after_prompt[i] == 4 for i in drafted[:-1])              # ... after verifying 3 guesses
         s = m.stream(int(g["delay_ms"]))
         with counting() as right, drafting({s._dec: golden}, wrong=set(range(2, 200, 4))):
             ids, _ = whole(s, g["audio"])

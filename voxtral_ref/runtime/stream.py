@@ -74,6 +74,11 @@ FILE_ENCODE_TOKENS = 250
 # queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
 # 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
 BACKLOG_DRAFT = 3
+# Drafts cost their rows whether right or wrong (a 4-row pass ~1.06-1.17x a 1-row one, more in a pass shared
+# with other sessions' rows), so a session whose drafts keep missing (speech the guess does not fit, or a
+# random checkpoint, where they always miss) drafts less: after n drafted passes in a row that all missed, the
+# next min(2^(n-1), DRAFT_BACKOFF_MAX) backlog passes draft nothing; one right guess restores every pass.
+DRAFT_BACKOFF_MAX = 32
 
 # The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
 # other sessions' chunks: while it steps one, this holds its run(frames, pos, caches) -> audio embeddings
@@ -120,6 +125,7 @@ class StreamSession:
         self._buf_start = -HALF_WINDOW
         self._buf = np.zeros(HALF_WINDOW + N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32)
         self._embeds = np.zeros((0, model.cfg.decoder.dim), np.float32)  # computed, not yet fed [m, dim]
+        self._draft_misses, self._draft_pause = 0, 0    # drafted passes in a row that missed; passes to skip
         self._n_embeds = 0                                     # audio embeddings computed so far
         self._arrivals = collections.deque()                   # (padded end, feed time) of chunks in use
         self._resampler = None
@@ -200,11 +206,14 @@ class StreamSession:
                 if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
                     k = BACKLOG_DRAFT if max_tokens is None else min(BACKLOG_DRAFT, max_tokens - len(ids) - 1)
                     dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
+                    if dec.draft and self._draft_pause:
+                        dec.draft, self._draft_pause = [], self._draft_pause - 1
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
                     break
                 tokens = dec.run_chunk(embeds)                  # none for the silence prefix
+                self._count_drafts(dec.verified, len(tokens))
                 # the embeddings of the positions kept leave the queue; a rejected draft's are fed again
                 self._embeds = self._embeds[dec.chunk()[1] - p0:]
                 for n in range(len(dec.ids) - len(tokens) + 1, len(dec.ids) + 1):
@@ -219,6 +228,16 @@ class StreamSession:
         self.text += text
         self._done = closing
         return Emission(ids, text, latency)
+
+    def _count_drafts(self, verified, n_tokens):
+        """DRAFT_BACKOFF_MAX's rule, after a pass that verified `verified` drafts and kept n_tokens tokens."""
+        if not verified:
+            return
+        if n_tokens > 1:
+            self._draft_misses = 0
+        else:
+            self._draft_misses += 1
+            self._draft_pause = min(2 ** (self._draft_misses - 1), DRAFT_BACKOFF_MAX)
 
     def _stopped(self):
         """Whether decoding has ended (offline's rule, `_stops_at`, on the ids so far)."""

@@ -83,6 +83,7 @@ class Decoder:
                        for _ in range(cfg.n_layers)]
         self.ids = []                                                                 # every id fed or emitted
         self.draft = []                                                               # guesses fed after ids[-1]
+        self.verified = 0                                                             # drafts the last pass checked
 
     def chunk(self):
         """(ids, position of the first) this decoder feeds next: the silence prefix, then the rest of the
@@ -126,6 +127,7 @@ class Decoder:
         first, then each next one whose input the draft guessed right."""
         if p0 + len(ids) <= len(self.prompt):
             self.ids = list(self.prompt[:p0 + len(ids)])
+        self.verified = len(self.draft) if logits is not None else 0
         if logits is None:
             return []
         choice = [int(i) for i in np.argmax(logits, axis=-1)]
