@@ -7,7 +7,8 @@ Reports, from the client side: per-session lag (audio sent minus audio the recei
 token clock maps text to audio: token k needs (k + 1 + delay) * 80 ms), delta latency (from sending the
 chunk that completes a token's audio to receiving its text) p50/p95, time from the final commit to the
 final event, errors, whether each final transcript equals offline `Model.transcribe` of the same audio,
-and the server's RSS over time: flat after warm-up means its least-squares slope over the second half of
+the server's passes (how many, their mean time and sessions, the share of the wall time they took), and
+the server's RSS over time: flat after warm-up means its least-squares slope over the second half of
 the audio (every client still streaming; the final flush comes after) is at most FLAT_MB_PER_MIN. After the disconnect cycles: the server's RSS every 50
 cycles and once the idle server has trimmed its heap, its open sessions and clients.
 
@@ -186,6 +187,7 @@ async def main(args):
                                                 stats) for n in range(args.sessions)), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         t_stream = time.perf_counter() - t0
+        passes = {n: metric(port, f"voxtral_pass_{n}") for n in ("seconds_sum", "seconds_count", "sessions_sum")}
         cycle_rss = [(0, rss_mb(proc.pid))]                 # (cycles done, RSS)
         for start in range(0, args.cycles, 8):
             await asyncio.gather(*(vanish(port, speech) for _ in range(min(8, args.cycles - start))))
@@ -219,6 +221,10 @@ async def main(args):
               f"last quarter mean {np.mean(last):.2f} s, last quarter max {np.max(last):.2f} s")
     else:
         print("  lag behind the audio: no text arrived before the final commit (the server fell behind)")
+    n_pass = max(passes["seconds_count"], 1)
+    print(f"  the model's thread: {passes['seconds_count']:.0f} passes, {1e3 * passes['seconds_sum'] / n_pass:.1f} ms "
+          f"and {passes['sessions_sum'] / n_pass:.2f} sessions per pass on average, busy "
+          f"{100 * passes['seconds_sum'] / t_stream:.0f} % of the wall time")
     print(f"  final commit -> final event: p50 {pct([s['flush'] for s in stats], 50):.2f} s, "
           f"max {max(s['flush'] for s in stats):.2f} s")
     print("  server RSS (MB) over time: " + ", ".join(f"{t:.0f}s {r:.0f}" for t, r in series))
