@@ -60,21 +60,26 @@ typedef struct {
     int count;
     const vx_qlinear_args *a;
     const int64_t *first;      /* matrix i's panels: [first[i], first[i + 1]) */
-    int64_t step, next;        /* runs of `step` panels, and the next run's first panel */
+    int64_t *taken;            /* [nt]: panels taken so far from thread r's range */
 } qlinears_ctx;
 
-/* Runs of consecutive panels (each a sequential weight stream) to whichever thread is free, about 8 per
- * thread: a thread the OS pauses (the server's event loop, a client on the same cores) then delays the call
- * by its share of one run, not of its half of the matrices as with one fixed range per thread. */
+/* Thread r's range of the concatenated panels is vx_split's r-th (one sequential weight stream each, as
+ * the GEMV), taken in runs of about an eighth; a thread done with its own takes the next runs of the
+ * others'. A thread the OS pauses (the server's event loop, a client on the same cores) then delays the
+ * call by about one run, not by its whole range. */
 static void qlinears_task(void *ctx, int tid, int nt) {
     qlinears_ctx *c = ctx;
-    const int64_t total = c->first[c->count];
-    (void)tid, (void)nt;
-    for (int64_t lo; (lo = vx_next_tasks(&c->next, c->step)) < total;) {
-        const int64_t hi = lo + c->step < total ? lo + c->step : total;
-        for (int i = 0; i < c->count; i++) {
-            const int64_t p0 = lo > c->first[i] ? lo : c->first[i], p1 = hi < c->first[i + 1] ? hi : c->first[i + 1];
-            if (p0 < p1) vx_active()->qlinear(&c->a[i], p0 - c->first[i], p1 - c->first[i]);
+    for (int k = 0; k < nt; k++) {
+        const int r = (tid + k) % nt;
+        int64_t lo, hi;
+        vx_split(c->first[c->count], 1, r, nt, &lo, &hi);
+        const int64_t step = (hi - lo + 7) / 8;
+        for (int64_t p0; (p0 = lo + vx_next_tasks(&c->taken[r], step)) < hi;) {
+            const int64_t p1 = p0 + step < hi ? p0 + step : hi;
+            for (int i = 0; i < c->count; i++) {
+                const int64_t q0 = p0 > c->first[i] ? p0 : c->first[i], q1 = p1 < c->first[i + 1] ? p1 : c->first[i + 1];
+                if (q0 < q1) vx_active()->qlinear(&c->a[i], q0 - c->first[i], q1 - c->first[i]);
+            }
         }
     }
 }
@@ -121,9 +126,10 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
         work += m[i] * k;
     }
     const int nt = vx_threads_for((double)work);
-    qlinears_ctx c = {count, a, first, (first[count] + 8 * nt - 1) / (8 * nt), 0};
+    qlinears_ctx c = {count, a, first, vx_alloc(sizeof(int64_t) * nt)};
+    for (int t = 0; t < nt; t++) c.taken[t] = 0;
     vx_parallel(nt, qlinears_task, &c);
-    free(xq), free(sx), free(xsum), free(xq4), free(sx4), free(xpair);
+    free(c.taken), free(xq), free(sx), free(xsum), free(xq4), free(sx4), free(xpair);
 }
 
 void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
