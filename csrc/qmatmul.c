@@ -99,8 +99,7 @@ static void quantize_act_q4(const float *x, int64_t n, int64_t k, int8_t *xq4, f
 }
 
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once per format
- * present, and one team of threads over all their panels (each thread a contiguous run of the concatenated
- * panels) */
+ * present, and one team of threads over all their panels (qlinears_task) */
 static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
                      const int64_t *m, const float *const *b, float *const *y) {
     if (n <= 0) return;

@@ -25,9 +25,9 @@ activation") and dot[i, j, b] = sum over block b of u[j, k] xq[i, k] (exact inte
 q4's activation scale per super-block lets its 6-bit block codes multiply in integers, once per block and
 row, where a float scale per block took a convert, a multiply and two multiply-adds (an 8-row pass over
 hot weights 11 % faster, csrc/qmatmul_simd.h). The coarser grid's relative RMS error in x: 0.70 % against
-0.54 % for normal x, 1.7 % against 0.84 % for Student-t (3) x, small beside q4's own error in w (5-10 %). The C kernels accumulate the
-sum over b (int8) or c (q4) in float32 in order, one row at a time, so a row's result does not depend on
-how many rows a call has.
+0.54 % for normal x, 1.7 % against 0.84 % for Student-t (3) x, small beside q4's own error in w (5-10 %).
+The C kernels accumulate the sum over b (int8) or c (q4) in float32 in order, one row at a time, so a
+row's result does not depend on how many rows a call has.
 
 Storage ("panels"): 16 output rows are interleaved so that one 64-byte vector holds 4 consecutive inputs of
 each of the 16 rows (the operand of one AVX512-VNNI dot-product step, and 4 NEON registers' worth for an
@@ -317,14 +317,15 @@ def qlinear_np(x, qt, b=None):
     xsum = xb.sum(-1)                                                        # [n, K/32]
     y = np.empty((len(xq), n_panels(m) * PANEL))
     for p, raw in enumerate(qt.data):
+        fields = _int8_panel(raw, k) if qt.fmt == "int8" else _q4_fields(raw, k)
+        u = fields[-1]                                                       # [16, K]
+        dot = np.einsum("ibk,jbk->ijb", xb, u.reshape(PANEL, -1, BLOCK).astype(np.int64))   # [n, 16, K/32]
         if qt.fmt == "int8":
-            s, u = _int8_panel(raw, k)                                       # [16, K/32], [16, K]
-            dot = np.einsum("ibk,jbk->ijb", xb, u.reshape(PANEL, -1, BLOCK).astype(np.int64))   # [n, 16, K/32]
+            s = fields[0]                                                    # [16, K/32]
             terms = sx[:, None, :].astype(np.float64) * s[None].astype(np.float64) * (dot - 128 * xsum[:, None, :])
         else:
-            d, dmin, sc, mn, u = _q4_fields(raw, k)                          # [C, 16] x2, [C, nb, 16] x2, [16, K]
+            d, dmin, sc, mn, _ = fields                                      # [C, 16] x2, [C, nb, 16] x2
             nb = sc.shape[1]
-            dot = np.einsum("ibk,jbk->ijb", xb, u.reshape(PANEL, -1, BLOCK).astype(np.int64))   # [n, 16, K/32]
             dot = dot.reshape(len(xq), PANEL, -1, nb)                        # [n, 16, C, nb]
             isum = (dot * sc.transpose(2, 0, 1)[None]).sum(-1)               # [n, 16, C]
             nsum = np.einsum("icb,cbj->ijc", xsum.reshape(len(xq), -1, nb), mn)   # [n, 16, C]
