@@ -17,7 +17,8 @@ For each model directory (one weight format each; unquantised ones run in --prec
            (Engine.together, as the server's `advance` does): a round is what N live clients wait for (their
            4 encoder frames each and their decoder positions, each in shared passes). The largest N whose mean round stays under 80 ms is the
            number of 16 kHz streams the machine sustains in real time (tried: every N doubling up to
-           --streams, so the rounds past the limit show what each added stream costs; --live-only skips
+           --streams, so the rounds past the limit show what each added stream costs, then the N between
+           the last that kept up and the first that did not, halving the gap; --live-only skips
            decode and verify). Before them, the encoder's share: one encoder + adapter pass over N
            sessions' 4-frame chunks stacked (stream.encoder_pass, as the engine runs it) against N passes
            of one each, N = 1, 2, 4, ... --streams.
@@ -253,7 +254,17 @@ def run(path, args, machine):
     while n <= args.streams:
         out["live"].append(bench_live(model, n, args.rounds, audio, machine))
         n *= 2
-    sustained = max([r["streams"] for r in out["live"] if r["round_ms_mean"] < 1e3 * REAL_TIME_S], default=0)
+
+    def keeps_up(r):
+        return r["round_ms_mean"] < 1e3 * REAL_TIME_S
+    # then between the last N that kept up and the first that did not, by halving the gap
+    lo = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
+    hi = min([r["streams"] for r in out["live"] if not keeps_up(r) and r["streams"] > lo], default=lo + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        out["live"].append(bench_live(model, mid, args.rounds, audio, machine))
+        lo, hi = (mid, hi) if keeps_up(out["live"][-1]) else (lo, mid)
+    sustained = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
     out["live_streams_sustained"] = sustained
     print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)", flush=True)
     return out
