@@ -143,7 +143,8 @@ class Machine:
 
     def overlap_ms(self, work=2000):
         """The overlap probe over 1 GiB on every thread: ms for loads alone, arithmetic alone (`work` FMA steps
-        per 32 KB block: about what the loads take), loads then arithmetic, arithmetic with prefetches."""
+        per 32 KB block, in 512 pieces: about what the loads take), loads then arithmetic, arithmetic
+        prefetching the next block a line per piece."""
         sink = self.p.ffi.new("float[]", 256)
         return [1e3 * best_time(lambda mode=mode: self.p.lib.overlap(self.ptr, self.buf.size, self.threads, mode, work, sink),
                                 repeats=3, min_time=0) for mode in range(4)]

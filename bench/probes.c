@@ -168,17 +168,22 @@ void overlap(const float *p, int64_t n, int threads, int mode, int64_t work, flo
         vec a[8], m = VSET1(0.999f);
         for (int i = 0; i < 8; i++) a[i] = VSET1(1.0f);
         unsigned t = 0;
-        const int64_t every = work * 64 / (32768 * 2) > 0 ? work * 64 / (32768 * 2) : 1;   /* steps per prefetch */
+        /* the arithmetic in 512 pieces of `per` steps, one per line of a block; mode 3 prefetches a line of the
+         * next block after each piece (no division in the loop: an earlier version's s % every per step
+         * slowed the arithmetic it measured) */
+        const int64_t per = (work + 511) / 512;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
             const char *blk = (const char *)(p + b * block), *next = blk + 32768;
             if (mode == 0 || mode == 2)
                 for (int64_t o = 0; o < 32768; o += 64) t ^= *(const unsigned *)(blk + o);
             if (mode >= 1)
-                for (int64_t s = 0, o = 0; s < work; s++) {
+                for (int64_t l = 0; l < 512; l++) {
+                    for (int64_t s = 0; s < per; s++) {
 #pragma GCC unroll 8
-                    for (int i = 0; i < 8; i++) a[i] = VFMA(a[i], m, m);
-                    if (mode == 3 && s % every == 0 && o < 32768 && b + 1 < nblocks) __builtin_prefetch(next + o, 0, 3), o += 64;
+                        for (int i = 0; i < 8; i++) a[i] = VFMA(a[i], m, m);
+                    }
+                    if (mode == 3 && b + 1 < nblocks) __builtin_prefetch(next + 64 * l, 0, 2);
                 }
         }
         float s = (float)t;

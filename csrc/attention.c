@@ -37,6 +37,13 @@ static void by_rows(const vx_isa *isa, const vx_attention_args *a, int64_t nrows
     vx_parallel(nt, by_rows_task, &c);
 }
 
+/* by_keys' key range ci: [j0, j1) */
+static void key_chunk(const att_ctx *c, int64_t ci, int64_t *j0, int64_t *j1) {
+    const int64_t c0 = (c->c_lo + ci) * c->chunk;
+    *j0 = c0 > c->j_lo ? c0 : c->j_lo;
+    *j1 = c0 + c->chunk < c->j_hi ? c0 + c->chunk : c->j_hi;
+}
+
 static void by_keys_task(void *ctx, int tid, int nt) {
     att_ctx *c = ctx;
     const vx_attention_args *a = c->a;
@@ -47,10 +54,15 @@ static void by_keys_task(void *ctx, int tid, int nt) {
     float *scratch = vx_alloc(sizeof(float) * (sb * D + (vw + 2) * sb + vw * D + vw * sb)
                               + (a->kvtype == VX_KV_INT8 ? D : sb * D * sizeof(float)));
     (void)tid, (void)nt;
-    for (int64_t ci; (ci = vx_next_tasks(&c->next, 1)) < c->ntasks;) {
-        const int64_t c0 = (c->c_lo + ci) * c->chunk, j0 = c0 > c->j_lo ? c0 : c->j_lo;
-        const int64_t j1 = c0 + c->chunk < c->j_hi ? c0 + c->chunk : c->j_hi;
-        c->isa->attention_keys(a, j0, j1, c->nrows, c->state + ci * c->per, scratch);
+    /* a thread claims its next range before computing the current one, so it can prefetch it meanwhile
+     * (attention_keys_d), when the call has at least 4 ranges per thread */
+    const int spread = c->ntasks >= 4 * (int64_t)nt;
+    for (int64_t ci = vx_next_tasks(&c->next, 1), cn, first = 1; ci < c->ntasks; ci = cn, first = !spread) {
+        cn = vx_next_tasks(&c->next, 1);
+        int64_t j0, j1, p0 = 0, p1 = 0;
+        key_chunk(c, ci, &j0, &j1);
+        if (spread && cn < c->ntasks) key_chunk(c, cn, &p0, &p1);
+        c->isa->attention_keys(a, j0, j1, c->nrows, c->state + ci * c->per, scratch, (int)first, p0, p1);
         for (int64_t i = 0; i < tq; i++) {
             int64_t p = INT64_MIN;
             for (int64_t j = j0; j < j1; j++)

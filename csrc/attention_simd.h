@@ -148,10 +148,14 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * so they would fall in the same L1 sets and each row's pass would refetch them. An int8 cache is stored
  * in blocks of 32 keys, head-major (vx_kv8_row), so a super-block's rows of one head are contiguous and
  * read in place: its K codes feed the integer scores (attention_idots, or widened into kbuf), its V codes
- * pv_rows. On this project's machines a thread's DRAM reads only partly overlap its arithmetic, and software
- * prefetches spread through the arithmetic hide less than loads in turn (bench_kernels.py's overlap probe),
- * so a super-block read from memory is first loaded in one burst of loads, one per line in memory order,
- * whose misses overlap each other. The online softmax updates once per super-block.
+ * pv_rows. An int8 cache read from memory (kv_touch): a thread's first range is loaded super-block by
+ * super-block in one burst of loads, one per line in memory order, whose misses overlap each other; while
+ * it computes a range it prefetches the next one it has claimed (attention.c), a line of K and one of V per
+ * value step of pv_rows, so the reads run under the arithmetic (the decoder's 26 calls over 8192 keys, 2
+ * threads: 17.6-20.1 -> 16.6-16.7 ms; issued 512 at a time per kv head, the prefetches stalled the
+ * arithmetic instead: 27-43 ms). Calls of fewer than 4 ranges per thread (an encoder step's 750 keys) burst
+ * every super-block: spread prefetches made those 6.4-6.9 -> 8.3-8.6 ms. The online softmax updates once
+ * per super-block.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
 
@@ -226,8 +230,19 @@ VX_INLINE float softmax_update(const vf *s, int NSUB, float *m, float *l, const 
 /* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
  * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
  * so each value vector, widened once, serves every row and the loads stay below the FMAs. */
+/* lines of a cache's K and V codes to prefetch while computing: [at, end) bytes, `per` lines a step */
+typedef struct {
+    const char *k, *v;
+    int64_t at, end, per;
+} kv_prefetch;
+
+VX_INLINE void prefetch_step(kv_prefetch *pf) {
+    for (int64_t i = 0; i < pf->per && pf->at < pf->end; i++, pf->at += 64)
+        __builtin_prefetch(pf->k + pf->at, 0, 2), __builtin_prefetch(pf->v + pf->at, 0, 2);
+}
+
 VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
-                       const int NR, const int Q8) {
+                       const int NR, const int Q8, kv_prefetch *pf) {
     const int DB = 4 * VW;
     int d0 = 0;
     for (; d0 + DB <= D; d0 += DB) {
@@ -238,6 +253,7 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
             for (int i = 0; i < 4; i++) acc[r][i] = vx_mul(vx_load(o + r * D + d0 + i * VW), vx_set1(corr[r]));
         }
         for (int jj = 0; jj < nk; jj++) {
+            prefetch_step(pf);
             vf v[4];
             VX_UNROLL
             for (int i = 0; i < 4; i++)
@@ -267,7 +283,7 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
 /* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [SB] float32, then vbuf [SB][d] (float32,
  * or int8 if Q8) */
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                float *scratch, const int DC, const int Q8) {
+                                float *scratch, int burst, int64_t pf0, int64_t pf1, const int DC, const int Q8) {
     const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
     const int SB = vx_att_sb(D, H, a->kvtype), NSUB = SB / VW;
     const int64_t W = a->window, row = (int64_t)H * D;
@@ -287,6 +303,16 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         qmax = p > qmax ? p : qmax;
     }
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
+    kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0};
+    if (Q8 && a->kv_touch && pf0 < pf1) {
+        const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
+        pf.at = pf0 / VX_KV8_BLOCK * blk, pf.end = ((pf1 - 1) / VX_KV8_BLOCK + 1) * blk;
+        const int64_t steps = ((j1 - 1) / SB - j0 / SB + 1) * H * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
+        pf.per = ((pf.end - pf.at) / 64 + steps - 1) / steps;
+        const char *ks = (const char *)(a->ks + pf0 * H), *vs = (const char *)(a->vs + pf0 * H);
+        for (int64_t o = 0; o < (int64_t)sizeof(float) * (pf1 - pf0) * H; o += 64)
+            __builtin_prefetch(ks + o, 0, 2), __builtin_prefetch(vs + o, 0, 2);
+    }
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
     for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
@@ -302,7 +328,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             const char *kn = (const char *)((const float *)a->k + (jb + SB) * row), *vn = (const char *)((const float *)a->v + (jb + SB) * row);
             for (size_t o = 0; o < (size_t)(next * row) * sizeof(float); o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
-        if (Q8 && a->kv_touch) {   /* the blocks holding keys [jb + lo, jb + nk), K and V: one load per line */
+        if (Q8 && a->kv_touch && burst) {   /* the blocks holding keys [jb + lo, jb + nk), K and V: one load per line */
             const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
             const int64_t b0 = (jb + lo) / VX_KV8_BLOCK * blk, b1 = ((jb + nk - 1) / VX_KV8_BLOCK + 1) * blk;
             const char *kb = (const char *)a->k, *vb = (const char *)a->v;
@@ -382,24 +408,26 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             for (int r = 0; r < nrows; r += 4) {
                 const int nr = nrows - r < 4 ? nrows - r : 4;
                 float *o = os + ((int64_t)hk * nrows + r) * D;
-                if (nr == 4) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8);
-                else if (nr == 3) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8);
-                else if (nr == 2) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8);
-                else pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8);
+                if (nr == 4) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 4, Q8, &pf);
+                else if (nr == 3) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 3, Q8, &pf);
+                else if (nr == 2) pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 2, Q8, &pf);
+                else pv_rows(vrow, nk, D, pj + r * SB, SB, corr + r, o, 1, Q8, &pf);
             }
         }
     }
 }
 
 VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                          float *scratch) {   /* scratch: see attention_keys_d */
+                                          float *scratch, int burst, int64_t pf0, int64_t pf1) {   /* scratch: see attention_keys_d */
     const int q8 = a->kvtype == VX_KV_INT8;
+#define VX_KEYS(dc, q) attention_keys_d(a, j0, j1, nrows, state, scratch, burst, pf0, pf1, dc, q)
     if (a->d == 128)
-        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 128, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 128, 0);
+        q8 ? VX_KEYS(128, 1) : VX_KEYS(128, 0);
     else if (a->d == 64)
-        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 64, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 64, 0);
+        q8 ? VX_KEYS(64, 1) : VX_KEYS(64, 0);
     else
-        q8 ? attention_keys_d(a, j0, j1, nrows, state, scratch, 0, 1) : attention_keys_d(a, j0, j1, nrows, state, scratch, 0, 0);
+        q8 ? VX_KEYS(0, 1) : VX_KEYS(0, 0);
+#undef VX_KEYS
 }
 
 VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch) {
