@@ -152,8 +152,8 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * super-block in one burst of loads, one per line in memory order, whose misses overlap each other; while
  * it computes a range it prefetches the next one it has claimed (attention.c), a line of K and one of V per
  * value step of pv_rows, so the reads run under the arithmetic (the decoder's 26 calls over 8192 keys, 2
- * threads: 17.6-20.1 -> 16.6-16.7 ms; issued 512 at a time per kv head, the prefetches stalled the
- * arithmetic instead: 27-43 ms). Calls of fewer than 4 ranges per thread (an encoder step's 750 keys) burst
+ * threads, two alternated sweeps: 17.6-20.1 -> 16.6-16.7 ms, 18.4 -> 17.3-17.9; the live step's attention
+ * showed no change; issued 512 at a time per kv head, the prefetches stalled the arithmetic: 27-43 ms). Calls of fewer than 4 ranges per thread (an encoder step's 750 keys) burst
  * every super-block: spread prefetches made those 6.4-6.9 -> 8.3-8.6 ms. The online softmax updates once
  * per super-block.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
@@ -227,9 +227,6 @@ VX_INLINE float softmax_update(const vf *s, int NSUB, float *m, float *l, const 
     return corr;
 }
 
-/* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
- * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
- * so each value vector, widened once, serves every row and the loads stay below the FMAs. */
 /* lines of a cache's K and V codes to prefetch while computing: [at, end) bytes, `per` lines a step */
 typedef struct {
     const char *k, *v;
@@ -241,6 +238,10 @@ VX_INLINE void prefetch_step(kv_prefetch *pf) {
         __builtin_prefetch(pf->k + pf->at, 0, 2), __builtin_prefetch(pf->v + pf->at, 0, 2);
 }
 
+/* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
+ * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
+ * so each value vector, widened once, serves every row and the loads stay below the FMAs; each value step
+ * also issues `pf`'s next prefetches. */
 VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
                        const int NR, const int Q8, kv_prefetch *pf) {
     const int DB = 4 * VW;
