@@ -179,7 +179,7 @@ def run(path, args, machine):
               f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms (attention "
               f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})", flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM")
-    session = None
+    session = None                      # its full-window caches go before the new sessions open
     out["new_sessions_first_token_ms"] = [1e3 * first_token_s(model, audio, block) for _ in range(NEW_SESSIONS)]
     print(f"{label:>10}: load {load_s:.2f} s, first token {out['first_token_latency_ms']:.0f} ms after its audio "
           f"(then {NEW_SESSIONS} new sessions: " + " / ".join(f"{t:.0f}" for t in out["new_sessions_first_token_ms"])

@@ -17,18 +17,32 @@ typedef struct {
     int8_t *xq;
     float *sx;
     int32_t *xsum;
+    int32_t *xpair;            /* q4 (vx_qlinear_args), or NULL: filled by the thread that quantised the rows */
 } act_ctx;
+
+/* the pairs of 32-input block sums of `rows` rows of q4 codes, 4 per super-block (vx_qlinear_args) */
+static void q4_pair_sums(const int8_t *xq4, int64_t rows, int64_t k, int32_t *xpair) {
+    const int64_t nb = vx_q4_blocks_per_super(k), supers = rows * (k / (nb * VX_QBLOCK));
+    for (int64_t c = 0; c < supers; c++) {
+        int32_t sum[8] = {0};
+        for (int64_t b = 0; b < nb; b++)
+            for (int t = 0; t < VX_QBLOCK; t++) sum[b] += xq4[(c * nb + b) * VX_QBLOCK + t];
+        for (int j = 0; j < 4; j++) xpair[c * 4 + j] = (int32_t)((uint32_t)(uint16_t)sum[j] | (uint32_t)sum[j + 4] << 16);
+    }
+}
 
 static void quantize_act_task(void *ctx, int tid, int nt) {
     const act_ctx *c = ctx;
     int64_t lo, hi;
     vx_split(c->n, 1, tid, nt, &lo, &hi);
     const int64_t nb = c->k / c->block;
-    if (lo < hi) vx_active()->quantize_act(c->x + lo * c->k, hi - lo, c->k, c->block, c->xq + lo * c->k, c->sx + lo * nb, c->xsum + lo * nb);
+    if (lo >= hi) return;
+    vx_active()->quantize_act(c->x + lo * c->k, hi - lo, c->k, c->block, c->xq + lo * c->k, c->sx + lo * nb, c->xsum + lo * nb);
+    if (c->xpair) q4_pair_sums(c->xq + lo * c->k, hi - lo, c->k, c->xpair + lo * nb * 4);
 }
 
 void vx_quantize_act(const float *x, int64_t n, int64_t k, int64_t block, int8_t *xq, float *sx, int32_t *xsum) {
-    act_ctx c = {x, n, k, block, xq, sx, xsum};
+    act_ctx c = {x, n, k, block, xq, sx, xsum, NULL};
     vx_parallel(vx_threads_for((double)n * k / 4), quantize_act_task, &c);
 }
 
@@ -86,16 +100,11 @@ static void qlinears_task(void *ctx, int tid, int nt) {
 
 /* x's int8 codes for the q4 matrices (vx_qlinear_args): a scale per super-block, and the pairs of block sums */
 static void quantize_act_q4(const float *x, int64_t n, int64_t k, int8_t *xq4, float *sx4, int32_t *xpair) {
-    const int64_t nb = vx_q4_blocks_per_super(k), supers = k / (nb * VX_QBLOCK);
-    int32_t *xsum = vx_alloc(sizeof(int32_t) * n * supers);     /* per super-block: unused */
-    vx_quantize_act(x, n, k, nb * VX_QBLOCK, xq4, sx4, xsum);
+    const int64_t block = vx_q4_blocks_per_super(k) * VX_QBLOCK;
+    int32_t *xsum = vx_alloc(sizeof(int32_t) * n * (k / block));   /* per super-block: the quantiser's, unused */
+    act_ctx c = {x, n, k, block, xq4, sx4, xsum, xpair};
+    vx_parallel(vx_threads_for((double)n * k / 4), quantize_act_task, &c);
     free(xsum);
-    for (int64_t c = 0; c < n * supers; c++) {
-        int32_t sum[8] = {0};
-        for (int64_t b = 0; b < nb; b++)
-            for (int t = 0; t < VX_QBLOCK; t++) sum[b] += xq4[(c * nb + b) * VX_QBLOCK + t];
-        for (int j = 0; j < 4; j++) xpair[c * 4 + j] = (int32_t)((uint32_t)(uint16_t)sum[j] | (uint32_t)sum[j + 4] << 16);
-    }
 }
 
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once per format
