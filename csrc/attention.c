@@ -144,10 +144,9 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
  * attention_keys_d) */
 enum { VX_ATT_SHARED_BYTES = 8 << 20 };
 
-void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
-                  float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
-                  const int64_t *k_pos, int64_t window) {
-    const int64_t t0 = vx_now_ns();
+void vx_attention_uncounted(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale,
+                            int kvtype, float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
+                            const int64_t *k_pos, int64_t window) {
     const vx_isa *isa = vx_active();
     vx_attention_args a = {q, k, v, k_scale, v_scale, kvtype, out, tq, tk, window, hq, hkv, d, q_pos, k_pos, 1,
                            1.0f / sqrtf((float)d), NULL, NULL, NULL, 1, NULL};
@@ -185,5 +184,12 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
     free(qc);
     free(qk);
     free(qsum);
+}
+
+void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
+                  float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
+                  const int64_t *k_pos, int64_t window) {
+    const int64_t t0 = vx_now_ns();
+    vx_attention_uncounted(q, k, v, k_scale, v_scale, kvtype, out, tq, tk, hq, hkv, d, q_pos, k_pos, window);
     vx_count_ns(VX_TIME_ATTENTION, vx_now_ns() - t0);
 }

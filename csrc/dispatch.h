@@ -272,5 +272,10 @@ static inline int64_t vx_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 void vx_count_ns(int kind, int64_t ns);
+/* vx_attention without adding its time to VX_TIME_ATTENTION (layer.c counts a layer's attention once,
+ * whichever threads ran its sequences) */
+void vx_attention_uncounted(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale,
+                            int kvtype, float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
+                            const int64_t *k_pos, int64_t window);
 
 #endif

@@ -31,7 +31,8 @@ const char *vx_isa_detail(int level);    /* one line: what the level uses */
 void vx_set_threads(int n);              /* n <= 0: one per core this process may run on */
 enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds sums */
 double vx_kernel_seconds(int kind);     /* seconds spent since load (benchmarks) in the weight-streaming linears
-                                          * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or vx_attention (VX_TIME_ATTENTION) */
+                                          * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or in attention (VX_TIME_ATTENTION:
+                                          * vx_attention, and a layer's KV stores and attention in vx_layer_forward) */
 int vx_get_threads(void);
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */

@@ -80,10 +80,68 @@ static void attend(const vx_layer *L, const float *qr, const float *kr, const fl
     }
     store_kv(kr, t, L->n_kv_heads, L->head_dim, ring->kvtype, slot, ck, cks);
     store_kv(v, t, L->n_kv_heads, L->head_dim, ring->kvtype, slot, cv, cvs);
-    vx_attention(qr, ck, cv, ring->kvtype == VX_KV_INT8 ? cks : NULL, ring->kvtype == VX_KV_INT8 ? cvs : NULL,
+    vx_attention_uncounted(qr, ck, cv, ring->kvtype == VX_KV_INT8 ? cks : NULL, ring->kvtype == VX_KV_INT8 ? cvs : NULL,
                  ring->kvtype, o, t, nkeys, L->n_heads, L->n_kv_heads, L->head_dim, pos, kpos, L->window);
     if (ring->capacity <= 0) free(ck), free(cv), free(cks), free(cvs);
     free(slot);
+}
+
+typedef struct {
+    const vx_layer *L;
+    const float *qr, *kr, *v;
+    const int64_t *pos, *seq_rows, *r0;
+    vx_kv_ring *rings;
+    float *o;
+    const int *order;          /* the sequences, most work first */
+    int nseq;
+    int64_t next;              /* the next of `order` to take */
+} attend_ctx;
+
+static void attend_task(void *ctx, int tid, int nt) {
+    attend_ctx *c = ctx;
+    const int64_t HD = (int64_t)c->L->n_heads * c->L->head_dim, KD = (int64_t)c->L->n_kv_heads * c->L->head_dim;
+    (void)tid, (void)nt;
+    for (int64_t i; (i = vx_next_tasks(&c->next, 1)) < c->nseq;) {
+        const int s = c->order[i];
+        const int64_t r0 = c->r0[s];
+        attend(c->L, c->qr + r0 * HD, c->kr + r0 * KD, c->v + r0 * KD, c->seq_rows[s], c->pos + r0, &c->rings[s], c->o + r0 * HD);
+    }
+}
+
+/* Every sequence's attention. Several sequences whose work can be shared out evenly (none more than a
+ * thread's share) run one per thread, each call on its thread alone (a region inside a region does):
+ * a decode pass's sequences of a few hundred keys each are one key range apiece, which one call would
+ * give to one thread while the other waited, and each call's region costs its own start and join.
+ * Otherwise (one sequence, or one holding most of the keys) each call splits its keys over the threads.
+ * Either way a sequence's result is the same: vx_attention's does not depend on the thread count. */
+static void attend_all(const vx_layer *L, const float *qr, const float *kr, const float *v, const int64_t *pos, int nseq,
+                       const int64_t *seq_rows, vx_kv_ring *rings, float *o) {
+    const int64_t t0 = vx_now_ns(), HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
+    int64_t *r0 = vx_alloc(sizeof(int64_t) * nseq);
+    double *work = vx_alloc(sizeof(double) * nseq), total = 0.0, most = 0.0;
+    int *order = vx_alloc(sizeof(int) * nseq);
+    for (int s = 0; s < nseq; s++) {
+        r0[s] = s ? r0[s - 1] + seq_rows[s - 1] : 0;
+        const vx_kv_ring *ring = &rings[s];
+        int64_t keys = ring->capacity > 0 ? ring->filled + seq_rows[s] : seq_rows[s];
+        keys = ring->capacity > 0 && keys > ring->capacity ? ring->capacity : keys;
+        keys = keys < L->window + seq_rows[s] ? keys : L->window + seq_rows[s];
+        work[s] = (double)seq_rows[s] * L->n_heads * (double)keys * L->head_dim;
+        total += work[s], most = work[s] > most ? work[s] : most;
+        int at = s;   /* insertion sort, most work first */
+        for (; at > 0 && work[order[at - 1]] < work[s]; at--) order[at] = order[at - 1];
+        order[at] = s;
+    }
+    const int nt = nseq < vx_threads_for(total) ? nseq : vx_threads_for(total);
+    if (nt > 1 && most * nt <= total) {
+        attend_ctx c = {L, qr, kr, v, pos, seq_rows, r0, rings, o, order, nseq, 0};
+        vx_parallel(nt, attend_task, &c);
+    } else {
+        for (int s = 0; s < nseq; s++)
+            attend(L, qr + r0[s] * HD, kr + r0[s] * KD, v + r0[s] * KD, seq_rows[s], pos + r0[s], &rings[s], o + r0[s] * HD);
+    }
+    free(order), free(work), free(r0);
+    vx_count_ns(VX_TIME_ATTENTION, vx_now_ns() - t0);
 }
 
 void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
@@ -107,8 +165,7 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
     }
     vx_rope(q, cos, sin, qr, t, L->n_heads, L->head_dim, L->interleaved);
     vx_rope(k, cos, sin, kr, t, L->n_kv_heads, L->head_dim, L->interleaved);
-    for (int64_t s = 0, r0 = 0; s < nseq; r0 += seq_rows[s++])
-        attend(L, qr + r0 * HD, kr + r0 * KD, v + r0 * KD, seq_rows[s], pos + r0, &rings[s], o + r0 * HD);
+    attend_all(L, qr, kr, v, pos, nseq, seq_rows, rings, o);
     matmul(&L->wo, o, t, xtype, L->bo, y);
     for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
 

@@ -784,6 +784,48 @@ def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}])
+def test_sequences_attending_one_per_thread_get_what_they_get_alone(mode):
+    """layer.c gives several sequences' attention one thread each when their work shares out evenly (no
+    sequence more than a thread's share); alone, a sequence's call splits its keys over the threads. Each
+    sequence's rows and ring come out bit for bit the same either way."""
+    import voxtral_ref
+    from conftest import MODEL_DIRS
+    from voxtral_ref.stages import attention, decoder, encoder
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c", **mode)
+    cfg, w = model.cfg, model.weights
+    history = [64, 40, 56]                               # positions each sequence's ring holds already
+    with threads(2), model.kernel_mode():
+        for stage, c, layer in (("enc", cfg.encoder, encoder.encoder_layer), ("dec", cfg.decoder, decoder.decoder_layer)):
+            lw, kvh = w.layer(f"{stage}.layers.0"), c.n_heads if stage == "enc" else c.n_kv_heads
+            # layer.c's test: rows * heads * min(keys, window + rows) * head_dim per sequence, 2 threads
+            work = [8 * c.n_heads * (c.sliding_window + 8) * c.head_dim] * 3
+            assert sum(work) >= 32768 and 2 * max(work) <= sum(work)
+            rng = np.random.default_rng(1)
+            xs = [rng.standard_normal((n + 8, c.dim), dtype=np.float32) for n in history]
+            ada = [rng.standard_normal((n + 8, c.dim), dtype=np.float32) for n in history]
+
+            def rings():                                 # each sequence's history, 8 positions a call
+                out = []
+                for x, a, n in zip(xs, ada, history):
+                    ring = attention.KVCache(window=c.sliding_window, max_chunk=8, n_kv_heads=kvh, head_dim=c.head_dim)
+                    for p0 in range(0, n, 8):
+                        layer(x[p0:p0 + 8], np.arange(p0, p0 + 8), lw, c, *([a[p0:p0 + 8]] if stage == "dec" else []),
+                              True, ring)
+                    out.append(ring)
+                return out
+            together, alone = rings(), rings()
+            ends = [(x[-8:], np.arange(n, n + 8), a[-8:]) for x, a, n in zip(xs, ada, history)]
+            stacked = layer(np.concatenate([x for x, _, _ in ends]), [p for _, p, _ in ends], lw, c,
+                            *([np.concatenate([a for _, _, a in ends])] if stage == "dec" else []), True, together)
+            for i, ((x, p, a), ring) in enumerate(zip(ends, alone)):
+                own = layer(x, p, lw, c, *([a] if stage == "dec" else []), True, ring)
+                np.testing.assert_array_equal(stacked[8 * i:8 * i + 8], own)
+                for t in ("k", "v"):
+                    np.testing.assert_array_equal(np.asarray(getattr(together[i], t), np.float32),
+                                                  np.asarray(getattr(ring, t), np.float32))
+
+
 @pytest.mark.parametrize("level", ISAS)
 @FAST
 @given(tq=st.integers(2, 16), past=st.integers(0, 400), hkv=st.integers(1, 3), g=st.sampled_from([1, 2, 4]),

@@ -71,8 +71,8 @@ def weight_seconds():
 
 
 def attention_seconds():
-    """Seconds spent inside attention (vx_attention, every layer's) since load: what of a step's time
-    outside the linears is reading the KV caches."""
+    """Seconds spent inside attention (vx_attention; in a one-call layer, its KV stores and its sequences'
+    attention) since load: what of a step's time outside the linears is reading the KV caches."""
     return lib.vx_kernel_seconds(lib.VX_TIME_ATTENTION)
 
 
