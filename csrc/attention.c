@@ -54,14 +54,13 @@ static void by_keys_task(void *ctx, int tid, int nt) {
     float *scratch = vx_alloc(sizeof(float) * (sb * D + (vw + 2) * sb + vw * D + vw * sb)
                               + (a->kvtype == VX_KV_INT8 ? D : sb * D * sizeof(float)));
     (void)tid, (void)nt;
-    /* a thread claims its next range before computing the current one, so it can prefetch it meanwhile
-     * (attention_keys_d), when the call has at least 4 ranges per thread */
-    const int spread = c->ntasks >= 4 * (int64_t)nt;
-    for (int64_t ci = vx_next_tasks(&c->next, 1), cn, first = 1; ci < c->ntasks; ci = cn, first = !spread) {
+    /* a thread claims its next range before computing the current one, so it can prefetch its first
+     * super-block meanwhile (attention_keys_d); only its first range starts with a burst */
+    for (int64_t ci = vx_next_tasks(&c->next, 1), cn, first = 1; ci < c->ntasks; ci = cn, first = 0) {
         cn = vx_next_tasks(&c->next, 1);
         int64_t j0, j1, p0 = 0, p1 = 0;
         key_chunk(c, ci, &j0, &j1);
-        if (spread && cn < c->ntasks) key_chunk(c, cn, &p0, &p1);
+        if (cn < c->ntasks) key_chunk(c, cn, &p0, &p1);
         c->isa->attention_keys(a, j0, j1, c->nrows, c->state + ci * c->per, scratch, (int)first, p0, p1);
         for (int64_t i = 0; i < tq; i++) {
             int64_t p = INT64_MIN;

@@ -148,13 +148,17 @@ VX_INLINE void attention_block(const vx_attention_args *a, int hk, int64_t row0,
  * so they would fall in the same L1 sets and each row's pass would refetch them. An int8 cache is stored
  * in blocks of 32 keys, head-major (vx_kv8_row), so a super-block's rows of one head are contiguous and
  * read in place: its K codes feed the integer scores (attention_idots, or widened into kbuf), its V codes
- * pv_rows. An int8 cache read from memory (kv_touch): a thread's first range is loaded super-block by
- * super-block in one burst of loads, one per line in memory order, whose misses overlap each other; while
- * it computes a range it prefetches the next one it has claimed (attention.c), a line of K and one of V per
- * value step of pv_rows, so the reads run under the arithmetic (the decoder's 26 calls over 8192 keys, 2
- * threads, two alternated sweeps: 17.6-20.1 -> 16.6-16.7 ms, 18.4 -> 17.3-17.9; the live step's attention
- * showed no change; issued 512 at a time per kv head, the prefetches stalled the arithmetic: 27-43 ms). Calls of fewer than 4 ranges per thread (an encoder step's 750 keys) burst
- * every super-block: spread prefetches made those 6.4-6.9 -> 8.3-8.6 ms. The online softmax updates once
+ * pv_rows. An int8 cache read from memory (kv_touch): the first super-block of a thread's first range is
+ * loaded in one burst of loads, one per line in memory order, whose misses overlap each other; while it
+ * computes a super-block it prefetches the next one (past its range's last, the first of the next range it
+ * has claimed, attention.c), a line of K and one of V per value step of pv_rows, so the reads run under the
+ * arithmetic. The decoder's super-block is its whole range: its 26 calls over 8192 keys (2 threads, two
+ * alternated sweeps) 17.6-20.1 -> 16.6-16.7 ms, 18.4 -> 17.3-17.9 against bursting every range (issued 512
+ * at a time per kv head, the prefetches stalled the arithmetic: 27-43 ms). An encoder step's 750 keys are 3
+ * ranges per thread of 2 super-blocks each: prefetching the whole next range (512 KB, half a core's L2)
+ * made its 32 calls 6.4-6.9 -> 8.3-8.6 ms; bursting each super-block, as they did, against prefetching the
+ * next one (bench_kernels.attention_step, three alternated runs): encoder 6.52-6.64 -> 5.78-6.01 ms,
+ * decoder 16.3-18.0 -> 15.5-16.0 (the same prefetches there; not explained). The online softmax updates once
  * per super-block.
  * state: m [hkv][nrows], l [hkv][nrows], o [hkv][nrows][d]. DC is d when it is a compile-time 64 or 128
  * (the model's head sizes), else 0; Q8 is 1 for an int8 cache. */
@@ -305,15 +309,9 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     }
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
     kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0};
-    if (Q8 && a->kv_touch && pf0 < pf1) {
-        const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
-        pf.at = pf0 / VX_KV8_BLOCK * blk, pf.end = ((pf1 - 1) / VX_KV8_BLOCK + 1) * blk;
-        const int64_t steps = ((j1 - 1) / SB - j0 / SB + 1) * H * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
-        pf.per = ((pf.end - pf.at) / 64 + steps - 1) / steps;
-        const char *ks = (const char *)(a->ks + pf0 * H), *vs = (const char *)(a->vs + pf0 * H);
-        for (int64_t o = 0; o < (int64_t)sizeof(float) * (pf1 - pf0) * H; o += 64)
-            __builtin_prefetch(ks + o, 0, 2), __builtin_prefetch(vs + o, 0, 2);
-    }
+    const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;                 /* bytes of a block of keys, every head */
+    const int64_t steps = (int64_t)H * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
+    const int64_t jfirst = j0 / SB * SB;
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
     for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
@@ -329,7 +327,19 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             const char *kn = (const char *)((const float *)a->k + (jb + SB) * row), *vn = (const char *)((const float *)a->v + (jb + SB) * row);
             for (size_t o = 0; o < (size_t)(next * row) * sizeof(float); o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
-        if (Q8 && a->kv_touch && burst) {   /* the blocks holding keys [jb + lo, jb + nk), K and V: one load per line */
+        if (Q8 && a->kv_touch) {   /* the next super-block's keys (past the range: the next range's first) */
+            const int64_t n0 = jb + SB < j1 ? jb + SB : pf0;
+            const int64_t n1 = jb + SB < j1 ? (jb + 2 * SB < j1 ? jb + 2 * SB : j1) : (n0 / SB * SB + SB < pf1 ? n0 / SB * SB + SB : pf1);
+            pf.at = pf.end = 0;
+            if (n0 < n1) {
+                pf.at = n0 / VX_KV8_BLOCK * blk, pf.end = ((n1 - 1) / VX_KV8_BLOCK + 1) * blk;
+                pf.per = ((pf.end - pf.at) / 64 + steps - 1) / steps;
+                const char *ks = (const char *)(a->ks + n0 * H), *vs = (const char *)(a->vs + n0 * H);
+                for (int64_t o = 0; o < (int64_t)sizeof(float) * (n1 - n0) * H; o += 64)
+                    __builtin_prefetch(ks + o, 0, 2), __builtin_prefetch(vs + o, 0, 2);
+            }
+        }
+        if (Q8 && a->kv_touch && burst && jb == jfirst) {   /* keys [jb + lo, jb + nk), K and V: one load per line */
             const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
             const int64_t b0 = (jb + lo) / VX_KV8_BLOCK * blk, b1 = ((jb + nk - 1) / VX_KV8_BLOCK + 1) * blk;
             const char *kb = (const char *)a->k, *vb = (const char *)a->v;

@@ -148,8 +148,9 @@ typedef struct {
      * o [hkv][nrows][d]), scratch as by_keys (attention.c) allocates it. */
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
-    /* keys [j0, j1); with an int8 cache read from memory (kv_touch), their K and V loaded in a burst first
-     * if `burst`, and the next range's, [pf0, pf1), prefetched a line or two at a time through the arithmetic */
+    /* keys [j0, j1); with an int8 cache read from memory (kv_touch), the first super-block's K and V loaded
+     * in a burst if `burst`, each next super-block's (after the last, the first of the next range, [pf0, pf1))
+     * prefetched a line or two at a time through the arithmetic */
     void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch,
                            int burst, int64_t pf0, int64_t pf1);
     /* NULL, or the integer dot products of an int8 cache's keys with int8 queries (VNNI): kb[j] key j's d
