@@ -19,7 +19,8 @@ For each model directory (one weight format each; unquantised ones run in --prec
            number of 16 kHz streams the machine sustains in real time (tried: every N doubling up to
            --streams, so the rounds past the limit show what each added stream costs, then the N between
            the last that kept up and the first that did not, halving the gap; --live-only skips
-           decode and verify). Before them, the encoder's share: one encoder + adapter pass over N
+           decode and verify; --full-window times sessions as they are after 11 minutes, every KV cache
+           full, each fast-forwarded as live_bench's full phase is). Before them, the encoder's share: one encoder + adapter pass over N
            sessions' 4-frame chunks stacked (stream.encoder_pass, as the engine runs it) against N passes
            of one each, N = 1, 2, 4, ... --streams.
   verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_bench import run_models, slot_bytes  # noqa: E402
+from live_bench import fast_forward, run_models, slot_bytes  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import kernels  # noqa: E402
@@ -203,8 +204,10 @@ def bench_encoder(model, counts, machine, rng, repeats=4):
     return {"pass_ms_stacked_vs_one_by_one": out, "read_GB/s": bw}
 
 
-def bench_live(model, n, rounds, audio, machine):
-    """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass."""
+def bench_live(model, n, rounds, audio, machine, full=False):
+    """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass.
+    full: each session fast-forwarded to a full decoder window first (live_bench.fast_forward), as streams
+    are after 11 minutes: every round then also reads each session's full KV caches."""
     engine = Engine(model)
     sessions = [engine.stream() for _ in range(n)]
     lead = BLOCK * (sessions[0].n_delay + 1) + 40                  # the first token's audio: fed untimed
@@ -218,6 +221,10 @@ def bench_live(model, n, rounds, audio, machine):
                 raise error
         return time.perf_counter() - t
     round_(0, lead)
+    if full:
+        for s in sessions:
+            fast_forward(s, model.cfg.decoder.sliding_window)
+        round_(lead, BLOCK)                                        # untimed: the caches' first sweep
     bw_before = machine.read_gbs()
     passes0, rows0 = engine.passes, engine.rows
     enc0, chunks0 = engine.encoder_passes, engine.encoder_chunks
@@ -228,8 +235,9 @@ def bench_live(model, n, rounds, audio, machine):
     r = {"streams": n, "round_ms_mean": 1e3 * mean, "round_ms_p95": 1e3 * float(np.percentile(times, 95)),
          "live_rtf": mean / REAL_TIME_S, "passes_per_round": passes / rounds,
          "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "encoder_passes_per_round": enc / rounds,
-         "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw}
-    print(f"  live N={n:>2}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
+         "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw,
+         "full_window": full}
+    print(f"  live N={n:>2}{' (full windows)' if full else ''}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
           f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
           f"rows each; {r['encoder_passes_per_round']:.1f} encoder passes per round, "
           f"{r['sessions_per_encoder_pass']:.1f} sessions each; probe {bw:.1f} GB/s", flush=True)
@@ -252,7 +260,7 @@ def run(path, args, machine):
     out["encoder"] = bench_encoder(model, counts, machine, np.random.default_rng(2))
     out["live"], n = [], 1
     while n <= args.streams:
-        out["live"].append(bench_live(model, n, args.rounds, audio, machine))
+        out["live"].append(bench_live(model, n, args.rounds, audio, machine, args.full_window))
         n *= 2
 
     def keeps_up(r):
@@ -262,11 +270,12 @@ def run(path, args, machine):
     hi = min([r["streams"] for r in out["live"] if not keeps_up(r) and r["streams"] > lo], default=lo + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        out["live"].append(bench_live(model, mid, args.rounds, audio, machine))
+        out["live"].append(bench_live(model, mid, args.rounds, audio, machine, args.full_window))
         lo, hi = (mid, hi) if keeps_up(out["live"][-1]) else (lo, mid)
     sustained = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
     out["live_streams_sustained"] = sustained
-    print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)", flush=True)
+    print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)"
+          f"{' at full windows' if args.full_window else ''}", flush=True)
     return out
 
 
@@ -278,6 +287,8 @@ def main():
     ap.add_argument("--streams", type=int, default=16, help="most live streams to try, doubling from 1 (default 16)")
     ap.add_argument("--rounds", type=int, default=12, help="timed 80 ms rounds per N (default 12)")
     ap.add_argument("--live-only", action="store_true", help="only the live streams (no decode, no verify)")
+    ap.add_argument("--full-window", action="store_true",
+                    help="live streams at full decoder windows (each session fast-forwarded 8192 positions first)")
     ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")
