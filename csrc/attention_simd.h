@@ -211,17 +211,17 @@ VX_INLINE vf key_dots(const float *qrow, const float *kb, int D) {
     return vx_load(t);
 }
 
-/* One online-softmax update of a row with a super-block's scores s[NSUB] (masked ones -inf): running max m
- * and sum l; the probabilities e^(s - m) into p[SB], times vsc[SB] if given (an int8 cache's value
- * scales); -> the factor e^(m_old - m_new) that rescales the row's output so far. */
-VX_INLINE float softmax_update(const vf *s, int NSUB, float *m, float *l, const float *vsc, float *p) {
-    vf smax = s[0];
-    for (int sb = 1; sb < NSUB; sb++) smax = vx_max(smax, s[sb]);
+/* One online-softmax update of a row with a super-block's scores s[nsub] (masked ones -inf): running max m
+ * and sum l; the probabilities e^(s - m) into p[nsub VW], times vsc[nsub VW] if given (an int8 cache's
+ * value scales); -> the factor e^(m_old - m_new) that rescales the row's output so far. */
+VX_INLINE float softmax_update(const vf *s, int nsub, float *m, float *l, const float *vsc, float *p) {
+    vf smax = vx_set1(-INFINITY);
+    for (int sb = 0; sb < nsub; sb++) smax = vx_max(smax, s[sb]);
     float mb = vx_hmax(smax), mnew = *m > mb ? *m : mb;
     float msafe = mnew == -INFINITY ? 0.0f : mnew;   /* a row that saw nothing yet stays at 0 */
     float corr = vx_hmax(vx_exp(vx_set1(*m - msafe)));   /* not expf: a call would spill every register */
     vf psum = vx_zero();
-    for (int sb = 0; sb < NSUB; sb++) {
+    for (int sb = 0; sb < nsub; sb++) {
         vf e = vx_exp(vx_sub(s[sb], vx_set1(msafe)));
         psum = vx_add(psum, e);
         vx_store(p + sb * VW, vsc ? vx_mul(e, vx_load(vsc + sb * VW)) : e);
@@ -290,7 +290,7 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
 VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
                                 float *scratch, int burst, int64_t pf0, int64_t pf1, const int DC, const int Q8) {
     const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
-    const int SB = vx_att_sb(D, H, a->kvtype), NSUB = SB / VW;
+    const int SB = vx_att_sb(D, H, a->kvtype);
     const int64_t W = a->window, row = (int64_t)H * D;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
     float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
@@ -316,6 +316,9 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
     for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
         const int lo = (int)(j0 > jb ? j0 - jb : 0), nk = (int)(j1 - jb < SB ? j1 - jb : SB);
+        /* the vectors of scores holding keys [0, nk): past them a super-block is padding, whose masked scores
+         * would add exact zeros to the softmax's sums and nothing to its maximum */
+        const int nsub = (nk + VW - 1) / VW;
         float kp[VX_ATT_SB_MAX];
         int any, all;
         keys_visible(a, jb, lo, nk, SB, qmin, qmax, kp, &any, &all);
@@ -371,7 +374,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 for (int jj = 0; jj < SB; jj++)
                     if (jj < lo || jj >= nk) krow[jj] = vrow[jj] = zrow, ksc[jj] = vsc[jj] = 0.0f;
                 if (!idots)
-                    for (int jj = 0; jj < SB; jj++) {
+                    for (int jj = 0; jj < nsub * VW; jj++) {
                         const int8_t *kc = krow[jj];
                         int d = 0;
                         for (; d + VW <= D; d += VW) vx_store(kbuf + jj * D + d, vx_load_i8(kc + d));
@@ -398,7 +401,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 if (Q8) qrows[r] = a->qc + qrow_at[r] * D, qsum[r] = a->qsum[qrow_at[r]];
             }
             if (idots)
-                a->idots((const int8_t *const *)krow, SB, D, qrows, qsum, nrows, isc);
+                a->idots((const int8_t *const *)krow, nsub * VW, D, qrows, qsum, nrows, isc);   /* isc [nrows][nsub VW] */
             else if (Q8)
                 for (int r = 0; r < nrows; r++)
                     for (int d = 0; d < D; d++) qf[r * D + d] = (float)qrows[r][d];
@@ -407,14 +410,14 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
                 const float *qrow = Q8 ? qf + r * D : a->q + qi * D;
                 const vf qk = vx_set1(Q8 ? a->qk[qi] : a->scale);
                 vf s[VX_ATT_SB_MAX / VW];
-                for (int sb = 0; sb < NSUB; sb++) {
-                    vf dot = idots ? vx_load_i32(isc + r * SB + sb * VW) : key_dots(qrow, kbuf + (size_t)sb * VW * D, D);
+                for (int sb = 0; sb < nsub; sb++) {
+                    vf dot = idots ? vx_load_i32(isc + (r * nsub + sb) * VW) : key_dots(qrow, kbuf + (size_t)sb * VW * D, D);
                     vf sv = vx_mul(dot, qk);
                     if (Q8) sv = vx_mul(sv, vx_load(ksc + sb * VW));
                     if (!all) sv = vx_mask_range(sv, vx_load(kp + sb * VW), vx_set1(qrel[r] - (float)W), vx_set1(qrel[r]));
                     s[sb] = sv;
                 }
-                corr[r] = softmax_update(s, NSUB, ms + hk * nrows + r, ls + hk * nrows + r, Q8 ? vsc : NULL, pj + r * SB);
+                corr[r] = softmax_update(s, nsub, ms + hk * nrows + r, ls + hk * nrows + r, Q8 ? vsc : NULL, pj + r * SB);
             }
             for (int r = 0; r < nrows; r += 4) {
                 const int nr = nrows - r < 4 ? nrows - r : 4;
