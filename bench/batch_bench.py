@@ -12,7 +12,8 @@ For each model directory (one weight format each; unquantised ones run in --prec
            tokens/s, the speed-up over the 1-row passes between them (this host's read bandwidth can switch
            between two levels within a run, so a speed-up only compares passes run side by side), the bytes
            a pass reads (decoder weights, LM head, the KV slots its attention reads) over the read bandwidth probed just
-           before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio.
+           before and after (bench/probes.c via bench_kernels.Machine), and that roofline's ratio; and what
+           of a pass is inside the weight-streaming linears, inside attention, and the rest (ckernels' clocks).
   live     N sessions of one Engine, each fed an 80 ms block per round, then stepped together
            (Engine.together, as the server's `advance` does): a round is what N live clients wait for (their
            4 encoder frames each and their decoder positions, each in shared passes). The largest N whose mean round stays under 80 ms is the
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_bench import fast_forward, run_models, slot_bytes  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref import config as C  # noqa: E402
-from voxtral_ref.runtime import kernels  # noqa: E402
+from voxtral_ref.runtime import ckernels, kernels  # noqa: E402
 from voxtral_ref.runtime.engine import Engine  # noqa: E402
 from voxtral_ref.runtime.stream import encoder_pass  # noqa: E402
 from voxtral_ref.stages.generate import MAX_DRAFT, Decoder, decoder_pass  # noqa: E402
@@ -67,18 +68,22 @@ def kv_read_bytes(decoders):
     return sum(2 * c.filled * slot_bytes(c.k) for d in decoders for c in d.caches)
 
 
-def timed_pass(model, decs, embeds, draft=0):
+def timed_pass(model, decs, embeds, draft=0, split=None):
     """Seconds of one decoder pass over the sequences' next chunks (embeds: each one's [positions, dim]), each
-    past its prompt feeding `draft` [STREAMING_PAD] drafts after its last id (a verification pass)."""
+    past its prompt feeding `draft` [STREAMING_PAD] drafts after its last id (a verification pass). `split`:
+    a list that gets the pass's seconds inside the weight-streaming linears and inside attention
+    (ckernels' clocks)."""
     chunks = []
     for d, e in zip(decs, embeds):
         if len(d.ids) >= len(d.prompt):
             d.draft = [C.STREAMING_PAD_ID] * draft
         ids, p0 = d.chunk()
         chunks.append((d, e[p0:p0 + len(ids)]))
-    t = time.perf_counter()
+    lin, att, t = ckernels.weight_seconds(), ckernels.attention_seconds(), time.perf_counter()
     decoder_pass(model.weights, chunks)
     t = time.perf_counter() - t
+    if split is not None:
+        split.append((ckernels.weight_seconds() - lin, ckernels.attention_seconds() - att))
     for d in decs:
         d.draft = []
     return t
@@ -104,22 +109,25 @@ def bench_decode(model, rows, tokens, machine, rng):
             for _ in range(2):
                 timed_pass(model, decs, embeds)
             bw_before = machine.read_gbs()
-            times, singles = [], []
+            times, singles, split = [], [], []
             for _ in range(tokens):
-                times.append(timed_pass(model, decs, embeds))
+                times.append(timed_pass(model, decs, embeds, split=split))
                 singles.append(timed_pass(model, *alone))
             bw = (bw_before + machine.read_gbs()) / 2
             mean, single = float(np.mean(times)), float(np.mean(singles))
+            linears, attention = (1e3 * float(x) for x in np.mean(split, axis=0))
             nbytes = decoder_bytes(model) + kv_read_bytes(decs)
             r = {"rows": m, "pass_ms_mean": 1e3 * mean, "pass_ms_median": 1e3 * float(np.median(times)),
                  "tokens_per_s": m / mean, "one_row_pass_ms_mean": 1e3 * single, "speedup_vs_1": m * single / mean,
                  "bytes_per_pass_GB": nbytes / 1e9, "read_GB/s": bw,
-                 "read_GB/s_before_after": [bw_before, 2 * bw - bw_before], "vs_roofline": mean / (nbytes / 1e9 / bw)}
+                 "read_GB/s_before_after": [bw_before, 2 * bw - bw_before], "vs_roofline": mean / (nbytes / 1e9 / bw),
+                 "linears_ms_mean": linears, "attention_ms_mean": attention}
             out.append(r)
             print(f"  decode M={m:>2}: pass {r['pass_ms_mean']:.1f} ms (median {r['pass_ms_median']:.1f}), "
                   f"{r['tokens_per_s']:.1f} tokens/s = {r['speedup_vs_1']:.2f}x the 1-row passes between them "
                   f"({r['one_row_pass_ms_mean']:.1f} ms); {nbytes / 1e9:.2f} GB/pass at {bw:.1f} GB/s -> "
-                  f"{r['vs_roofline']:.2f}x roofline", flush=True)
+                  f"{r['vs_roofline']:.2f}x roofline; of a pass: linears {linears:.1f} ms, attention {attention:.1f}, "
+                  f"the rest {r['pass_ms_mean'] - linears - attention:.1f}", flush=True)
     return out
 
 
