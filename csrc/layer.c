@@ -125,7 +125,7 @@ static void attend_all(const vx_layer *L, const float *qr, const float *kr, cons
         const vx_kv_ring *ring = &rings[s];
         int64_t keys = ring->capacity > 0 ? ring->filled + seq_rows[s] : seq_rows[s];
         keys = ring->capacity > 0 && keys > ring->capacity ? ring->capacity : keys;
-        keys = keys < L->window + seq_rows[s] ? keys : L->window + seq_rows[s];
+        keys = keys - seq_rows[s] > L->window ? L->window + seq_rows[s] : keys;   /* min(keys, window + rows) */
         work[s] = (double)seq_rows[s] * L->n_heads * (double)keys * L->head_dim;
         total += work[s], most = work[s] > most ? work[s] : most;
         int at = s;   /* insertion sort, most work first */

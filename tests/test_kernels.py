@@ -801,7 +801,7 @@ def test_sequences_attending_one_per_thread_get_what_they_get_alone(mode):
         for stage, c, layer in (("enc", cfg.encoder, encoder.encoder_layer), ("dec", cfg.decoder, decoder.decoder_layer)):
             lw, kvh = w.layer(f"{stage}.layers.0"), c.n_heads if stage == "enc" else c.n_kv_heads
             # layer.c's test: rows * heads * min(keys, window + rows) * head_dim per sequence, 2 threads
-            work = [8 * c.n_heads * (c.sliding_window + 8) * c.head_dim] * 3
+            work = [8 * c.n_heads * min(n + 8, c.sliding_window + 8) * c.head_dim for n in history]
             assert sum(work) >= 32768 and 2 * max(work) <= sum(work)
             rng = np.random.default_rng(1)
             xs = [rng.standard_normal((n + 8, c.dim), dtype=np.float32) for n in history]
