@@ -54,9 +54,11 @@ def decoder_forward(h, seqs, weights, interleaved, trace=None):
     computed on its own, so a row does not depend on the others) and attention per sequence."""
     cfg = weights.cfg.decoder
     pos, rows = [p for p, _, _ in seqs], [len(p) for p, _, _ in seqs]
+    # every layer's scale for every row (a row's own delay) in one step per pass, not one per layer: the
+    # Python between a 1-row pass's layer calls 0.7 -> 0.3 ms, a 16-row pass's 1.7-2.1 -> 1.3-1.4 ms
+    ada = np.repeat(np.stack([a for _, a, _ in seqs], axis=1), rows, axis=1)           # [n_layers, R, 3072]
     for i in range(cfg.n_layers):
-        ada = np.repeat(np.stack([a[i] for _, a, _ in seqs]), rows, axis=0)             # [R, 3072], row's own delay
-        h = decoder_layer(h, pos, weights.layer(f"dec.layers.{i}"), cfg, ada, interleaved, [c[i] for _, _, c in seqs])
+        h = decoder_layer(h, pos, weights.layer(f"dec.layers.{i}"), cfg, ada[i], interleaved, [c[i] for _, _, c in seqs])
         if trace:
             trace(f"decoder.layers.{i}", h)
     x = kernels.rms_norm(h, weights["dec.norm"], cfg.norm_eps)                           # [R, 3072]
@@ -71,7 +73,8 @@ def lm_head(x, w):
 
 
 def ada_scales(weights, n_delay, trace=None):
-    """The delay conditioning is constant for a whole transcription: compute each layer's scale once."""
+    """The delay conditioning is constant for a whole transcription: compute each layer's scale once.
+    -> [n_layers, 3072]"""
     cfg = weights.cfg.decoder
     t_cond = time_embedding(n_delay, cfg.dim)                                            # [3072]
     if trace:
@@ -81,4 +84,4 @@ def ada_scales(weights, n_delay, trace=None):
         scales.append(ada_scale(t_cond, weights[f"dec.layers.{i}.ada_down"], weights[f"dec.layers.{i}.ada_up"]))
         if trace:
             trace(f"decoder.layers.{i}.ada_scale", scales[-1])                           # [3072]
-    return scales
+    return np.stack(scales)                                                              # [n_layers, 3072]

@@ -78,7 +78,7 @@ class Decoder:
         self.weights, self.trace = weights, trace
         self.interleaved = weights.cfg.format == "mistral"
         self.prompt = prompt_ids(n_delay)
-        self.ada = ada_scales(weights, n_delay, trace=trace)                          # n_layers x [3072]
+        self.ada = ada_scales(weights, n_delay, trace=trace)                          # [n_layers, 3072]
         self.caches = [KVCache(cfg.sliding_window, len(self.prompt), cfg.n_kv_heads, cfg.head_dim, max_positions)
                        for _ in range(cfg.n_layers)]
         self.ids = []                                                                 # every id fed or emitted
