@@ -311,10 +311,10 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0};
     const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;                 /* bytes of a block of keys, every head */
     const int64_t steps = (int64_t)H * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
-    const int64_t jfirst = j0 / SB * SB;
+    const int64_t jfirst = j0 / SB * SB;                                /* the range's first super-block */
     for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
     for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
-    for (int64_t jb = j0 / SB * SB; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
+    for (int64_t jb = jfirst; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
         const int lo = (int)(j0 > jb ? j0 - jb : 0), nk = (int)(j1 - jb < SB ? j1 - jb : SB);
         /* the vectors of scores holding keys [0, nk): past them a super-block is padding, whose masked scores
          * would add exact zeros to the softmax's sums and nothing to its maximum */
@@ -343,7 +343,6 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
             }
         }
         if (Q8 && a->kv_touch && burst && jb == jfirst) {   /* keys [jb + lo, jb + nk), K and V: one load per line */
-            const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;
             const int64_t b0 = (jb + lo) / VX_KV8_BLOCK * blk, b1 = ((jb + nk - 1) / VX_KV8_BLOCK + 1) * blk;
             const char *kb = (const char *)a->k, *vb = (const char *)a->v;
             uint64_t t = 0;
