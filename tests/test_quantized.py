@@ -28,14 +28,19 @@ def saved(tmp_path_factory):
     return model, out
 
 
+def assert_same_weights(a, b):
+    """Every tensor of two models' weights holds the same bytes (a quantised matrix: its panels)."""
+    for name, t in b.weights._t.items():
+        u = a.weights._t[name]
+        np.testing.assert_array_equal(*((x.data if x.dtype == np.uint8 else x) for x in (u, t)))
+
+
 def test_a_saved_checkpoint_loads_as_it_was_quantised(saved):
     """Same recipe, same bytes in every quantised matrix, same ids; its metadata records the provenance."""
     model, out = saved
     again = voxtral_ref.load(out, backend=BACKEND)
     assert again.quantize == RECIPE and again.weights.formats() == model.weights.formats()
-    for name, t in model.weights._t.items():
-        u = again.weights._t[name]
-        np.testing.assert_array_equal(*((a.data if a.dtype == np.uint8 else a) for a in (u, t)))
+    assert_same_weights(again, model)
     g = load_case("speech_en_480")
     assert again.transcribe(g["audio"]).token_ids == model.transcribe(g["audio"]).token_ids
     meta = quantized.read_metadata(out / quantized.QFILE)
@@ -103,3 +108,47 @@ def test_a_hub_model_keeps_its_quantised_copy_and_rebuilds_it_when_stale(tmp_pat
     rebuilt = voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
     assert calls and rebuilt.path == qdir
     assert quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), snap, "mistral")
+
+
+def vm_flags(address):
+    """The VmFlags of this process's mapping holding `address` (Linux /proc/self/smaps), or None."""
+    if not os.path.exists("/proc/self/smaps"):
+        return None
+    hit = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            hit = lo <= address < hi
+        elif hit and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages here")
+def test_weights_are_mapped_asking_for_huge_pages(saved):
+    """A loaded quantised file's mapping and an in-memory quantised matrix of 1 MB or more carry the huge-page
+    advice (VmFlags `hg`: kernels.huge_pages); a KV ring does not (its pages come as a stream fills it)."""
+    again = voxtral_ref.load(saved[1], backend=BACKEND)
+    mapped = next(t for t in again.weights._t.values() if hasattr(t, "fmt")).data
+    assert "hg" in vm_flags(mapped.ctypes.data)
+    with kernels.use(BACKEND):
+        qt = kernels.quantize(np.ones((2048, 1024), np.float32), "int8")
+        ring = kernels.lazy_zeros((4 << 20,), np.uint8)
+    if BACKEND == "c":
+        assert qt.data.nbytes >= kernels.LAZY_MIN_BYTES and "hg" in vm_flags(qt.data.ctypes.data)
+    assert "hg" not in vm_flags(ring.ctypes.data)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_a_written_checkpoint_leaves_the_page_cache(saved, tmp_path, monkeypatch):
+    """quantized.write writes the file out and drops it from the page cache (so its first load maps it in
+    2 MB pages), and the file is complete: it loads with the same bytes."""
+    calls = []
+    monkeypatch.setattr(quantized.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((os.fstat(fd).st_size, advice)),
+                        raising=False)
+    model, _ = saved
+    quantized.write(tmp_path / "q", MODEL_DIRS["mistral"], "mistral", model.weights, RECIPE, "0")
+    assert calls == [((tmp_path / "q" / quantized.QFILE).stat().st_size, os.POSIX_FADV_DONTNEED)]
+    again = voxtral_ref.load(tmp_path / "q", backend=BACKEND)
+    assert_same_weights(again, model)

@@ -96,7 +96,19 @@ def write(out_dir, src_dir, fmt, weights, recipe, version):
         shutil.copyfile(src_dir / name, out_dir / name)
     tmp = out_dir / (QFILE + ".partial")
     write_safetensors(tmp, tensors, meta)
+    uncache(tmp)
     os.replace(tmp, out_dir / QFILE)
+
+
+def uncache(path):
+    """Write a fresh file to disk and drop it from the page cache, which holds what was just written in 4 KB
+    pages: its first load then reads it back in the 2 MB pages its mapping asks for (kernels.huge_pages)
+    instead of mapping those 4 KB pages for as long as they stay cached."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_metadata(path):

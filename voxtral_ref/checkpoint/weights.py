@@ -23,6 +23,7 @@ import numpy as np
 from ..config import parse_json, read_json, regular_file_size, show
 from ..errors import VoxtralError
 from ..runtime import quant
+from ..runtime.kernels import huge_pages
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
           "U8": np.uint8, "I32": np.int32, "I64": np.int64}
@@ -49,6 +50,7 @@ def read_safetensors(path):
             raise VoxtralError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
         layout = check_header(parse_json(f.read(n), f"{path}'s safetensors header"), size - 8 - n, path)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        huge_pages(buf)
     return {name: np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=8 + n + start).reshape(shape)
             for name, dtype, shape, start in layout}
 

@@ -183,7 +183,7 @@ def quantize(w, fmt):
     if np.dtype(w.dtype) not in _WTYPES or not w.flags.c_contiguous:
         w = _f32(w)
     m, k = quant.check_shape(w.shape, fmt)
-    out = np.empty((quant.n_panels(m), quant.panel_bytes(fmt, k)), np.uint8)
+    out = kernels.lazy_zeros((quant.n_panels(m), quant.panel_bytes(fmt, k)), np.uint8, huge=True)
     lib.vx_quantize_weights(_ptr("void *", w), _WTYPES[np.dtype(w.dtype)], m, k, _QFORMATS[fmt], _ptr("uint8_t *", out))
     return quant.QTensor(fmt, out, (m, k))
 

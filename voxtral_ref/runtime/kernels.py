@@ -56,16 +56,31 @@ KV8_BLOCK = 32                    # positions per block of an int8 cache's codes
 LAZY_MIN_BYTES = 1 << 20
 
 
-def lazy_zeros(shape, dtype):
+def huge_pages(buf):
+    """Ask for 2 MB pages where the OS offers them (Linux transparent huge pages, `madvise` mode): a step
+    streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss. A file read in through such
+    a mapping is cached in 2 MB pages and mapped with them (a file already cached in 4 KB pages stays so
+    until evicted: quantized.write drops its fresh file from the cache for this). Measured on the full-size
+    q4 checkpoint read in cold, a live step's linears 62.4 / 62.1 -> 61.1 / 59.7 ms (alternated runs)."""
+    if hasattr(mmap, "MADV_HUGEPAGE") and hasattr(buf, "madvise"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+
+
+def lazy_zeros(shape, dtype, huge=False):
     """Zeros whose pages the OS provides only as they are first written, and takes back when the array goes:
     a private anonymous mapping (for 1 MB and more). A cache's ring is sized for its whole window, but a
     stream fills it over minutes. From np.zeros it came out of the heap, where load() keeps freed memory for
     reuse (model.keep_freed_memory_for_reuse), so calloc had to clear it at once: opening a stream of the
-    full model (0.58 GB of int8 rings) took 22 ms to 1 s, while the server's event loop waited."""
+    full model (0.58 GB of int8 rings) took 22 ms to 1 s, while the server's event loop waited.
+    huge: in 2 MB pages (huge_pages), for weights, written whole at once and streamed on
+    every step; not for the rings, where each first write would commit 2 MB."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes < LAZY_MIN_BYTES or not hasattr(mmap, "MAP_PRIVATE"):
         return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype).reshape(shape)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+    if huge:
+        huge_pages(buf)
+    return np.frombuffer(buf, dtype).reshape(shape)
 
 
 class KV8:
