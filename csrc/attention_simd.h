@@ -231,15 +231,27 @@ VX_INLINE float softmax_update(const vf *s, int nsub, float *m, float *l, const 
     return corr;
 }
 
-/* lines of a cache's K and V codes to prefetch while computing: [at, end) bytes, `per` lines a step */
+/* lines of a cache's K and V codes to prefetch while computing, `per` lines a step: bytes [at, end) in runs
+ * of `span` (one block's rows of the task's heads; `skip` bytes from one run's end to the next's start) */
 typedef struct {
     const char *k, *v;
-    int64_t at, end, per;
+    int64_t at, end, per, run_end, span, skip;
 } kv_prefetch;
 
 VX_INLINE void prefetch_step(kv_prefetch *pf) {
-    for (int64_t i = 0; i < pf->per && pf->at < pf->end; i++, pf->at += 64)
+    for (int64_t i = 0; i < pf->per && pf->at < pf->end; i++) {
         __builtin_prefetch(pf->k + pf->at, 0, 2), __builtin_prefetch(pf->v + pf->at, 0, 2);
+        if ((pf->at += 64) >= pf->run_end) pf->at = pf->run_end + pf->skip, pf->run_end = pf->at + pf->span;
+    }
+}
+
+/* point pf at keys [n0, n1) of kv heads [h0, h1) (their rows in each block), spread over `steps` steps */
+VX_INLINE void prefetch_keys(kv_prefetch *pf, int64_t n0, int64_t n1, int h0, int h1, int D, int64_t blk, int64_t steps) {
+    const int64_t rows = (int64_t)VX_KV8_BLOCK * D, blocks = (n1 - 1) / VX_KV8_BLOCK + 1 - n0 / VX_KV8_BLOCK;
+    const int64_t span = (h1 - h0) * rows;
+    pf->at = n0 / VX_KV8_BLOCK * blk + h0 * rows, pf->end = pf->at + (blocks - 1) * blk + span;
+    pf->span = span == blk ? blocks * blk : span, pf->skip = blk - span, pf->run_end = pf->at + pf->span;
+    pf->per = (blocks * ((span + 63) / 64) + steps - 1) / steps;
 }
 
 /* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
@@ -287,9 +299,10 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
 
 /* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [SB] float32, then vbuf [SB][d] (float32,
  * or int8 if Q8) */
-VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                float *scratch, int burst, int64_t pf0, int64_t pf1, const int DC, const int Q8) {
-    const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv;
+VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, int nrows, float *state,
+                                float *scratch, int burst, vx_key_task next, const int DC, const int Q8) {
+    const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv, h0 = task.h0, h1 = task.h1;
+    const int64_t j0 = task.j0, j1 = task.j1;
     const int SB = vx_att_sb(D, H, a->kvtype);
     const int64_t W = a->window, row = (int64_t)H * D;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
@@ -308,12 +321,12 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         qmax = p > qmax ? p : qmax;
     }
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
-    kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0};
+    kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0, 0, 0, 0};
     const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;                 /* bytes of a block of keys, every head */
-    const int64_t steps = (int64_t)H * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
+    const int64_t steps = (int64_t)(h1 - h0) * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
     const int64_t jfirst = j0 / SB * SB;                                /* the range's first super-block */
-    for (int i = 0; i < H * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;
-    for (int64_t i = 0; i < (int64_t)H * nrows * D; i++) os[i] = 0.0f;
+    for (int i = h0 * nrows; i < h1 * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;   /* its heads' state only */
+    for (int64_t i = (int64_t)h0 * nrows * D; i < (int64_t)h1 * nrows * D; i++) os[i] = 0.0f;
     for (int64_t jb = jfirst; jb < j1; jb += SB) {   /* super-blocks at multiples of SB (see by_keys) */
         const int lo = (int)(j0 > jb ? j0 - jb : 0), nk = (int)(j1 - jb < SB ? j1 - jb : SB);
         /* the vectors of scores holding keys [0, nk): past them a super-block is padding, whose masked scores
@@ -326,34 +339,35 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
         if (!Q8) {   /* a float32 cache: the next super-block, every head, one contiguous run of K and one of V, into
                       * L2 while this one is computed (an int8 cache's burst below reads faster without it: an encoder
                       * call 0.22 -> 0.20 ms) */
-            const int64_t next = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
+            const int64_t keys = jb + SB < j1 ? (j1 - jb - SB < SB ? j1 - jb - SB : SB) : 0;
             const char *kn = (const char *)((const float *)a->k + (jb + SB) * row), *vn = (const char *)((const float *)a->v + (jb + SB) * row);
-            for (size_t o = 0; o < (size_t)(next * row) * sizeof(float); o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
+            for (size_t o = 0; o < (size_t)(keys * row) * sizeof(float); o += 64) __builtin_prefetch(kn + o, 0, 1), __builtin_prefetch(vn + o, 0, 1);
         }
-        if (Q8 && a->kv_touch) {   /* the next super-block's keys (past the range: the next range's first) */
-            const int64_t n0 = jb + SB < j1 ? jb + SB : pf0;
-            const int64_t n1 = jb + SB < j1 ? (jb + 2 * SB < j1 ? jb + 2 * SB : j1) : (n0 / SB * SB + SB < pf1 ? n0 / SB * SB + SB : pf1);
+        if (Q8 && a->kv_touch) {   /* the next super-block's keys (past the task's: the next task's first) */
+            const int within = jb + SB < j1;
+            const int64_t n0 = within ? jb + SB : next.j0;
+            const int64_t n1 = within ? (jb + 2 * SB < j1 ? jb + 2 * SB : j1) : (n0 / SB * SB + SB < next.j1 ? n0 / SB * SB + SB : next.j1);
             pf.at = pf.end = 0;
             if (n0 < n1) {
-                pf.at = n0 / VX_KV8_BLOCK * blk, pf.end = ((n1 - 1) / VX_KV8_BLOCK + 1) * blk;
-                pf.per = ((pf.end - pf.at) / 64 + steps - 1) / steps;
+                prefetch_keys(&pf, n0, n1, within ? h0 : next.h0, within ? h1 : next.h1, D, blk, steps);
                 const char *ks = (const char *)(a->ks + n0 * H), *vs = (const char *)(a->vs + n0 * H);
                 for (int64_t o = 0; o < (int64_t)sizeof(float) * (n1 - n0) * H; o += 64)
                     __builtin_prefetch(ks + o, 0, 2), __builtin_prefetch(vs + o, 0, 2);
             }
         }
-        if (Q8 && a->kv_touch && burst && jb == jfirst) {   /* keys [jb + lo, jb + nk), K and V: one load per line */
-            const int64_t b0 = (jb + lo) / VX_KV8_BLOCK * blk, b1 = ((jb + nk - 1) / VX_KV8_BLOCK + 1) * blk;
+        if (Q8 && a->kv_touch && burst && jb == jfirst) {   /* keys [jb + lo, jb + nk) of its heads, K and V: one load per line */
+            const int64_t rows = (int64_t)VX_KV8_BLOCK * D;
             const char *kb = (const char *)a->k, *vb = (const char *)a->v;
             uint64_t t = 0;
-            for (int64_t o = b0; o < b1; o += 64) {
-                uint64_t x, y;
-                memcpy(&x, kb + o, 8), memcpy(&y, vb + o, 8);
-                t ^= x ^ y;
-            }
+            for (int64_t b = (jb + lo) / VX_KV8_BLOCK; b <= (jb + nk - 1) / VX_KV8_BLOCK; b++)
+                for (int64_t o = b * blk + h0 * rows; o < b * blk + h1 * rows; o += 64) {
+                    uint64_t x, y;
+                    memcpy(&x, kb + o, 8), memcpy(&y, vb + o, 8);
+                    t ^= x ^ y;
+                }
             __asm__ volatile("" : : "r"(t));    /* keeps the loads */
         }
-        for (int hk = 0; hk < H; hk++) {
+        for (int hk = h0; hk < h1; hk++) {
             /* The super-block's K and V rows of head hk (an int8 cache's in place, a float32 one's copied into
              * kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
             const void *krow[VX_ATT_SB_MAX], *vrow[VX_ATT_SB_MAX];
@@ -430,10 +444,10 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, int64_t j0, int64_t 
     }
 }
 
-VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state,
-                                          float *scratch, int burst, int64_t pf0, int64_t pf1) {   /* scratch: see attention_keys_d */
+VX_FN static void VX_NAME(attention_keys)(const vx_attention_args *a, vx_key_task task, int nrows, float *state,
+                                          float *scratch, int burst, vx_key_task next) {   /* scratch: see attention_keys_d */
     const int q8 = a->kvtype == VX_KV_INT8;
-#define VX_KEYS(dc, q) attention_keys_d(a, j0, j1, nrows, state, scratch, burst, pf0, pf1, dc, q)
+#define VX_KEYS(dc, q) attention_keys_d(a, task, nrows, state, scratch, burst, next, dc, q)
     if (a->d == 128)
         q8 ? VX_KEYS(128, 1) : VX_KEYS(128, 0);
     else if (a->d == 64)

@@ -98,7 +98,7 @@ int vx_get_threads(void) { return threads > 0 ? threads : vx_cpus(); }
 
 int vx_threads_for(double work) {
     int nt = vx_get_threads();
-    if (work < 32768.0) return 1;
+    if (work < 32768.0 || vx_in_region()) return 1;   /* (a nested region runs alone: planning for more misleads) */
     return nt;
 }
 

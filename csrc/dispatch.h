@@ -19,6 +19,7 @@ typedef void (*vx_task_fn)(void *ctx, int tid, int nt);
 void vx_parallel(int nt, vx_task_fn fn, void *ctx);   /* fn(ctx, tid, nt) for tid 0 .. nt-1 (0 on the caller) */
 void vx_team_barrier(int nt);                          /* inside a region of nt threads: wait for all of them */
 int vx_cpus(void);                                     /* the cores this process may run on */
+int vx_in_region(void);                                /* inside a region: one started here runs on this thread alone */
 /* dynamic scheduling inside a region: the next `step` tasks from a counter the region's threads share */
 static inline int64_t vx_next_tasks(int64_t *counter, int64_t step) { return __atomic_fetch_add(counter, step, __ATOMIC_RELAXED); }
 
@@ -58,6 +59,12 @@ static inline int vx_att_sb(int d, int hkv, int kvtype) {
     while (sb > 16 && sb * bytes_per_key > limit) sb /= 2;
     return sb;
 }
+
+/* a task of attention_keys: keys [j0, j1) of kv heads [h0, h1) */
+typedef struct {
+    int64_t j0, j1;
+    int h0, h1;
+} vx_key_task;
 
 /* calls of at most this many queries (a decode step and its drafts: generate.MAX_DRAFT + 1) run per query
  * group by keys (attention.c), so each query's result equals the one it gets in a call of its own */
@@ -148,11 +155,12 @@ typedef struct {
      * o [hkv][nrows][d]), scratch as by_keys (attention.c) allocates it. */
     int attn_vw;
     void (*attention_rows)(const vx_attention_args *a, int hk, int64_t row0, float *scratch);
-    /* keys [j0, j1); with an int8 cache read from memory (kv_touch), the first super-block's K and V loaded
-     * in a burst if `burst`, each next super-block's (after the last, the first of the next range, [pf0, pf1))
-     * prefetched a line or two at a time through the arithmetic */
-    void (*attention_keys)(const vx_attention_args *a, int64_t j0, int64_t j1, int nrows, float *state, float *scratch,
-                           int burst, int64_t pf0, int64_t pf1);
+    /* keys [j0, j1) of kv heads [h0, h1) (their slices of the state); with an int8 cache read from memory
+     * (kv_touch), the first super-block's K and V loaded in a burst if `burst`, each next super-block's
+     * (after the last, the first of the thread's next task, `next`: none if empty) prefetched a line or two
+     * at a time through the arithmetic */
+    void (*attention_keys)(const vx_attention_args *a, vx_key_task task, int nrows, float *state, float *scratch,
+                           int burst, vx_key_task next);
     /* NULL, or the integer dot products of an int8 cache's keys with int8 queries (VNNI): kb[j] key j's d
      * codes (d a multiple of 64, sb of 16), q[r] row r's d codes and qsum[r] their sum -> s [nrows][sb] */
     void (*attention_idots)(const int8_t *const *kb, int sb, int d, const int8_t *const *q, const int32_t *qsum, int nrows,

@@ -74,6 +74,8 @@ static inline int region_after(unsigned seen, unsigned *g) {
 
 static __thread int in_region;      /* a region started inside another runs on its thread alone */
 
+int vx_in_region(void) { return in_region; }
+
 static void *worker(void *arg) {
     struct worker *me = arg;
     in_region = 1;
