@@ -127,17 +127,21 @@ def vm_flags(address):
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages here")
 def test_weights_are_mapped_asking_for_huge_pages(saved):
-    """A loaded quantised file's mapping and an in-memory quantised matrix of 1 MB or more carry the huge-page
-    advice (VmFlags `hg`: kernels.huge_pages); a KV ring does not (its pages come as a stream fills it)."""
+    """A loaded quantised file's streamed matrices and an in-memory quantised matrix of 1 MB or more carry the
+    huge-page advice (VmFlags `hg`: kernels.huge_pages); the embedding table, which a quantised LM head
+    leaves to one lookup per token, the advice against (`nh`); a KV ring neither (its pages come as a
+    stream fills it)."""
     again = voxtral_ref.load(saved[1], backend=BACKEND)
-    mapped = next(t for t in again.weights._t.values() if hasattr(t, "fmt")).data
-    assert "hg" in vm_flags(mapped.ctypes.data)
+    mapped = max((t.data for t in again.weights._t.values() if hasattr(t, "fmt")), key=lambda a: a.nbytes)
+    table, head = again.weights._t["tok_embeddings"], again.weights.lm_head.data
+    for a, flag in ((mapped, "hg"), (head, "hg"), (table, "nh")):               # a byte in a whole page of it
+        assert a.nbytes > 2 * 4096 and flag in vm_flags(a.ctypes.data + a.nbytes // 2)
     with kernels.use(BACKEND):
         qt = kernels.quantize(np.ones((2048, 1024), np.float32), "int8")
         ring = kernels.lazy_zeros((4 << 20,), np.uint8)
     if BACKEND == "c":
         assert qt.data.nbytes >= kernels.LAZY_MIN_BYTES and "hg" in vm_flags(qt.data.ctypes.data)
-    assert "hg" not in vm_flags(ring.ctypes.data)
+    assert not {"hg", "nh"} & set(vm_flags(ring.ctypes.data))
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")

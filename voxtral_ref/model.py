@@ -100,6 +100,7 @@ def _load_checkpoint(d, fmt, backend, precision, quantize, formats):
     if formats:
         with kernels.use(backend):
             weights.quantize(formats, kernels.quantize)
+    weights.advise_pages()
     return Model(cfg, weights, tok, backend, d, precision, quantize, fmt)
 
 
@@ -129,6 +130,7 @@ def _load_quantized(d, backend, precision, quantize):
     cfg = read(d / quantized.CONFIG_FILES[fmt], tok)
     keep_freed_memory_for_reuse()
     weights = quantized.load_weights(d, cfg, meta)
+    weights.advise_pages()
     return Model(cfg, weights, tok, resolve_backend(backend), d, precision, meta["recipe"], fmt)
 
 

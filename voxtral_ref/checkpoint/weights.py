@@ -50,7 +50,6 @@ def read_safetensors(path):
             raise VoxtralError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
         layout = check_header(parse_json(f.read(n), f"{path}'s safetensors header"), size - 8 - n, path)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        huge_pages(buf)
     return {name: np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=8 + n + start).reshape(shape)
             for name, dtype, shape, start in layout}
 
@@ -185,19 +184,26 @@ def canonical_names(cfg):
     return rows
 
 
-def release_pages(t):
-    """Drop an mmap'd tensor's pages from this process (they stay in the page cache; touching them again
-    re-reads them), so a tensor replaced by a quantised copy stops counting in RSS."""
+def mapped_pages(t):
+    """(the mmap an mmap'd tensor lies in, the offset and length of the whole pages inside the tensor), or
+    None (not mmap'd, or no whole page)."""
     mm = t
     while isinstance(mm, (np.ndarray, memoryview)):                      # view -> view -> memoryview -> mmap
         mm = mm.base if isinstance(mm, np.ndarray) else mm.obj
     if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
-        return
+        return None
     start = t.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE                      # whole pages inside the tensor
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     hi = (start + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo:
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    return (mm, lo, hi - lo) if hi > lo else None
+
+
+def release_pages(t):
+    """Drop an mmap'd tensor's pages from this process (they stay in the page cache; touching them again
+    re-reads them), so a tensor replaced by a quantised copy stops counting in RSS."""
+    pages = mapped_pages(t)
+    if pages:
+        pages[0].madvise(mmap.MADV_DONTNEED, pages[1], pages[2])
 
 
 class Layer(dict):
@@ -266,6 +272,17 @@ class Weights:
                 t = self._t[name]
                 self._t[name] = quantize(t.reshape(t.shape[0], -1), fmt)
                 release_pages(t)
+
+    def advise_pages(self):
+        """Once the weights are final: the mmap'd matrices a step streams in 2 MB pages (kernels.huge_pages),
+        the embedding table in 4 KB ones when a quantised LM head replaces it: it then serves one row per
+        token, and in 2 MB pages every lookup would map 2 MB of it (a q4 session's peak RSS 3.3 -> 4.5 GB)."""
+        held = [t.data if isinstance(t, quant.QTensor) else t for t in [*self._t.values(), self._lm_head] if t is not None]
+        for mm in {id(p[0]): p[0] for p in map(mapped_pages, held) if p}.values():   # whole files: one mapping each
+            huge_pages(mm)
+        table = mapped_pages(self._t["tok_embeddings"]) if self._lm_head is not None else None
+        if table:
+            huge_pages(*table, on=False)
 
     def formats(self):
         """{canonical name (and "lm_head"): what it holds}: "int8" / "q4" for quantised matrices, else the
