@@ -125,7 +125,8 @@ def vm_flags(address):
     return None
 
 
-@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no transparent huge pages here")
+@pytest.mark.skipif(not (hasattr(__import__("mmap"), "MADV_HUGEPAGE") and os.path.exists("/sys/kernel/mm/transparent_hugepage")),
+                    reason="no transparent huge pages here")
 def test_weights_are_mapped_asking_for_huge_pages(saved):
     """A loaded quantised file's streamed matrices and an in-memory quantised matrix of 1 MB or more carry the
     huge-page advice (VmFlags `hg`: kernels.huge_pages); the embedding table, which a quantised LM head

@@ -65,7 +65,10 @@ def huge_pages(buf, start=0, length=None, on=True):
     61.1 / 59.7 ms (alternated runs). on=False asks for 4 KB pages even where the cache holds 2 MB ones."""
     option = getattr(mmap, "MADV_HUGEPAGE" if on else "MADV_NOHUGEPAGE", None)
     if option is not None and hasattr(buf, "madvise"):
-        buf.madvise(option, start, len(buf) - start if length is None else length)
+        try:
+            buf.madvise(option, start, len(buf) - start if length is None else length)
+        except OSError:                 # a kernel built without huge pages: the advice is only advice
+            pass
 
 
 def lazy_zeros(shape, dtype, huge=False):
