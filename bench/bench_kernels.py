@@ -112,7 +112,8 @@ class Machine:
     def __init__(self, probes, threads):
         self.p, self.threads = probes, threads
         # 1 GiB, far beyond any L3, in the 2 MB pages the weights are in (kernels.huge_pages): in 4 KB pages
-        # it read 0-14 % slower (4 alternated pairs), which would credit the weights' pages to the kernels
+        # it read 1.3 % slower (the median of 99 alternated pairs), which would credit the weights' pages to
+        # the kernels
         self.buf = kernels.lazy_zeros((1 << 28,), np.float32, huge=True)
         self.buf[...] = 1.0
         self.ptr = probes.ffi.cast("float *", self.buf.ctypes.data)
