@@ -32,7 +32,7 @@ void vx_set_threads(int n);              /* n <= 0: one per core this process ma
 enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds sums */
 double vx_kernel_seconds(int kind);     /* seconds spent since load (benchmarks) in the weight-streaming linears
                                           * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or in attention (VX_TIME_ATTENTION:
-                                          * vx_attention, and a layer's KV stores and attention in vx_layer_forward) */
+                                          * vx_attention, and a layer's KV stores and attention in vx_layers_forward) */
 int vx_get_threads(void);
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */
@@ -133,14 +133,16 @@ typedef struct {
     int kvtype;
 } vx_kv_ring;
 
-/* h [t, dim] <- the layer applied to h (in place): the rows of nseq sequences stacked (seq_rows [nseq] rows
- * each, in order), every weight once over all of them, attention per sequence against its own ring
- * (rings [nseq]); rows at absolute positions pos [t]; cos, sin [t, head_dim / 2] their RoPE angles;
- * ada [t, dim] the decoder's AdaRMSNorm scale of each row, or NULL; xtype the float weights' input
- * precision (VX_X_F32 / VX_X_BF16). A sequence's keys and values go into its ring (slot = pos % capacity)
- * before it attends, as KVCache.update does. */
-void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
-                      const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *rings);
+/* h [t, dim] <- layers L[0], L[1], ... L[n_layers - 1] applied to h in turn (in place): the rows of nseq
+ * sequences stacked (seq_rows [nseq] rows each, in order), every weight once over all of them, attention
+ * per sequence against its own ring (layer i's: rings [i * nseq .. i * nseq + nseq - 1]); rows at absolute
+ * positions pos [t]; cos, sin [t, head_dim / 2] their RoPE angles; ada [n_layers, t, dim] the decoder's
+ * AdaRMSNorm scale of each layer and row, or NULL; xtype the float weights' input precision (VX_X_F32 /
+ * VX_X_BF16). A sequence's keys and values go into its ring (slot = pos % capacity) before it attends, as
+ * KVCache.update does. */
+void vx_layers_forward(const vx_layer *const *L, int n_layers, float *h, int64_t t, const int64_t *pos, const float *cos,
+                       const float *sin, const float *ada, int xtype, int nseq, const int64_t *seq_rows,
+                       vx_kv_ring *const *rings);
 
 /* ---- norms.c ------------------------------------------------------------------------------------- */
 /* y[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)) for each of `rows` rows; x, y [rows, d], w [d]. */

@@ -1,5 +1,5 @@
-/* vx_layer_forward: one pre-norm transformer layer (the encoder's or the decoder's) in one call, so a live
- * step crosses from Python into C once per layer instead of some sixteen times (the Python side's pointer
+/* vx_layers_forward: pre-norm transformer layers (the encoder's or the decoder's) in one call, so a live
+ * step crosses from Python into C once per stack instead of some sixteen times a layer (the Python side's pointer
  * conversions and glue cost more than the small kernels themselves). It runs the same kernels, in the
  * same order, on the same values as the readable layers in voxtral_ref/stages/ (encoder_layer,
  * decoder_layer, self_attention, KVCache.update), so its result is bit for bit theirs
@@ -90,7 +90,7 @@ typedef struct {
     const vx_layer *L;
     const float *qr, *kr, *v;
     const int64_t *pos, *seq_rows, *r0;
-    vx_kv_ring *rings;
+    vx_kv_ring *const *rings;
     float *o;
     const int *order;          /* the sequences, most work first */
     int nseq;
@@ -104,7 +104,7 @@ static void attend_task(void *ctx, int tid, int nt) {
     for (int64_t i; (i = vx_next_tasks(&c->next, 1)) < c->nseq;) {
         const int s = c->order[i];
         const int64_t r0 = c->r0[s];
-        attend(c->L, c->qr + r0 * HD, c->kr + r0 * KD, c->v + r0 * KD, c->seq_rows[s], c->pos + r0, &c->rings[s], c->o + r0 * HD);
+        attend(c->L, c->qr + r0 * HD, c->kr + r0 * KD, c->v + r0 * KD, c->seq_rows[s], c->pos + r0, c->rings[s], c->o + r0 * HD);
     }
 }
 
@@ -115,14 +115,14 @@ static void attend_task(void *ctx, int tid, int nt) {
  * Otherwise (one sequence, or one holding most of the keys) each call splits its keys over the threads.
  * Either way a sequence's result is the same: vx_attention's does not depend on the thread count. */
 static void attend_all(const vx_layer *L, const float *qr, const float *kr, const float *v, const int64_t *pos, int nseq,
-                       const int64_t *seq_rows, vx_kv_ring *rings, float *o) {
+                       const int64_t *seq_rows, vx_kv_ring *const *rings, float *o) {
     const int64_t t0 = vx_now_ns(), HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
     int64_t *r0 = vx_alloc(sizeof(int64_t) * nseq);
     double *work = vx_alloc(sizeof(double) * nseq), total = 0.0, most = 0.0;
     int *order = vx_alloc(sizeof(int) * nseq);
     for (int s = 0; s < nseq; s++) {
         r0[s] = s ? r0[s - 1] + seq_rows[s - 1] : 0;
-        const vx_kv_ring *ring = &rings[s];
+        const vx_kv_ring *ring = rings[s];
         int64_t keys = ring->capacity > 0 ? ring->filled + seq_rows[s] : seq_rows[s];
         keys = ring->capacity > 0 && keys > ring->capacity ? ring->capacity : keys;
         keys = keys - seq_rows[s] > L->window ? L->window + seq_rows[s] : keys;   /* min(keys, window + rows) */
@@ -138,14 +138,14 @@ static void attend_all(const vx_layer *L, const float *qr, const float *kr, cons
         vx_parallel(nt, attend_task, &c);
     } else {
         for (int s = 0; s < nseq; s++)
-            attend(L, qr + r0[s] * HD, kr + r0[s] * KD, v + r0[s] * KD, seq_rows[s], pos + r0[s], &rings[s], o + r0[s] * HD);
+            attend(L, qr + r0[s] * HD, kr + r0[s] * KD, v + r0[s] * KD, seq_rows[s], pos + r0[s], rings[s], o + r0[s] * HD);
     }
     free(order), free(work), free(r0);
     vx_count_ns(VX_TIME_ATTENTION, vx_now_ns() - t0);
 }
 
-void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
-                      const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *rings) {
+static void layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos, const float *cos, const float *sin,
+                          const float *ada, int xtype, int nseq, const int64_t *seq_rows, vx_kv_ring *const *rings) {
     const int64_t D = L->dim, F = L->w1.m, HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
     float *x = vx_alloc(sizeof(float) * t * D), *y = vx_alloc(sizeof(float) * t * D);            /* [t, D] */
     float *q = vx_alloc(sizeof(float) * t * HD), *qr = vx_alloc(sizeof(float) * t * HD);           /* [t, H, hd] */
@@ -184,4 +184,12 @@ void vx_layer_forward(const vx_layer *L, float *h, int64_t t, const int64_t *pos
     for (int64_t i = 0; i < t * D; i++) h[i] = h[i] + y[i];
 
     free(x), free(y), free(q), free(qr), free(o), free(k), free(kr), free(v), free(a), free(g);
+}
+
+void vx_layers_forward(const vx_layer *const *L, int n_layers, float *h, int64_t t, const int64_t *pos, const float *cos,
+                       const float *sin, const float *ada, int xtype, int nseq, const int64_t *seq_rows,
+                       vx_kv_ring *const *rings) {
+    for (int i = 0; i < n_layers; i++)
+        layer_forward(L[i], h, t, pos, cos, sin, ada ? ada + (size_t)i * t * L[i]->dim : NULL, xtype, nseq, seq_rows,
+                      rings + (size_t)i * nseq);
 }

@@ -793,6 +793,42 @@ def test_one_call_layer_is_the_readable_layer(fmt, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}])
+def test_one_call_stack_is_the_readable_layers(mode, monkeypatch):
+    """decoder_forward and encoder_transformer run their whole stack in one C call (vx_layers_forward, each
+    layer's AdaRMSNorm rows and rings its own): bit for bit the readable layers one by one, for two stacked
+    sequences of different delays through their rings, chunk after chunk, the caches alike afterwards."""
+    import voxtral_ref
+    from conftest import MODEL_DIRS
+    from voxtral_ref.stages import attention, decoder, encoder
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c", **mode)
+    cfg, w = model.cfg, model.weights
+
+    def run(fused):
+        monkeypatch.setattr(kernels, "fused_layers", lambda: fused)
+        rng, out = np.random.default_rng(2), []
+        with model.kernel_mode():
+            for stage, c in (("enc", cfg.encoder), ("dec", cfg.decoder)):
+                kvh = c.n_heads if stage == "enc" else c.n_kv_heads
+                rings = [[attention.KVCache(window=12, max_chunk=8, n_kv_heads=kvh, head_dim=c.head_dim)
+                          for _ in range(c.n_layers)] for _ in range(2)]
+                for p0, (n1, n2) in zip(range(0, 40, 8), [(3, 5), (8, 1), (1, 8), (5, 5), (2, 7)]):
+                    ps = [np.arange(p0, p0 + n1), np.arange(p0, p0 + n2) + 3]
+                    x = rng.standard_normal((n1 + n2, c.dim), dtype=np.float32)
+                    if stage == "enc":
+                        out.append(encoder.encoder_transformer(x, ps, w, True, rings))
+                    else:
+                        seqs = [(p, decoder.ada_scales(w, d), r) for p, d, r in zip(ps, (2, 6), rings)]
+                        out.append(decoder.decoder_forward(x, seqs, w, True))
+                out += [np.asarray(r.k, np.float32) for seq in rings for r in seq] + [np.array([r.filled for seq in rings for r in seq])]
+        return out
+
+    fused, readable = run(True), run(False)
+    assert len(fused) == len(readable)
+    for a, b in zip(fused, readable):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}])
 def test_sequences_attending_one_per_thread_get_what_they_get_alone(mode):
     """layer.c gives several sequences' attention one thread each when their work shares out evenly (no
     sequence more than a thread's share); alone, a sequence's call splits its keys over the threads. Each

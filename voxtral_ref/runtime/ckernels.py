@@ -268,37 +268,36 @@ def silu_mul(a, b):
     return y
 
 
-def layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, caches, kv,
-          precision):
-    """One encoder or decoder layer in one C call (csrc/layer.c): h [T, dim] at positions pos [T] -> [T, dim],
-    bit for bit what the readable layer computes (stages/encoder.encoder_layer, decoder.decoder_layer) with
-    these kernels. The rows stack the sequences of seq_rows (rows each), caches: their
-    stages.attention.KVCache (one sequence may have None: a whole sequence at once). w: the layer's tensors
-    (checkpoint.weights.Layer); cos, sin [T, head_dim / 2]; ada [T, dim] or None; kv: the KV format. None if
-    a tensor is of a kind the call does not take (the caller then runs the readable layer)."""
-    desc = getattr(w, "_vx", None)
-    if desc is None:
-        desc = w._vx = _describe_layer(w, n_heads, n_kv_heads, head_dim, window, eps, interleaved)
-    if desc is False:
-        return None
+def layers(h, pos, seq_rows, ws, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, adas, caches, kv,
+           precision):
+    """Layers ws[0], ws[1], ... (the encoder's or the decoder's) in turn in one C call (csrc/layer.c): h [T, dim]
+    at positions pos [T] -> [T, dim], bit for bit what the readable layers compute (stages/encoder.encoder_layer,
+    decoder.decoder_layer) with these kernels. The rows stack the sequences of seq_rows (rows each); caches[i]:
+    layer i's stages.attention.KVCache per sequence (one sequence may have None: a whole sequence at once).
+    ws: the layers' tensors (checkpoint.weights.Layer); cos, sin [T, head_dim / 2]; adas [n_layers, T, dim]
+    or None; kv: the KV format. None if a tensor is of a kind the call does not take (the caller then runs
+    the readable layers)."""
+    descs = []
+    for w in ws:
+        if getattr(w, "_vx", None) is None:
+            w._vx = _describe_layer(w, n_heads, n_kv_heads, head_dim, window, eps, interleaved)
+        if w._vx is False:
+            return None
+        descs.append(w._vx[0])
     out = np.array(h, dtype=np.float32, order="C")                   # [T, dim], updated in place
     pos, cos, sin = np.ascontiguousarray(pos, np.int64), _f32(cos), _f32(sin)
-    ada = None if ada is None else _f32(ada)
-    rows = np.asarray(seq_rows, np.int64)
-    if len(caches) == 1:
-        rings = _ring(caches[0], kv)                                  # the cache's own struct, an array of one
-        rings.filled = caches[0].filled if caches[0] is not None else 0
-    else:
-        rings = ffi.new("vx_kv_ring[]", len(caches))
-        for i, c in enumerate(caches):
-            rings[i] = _ring(c, kv)[0]
-            rings[i].filled = c.filled
-    lib.vx_layer_forward(desc[0], _ptr("float *", out), len(pos), _ptr("int64_t *", pos), _ptr("float *", cos),
-                         _ptr("float *", sin), ffi.NULL if ada is None else _ptr("float *", ada), _XTYPES[precision],
-                         len(caches), _ptr("int64_t *", rows), rings)
-    for i, c in enumerate(caches):
+    adas = None if adas is None else _f32(adas)
+    held = [c for layer_caches in caches for c in layer_caches]      # [n_layers * nseq], layer-major
+    rings = [_ring(c, kv) for c in held]                             # each cache's own struct
+    for r, c in zip(rings, held):
+        r.filled = c.filled if c is not None else 0
+    lib.vx_layers_forward(ffi.new("vx_layer *[]", descs), len(descs), _ptr("float *", out), len(pos),
+                          _ptr("int64_t *", pos), _ptr("float *", cos), _ptr("float *", sin),
+                          ffi.NULL if adas is None else _ptr("float *", adas), _XTYPES[precision], len(seq_rows),
+                          _ptr("int64_t *", np.asarray(seq_rows, np.int64)), ffi.new("vx_kv_ring *[]", rings))
+    for r, c in zip(rings, held):
         if c is not None:
-            c.filled = int(rings[i].filled)
+            c.filled = int(r.filled)
     return out
 
 

@@ -295,16 +295,16 @@ def attention(q, k, v, q_pos, k_pos, window):
 
 
 def fused_layers():
-    """Whether the backend runs a whole transformer layer in one call (`layer`)."""
+    """Whether the backend runs whole transformer layers in one call (`layers`)."""
     return _c() is not None
 
 
-def layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada, caches):
-    """A whole encoder or decoder layer in one call (C backend: ckernels.layer, bit for bit the readable
-    layer in stages/), or None where it does not apply; see stages/attention.fused_layer."""
+def layers(h, pos, seq_rows, ws, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, adas, caches):
+    """Whole encoder or decoder layers in one call (C backend: ckernels.layers, bit for bit the readable
+    layers in stages/), or None where it does not apply; see stages/attention.fused_layers."""
     c = _c()
-    return c.layer(h, pos, seq_rows, w, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, ada,
-                   caches, _kv.get(), _precision.get()) if c else None
+    return c.layers(h, pos, seq_rows, ws, n_heads, n_kv_heads, head_dim, window, eps, interleaved, cos, sin, adas,
+                    caches, _kv.get(), _precision.get()) if c else None
 
 
 def rope(x, cos, sin, interleaved=False):

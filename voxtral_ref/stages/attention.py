@@ -96,23 +96,35 @@ def self_attention(x, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window,
     return kernels.linear(o.reshape(x.shape[0], n_heads * head_dim), w["wo"], w.get("bo"))  # [T, dim]
 
 
-def fused_layer(h, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved, ada=None, cache=None):
-    """A whole layer (the encoder's or the decoder's: attention block, then MLP block with the AdaRMSNorm
-    scale `ada` [T, dim] if given) in one kernel call where the backend has one: C's runs the readable
-    layer's kernels in the same order (csrc/layer.c), bit for bit, without a trip through Python per
-    kernel (some 16 per layer, 58 layers per live step). h may stack several sequences' rows, as in
-    self_attention (pos and cache then lists). -> h [T, dim], or None: run the readable layer. Not while
-    the oracle records attention maps."""
-    seqs = list(zip(pos, cache)) if isinstance(pos, list) else [(pos, cache)]
+def fused_layers(h, pos, ws, n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved, adas=None,
+                 caches=None):
+    """Layers ws[0], ws[1], ... in turn (the encoder's or the decoder's: attention block, then MLP block with
+    the AdaRMSNorm scales adas [n_layers, T, dim] if given; caches[i]: layer i's cache(s), as self_attention
+    takes them) in one kernel call where the backend has one: C's runs the readable layers' kernels in the
+    same order (csrc/layer.c), bit for bit, without a trip through Python per kernel (some 16 per layer) or
+    per layer (58 per live step). h may stack several sequences' rows, as in self_attention (pos and each
+    layer's caches then lists). -> h [T, dim], or None: run the readable layers. Not while the oracle
+    records attention maps."""
+    caches = caches or [None] * len(ws)
+    seqs = [list(zip(pos, c)) if isinstance(pos, list) else [(pos, c)] for c in caches]    # per layer
     if not kernels.fused_layers() or ATTENTION_PROBE.get():
         return None
-    for p, c in seqs:         # stacked rows need their caches; an oversized chunk gets the readable layer's error
-        if (c is None and len(seqs) > 1) or (c is not None and len(p) > c.max_chunk):
+    for p, c in (pc for layer in seqs for pc in layer):   # stacked rows need their caches; an oversized chunk
+        if (c is None and len(seqs[0]) > 1) or (c is not None and len(p) > c.max_chunk):   # the readable error
             return None
-    allpos = np.concatenate([p for p, _ in seqs]) if len(seqs) > 1 else np.asarray(seqs[0][0])   # [T]
+    ps = [p for p, _ in seqs[0]]
+    allpos = np.concatenate(ps) if len(ps) > 1 else np.asarray(ps[0])                         # [T]
+    if adas is not None:                  # a scale per layer and row (a layer's [dim] serves every row)
+        adas = np.broadcast_to(adas, (len(ws),) + np.shape(h))                                 # [n_layers, T, dim]
     cos, sin = _layer_angles(np.asarray(allpos, np.int64).tobytes(), head_dim, rope_theta)     # [T, hd/2]
-    return kernels.layer(h, allpos, [len(p) for p, _ in seqs], w, n_heads, n_kv_heads, head_dim, window, eps,
-                         interleaved, cos, sin, ada, [c for _, c in seqs])
+    return kernels.layers(h, allpos, [len(p) for p in ps], ws, n_heads, n_kv_heads, head_dim, window, eps,
+                          interleaved, cos, sin, adas, [[c for _, c in layer] for layer in seqs])
+
+
+def fused_layer(h, pos, w, n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved, ada=None, cache=None):
+    """One layer through fused_layers (ada [T, dim], [dim] or None; cache as self_attention takes it)."""
+    return fused_layers(h, pos, [w], n_heads, n_kv_heads, head_dim, rope_theta, window, eps, interleaved,
+                        None if ada is None else ada[None], [cache])
 
 
 @functools.lru_cache(maxsize=4)

@@ -9,7 +9,7 @@ Everything is causal: frame j never depends on a later mel frame, which is what 
 import numpy as np
 
 from ..runtime import kernels
-from .attention import fused_layer, self_attention
+from .attention import fused_layer, fused_layers, self_attention
 
 CONV_KERNEL = 3                           # both conv layers: kernel 3 over time
 
@@ -73,11 +73,15 @@ def encoder_transformer(x, pos, weights, interleaved, caches=None, trace=None):
     (each row computed on its own) and attention per stream."""
     cfg = weights.cfg.encoder
     stacked = isinstance(pos, list)
-    for i in range(cfg.n_layers):
-        cache = [c[i] for c in caches] if stacked else caches[i] if caches else None
-        x = encoder_layer(x, pos, weights.layer(f"enc.layers.{i}"), cfg, interleaved, cache)  # [T, 1280]
+    layers = [weights.layer(f"enc.layers.{i}") for i in range(cfg.n_layers)]
+    cache = [[c[i] for c in caches] if stacked else caches[i] if caches else None for i in range(cfg.n_layers)]
+    y = None if trace else fused_layers(x, pos, layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,
+                                        cfg.sliding_window, cfg.norm_eps, interleaved, caches=cache)  # C: the loop below
+    for i in range(cfg.n_layers) if y is None else ():
+        x = encoder_layer(x, pos, layers[i], cfg, interleaved, cache[i])                  # [T, 1280]
         if trace:
             trace(f"encoder.layers.{i}", x)
+    x = x if y is None else y
     x = kernels.rms_norm(x, weights["enc.norm"], cfg.norm_eps)                          # [T, 1280]
     if trace:
         trace("encoder_out", x)
