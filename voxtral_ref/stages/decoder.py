@@ -61,11 +61,13 @@ def decoder_forward(h, seqs, weights, interleaved, trace=None):
     caches = [[c[i] for _, _, c in seqs] for i in range(cfg.n_layers)]
     y = None if trace else fused_layers(h, pos, layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
                                         cfg.sliding_window, cfg.norm_eps, interleaved, ada, caches)  # C: the loop below
-    for i in range(cfg.n_layers) if y is None else ():
-        h = decoder_layer(h, pos, layers[i], cfg, ada[i], interleaved, caches[i])
-        if trace:
-            trace(f"decoder.layers.{i}", h)
-    h = h if y is None else y
+    if y is not None:
+        h = y                                                                            # [R, 3072]
+    else:
+        for i in range(cfg.n_layers):
+            h = decoder_layer(h, pos, layers[i], cfg, ada[i], interleaved, caches[i])      # [R, 3072]
+            if trace:
+                trace(f"decoder.layers.{i}", h)
     x = kernels.rms_norm(h, weights["dec.norm"], cfg.norm_eps)                           # [R, 3072]
     if trace:
         trace("final_norm", x)

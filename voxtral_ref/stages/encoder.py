@@ -77,11 +77,13 @@ def encoder_transformer(x, pos, weights, interleaved, caches=None, trace=None):
     cache = [[c[i] for c in caches] if stacked else caches[i] if caches else None for i in range(cfg.n_layers)]
     y = None if trace else fused_layers(x, pos, layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,
                                         cfg.sliding_window, cfg.norm_eps, interleaved, caches=cache)  # C: the loop below
-    for i in range(cfg.n_layers) if y is None else ():
-        x = encoder_layer(x, pos, layers[i], cfg, interleaved, cache[i])                  # [T, 1280]
-        if trace:
-            trace(f"encoder.layers.{i}", x)
-    x = x if y is None else y
+    if y is not None:
+        x = y                                                                            # [T, 1280]
+    else:
+        for i in range(cfg.n_layers):
+            x = encoder_layer(x, pos, layers[i], cfg, interleaved, cache[i])              # [T, 1280]
+            if trace:
+                trace(f"encoder.layers.{i}", x)
     x = kernels.rms_norm(x, weights["enc.norm"], cfg.norm_eps)                          # [T, 1280]
     if trace:
         trace("encoder_out", x)
