@@ -208,7 +208,7 @@ def release_pages(t):
 
 class Layer(dict):
     """One layer's tensors by their short names; the C backend keeps its descriptor of them on it
-    (runtime/ckernels.layer), so it lives and dies with them."""
+    (runtime/ckernels.layers), so it lives and dies with them."""
 
 
 class Weights:
