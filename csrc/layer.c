@@ -1,6 +1,6 @@
 /* vx_layers_forward: pre-norm transformer layers (the encoder's or the decoder's) in one call, so a live
- * step crosses from Python into C once per stack instead of some sixteen times a layer (the Python side's pointer
- * conversions and glue cost more than the small kernels themselves). It runs the same kernels, in the
+ * step crosses from Python into C once per stack instead of some sixteen times a layer (the Python side's
+ * pointer conversions and glue cost more than the small kernels themselves). It runs the same kernels, in the
  * same order, on the same values as the readable layers in voxtral_ref/stages/ (encoder_layer,
  * decoder_layer, self_attention, KVCache.update), so its result is bit for bit theirs
  * (tests/test_kernels.py checks it). */

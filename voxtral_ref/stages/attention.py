@@ -109,8 +109,9 @@ def fused_layers(h, pos, ws, n_heads, n_kv_heads, head_dim, rope_theta, window, 
     seqs = [list(zip(pos, c)) if isinstance(pos, list) else [(pos, c)] for c in caches]    # per layer
     if not kernels.fused_layers() or ATTENTION_PROBE.get():
         return None
-    for p, c in (pc for layer in seqs for pc in layer):   # stacked rows need their caches; an oversized chunk
-        if (c is None and len(seqs[0]) > 1) or (c is not None and len(p) > c.max_chunk):   # the readable error
+    # stacked rows need their caches; an oversized chunk gets the readable layers' error
+    for p, c in (pc for layer in seqs for pc in layer):
+        if (c is None and len(seqs[0]) > 1) or (c is not None and len(p) > c.max_chunk):
             return None
     ps = [p for p, _ in seqs[0]]
     allpos = np.concatenate(ps) if len(ps) > 1 else np.asarray(ps[0])                         # [T]

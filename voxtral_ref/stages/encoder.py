@@ -74,14 +74,14 @@ def encoder_transformer(x, pos, weights, interleaved, caches=None, trace=None):
     cfg = weights.cfg.encoder
     stacked = isinstance(pos, list)
     layers = [weights.layer(f"enc.layers.{i}") for i in range(cfg.n_layers)]
-    cache = [[c[i] for c in caches] if stacked else caches[i] if caches else None for i in range(cfg.n_layers)]
-    y = None if trace else fused_layers(x, pos, layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,
-                                        cfg.sliding_window, cfg.norm_eps, interleaved, caches=cache)  # C: the loop below
+    layer_caches = [[c[i] for c in caches] if stacked else caches[i] if caches else None for i in range(cfg.n_layers)]
+    y = None if trace else fused_layers(x, pos, layers, cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta,  # C: the
+                                        cfg.sliding_window, cfg.norm_eps, interleaved, caches=layer_caches)  # loop below
     if y is not None:
         x = y                                                                            # [T, 1280]
     else:
         for i in range(cfg.n_layers):
-            x = encoder_layer(x, pos, layers[i], cfg, interleaved, cache[i])              # [T, 1280]
+            x = encoder_layer(x, pos, layers[i], cfg, interleaved, layer_caches[i])       # [T, 1280]
             if trace:
                 trace(f"encoder.layers.{i}", x)
     x = kernels.rms_norm(x, weights["enc.norm"], cfg.norm_eps)                          # [T, 1280]
