@@ -6,9 +6,8 @@ with each position in one decoder pass).
     python bench/backlog_bench.py /work/full_q4            # table on stdout + bench/out/backlog.json
 
 Per draft cap k (0: one position per pass, as before) and drafter:
-  real     generate.draft_tokens ([STREAMING_PAD]): what a session does. Random weights never emit
-           [STREAMING_PAD], so its drafts all miss here: this measures what verification costs when it
-           buys nothing;
+  real     generate.draft_tokens: what a session does. Random weights repeat tokens (and never pad), so
+           its guesses are right more often here than the real model's may be;
   oracle   the ids of the k = 0 run replayed as drafts (every draft right, a benchmark device): what it
            buys when every draft is right, the upper bound.
 Reported (the fastest of --repeats runs of each): wall seconds of the step that drains the backlog, split into encoding (the same for all) and the

@@ -28,9 +28,9 @@ For each model directory (one weight format each; unquantised ones run in --prec
            and k drafted tokens, k + 1 rows, the caches rewound after) against the 1-row passes interleaved
            with it, k = 1..15, with the probed bandwidth; then the speed-up it buys as a function of the acceptance rate a (each
            draft right with probability a: a pass yields (1 - a^(k+1)) / (1 - a) tokens on average), the
-           best k for each a, and the rate the [STREAMING_PAD] drafter has on the golden cases (the share of
-           PAD among greedy's ids) for THIS model: with random weights that says nothing of the real
-           model's rate, which is unknown here.
+           best k for each a, and the rate generate.draft_tokens' first guess has on the golden cases for
+           THIS model: with random weights (which repeat tokens and never pad) that says nothing of the
+           real model's rate, which is unknown here.
 Speed does not depend on the weights' values, so random weights and random audio embeddings serve.
 """
 
@@ -49,7 +49,7 @@ from voxtral_ref import config as C  # noqa: E402
 from voxtral_ref.runtime import ckernels, kernels  # noqa: E402
 from voxtral_ref.runtime.engine import Engine  # noqa: E402
 from voxtral_ref.runtime.stream import encoder_pass  # noqa: E402
-from voxtral_ref.stages.generate import MAX_DRAFT, Decoder, decoder_pass  # noqa: E402
+from voxtral_ref.stages.generate import MAX_DRAFT, Decoder, decoder_pass, draft_tokens  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "cases" / "speech_en_long_480.npz"
@@ -171,16 +171,21 @@ def speedups(vs_one_row, rates=(0.0, 0.25, 0.5, 0.75, 0.9)):
     return out
 
 
-def pad_rate(model):
-    """The share of [STREAMING_PAD] among greedy decoding's ids on the golden cases, for this model."""
-    ids = []
+def draft_rate(model):
+    """How often generate.draft_tokens' first guess is right on the golden cases for this model: at every
+    generated position, its guess from the ids before against greedy decoding's id there."""
+    right = total = 0
     for case in json.loads((GOLDEN.parent / "index.json").read_text())["cases"]:
         if "token_ids" in case:
             with np.load(GOLDEN.parent / case["file"]) as z:
-                ids += model.transcribe(z["audio"], delay_ms=int(case["delay_ms"])).token_ids
-    rate = ids.count(C.STREAMING_PAD_ID) / max(len(ids), 1)
-    print(f"  verify: [STREAMING_PAD] is {100 * rate:.1f} % of this model's {len(ids)} ids on the golden cases "
-          f"(random weights: not the real model's rate)", flush=True)
+                dec = Decoder(model.weights, C.delay_tokens(int(case["delay_ms"])))
+                ids = model.transcribe(z["audio"], delay_ms=int(case["delay_ms"])).token_ids
+            for i, token in enumerate(ids[1:], 1):
+                dec.ids = dec.prompt + ids[:i]
+                right, total = right + (draft_tokens(dec, len(dec.ids) + 1, 1) == [token]), total + 1
+    rate = right / max(total, 1)
+    print(f"  verify: the drafter's first guess is right at {100 * rate:.1f} % of this model's {total} positions on "
+          f"the golden cases (random weights: not the real model's rate)", flush=True)
     return rate
 
 
@@ -261,7 +266,7 @@ def run(path, args, machine):
         out["decode"] = bench_decode(model, args.rows, args.tokens, machine, np.random.default_rng(0))
         out["verify"] = bench_verify(model, args.tokens, machine, np.random.default_rng(1))
         out["verify"]["speedup_by_acceptance"] = speedups(out["verify"]["vs_one_row"])
-        out["verify"]["pad_rate_golden"] = pad_rate(model)
+        out["verify"]["draft_rate_golden"] = draft_rate(model)
     with np.load(GOLDEN) as z:
         audio = voxtral_ref.stages.audio.to_mono_16k(z["audio"], C.SAMPLE_RATE)
     counts = [2 ** i for i in range(args.streams.bit_length())]                     # 1, 2, 4, ... <= streams

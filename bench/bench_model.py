@@ -6,11 +6,15 @@
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
 per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
 written by `voxtral-ref quantize` runs its own format): load time (quantising at load, unless the directory
-is already quantised), encoder ms per second of audio (transcribe() encodes in chunks as it decodes: their
-total), time to first token, decode ms per token, the real-time factor, peak memory, and the roofline
-view: decode streams every decoder weight and the LM head once per token, so its weight GB/s is compared
-with this machine's read bandwidth, probed every 8 tokens during the run (each probe against the step
-right after it, since the bandwidth drifts by 2x within minutes here); the encoder is compute-bound, so its GFLOP/s is compared
+is already quantised), and once per --speculate value: encoder ms per second of audio (transcribe() encodes
+in chunks as it decodes: their total), time to first token, decode ms per token, the decoder passes and
+the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
+speculate), the real-time factor, peak memory, and the roofline view: a decoder pass streams every decoder
+weight and the LM head once, so a one-row pass's weight GB/s is compared with this machine's read
+bandwidth, probed every 8 passes during the run (each probe against the pass right after it, since the
+bandwidth drifts by 2x within minutes here). Random weights decide how often drafts are right (they repeat
+tokens, and never pad as the real model does), so tokens per pass here says nothing of the real model's;
+the encoder is compute-bound, so its GFLOP/s is compared
 with the FMA peak (f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run
 by bench/probes.c, as in bench_kernels.py).
 
@@ -110,9 +114,10 @@ def encoder_flops(sizes, cfg, frames):
 
 
 # --- voxtral_ref -------------------------------------------------------------------------------------------
-def run_ours(args, yard, run):
+def run_ours(args, yard, run, speculate):
     precision, _, quantize = run.partition("+")
     from voxtral_ref.runtime import ckernels
+    from voxtral_ref.stages import generate
     reset_peak_rss()
     t = time.perf_counter()
     model = voxtral_ref.load(args.model, backend="c", precision=precision, quantize=quantize or None)
@@ -126,48 +131,62 @@ def run_ours(args, yard, run):
     print(f"  warm-up (1 s clip, pages every weight in) {time.perf_counter() - t:.1f} s")
 
     audio = clip(args.seconds)
-    stamps, resumed, anon, probes = [], [], [0.0], []
+    stamps, passes, anon, probes = [], [], [0.0], []
     m = machine(yard["threads"])
+    real_pass = generate.decoder_pass
 
-    def on_token(_):
-        stamps.append(time.perf_counter())
-        if len(stamps) % 8 == 1:
+    def timed_pass(weights, work, trace=None):
+        """A decoder pass timed: (seconds, rows, tokens kept). Every 8th is preceded by a bandwidth probe
+        (outside its time: this host's bandwidth drifts by 2x within minutes), compared with that pass."""
+        if len(passes) % 8 == 1:
             anon[0] = max(anon[0], rss_status().get("RssAnon", 0.0))
-            # this host's bandwidth drifts by 2x within minutes: probe it between tokens (the probe's time
-            # is not counted in the next step) and compare each probe with the step that follows it
-            probes.append((len(stamps), m.read_gbs_once()))
-        resumed.append(time.perf_counter())
+            probes.append((len(passes), m.read_gbs_once()))
+        t = time.perf_counter()
+        out = real_pass(weights, work, trace)
+        passes.append((time.perf_counter() - t, sum(len(a) for _, a in work), sum(len(o or []) for o in out)))
+        return out
 
-    t0 = time.perf_counter()
-    result = model.transcribe(audio, on_token=on_token)
-    total = time.perf_counter() - t0
-    steps = np.array(stamps[1:]) - np.array(resumed[:-1])                 # step k: resumed k-1 -> token k
+    generate.decoder_pass = timed_pass
+    try:
+        t0 = time.perf_counter()
+        result = model.transcribe(audio, on_token=lambda _: stamps.append(time.perf_counter()), speculate=speculate)
+        total = time.perf_counter() - t0
+    finally:
+        generate.decoder_pass = real_pass
+    decode = passes[1:]                                     # after the prompt's pass: one position (+ drafts) each
+    one_row = np.array([s for s, rows, _ in decode if rows == 1])
+    drafted = np.array([s for s, rows, _ in decode if rows > 1])
+    tokens = sum(n for _, _, n in decode)
     cfg, sizes = model.cfg, tensor_sizes(model)
     n_padded = len(pad_offline(audio, C.delay_tokens(cfg.default_delay_ms)))
     frames = n_padded // C.HOP // 2
     dec_bytes = decode_bytes_per_token(sizes)
-    decode_s = float(np.median(steps)) if len(steps) else float("nan")
+    pass_s = float(np.median(one_row)) if len(one_row) else float("nan")
     enc_flops = encoder_flops(sizes, cfg, frames)
     status = rss_status()
     r = {
-        "run": run, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE, "load_s": load_s, "total_s": total,
-        "rtf": total / args.seconds, "tokens": len(result.token_ids),
+        "run": run, "speculate": speculate, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE,
+        "load_s": load_s, "total_s": total, "rtf": total / args.seconds, "tokens": len(result.token_ids),
         "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
         "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
         "encoder_GFLOP/s": enc_flops / result.timings["encode_s"] / 1e9,
-        "decode_ms_per_token": 1e3 * decode_s, "decode_ms_per_token_mean": 1e3 * float(np.mean(steps)),
-        "decode_ms_per_token_p10": 1e3 * float(np.percentile(steps, 10)),
-        "decode_weight_GB_per_token": dec_bytes / 1e9, "decode_GB/s": dec_bytes / decode_s / 1e9,
-        "decode_GB/s_p10": dec_bytes / float(np.percentile(steps, 10)) / 1e9,
+        # decode: passes after the prompt's; a pass of one row reads every decoder weight for one position
+        "decode_passes": len(decode), "decode_tokens": tokens, "tokens_per_pass": tokens / max(len(decode), 1),
+        "decode_ms_per_token": 1e3 * sum(s for s, _, _ in decode) / max(tokens, 1),
+        "one_row_passes": len(one_row), "one_row_pass_ms": 1e3 * pass_s,
+        "one_row_pass_ms_p10": 1e3 * float(np.percentile(one_row, 10)) if len(one_row) else float("nan"),
+        "drafted_passes": len(drafted), "drafted_pass_ms": 1e3 * float(np.median(drafted)) if len(drafted) else None,
+        "decode_weight_GB_per_pass": dec_bytes / 1e9, "one_row_GB/s": dec_bytes / pass_s / 1e9,
         "time_to_first_token_s": stamps[0] - t0,
         # the bandwidth probe's buffer (resident in this process, not the model's) is taken out
         "probe_buffer_GB": m.buf.nbytes / 1e9, "peak_rss_GB": status.get("VmHWM") - m.buf.nbytes / 1e9,
         "peak_anon_GB_sampled": max(anon[0], status.get("RssAnon", 0.0)) - m.buf.nbytes / 1e9,
         "file_backed_GB": status.get("RssFile"), "token_ids": list(result.token_ids),
     }
-    paired = [(dec_bytes / steps[k - 1] / 1e9, bw) for k, bw in probes if k - 1 < len(steps)]
-    r["read_GB/s_probes"] = [bw for _, bw in paired]
-    r["decode_pct_of_read_bw"] = 100 * float(np.median([d / bw for d, bw in paired]))   # each step vs the probe just before
+    paired = [(dec_bytes / passes[k][0] / 1e9, bw) for k, bw in probes if k < len(passes) and passes[k][1] == 1]
+    r["read_GB/s_probes"] = [bw for _, bw in probes]
+    # each one-row pass that follows a probe, against that probe
+    r["decode_pct_of_read_bw"] = 100 * float(np.median([d / bw for d, bw in paired])) if paired else float("nan")
     peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() == "avx512bf16" else yard["fma_GFLOP/s"]
     r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
     r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
@@ -317,6 +336,9 @@ def main():
     ap.add_argument("--runs", nargs="+", choices=["f32", "bf16", "f32+int8", "bf16+int8", "f32+q4", "bf16+q4"],
                     default=["f32", "bf16", "bf16+int8"],
                     help="voxtral_ref configurations: matmul input precision, +int8 / +q4 for quantised weights")
+    ap.add_argument("--speculate", nargs="+", type=int, default=[None],
+                    help="transcribe()'s speculate: drafted tokens verified a pass, at most, one run each (default: "
+                         "transcribe()'s own; 0: one position a pass)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="HF's dtype (float32 needs ~18 GB of RAM)")
@@ -335,27 +357,32 @@ def main():
           f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s ({threads} threads, bench/probes.c)")
     runs = {}
     for run in args.runs:
-        ours = runs[run] = run_ours(args, yard, run)
-        peak = f"% of {ours['compute_peak']} peak"
-        enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
-               f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
-               f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
-        bws = ours["read_GB/s_probes"]
-        dec = (f"{ours['decode_ms_per_token']:.1f} ms/token median ({ours['decode_ms_per_token_p10']:.1f} fastest decile, "
-               f"{ours['decode_ms_per_token_mean']:.1f} mean); {ours['decode_weight_GB_per_token']:.2f} GB of weights "
-               f"per token -> {ours['decode_GB/s']:.1f} GB/s median = {ours['decode_pct_of_read_bw']:.0f}% of the read "
-               f"bandwidth (median over {len(bws)} steps of step / probe just before; probes "
-               f"{min(bws):.1f}-{max(bws):.1f} GB/s)")
-        tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
-               f"(first token after {ours['time_to_first_token_s']:.2f} s)")
-        mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
-               f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} GB "
-               f"bandwidth-probe buffer excluded)")
-        rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"), ("encoder (in chunks)", enc),
-                ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
-        print(f"voxtral_ref (C kernels, {run}; loaded in {ours['load_s']:.1f} s)")
-        for k, v in rows:
-            print(f"  {k:<22} {v}")
+        for k in args.speculate:
+            name = run if k is None else f"{run}, speculate={k}"
+            ours = runs[name] = run_ours(args, yard, run, k)
+            peak = f"% of {ours['compute_peak']} peak"
+            enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
+                   f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
+                   f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
+            bws = ours["read_GB/s_probes"]
+            drafted = (f"; {ours['drafted_passes']} passes verifying drafts, {ours['drafted_pass_ms']:.1f} ms median"
+                       if ours["drafted_passes"] else "")
+            dec = (f"{ours['decode_ms_per_token']:.1f} ms/token: {ours['decode_tokens']} tokens in {ours['decode_passes']} "
+                   f"passes ({ours['tokens_per_pass']:.2f} a pass); {ours['one_row_passes']} one-row passes "
+                   f"{ours['one_row_pass_ms']:.1f} ms median ({ours['one_row_pass_ms_p10']:.1f} fastest decile){drafted}; "
+                   f"{ours['decode_weight_GB_per_pass']:.2f} GB of weights a pass -> one-row {ours['one_row_GB/s']:.1f} "
+                   f"GB/s median = {ours['decode_pct_of_read_bw']:.0f}% of the read bandwidth (one-row passes after "
+                   f"a probe; probes {min(bws):.1f}-{max(bws):.1f} GB/s)")
+            tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
+                   f"(first token after {ours['time_to_first_token_s']:.2f} s)")
+            mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
+                   f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} "
+                   f"GB bandwidth-probe buffer excluded)")
+            rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"),
+                    ("encoder (in chunks)", enc), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
+            print(f"voxtral_ref (C kernels, {name}; loaded in {ours['load_s']:.1f} s)")
+            for key, v in rows:
+                print(f"  {key:<22} {v}")
     hf = None if args.no_hf else run_hf(args)
     if hf and "error" not in hf:
         print(f"HF transformers ({hf['dtype']}, {hf['torch_threads']} threads)")
@@ -379,7 +406,8 @@ def main():
     report = {"yardsticks": yard, "voxtral_ref": runs, "hf": hf, "command": " ".join(sys.argv)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
-    keys = ("rtf", "time_to_first_token_s", "decode_ms_per_token", "encoder_ms_per_padded_s", "decode_pct_of_read_bw", "peak_rss_GB")
+    keys = ("rtf", "time_to_first_token_s", "decode_ms_per_token", "tokens_per_pass", "one_row_pass_ms",
+            "encoder_ms_per_padded_s", "decode_pct_of_read_bw", "peak_rss_GB")
     summary = {p: {k: r[k] for k in keys} for p, r in runs.items()}
     if hf and "error" not in hf:
         summary["hf"] = {"rtf": hf["rtf"], "encoder_ms_per_padded_s": hf["encoder_ms_per_padded_s"]}

@@ -3,10 +3,11 @@ its decoder verifies drafted tokens with its next position in one pass. Its ids 
 one-at-a-time stepping (stream.BACKLOG_DRAFT = 0) and of HF's golden ids, for any chunking, with max_tokens,
 EOS and past_eos, alone or in an engine's shared passes.
 
-The real drafter guesses [STREAMING_PAD], which the tiny random model never emits: every real draft is a miss
-(its embeddings must be queued and fed again). The right guesses come from an oracle drafter that replays
-the reference ids, wrong where a test says, so every path runs: all accepted, a miss anywhere, a draft
-running past EOS or past the audio's end. Each test also counts passes, so none passes without verifying."""
+The real drafter (generate.draft_tokens) is right now and then on the tiny random model, which repeats
+tokens but never pads. Chosen guesses come from an oracle drafter that replays the reference ids, wrong
+where a test says, or from one that is always wrong (a miss's embeddings must be queued and fed again), so
+every path runs: all accepted, a miss anywhere, a draft running past EOS or past the audio's end. Each test
+also counts passes, so none passes without verifying."""
 
 import threading
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voxtral_ref
-from voxtral_ref.config import EOS_ID, SAMPLES_PER_TOKEN
+from voxtral_ref.config import BOS_ID, EOS_ID, SAMPLES_PER_TOKEN, STREAMING_PAD_ID
 from voxtral_ref.runtime import ckernels, engine as engine_mod, stream
 from voxtral_ref.runtime.engine import Engine
 from voxtral_ref.stages import generate
@@ -99,21 +100,58 @@ def whole(session, audio):
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "hf"])
-def backoff_gaps(n):
+def miss_gaps(n):
     """Passes from one drafted pass to the next when every draft misses, for the first n gaps: stream's
-    DRAFT_BACKOFF_MAX rule written out (1 + the passes it pauses)."""
-    return [1 + min(2 ** i, stream.DRAFT_BACKOFF_MAX) for i in range(n)]
+    DRAFT_RATE_WEIGHT rule written out (each miss moves the rate a weight's share towards 0; below
+    DRAFT_RATE_MIN a session drafts once DRAFT_PROBE passes have run without)."""
+    rate, gaps = 0.5, []
+    for _ in range(n):
+        rate -= stream.DRAFT_RATE_WEIGHT * rate
+        gaps.append(1 if rate >= stream.DRAFT_RATE_MIN else stream.DRAFT_PROBE + 1)
+    return gaps
 
 
-def test_backoff_reaches_its_cap():
-    assert backoff_gaps(8) == [2, 3, 5, 9, 17, 33, 33, 33]
+def test_misses_thin_drafting_to_probes():
+    assert miss_gaps(8) == [1, 1, 1, 1, 17, 17, 17, 17]
+
+
+def test_drafter_guesses_runs_and_pads_after_text_unless_text_repeats():
+    """generate.draft_tokens' rule on made-up ids: a run's token again (pads included); after a text token
+    a pad, unless among the latest DRAFT_HISTORY ids text tokens were more often repeated than padded after;
+    never past the audio's positions."""
+    P, prompt = STREAMING_PAD_ID, [BOS_ID] + [STREAMING_PAD_ID] * 38
+
+    def draft(generated, k=3, n_positions=10 ** 6):
+        dec = type("Dec", (), {"prompt": prompt, "ids": prompt + generated})
+        return generate.draft_tokens(dec, n_positions, k)
+    assert draft([]) == [P] * 3 and draft([1500, P]) == [P] * 3
+    assert draft([1500]) == [P] * 3                                    # no text seen before: a pad
+    assert draft([1500, 1500, 1600]) == [1600] * 3                     # 1 repeat, no pad after text
+    assert draft([1500, 1500, P, 1600]) == [P] * 3                     # 1 repeat, 1 pad: a pad
+    assert draft([1500, 1500, 1500, P, 1600], k=5) == [1600] * 5       # 2 repeats, 1 pad
+    assert draft([1500, 1500, 1500, P, 1600], n_positions=len(prompt) + 7) == [1600] * 2
+    assert draft([1500, 1500, 1500, P, 1600], k=0) == []
+    old = [1500] * 5 + [P] * generate.DRAFT_HISTORY                    # 4 repeats, 1 pad: beyond the history
+    assert draft(old + [1600, 1600, 1700]) == [1700] * 3 and draft(old + [1600, P, 1700]) == [P] * 3
+
+
+@contextmanager
+def missing():
+    """stream.draft_tokens replaced by one whose guesses are all wrong: BOS, which no position emits."""
+    real = stream.draft_tokens
+    stream.draft_tokens = lambda dec, n_positions, k: [BOS_ID] * len(real(dec, n_positions, k))
+    try:
+        yield
+    finally:
+        stream.draft_tokens = real
 
 
 @pytest.mark.parametrize("fmt", ["mistral", "hf"])
-def test_backlogged_session_equals_golden_with_real_and_right_drafts(fmt):
-    """Every golden case fed at once: the real drafter's all-missed drafts (each drafted pass verifies 3
-    guesses and keeps one token, then the session drafts after 1, 2, 4, ... passes without) and an oracle's
-    right-3-in-4 drafts (fewer passes than tokens) give HF's ids."""
+def test_backlogged_session_equals_golden_with_real_wrong_and_right_drafts(fmt):
+    """Every golden case fed at once gives HF's ids with the real drafter (the tiny random model repeats
+    tokens, so some of its guesses are right: fewer passes than tokens), with drafts that all miss (each
+    drafted pass verifies 3 guesses and keeps one token; after a few the session drafts only now and then:
+    miss_gaps) and with an oracle's right-3-in-4 drafts."""
     m = model(fmt)
     for case in CASES:
         g = load_case(case)
@@ -122,12 +160,17 @@ def test_backlogged_session_equals_golden_with_real_and_right_drafts(fmt):
         with counting() as real:
             ids, out = whole(s, g["audio"])
         assert ids == golden and all(len(e.latency_s) == len(e.token_ids) for e in out)
-        assert real["passes"] == real["tokens"] == len(ids)                  # all missed on the tiny model ...
-        after_prompt = real["sizes"][1:]                                     # (the first: the prompt's rest)
+        assert real["passes"] < real["tokens"] == len(ids)
+        s = m.stream(int(g["delay_ms"]))
+        with counting() as wrong, missing():
+            ids, out = whole(s, g["audio"])
+        assert ids == golden and all(len(e.latency_s) == len(e.token_ids) for e in out)
+        assert wrong["passes"] == wrong["tokens"] == len(ids)                # all missed ...
+        after_prompt = wrong["sizes"][1:]                                    # (the first: the prompt's rest)
         drafted = [i for i, rows in enumerate(after_prompt) if rows > 1]
         gaps = np.diff(drafted).tolist()             # a pass with no backlog (the audio all decoded) pauses no draft
-        assert drafted[0] == 0 and len(drafted) >= 4 and all(g >= w for g, w in zip(gaps, backoff_gaps(len(gaps))))
-        assert sum(g > w for g, w in zip(gaps, backoff_gaps(len(gaps)))) <= 1   # step() then close(): one such pass
+        assert drafted[0] == 0 and len(drafted) >= 4 and all(g >= w for g, w in zip(gaps, miss_gaps(len(gaps))))
+        assert sum(g > w for g, w in zip(gaps, miss_gaps(len(gaps)))) <= 1   # step() then close(): one such pass
         assert all(after_prompt[i] == 4 for i in drafted[:-1])              # ... after verifying 3 guesses
         s = m.stream(int(g["delay_ms"]))
         with counting() as right, drafting({s._dec: golden}, wrong=set(range(2, 200, 4))):

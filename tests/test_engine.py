@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import voxtral_ref
 from voxtral_ref.config import delay_tokens
 from voxtral_ref.errors import VoxtralError
-from voxtral_ref.runtime import ckernels
+from voxtral_ref.runtime import ckernels, stream
 from voxtral_ref.runtime.engine import Engine
 from voxtral_ref.stages import generate
 from voxtral_ref.stages.audio import to_mono_16k
@@ -262,9 +262,11 @@ def sessions_in_threads(engine, plan, passes):
     return [results[i] for i in range(len(plan))], [sessions[i] for i in range(len(plan))]
 
 
-def test_sessions_stepped_together_share_every_pass():
+def test_sessions_stepped_together_share_every_pass(monkeypatch):
     """Engine.together (the server's advance): sessions with mixed delays, fed a block each per round, step
-    in shared passes (each pass takes every session that has a position) and end with their plain ids."""
+    in shared passes (each pass takes every session that has a position) and end with their plain ids.
+    Without drafts (tests/test_backlog.py has them), so that a pass gives a session one token."""
+    monkeypatch.setattr(stream, "BACKLOG_DRAFT", 0)
     run = run_of(BACKENDS[-1], "q4")
     plan = [(to_mono_16k(load_case(n)["audio"], 16000), d) for n, d in CASES[:4]]
     block = 4000
@@ -452,3 +454,31 @@ def test_speculate_is_checked():
     for bad in (-1, generate.MAX_DRAFT + 1, 2.0, True):
         with pytest.raises(VoxtralError, match="speculate"):
             model.transcribe(a, speculate=bad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transcribe_verifies_drafts_by_default(backend, mode, monkeypatch):
+    """transcribe()'s session verifies the real drafter's guesses (right now and then on the tiny model,
+    which repeats tokens): every golden case gives the ids of speculate=0 (one pass for the prompt's rest,
+    then one per position) in fewer passes. (In bf16 a session's chunked encoder rounds apart from the whole
+    file's, so its ids are compared with the session's own; test_golden.py holds them to HF's.)"""
+    run, real = run_of(backend, mode), generate.decoder_pass
+    passes = [0]
+
+    def counted(*a, **kw):
+        passes[0] += 1
+        return real(*a, **kw)
+    monkeypatch.setattr(generate, "decoder_pass", counted)
+    saved = 0
+    for case, (name, delay) in enumerate(CASES):
+        audio = load_case(name)["audio"]
+        run.model.transcribe(audio, delay_ms=delay)                     # the delay's silence prefix, computed once
+        counts, ids = {}, {}
+        for k in (None, 0):
+            passes[0] = 0
+            ids[k] = run.model.transcribe(audio, delay_ms=delay, speculate=k).token_ids
+            counts[k] = passes[0]
+        assert ids[None] == ids[0] and counts[0] == len(ids[0]) and counts[None] <= counts[0]
+        saved += counts[0] - counts[None]
+    assert saved > len(CASES)

@@ -21,9 +21,12 @@ from .checkpoint.weights import load_weights
 # SESSION_FEED: the first token comes after encoding ~0.6 s, not the whole file (HF's generate also encodes
 # as it decodes), the ids are the same (tests/test_stream.py, tests/test_golden.py) and memory stays flat in
 # the file's length. Batches (transcribe(list, batch_size)) run the same sessions through an Engine. The
-# whole-file order (encode everything, then decode) remains the oracle's: with a trace or speculative
-# verification.
+# whole-file order (encode everything, then decode) remains the oracle's: with a trace.
 SESSION_FEED = 60 * C.SAMPLE_RATE                     # at most this many samples per session step
+# ... and steps it at most this many tokens at a time, so on_token hears of each pass's tokens soon after it,
+# while the session's backlog verifies drafts (runtime/stream.py: up to `speculate` per pass) in every pass
+# but the step's last ones (step(max_tokens) cuts a draft to the tokens it may still return)
+TOKENS_PER_STEP = 16
 
 
 def keep_freed_memory_for_reuse():
@@ -153,18 +156,21 @@ class Model:
         self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1,
-                   speculate=0):
+                   speculate=None):
         """One waveform -> Transcript; a list of waveforms -> a list, each result equal to transcribing its
         file alone (same ids). `batch_size` > 1 decodes up to that many files per pass over the weights
         (runtime/engine.py), which costs little more than one. `on_token(id)` is called as each token is
-        generated (progress bars, live output; single waveforms only). `speculate=k` (0..MAX_DRAFT, one
-        waveform) verifies k drafted tokens with each position in one pass (generate.greedy_decode): the
-        same ids, fewer passes when the drafts are right. A single waveform is encoded as it is decoded
-        (see SESSION_FEED), except with `trace` or `speculate`, which encode the whole file first."""
+        generated (progress bars, live output; single waveforms only). `speculate=k` (0..MAX_DRAFT; one
+        waveform) verifies up to k drafted tokens (generate.draft_tokens) with each position in one pass:
+        the same ids, fewer passes when the drafts are right; 0 decodes one position per pass; None: a
+        session's default (runtime/stream.BACKLOG_DRAFT), and none with a trace. A single waveform is
+        encoded as it is decoded (see SESSION_FEED), except with `trace`, which encodes the whole file first
+        (generate.greedy_decode) and traces each position once unless asked to speculate."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(speculate, bool) or not isinstance(speculate, int) or not 0 <= speculate <= MAX_DRAFT:
-            raise VoxtralError(f"speculate must be an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
+        if speculate is not None and (isinstance(speculate, bool) or not isinstance(speculate, int)
+                                      or not 0 <= speculate <= MAX_DRAFT):
+            raise VoxtralError(f"speculate must be None or an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
         if isinstance(audio, (list, tuple)):
             if batch_size == 1:
                 return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
@@ -175,14 +181,14 @@ class Model:
         n_delay = C.delay_tokens(delay_ms)
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
         t0 = time.perf_counter()
-        if trace is None and not speculate:
-            return self._transcribe_in_session(x, delay_ms, on_token, t0)
+        if trace is None:
+            return self._transcribe_in_session(x, delay_ms, on_token, t0, max_draft=speculate)
         with self.kernel_mode():
             if trace:
                 trace("audio", x)
             embeds = encode(self.weights, pad_offline(x, n_delay), trace=trace)   # [n_tokens, dim]
             t1 = time.perf_counter()
-            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token, speculate=speculate)
+            ids = greedy_decode(self.weights, embeds, n_delay, trace=trace, on_token=on_token, speculate=speculate or 0)
         t2 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0}
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
@@ -191,13 +197,14 @@ class Model:
         """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""
         return kernels.use(self.backend, self.precision, self.kv)
 
-    def _transcribe_in_session(self, x, delay_ms, on_token, t0, session=None):
+    def _transcribe_in_session(self, x, delay_ms, on_token, t0, session=None, max_draft=None):
         """transcribe() through a session (see SESSION_FEED): encoding and decoding interleave, so timings
         give the encoder's total (encode_s), the rest (decode_s) and the first token's time. `session`: one
-        made for x by the caller (an Engine's, for batches), else a plain one."""
+        made for x by the caller (an Engine's, for batches), else a plain one drafting up to max_draft."""
         from .runtime.stream import LOOK_AHEAD, StreamSession
         n_delay = C.delay_tokens(delay_ms)
-        session = session or StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay))
+        session = session or StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay),
+                                           max_draft=max_draft)
         first = []
 
         def emit(tokens):
@@ -212,7 +219,7 @@ class Model:
         while start < len(x):
             session.feed(x[start:start + size])
             start, size = start + size, min(2 * size, SESSION_FEED)
-            while emit(session.step(max_tokens=1).token_ids):   # on_token as each token is generated
+            while emit(session.step(max_tokens=TOKENS_PER_STEP).token_ids):
                 pass
         emit(session.close().token_ids)
         total = time.perf_counter() - t0

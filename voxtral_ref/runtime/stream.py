@@ -67,18 +67,23 @@ LOOK_AHEAD = HALF_WINDOW - HOP            # 40 samples (2.5 ms) past a token's 1
 # A file's session (transcribe()) encodes up to this many tokens per encoder call: 1000 frames, wide enough
 # for the GEMMs' efficiency (39 tokens per call cost 15-20 % more than one whole-file pass, measured)
 FILE_ENCODE_TOKENS = 250
-# A session behind the audio (a backlog of positions whose embeddings are ready) verifies up to this many
-# drafted tokens per decoder pass (generate.draft_tokens). 3: a 4-row pass costs about what a 1-row one does
+# A session behind the audio (a backlog of positions whose embeddings are ready: a file's in transcribe(), a
+# live stream fed faster than real time or at close) verifies up to this many drafted tokens per decoder pass
+# (generate.draft_tokens) by default. 3: a 4-row pass costs about what a 1-row one does
 # on the full-size model (README, Batching: q4 0.99-1.06x, int8 1.02-1.06x), so all-missed drafts cost
 # little (bench/backlog_bench.py: 7 cost 1.3x) and right ones drain a backlog up to 3.7x faster; and 4
 # queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
 # 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
 BACKLOG_DRAFT = 3
 # Drafts cost their rows whether right or wrong (a 4-row pass ~1.06-1.17x a 1-row one, more in a pass shared
-# with other sessions' rows), so a session whose drafts keep missing (speech the guess does not fit, or a
-# random checkpoint, where they always miss) drafts less: after n drafted passes in a row that all missed, the
-# next min(2^(n-1), DRAFT_BACKOFF_MAX) backlog passes draft nothing; one right guess restores every pass.
-DRAFT_BACKOFF_MAX = 32
+# with other sessions' rows: 2 live sessions whose drafts all missed ran 8-row passes for 2 tokens), so a
+# session drafts while its guesses pay: it keeps the share of its drafted passes that kept a draft, as an
+# exponential average (weight DRAFT_RATE_WEIGHT, from 1/2), and below DRAFT_RATE_MIN it drafts only on
+# every DRAFT_PROBE-th backlog pass, to notice when its guesses fit again. With every guess wrong that is 5
+# drafted passes, then 1 in 17 (~1 % more rows than none). Chosen on the golden cases' ids (the tiny model
+# repeats tokens): one pass for 1.2-2.1 tokens, where a back-off by streaks of misses (2^n passes without
+# drafts, up to 32) lost most of it on the streaks of misses at a stream's start.
+DRAFT_RATE_WEIGHT, DRAFT_RATE_MIN, DRAFT_PROBE = 0.25, 0.15, 16
 
 # The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
 # other sessions' chunks: while it steps one, this holds its run(frames, pos, caches) -> audio embeddings
@@ -100,9 +105,11 @@ class StreamSession:
     close() ends the audio. Make one with `Model.stream()`."""
 
     def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, reuse_prefix=True,
-                 max_positions=None):
+                 max_positions=None, max_draft=None):
         """max_positions: the stream's length in decoder positions when known in advance (transcribe()
-        of a file): its caches then hold no more slots than it will use, instead of full windows."""
+        of a file): its caches then hold no more slots than it will use, instead of full windows.
+        max_draft: drafted tokens a backlogged pass verifies, at most (transcribe()'s speculate; None:
+        BACKLOG_DRAFT)."""
         check_sample_rate(sample_rate)
         self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
         self.n_delay = delay_tokens(self.delay_ms)
@@ -125,7 +132,8 @@ class StreamSession:
         self._buf_start = -HALF_WINDOW
         self._buf = np.zeros(HALF_WINDOW + N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32)
         self._embeds = np.zeros((0, model.cfg.decoder.dim), np.float32)  # computed, not yet fed [m, dim]
-        self._draft_misses, self._draft_pause = 0, 0    # drafted passes in a row that missed; passes to skip
+        self._max_draft = BACKLOG_DRAFT if max_draft is None else max_draft
+        self._draft_rate, self._undrafted = 0.5, 0      # drafted passes that kept a draft; passes since one
         self._n_embeds = 0                                     # audio embeddings computed so far
         self._arrivals = collections.deque()                   # (padded end, feed time) of chunks in use
         self._resampler = None
@@ -204,10 +212,10 @@ class StreamSession:
                 # past the prompt, a backlog's positions verify drafts (none while the oracle traces each
                 # position once: apps/oracle/capture.py)
                 if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
-                    k = BACKLOG_DRAFT if max_tokens is None else min(BACKLOG_DRAFT, max_tokens - len(ids) - 1)
+                    k = self._max_draft if max_tokens is None else min(self._max_draft, max_tokens - len(ids) - 1)
                     dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
-                    if dec.draft and self._draft_pause:
-                        dec.draft, self._draft_pause = [], self._draft_pause - 1
+                    if self._draft_rate < DRAFT_RATE_MIN and self._undrafted < DRAFT_PROBE:
+                        dec.draft = []
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
@@ -230,14 +238,12 @@ class StreamSession:
         return Emission(ids, text, latency)
 
     def _count_drafts(self, verified, n_tokens):
-        """DRAFT_BACKOFF_MAX's rule, after a pass that verified `verified` drafts and kept n_tokens tokens."""
-        if not verified:
-            return
-        if n_tokens > 1:
-            self._draft_misses = 0
+        """DRAFT_RATE_WEIGHT's rule, after a pass that verified `verified` drafts and kept n_tokens tokens."""
+        if verified:
+            self._draft_rate += DRAFT_RATE_WEIGHT * ((n_tokens > 1) - self._draft_rate)
+            self._undrafted = 0
         else:
-            self._draft_misses += 1
-            self._draft_pause = min(2 ** (self._draft_misses - 1), DRAFT_BACKOFF_MAX)
+            self._undrafted += 1
 
     def _stopped(self):
         """Whether decoding has ended (offline's rule, `_stops_at`, on the ids so far)."""

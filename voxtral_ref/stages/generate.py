@@ -26,6 +26,8 @@ PREFIX = N_LEFT_PAD_TOKENS - 1
 # Speculative verification: at most this many drafted tokens per chunk (a chunk of k + 1 positions must fit
 # a cache's max_chunk, the prompt's 33 or more; the issue's bench covers k = 1..15).
 MAX_DRAFT = 15
+# draft_tokens reads this many of the latest ids to choose its guess after a text token
+DRAFT_HISTORY = 64
 
 # The batching engine (runtime/engine.py) runs the decoder passes of the sessions it steps together with
 # other sequences': while it steps one, this holds its run(decoder, audio_embeds) -> token (kernels.use's way).
@@ -206,9 +208,21 @@ def greedy_decode(weights, audio_embeds, n_delay, trace=None, on_token=None, spe
 
 
 def draft_tokens(dec, n_positions, k):
-    """The guess for the next k tokens: [STREAMING_PAD], the commonest output (the model pads while it waits
-    for words), cut to the audio positions left."""
-    return [STREAMING_PAD_ID] * max(0, min(k, n_positions - len(dec.ids)))
+    """The guess for the next k tokens, cut to the audio positions left: the last id again, k times, except
+    after a text token, where [STREAMING_PAD] is guessed unless this stream's recent text tokens were more
+    often repeated than followed by a pad. The model pads while it waits for words, so runs of pads are its
+    commonest output, and a run's next token is the run's; what follows a word is either (random
+    checkpoints repeat a token for several positions, as golden/cases shows). A cheap drafter: no model,
+    DRAFT_HISTORY ids read per pass."""
+    k = max(0, min(k, n_positions - len(dec.ids)))
+    last = dec.ids[-1]
+    if k == 0 or last == STREAMING_PAD_ID:
+        return [STREAMING_PAD_ID] * k
+    recent = dec.ids[max(len(dec.prompt) - 1, len(dec.ids) - DRAFT_HISTORY):]        # the prompt's last id on
+    after_text = [(a, b) for a, b in zip(recent, recent[1:]) if a != STREAMING_PAD_ID]
+    repeats = sum(a == b for a, b in after_text)
+    pads = sum(b == STREAMING_PAD_ID for _, b in after_text)
+    return [last if repeats > pads else STREAMING_PAD_ID] * k
 
 
 def stop_at_end(dec, n_positions, tokens):
