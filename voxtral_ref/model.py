@@ -163,8 +163,9 @@ class Model:
         generated (progress bars, live output; single waveforms only). `speculate=k` (0..MAX_DRAFT; one
         waveform) verifies up to k drafted tokens (generate.draft_tokens) with each position in one pass:
         the same ids, fewer passes when the drafts are right; 0 decodes one position per pass; None: a
-        session's default (runtime/stream.BACKLOG_DRAFT), and none with a trace. A single waveform is
-        encoded as it is decoded (see SESSION_FEED), except with `trace`, which encodes the whole file first
+        session's default (runtime/stream.BACKLOG_DRAFT) where a pass computes every row bit for bit as
+        alone (`rows_exact`), else none, and none with a trace. A single waveform is encoded as it is
+        decoded (see SESSION_FEED), except with `trace`, which encodes the whole file first
         (generate.greedy_decode) and traces each position once unless asked to speculate."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -182,7 +183,8 @@ class Model:
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
         t0 = time.perf_counter()
         if trace is None:
-            return self._transcribe_in_session(x, delay_ms, on_token, t0, max_draft=speculate)
+            draft = speculate if speculate is not None else None if self.rows_exact else 0
+            return self._transcribe_in_session(x, delay_ms, on_token, t0, max_draft=draft)
         with self.kernel_mode():
             if trace:
                 trace("audio", x)
@@ -192,6 +194,17 @@ class Model:
         t2 = time.perf_counter()
         timings = {"encode_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0}
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
+
+    @property
+    def rows_exact(self):
+        """Whether a decoder pass computes each of its rows bit for bit as it computes that row alone: every
+        decoder matrix and the LM head quantised (the int8 / q4 linears take each row on its own, in C and
+        NumPy alike, and attention each query). The float32 / bf16 linears sum 1 and 4 rows in other
+        orders, so there a drafted pass's logits differ from one-at-a-time decoding's by rounding, which
+        could flip a near-tie: transcribe() then drafts only when asked, and its ids are exactly those
+        of a stream fed in real time."""
+        return all(f in quant.FORMATS for n, f in self.weights.formats().items()
+                   if n == "lm_head" or n.startswith("dec.layers.") and n.rsplit(".", 1)[1] in quant.MATRIX_SUFFIXES)
 
     def kernel_mode(self):
         """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""
