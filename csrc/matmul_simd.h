@@ -4,7 +4,7 @@
 /* ---- GEMV: n <= 4 activation rows, streaming the weight rows once -----------------------------------
  * Memory-bound for one row: each thread walks its weight rows one at a time, a single sequential stream
  * the hardware prefetcher follows best (several interleaved row streams measured ~25% slower). With 2-4
- * activation rows the loads of x become the limit, so four weight rows share each x load (2x faster).
+ * activation rows the loads of x become the limit, so up to four weight rows share each x load.
  * Weights are widened to float32 in registers; x stays float32 (quantised weights have their own kernels,
  * qmatmul_simd.h). U vectors of k per step give NX * R * U independent accumulators (within half the
  * register file) to hide the FMA latency. */
@@ -23,12 +23,17 @@ static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
 /* Software prefetch, 4 KB ahead in each weight row, non-temporal so the streamed weights do not evict x
  * from L1: without it a row of K = 9216 (x = 36 KB) ran at 55% of the read bandwidth, with it at 85%. */
 #define GEMV_PREFETCH 4096
-#define GEMV_R(nx) ((nx) == 1 ? 1 : 4)
-#define GEMV_U(nx, r) (GEMV_ACC / ((nx) * (r)) >= 4 ? 4 : GEMV_ACC / ((nx) * (r)) >= 2 ? 2 : 1)
+/* U = 2 vectors of k per step for every NX and R, so each output sums its products in one order whatever
+ * the number of rows: a row of a 2-4 row pass (a stream's drafted tokens, runtime/stream.py) gets the
+ * logits it gets alone (Model.rows_exact). R weight rows share each x load where the NX * R * U
+ * accumulators fit half the register file. (U = 4 / 2 / 1 by NX, as before, summed 1 and 4 rows in other
+ * orders; U = 2 streamed as fast at 1-4 rows, bf16 weights from memory, ~50 GB/s, alternated runs.) */
+#define GEMV_U 2
+#define GEMV_R(nx) ((nx) == 1 ? 1 : GEMV_ACC / (GEMV_U * (nx)) >= 4 ? 4 : GEMV_ACC / (GEMV_U * (nx)) >= 2 ? 2 : 1)
 
 /* y[0:NX, m:m+R] for compile-time NX, R and wtype (the switch in gemv() makes them constants). */
 VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const int R, const int wtype) {
-    const int U = GEMV_U(NX, R);
+    const int U = GEMV_U;
     const int64_t K = a->k;
     const size_t esize = wtype == VX_W_BF16 ? 2 : 4;
     const char *w = (const char *)a->w + (size_t)m * K * esize;

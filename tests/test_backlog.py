@@ -272,13 +272,15 @@ def test_latencies_are_one_at_a_time_stepping_s(monkeypatch):
 
 
 @pytest.mark.skipif(not ckernels.available(), reason="the C kernels are not built")
-@pytest.mark.parametrize("mode", [{"quantize": "int8"}, {"quantize": "q4"}], ids=["int8", "q4"])
-def test_quantised_logits_are_one_at_a_time_stepping_s_bit_for_bit(mode):
-    """With quantised weights a row of a pass is computed as it is alone (the int8 / q4 linears are
-    row-independent, and up to BACKLOG_DRAFT + 1 queries take the C attention's path for one query): every
-    logit a backlogged session chooses from, right drafts or all missed, equals one-at-a-time stepping's.
-    (In f32 / bf16 the linears sum 1 and 4 rows in other orders: logits equal up to rounding, ids equal.)"""
+@pytest.mark.parametrize("mode", [{}, {"precision": "bf16"}, {"quantize": "int8"}, {"quantize": "q4"}],
+                         ids=["f32", "bf16", "int8", "q4"])
+def test_logits_are_one_at_a_time_stepping_s_bit_for_bit(mode):
+    """With the C kernels a row of a pass is computed as it is alone (Model.rows_exact: the int8 / q4
+    linears are row-independent, the float32 / bf16 GEMV sums each of 1-4 rows in one order, and up to
+    BACKLOG_DRAFT + 1 queries take the C attention's path for one query): every logit a backlogged session
+    chooses from, right drafts or all missed, equals one-at-a-time stepping's."""
     m, g = model("mistral", **mode), load_case("speech_en_long_480")
+    assert m.rows_exact
 
     def logits(drafts):
         rows, fed = [], generate.Decoder.fed

@@ -461,12 +461,12 @@ def test_speculate_is_checked():
 def test_transcribe_verifies_drafts_by_default(backend, mode, monkeypatch):
     """transcribe()'s session verifies the real drafter's guesses (right now and then on the tiny model,
     which repeats tokens): every golden case gives the ids of speculate=0 (one pass for the prompt's rest,
-    then one per position) in fewer passes. By default only with quantised weights, whose passes compute
-    each row as alone (Model.rows_exact); in f32 / bf16 when asked. (In bf16 a session's chunked encoder
-    rounds apart from the whole file's, so its ids are compared with the session's own; test_golden.py
-    holds them to HF's.)"""
+    then one per position) in fewer passes. By default only where a pass computes each row as alone
+    (Model.rows_exact: the C kernels, or quantised weights); else when asked. (In bf16 a session's chunked
+    encoder rounds apart from the whole file's, so its ids are compared with the session's own;
+    test_golden.py holds them to HF's.)"""
     run, real = run_of(backend, mode), generate.decoder_pass
-    assert run.model.rows_exact == (mode in ("int8", "q4"))
+    assert run.model.rows_exact == (backend == "c" or mode in ("int8", "q4"))
     passes = [0]
 
     def counted(*a, **kw):

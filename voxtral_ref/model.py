@@ -197,12 +197,15 @@ class Model:
 
     @property
     def rows_exact(self):
-        """Whether a decoder pass computes each of its rows bit for bit as it computes that row alone: every
-        decoder matrix and the LM head quantised (the int8 / q4 linears take each row on its own, in C and
-        NumPy alike, and attention each query). The float32 / bf16 linears sum 1 and 4 rows in other
-        orders, so there a drafted pass's logits differ from one-at-a-time decoding's by rounding, which
-        could flip a near-tie: transcribe() then drafts only when asked, and its ids are exactly those
-        of a stream fed in real time."""
+        """Whether a decoder pass of up to 4 rows (a position and its 3 drafts) computes each row bit for bit
+        as it computes that row alone: with the C kernels (their float32 / bf16 GEMV sums each row in one
+        order for 1-4 rows, the int8 / q4 linears take each row on its own, and attention each query), or
+        with every decoder matrix and the LM head quantised (NumPy's twins of those kernels are
+        row-independent too, while its float `x @ w.T` sums 1 and 4 rows in other orders, which could
+        flip a near-tie). transcribe() drafts by default only where it holds, so its ids are exactly those
+        of one-at-a-time decoding, as a stream fed in real time decodes."""
+        if self.backend == "c":
+            return True
         return all(f in quant.FORMATS for n, f in self.weights.formats().items()
                    if n == "lm_head" or n.startswith("dec.layers.") and n.rsplit(".", 1)[1] in quant.MATRIX_SUFFIXES)
 

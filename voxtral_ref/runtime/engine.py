@@ -9,8 +9,9 @@ between passes, and any mix of delays, offline files and live sessions shares th
 Each sequence feeds exactly the chunks it feeds alone (`Decoder.chunk`: the silence prefix, the rest of the
 prompt, then one position per pass) and every row is computed on its own, so its ids are those of decoding
 it alone. With quantised weights its logits are bit-identical too (the int8 / q4 kernels compute each row
-the same way whatever the number of rows); the float32 / bf16 `linear` switches from a GEMV to a GEMM above
-4 rows, which sums in another order, so there the logits differ from a lone sequence's by float32 rounding.
+the same way whatever the number of rows); the float32 / bf16 `linear` does so up to 4 rows (its GEMV) and
+switches to a GEMM above, which sums in another order, so past 4 rows a pass's logits differ from a lone
+sequence's by float32 rounding.
 
 Two ways in:
   files      `Model.transcribe(list, batch_size=N)` (`transcribe_batch`): N threads each run a file exactly
