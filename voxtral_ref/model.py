@@ -196,18 +196,21 @@ class Model:
         return Transcript(self.tokenizer.decode(ids), ids, delay_ms, len(x), timings)
 
     @property
+    def decoder_quantised(self):
+        """Whether every decoder matrix and the LM head is int8 / q4 (see `quantize=`)."""
+        return all(f in quant.FORMATS for n, f in self.weights.formats().items()
+                   if n == "lm_head" or n.startswith("dec.layers.") and n.rsplit(".", 1)[1] in quant.MATRIX_SUFFIXES)
+
+    @property
     def rows_exact(self):
         """Whether a decoder pass of up to 4 rows (a position and its 3 drafts) computes each row bit for bit
         as it computes that row alone: with the C kernels (their float32 / bf16 GEMV sums each row in one
         order for 1-4 rows, the int8 / q4 linears take each row on its own, and attention each query), or
-        with every decoder matrix and the LM head quantised (NumPy's twins of those kernels are
-        row-independent too, while its float `x @ w.T` sums 1 and 4 rows in other orders, which could
-        flip a near-tie). transcribe() drafts by default only where it holds, so its ids are exactly those
-        of one-at-a-time decoding, as a stream fed in real time decodes."""
-        if self.backend == "c":
-            return True
-        return all(f in quant.FORMATS for n, f in self.weights.formats().items()
-                   if n == "lm_head" or n.startswith("dec.layers.") and n.rsplit(".", 1)[1] in quant.MATRIX_SUFFIXES)
+        with a quantised decoder (NumPy's twins of those kernels are row-independent too, while its float
+        `x @ w.T` sums 1 and 4 rows in other orders, which could flip a near-tie). transcribe() drafts by
+        default only where it holds, so its ids are exactly those of one-at-a-time decoding, as a stream fed
+        in real time decodes."""
+        return self.backend == "c" or self.decoder_quantised
 
     def kernel_mode(self):
         """The context the model's computations run in: its backend, precision and KV dtype (kernels.use)."""

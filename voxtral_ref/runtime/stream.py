@@ -75,15 +75,18 @@ FILE_ENCODE_TOKENS = 250
 # queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
 # 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
 BACKLOG_DRAFT = 3
-# Drafts cost their rows whether right or wrong (a 4-row pass ~1.06-1.17x a 1-row one, more in a pass shared
-# with other sessions' rows: 2 live sessions whose drafts all missed ran 8-row passes for 2 tokens), so a
-# session drafts while its guesses pay: it keeps the share of its drafted passes that kept a draft, as an
-# exponential average (weight DRAFT_RATE_WEIGHT, from 1/2), and below DRAFT_RATE_MIN it drafts only on
-# every DRAFT_PROBE-th backlog pass, to notice when its guesses fit again. With every guess wrong that is 5
-# drafted passes, then 1 in 17 (~1 % more rows than none). Chosen on the golden cases' ids (the tiny model
-# repeats tokens): one pass for 1.2-2.1 tokens, where a back-off by streaks of misses (2^n passes without
-# drafts, up to 32) lost most of it on the streaks of misses at a stream's start.
-DRAFT_RATE_WEIGHT, DRAFT_RATE_MIN, DRAFT_PROBE = 0.25, 0.15, 16
+# Drafts cost their rows whether right or wrong (a 4-row pass 1.06-1.17x a 1-row one with q4 / int8 weights,
+# ~1.45x with bf16 ones, more in a pass shared with other sessions' rows: 2 live sessions whose drafts all
+# missed ran 8-row passes for 2 tokens), so a session drafts while its guesses pay: it keeps the share of
+# its drafted passes that kept a draft, as an exponential average (weight DRAFT_RATE_WEIGHT, from 1/2), and
+# below the share that pays for the extra rows it drafts only on every DRAFT_PROBE-th backlog pass, to
+# notice when its guesses fit again. A pass that keeps a draft keeps 1.5-2 of them on the golden cases, so
+# the share that pays is ~0.1 with a quantised decoder and ~0.3 with a float one; a little above:
+# DRAFT_RATE_MIN. With every guess wrong that is 4 (quantised) or 2 drafted passes, then 1 in 17 (~1-3 %
+# more rows than none). A back-off by streaks of misses (2^n passes without drafts, up to 32) lost most of
+# the drafts' gain on the golden cases' ids, on the misses at a stream's start.
+DRAFT_RATE_WEIGHT, DRAFT_PROBE = 0.25, 16
+DRAFT_RATE_MIN = {"quantised": 0.15, "float": 0.3}        # by Model.decoder_quantised
 
 # The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
 # other sessions' chunks: while it steps one, this holds its run(frames, pos, caches) -> audio embeddings
@@ -134,6 +137,7 @@ class StreamSession:
         self._embeds = np.zeros((0, model.cfg.decoder.dim), np.float32)  # computed, not yet fed [m, dim]
         self._max_draft = BACKLOG_DRAFT if max_draft is None else max_draft
         self._draft_rate, self._undrafted = 0.5, 0      # drafted passes that kept a draft; passes since one
+        self._draft_rate_min = DRAFT_RATE_MIN["quantised" if model.decoder_quantised else "float"]
         self._n_embeds = 0                                     # audio embeddings computed so far
         self._arrivals = collections.deque()                   # (padded end, feed time) of chunks in use
         self._resampler = None
@@ -214,7 +218,7 @@ class StreamSession:
                 if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
                     k = self._max_draft if max_tokens is None else min(self._max_draft, max_tokens - len(ids) - 1)
                     dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
-                    if self._draft_rate < DRAFT_RATE_MIN and self._undrafted < DRAFT_PROBE:
+                    if self._draft_rate < self._draft_rate_min and self._undrafted < DRAFT_PROBE:
                         dec.draft = []
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
