@@ -183,8 +183,7 @@ class Model:
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz
         t0 = time.perf_counter()
         if trace is None:
-            draft = speculate if speculate is not None else None if self.rows_exact else 0
-            return self._transcribe_in_session(x, delay_ms, on_token, t0, max_draft=draft)
+            return self._transcribe_in_session(x, delay_ms, on_token, t0, max_draft=speculate)
         with self.kernel_mode():
             if trace:
                 trace("audio", x)
@@ -207,9 +206,9 @@ class Model:
         as it computes that row alone: with the C kernels (their float32 / bf16 GEMV sums each row in one
         order for 1-4 rows, the int8 / q4 linears take each row on its own, and attention each query), or
         with a quantised decoder (NumPy's twins of those kernels are row-independent too, while its float
-        `x @ w.T` sums 1 and 4 rows in other orders, which could flip a near-tie). transcribe() drafts by
-        default only where it holds, so its ids are exactly those of one-at-a-time decoding, as a stream fed
-        in real time decodes."""
+        `x @ w.T` sums 1 and 4 rows in other orders, which could flip a near-tie). Sessions (and so
+        transcribe()) draft by default only where it holds, so their ids are exactly those of one-at-a-time
+        decoding, as a stream fed in real time decodes, for any chunking."""
         return self.backend == "c" or self.decoder_quantised
 
     def kernel_mode(self):

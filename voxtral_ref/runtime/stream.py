@@ -112,7 +112,7 @@ class StreamSession:
         """max_positions: the stream's length in decoder positions when known in advance (transcribe()
         of a file): its caches then hold no more slots than it will use, instead of full windows.
         max_draft: drafted tokens a backlogged pass verifies, at most (transcribe()'s speculate; None:
-        BACKLOG_DRAFT)."""
+        BACKLOG_DRAFT where a pass computes each row as alone, Model.rows_exact, else none)."""
         check_sample_rate(sample_rate)
         self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
         self.n_delay = delay_tokens(self.delay_ms)
@@ -135,7 +135,7 @@ class StreamSession:
         self._buf_start = -HALF_WINDOW
         self._buf = np.zeros(HALF_WINDOW + N_LEFT_PAD_TOKENS * SAMPLES_PER_TOKEN, np.float32)
         self._embeds = np.zeros((0, model.cfg.decoder.dim), np.float32)  # computed, not yet fed [m, dim]
-        self._max_draft = BACKLOG_DRAFT if max_draft is None else max_draft
+        self._max_draft = (BACKLOG_DRAFT if model.rows_exact else 0) if max_draft is None else max_draft
         self._draft_rate, self._undrafted = 0.5, 0      # drafted passes that kept a draft; passes since one
         self._draft_rate_min = DRAFT_RATE_MIN["quantised" if model.decoder_quantised else "float"]
         self._n_embeds = 0                                     # audio embeddings computed so far
