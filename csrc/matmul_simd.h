@@ -27,7 +27,8 @@ static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
  * the number of rows: a row of a 2-4 row pass (a stream's drafted tokens, runtime/stream.py) gets the
  * logits it gets alone (Model.rows_exact). R weight rows share each x load where the NX * R * U
  * accumulators fit half the register file. (U = 4 / 2 / 1 by NX, as before, summed 1 and 4 rows in other
- * orders; U = 2 streamed as fast at 1-4 rows, bf16 weights from memory, ~50 GB/s, alternated runs.) */
+ * orders; on AVX-512 U = 2 streamed as fast at 1-4 rows, bf16 weights from memory at ~50 GB/s, alternated
+ * runs.) */
 #define GEMV_U 2
 #define GEMV_R(nx) ((nx) == 1 ? 1 : GEMV_ACC / (GEMV_U * (nx)) >= 4 ? 4 : GEMV_ACC / (GEMV_U * (nx)) >= 2 ? 2 : 1)
 

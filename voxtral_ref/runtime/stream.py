@@ -73,7 +73,8 @@ FILE_ENCODE_TOKENS = 250
 # on the full-size model (README, Batching: q4 0.99-1.06x, int8 1.02-1.06x), so all-missed drafts cost
 # little (bench/backlog_bench.py: 7 cost 1.3x) and right ones drain a backlog up to 3.7x faster; and 4
 # queries x 4 heads per kv head still take the C attention's path for one query (csrc/attention.c: up to
-# 16 rows on AVX-512), so with quantised weights a pass's rows are bit-identical to one-at-a-time stepping's.
+# 16 rows on AVX-512), so with the C kernels a pass's rows are bit-identical to one-at-a-time stepping's
+# (Model.rows_exact; elsewhere a session drafts only when asked).
 BACKLOG_DRAFT = 3
 # Drafts cost their rows whether right or wrong (a 4-row pass 1.06-1.17x a 1-row one with q4 / int8 weights,
 # ~1.45x with bf16 ones, more in a pass shared with other sessions' rows: 2 live sessions whose drafts all

@@ -211,9 +211,9 @@ def draft_tokens(dec, n_positions, k):
     """The guess for the next k tokens, cut to the audio positions left: the last id again, k times, except
     after a text token, where [STREAMING_PAD] is guessed unless this stream's recent text tokens were more
     often repeated than followed by a pad. The model pads while it waits for words, so runs of pads are its
-    commonest output, and a run's next token is the run's; what follows a word is either (random
-    checkpoints repeat a token for several positions, as golden/cases shows). A cheap drafter: no model,
-    DRAFT_HISTORY ids read per pass."""
+    commonest output, and a run's next token is the run's own; after a word the stream's recent habit
+    decides (random checkpoints, as golden/cases shows, repeat a token for several positions). A cheap
+    drafter: no model, DRAFT_HISTORY ids read per pass."""
     k = max(0, min(k, n_positions - len(dec.ids)))
     last = dec.ids[-1]
     if k == 0 or last == STREAMING_PAD_ID:
