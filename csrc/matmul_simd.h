@@ -6,8 +6,8 @@
  * the hardware prefetcher follows best (several interleaved row streams measured ~25% slower). With 2-4
  * activation rows the loads of x become the limit, so up to four weight rows share each x load.
  * Weights are widened to float32 in registers; x stays float32 (quantised weights have their own kernels,
- * qmatmul_simd.h). U vectors of k per step give NX * R * U independent accumulators (within half the
- * register file) to hide the FMA latency. */
+ * qmatmul_simd.h). U vectors of k per step give NX * R * U independent accumulators (within three quarters
+ * of the register file) to hide the FMA latency. */
 
 VX_INLINE vf gemv_load_w(const void *w, int wtype, int64_t i) {
     if (wtype == VX_W_BF16) return vx_load_bf16((const uint16_t *)w + i);
@@ -26,11 +26,12 @@ static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
 /* U = 2 vectors of k per step for every NX and R, so each output sums its products in one order whatever
  * the number of rows: a row of a 2-4 row pass (a stream's drafted tokens, runtime/stream.py) gets the
  * logits it gets alone (Model.rows_exact). R weight rows share each x load where the NX * R * U
- * accumulators fit half the register file. (U = 4 / 2 / 1 by NX, as before, summed 1 and 4 rows in other
- * orders; on AVX-512 U = 2 streamed as fast at 1-4 rows, bf16 weights from memory at ~50 GB/s, alternated
- * runs.) */
+ * accumulators fit three quarters of the register file (3 rows: R = 4 on AVX-512, where half the file gave
+ * R = 2 and 30 GB/s of hot bf16 weights on one core against 44-47). (U = 4 / 2 / 1 by NX, as before,
+ * summed 1 and 4 rows in other orders; on AVX-512 U = 2 streamed as fast at 1-4 rows, bf16 weights from
+ * memory at ~50 GB/s, alternated runs.) */
 #define GEMV_U 2
-#define GEMV_R(nx) ((nx) == 1 ? 1 : GEMV_ACC / (GEMV_U * (nx)) >= 4 ? 4 : GEMV_ACC / (GEMV_U * (nx)) >= 2 ? 2 : 1)
+#define GEMV_R(nx) ((nx) == 1 ? 1 : GEMV_ACC * 3 / 2 / (GEMV_U * (nx)) >= 4 ? 4 : GEMV_ACC * 3 / 2 / (GEMV_U * (nx)) >= 2 ? 2 : 1)
 
 /* y[0:NX, m:m+R] for compile-time NX, R and wtype (the switch in gemv() makes them constants). */
 VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const int R, const int wtype) {
