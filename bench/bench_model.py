@@ -10,7 +10,7 @@ is already quantised), and once per --speculate value: encoder ms per second of 
 in chunks as it decodes: their total), time to first token, decode ms per token, the decoder passes and
 the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
 speculate), the real-time factor, peak memory, and the roofline view: a decoder pass streams every decoder
-weight and the LM head once, so a one-row pass's weight GB/s is compared with this machine's read
+weight and the LM head once (one row or drafts), so its weight GB/s is compared with this machine's read
 bandwidth, probed every 8 passes during the run (each probe against the pass right after it, since the
 bandwidth drifts by 2x within minutes here). Random weights decide how often drafts are right (they repeat
 tokens, and never pad as the real model does), so tokens per pass here says nothing of the real model's;
