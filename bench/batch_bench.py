@@ -39,6 +39,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -178,11 +179,11 @@ def draft_rate(model):
     for case in json.loads((GOLDEN.parent / "index.json").read_text())["cases"]:
         if "token_ids" in case:
             with np.load(GOLDEN.parent / case["file"]) as z:
-                dec = Decoder(model.weights, C.delay_tokens(int(case["delay_ms"])))
                 ids = model.transcribe(z["audio"], delay_ms=int(case["delay_ms"])).token_ids
+            prompt = C.prompt_ids(C.delay_tokens(int(case["delay_ms"])))
             for i, token in enumerate(ids[1:], 1):
-                dec.ids = dec.prompt + ids[:i]
-                right, total = right + (draft_tokens(dec, len(dec.ids) + 1, 1) == [token]), total + 1
+                seen = SimpleNamespace(prompt=prompt, ids=prompt + ids[:i])     # what draft_tokens reads of a Decoder
+                right, total = right + (draft_tokens(seen, len(seen.ids) + 1, 1) == [token]), total + 1
     rate = right / max(total, 1)
     print(f"  verify: the drafter's first guess is right at {100 * rate:.1f} % of this model's {total} positions on "
           f"the golden cases (random weights: not the real model's rate)", flush=True)

@@ -17,7 +17,9 @@ padded signal. Every stage is causal, so a session runs the same functions token
            then one per 80 ms token. A session behind the audio (fed faster than real time, or at close,
            the right pad) has the embeddings of several positions ready: then each pass also verifies up
            to BACKLOG_DRAFT drafted tokens (generate.draft_tokens, as greedy_decode's speculate=k), keeps
-           the tokens one-at-a-time stepping would choose and queues a rejected draft's embeddings again.
+           the tokens one-at-a-time stepping would choose and queues a rejected draft's embeddings again;
+           by default only where a pass computes each row as alone (Model.rows_exact), so the ids are
+           one-at-a-time stepping's exactly. transcribe() runs a file through such a session.
 Audio embedding e needs mel frames <= 8e + 7, i.e. padded samples < 1280 (e + 1) + 40 (40 samples =
 2.5 ms look-ahead). Generated token k is predicted at position len(prompt) - 1 + k, so it is emitted as
 soon as the stream holds 1280 (delay + 1 + k) + 40 samples of real audio (9000 for the first token at
