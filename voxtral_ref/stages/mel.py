@@ -50,9 +50,10 @@ def log_mel_frames(x, n_frames):
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[: n_frames * HOP : HOP]  # [n, 400]
     spec = np.fft.rfft(frames * hann_window(), axis=-1)                      # [n, 201] complex128
     power = spec.real ** 2 + spec.imag ** 2                                  # [n, 201]
-    # einsum's own loops, not `@`: a live step's few frames would wake OpenBLAS's threads, which then spin
-    # for a while on the cores the C kernels run on (2.4 % of the CPU samples of a server streaming 3 live
-    # q4 sessions, perf); a file's 60 s chunk takes 29 ms this way, against 3
+    # einsum's own loops, not `@`: OpenBLAS takes a second thread for a product of 24 frames or more (a
+    # chunk of 240 ms), which then spins on a core the C kernels run on, so a server whose sessions fell
+    # behind (bigger chunks) fell further behind (3 live q4 sessions, bench/serve_load.py, alternated:
+    # 0.60-0.64 s behind the audio after 40 s with `@`, 0.22-0.25 s so); a 60 s chunk takes 29 ms, not 3
     mel = np.einsum("nf,fm->nm", power, mel_filters(), optimize=False)       # [n, 201] -> [n, 128]
     log = np.maximum(np.log10(np.maximum(mel, 1e-10)), LOG_MEL_FLOOR)        # [n, 128]
     return ((log + 4.0) / 4.0).astype(np.float32).T                          # [128, n]
