@@ -850,8 +850,9 @@ def test_one_call_stack_is_the_readable_layers(mode, monkeypatch):
 @pytest.mark.parametrize("mode", [{}, {"quantize": "q4"}])
 def test_sequences_attending_one_per_thread_get_what_they_get_alone(mode):
     """layer.c gives several sequences' attention one thread each when their work shares out evenly (no
-    sequence more than a thread's share); alone, a sequence's call splits its keys over the threads. Each
-    sequence's rows and ring come out bit for bit the same either way."""
+    sequence more than a thread's share), in whole rounds of the threads: of these 3 on 2 threads the two
+    with the most work, while the third's call, as a sequence alone does, splits its keys over the threads.
+    Each sequence's rows and ring come out bit for bit the same either way."""
     import voxtral_ref
     from conftest import MODEL_DIRS
     from voxtral_ref.stages import attention, decoder, encoder
