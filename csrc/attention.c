@@ -50,10 +50,10 @@ static void by_keys_task(void *ctx, int tid, int nt) {
     att_ctx *c = ctx;
     const vx_attention_args *a = c->a;
     const int64_t tq = c->nrows / (a->hq / a->hkv);
-    /* K rows [sb][d], p [VW][sb], K and V scales [2][sb], query codes [VW][d] (float32), integer scores
+    /* K rows [sb][d], p [VW][sb], K and V scales [2][hkv][sb], query codes [VW][d] (float32), integer scores
      * [VW][sb]; then float32 V rows [sb][d], or for an int8 cache a zero row [d] (see attention_keys_d) */
     const size_t vw = (size_t)c->isa->attn_vw, sb = (size_t)vx_att_sb(a->d, a->hkv, a->kvtype), D = (size_t)a->d;
-    float *scratch = vx_alloc(sizeof(float) * (sb * D + (vw + 2) * sb + vw * D + vw * sb)
+    float *scratch = vx_alloc(sizeof(float) * (sb * D + (vw + 2 * (size_t)a->hkv) * sb + vw * D + vw * sb)
                               + (a->kvtype == VX_KV_INT8 ? D : sb * D * sizeof(float)));
     /* Thread tid's first task is task tid; the rest go to whichever thread is free, each claimed before the
      * current one is computed, so its first super-block is prefetched meanwhile (attention_keys_d). (All

@@ -297,8 +297,8 @@ VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, i
         }
 }
 
-/* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [SB] float32, then vbuf [SB][d] (float32,
- * or int8 if Q8) */
+/* scratch: kbuf [SB][d] float32, p [VW][SB], kscale and vscale [hkv][SB] float32, then vbuf [SB][d]
+ * (float32, or int8 if Q8) */
 VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, int nrows, float *state,
                                 float *scratch, int burst, vx_key_task next, const int DC, const int Q8) {
     const int D = DC ? DC : a->d, H = a->hkv, g = a->hq / a->hkv, h0 = task.h0, h1 = task.h1;
@@ -306,8 +306,9 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, in
     const int SB = vx_att_sb(D, H, a->kvtype);
     const int64_t W = a->window, row = (int64_t)H * D;
     float *ms = state, *ls = state + H * nrows, *os = state + 2 * H * nrows;
-    float *kbuf = scratch, *pj = kbuf + (size_t)SB * D, *ksc = pj + (size_t)VW * SB, *vsc = ksc + SB;
-    float *qf = vsc + SB;                          /* Q8: a head's query codes as floats [nrows][D] */
+    float *kbuf = scratch, *pj = kbuf + (size_t)SB * D;
+    float *ksc_all = pj + (size_t)VW * SB, *vsc_all = ksc_all + (size_t)H * SB;   /* Q8: [head][key] */
+    float *qf = vsc_all + (size_t)H * SB;          /* Q8: a head's query codes as floats [nrows][D] */
     int32_t *isc = (int32_t *)(qf + (size_t)VW * D);   /* Q8 with a->idots: integer scores [nrows][SB] */
     char *vbuf = (char *)(isc + (size_t)VW * SB);
     const int idots = Q8 && a->idots;
@@ -355,6 +356,23 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, in
                     __builtin_prefetch(ks + o, 0, 2), __builtin_prefetch(vs + o, 0, 2);
             }
         }
+        /* Q8: the super-block's scales by head (one pass over the [key][head] rows, not a gather per head at
+         * hkv floats' stride), and its keys' offsets in their blocks, the same for every head (vx_kv8_row) */
+        size_t koff[VX_ATT_SB_MAX];
+        if (Q8) {
+            const float *ksb = a->ks + jb * H, *vsb = a->vs + jb * H;
+            const size_t blk = (size_t)H * VX_KV8_BLOCK * D;
+            const unsigned r0 = (unsigned)(jb % VX_KV8_BLOCK);
+            for (int jj = 0; jj < SB; jj++) {
+                const int in = jj >= lo && jj < nk;
+                for (int hk = h0; hk < h1; hk++) {
+                    ksc_all[hk * SB + jj] = in ? ksb[(size_t)jj * H + hk] : 0.0f;
+                    vsc_all[hk * SB + jj] = in ? vsb[(size_t)jj * H + hk] : 0.0f;
+                }
+                const unsigned r = r0 + (unsigned)jj;
+                koff[jj] = (r / VX_KV8_BLOCK) * blk + (r % VX_KV8_BLOCK) * (size_t)D;
+            }
+        }
         if (Q8 && a->kv_touch && burst && jb == jfirst) {   /* keys [jb + lo, jb + nk) of its heads, K and V: one load per line */
             const int64_t rows = (int64_t)VX_KV8_BLOCK * D;
             const char *kb = (const char *)a->k, *vb = (const char *)a->v;
@@ -371,21 +389,15 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, in
             /* The super-block's K and V rows of head hk (an int8 cache's in place, a float32 one's copied into
              * kbuf / vbuf). Keys outside [lo, nk) pad: zero rows, masked, and p * 0. */
             const void *krow[VX_ATT_SB_MAX], *vrow[VX_ATT_SB_MAX];
+            const float *ksc = ksc_all + (size_t)hk * SB, *vsc = vsc_all + (size_t)hk * SB;
             if (Q8) {
-                /* head hk's rows of keys jb + [lo, nk): from row jb % 32 of block jb / 32 on, D apart within a
-                 * block and `blk` bytes from one block to the next (vx_kv8_row) */
-                const size_t blk = (size_t)H * VX_KV8_BLOCK * D, first = (size_t)vx_kv8_row(jb, hk, H, D);
-                const unsigned r0 = (unsigned)(jb % VX_KV8_BLOCK);
-                const int8_t *kh = (const int8_t *)a->k + first - (size_t)r0 * D, *vh = (const int8_t *)a->v + first - (size_t)r0 * D;
-                const float *ksh = a->ks + jb * H + hk, *vsh = a->vs + jb * H + hk;
-                for (int jj = lo; jj < nk; jj++) {
-                    const unsigned r = r0 + (unsigned)jj;
-                    const size_t off = (r / VX_KV8_BLOCK) * blk + (r % VX_KV8_BLOCK) * (size_t)D;
-                    krow[jj] = kh + off, vrow[jj] = vh + off;
-                    ksc[jj] = ksh[(size_t)jj * H], vsc[jj] = vsh[(size_t)jj * H];
+                /* head hk's rows of keys jb + [lo, nk): koff from row 0 of head hk in block jb / 32 */
+                const size_t at = (size_t)(jb / VX_KV8_BLOCK * H + hk) * VX_KV8_BLOCK * D;
+                const int8_t *kh = (const int8_t *)a->k + at, *vh = (const int8_t *)a->v + at;
+                for (int jj = 0; jj < SB; jj++) {
+                    const int in = jj >= lo && jj < nk;
+                    krow[jj] = in ? kh + koff[jj] : zrow, vrow[jj] = in ? vh + koff[jj] : zrow;
                 }
-                for (int jj = 0; jj < SB; jj++)
-                    if (jj < lo || jj >= nk) krow[jj] = vrow[jj] = zrow, ksc[jj] = vsc[jj] = 0.0f;
                 if (!idots)
                     for (int jj = 0; jj < nsub * VW; jj++) {
                         const int8_t *kc = krow[jj];
