@@ -111,14 +111,14 @@ static void attend_task(void *ctx, int tid, int nt) {
 /* Every sequence's attention. Several sequences whose work can be shared out evenly (none more than a
  * thread's share) run one per thread, each call on its thread alone (a region inside a region does):
  * a decode pass's sequences of a few hundred keys each are one key range apiece, which one call would
- * give to one thread while the other waited, and each call's region costs its own start and join. That
- * for whole rounds of nt sequences; the last nseq % nt (the least work, `order` being most work first) then
- * split their keys over the threads each, so no thread waits out another's last sequence (3 streams on 2
- * threads: the third's call alone on one thread made each layer's attention take two calls' time, not
- * one and a half; 3 q4 streams at full windows, batch_bench's rounds alternated: 142.6 / 152.4 -> 131.8 /
- * 142.5 ms at 83 / 48 GB/s). Otherwise (one sequence, or one holding most of the keys) each call splits its keys
- * over the threads. Either way a sequence's result is the same: vx_attention's does not depend on the
- * thread count. */
+ * give to one thread while the other waited, and each call's region costs its own start and join. They
+ * go so in whole rounds of nt sequences; the last nseq % nt (the least work: `order` is most work first)
+ * then split their keys over the threads each, so no thread waits out another's last sequence (3 streams
+ * on 2 threads: the third alone on one thread made each layer's attention take two calls' time, not one
+ * and a half; 3 q4 streams at full windows, batch_bench's rounds alternated: 142.6 / 152.4 -> 131.8 /
+ * 142.5 ms at 83 / 48 GB/s). Otherwise (one sequence, or one holding most of the keys) each call splits
+ * its keys over the threads. Either way a sequence's result is the same: vx_attention's does not depend
+ * on the thread count. */
 static void attend_all(const vx_layer *L, const float *qr, const float *kr, const float *v, const int64_t *pos, int nseq,
                        const int64_t *seq_rows, vx_kv_ring *const *rings, float *o) {
     const int64_t t0 = vx_now_ns(), HD = (int64_t)L->n_heads * L->head_dim, KD = (int64_t)L->n_kv_heads * L->head_dim;
