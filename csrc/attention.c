@@ -46,6 +46,49 @@ static vx_key_task key_task(const att_ctx *c, int64_t t) {
                          (int)(g * H / c->groups), (int)((g + 1) * H / c->groups)};
 }
 
+/* The merge of by_keys' ranges for kv heads tid, tid + nt, ...: per row (a query and a query head),
+ *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M)
+ * over the ranges it saw, in the order of their keys' positions (a ring's index order wraps), so a row adds
+ * the same partial sums in the same order whatever the ring's capacity (see VX_ATT_ALIGN) or the thread
+ * that merges it. On the calling thread alone, after the region, it was ~3 % of a decode call (perf, one
+ * thread, 8192 keys) while the other thread waited. */
+static void merge_ranges(const att_ctx *c, int tid, int nt) {
+    const vx_attention_args *a = c->a;
+    const int H = a->hkv, D = a->d, g = a->hq / a->hkv, nrows = c->nrows;
+    const int64_t tq = nrows / g, nchunks = c->ntasks / c->groups;
+    const size_t per = c->per;
+    const float *state = c->state;
+    const int64_t *last = c->last;
+    int64_t *order = vx_alloc(sizeof(int64_t) * nchunks);
+    for (int64_t i = 0; i < tq; i++) {
+        int64_t n = 0;
+        for (int64_t k = 0; k < nchunks; k++) {
+            if (last[k * tq + i] == INT64_MIN) continue;   /* saw nothing: its (m, l, o) are untouched */
+            int64_t at = n++;
+            for (; at > 0 && last[order[at - 1] * tq + i] > last[k * tq + i]; at--) order[at] = order[at - 1];
+            order[at] = k;
+        }
+        for (int hk = tid; hk < H; hk += nt)
+            for (int rr = 0; rr < g; rr++) {
+                const int64_t r = i * g + rr;
+                const size_t row = (size_t)hk * nrows + r;
+                float m = -INFINITY, l = 0.0f;
+                for (int64_t k = 0; k < n; k++) m = fmaxf(m, state[order[k] * per + row]);
+                float *out = a->out + (i * a->hq + hk * g + rr) * D;
+                for (int d = 0; d < D; d++) out[d] = 0.0f;
+                for (int64_t k = 0; k < n; k++) {
+                    const float *st = state + order[k] * per;
+                    const float w = expf(st[row] - m);
+                    l += st[(size_t)H * nrows + row] * w;
+                    const float *o = st + (size_t)2 * H * nrows + row * D;
+                    for (int d = 0; d < D; d++) out[d] += o[d] * w;
+                }
+                for (int d = 0; d < D; d++) out[d] /= l;               /* 0 / 0 = NaN if no key was visible */
+            }
+    }
+    free(order);
+}
+
 static void by_keys_task(void *ctx, int tid, int nt) {
     att_ctx *c = ctx;
     const vx_attention_args *a = c->a;
@@ -72,11 +115,12 @@ static void by_keys_task(void *ctx, int tid, int nt) {
             }
     }
     free(scratch);
+    vx_team_barrier(nt);      /* every range's partials are in: the threads merge them, a share of the heads each */
+    merge_ranges(c, tid, nt);
 }
 
 /* Few rows per kv head (decode, streaming): tasks are ranges of keys, each for every head, leaving a
- * partial (max m, sum l, unnormalised o) per row; merged here as
- *   M = max_c m_c,  out = sum_c o_c e^(m_c - M) / sum_c l_c e^(m_c - M).
+ * partial (max m, sum l, unnormalised o) per row, which the same threads then merge (merge_ranges).
  * The ranges (and the kernel's super-blocks within them) sit at fixed multiples of the key index, a
  * range or super-block a row does not see leaves its (m, l, o) exactly as they were, and a row merges the
  * ranges it saw in the order of their keys' positions: so a row's result depends on its own query and the
@@ -112,36 +156,6 @@ static void by_keys(const vx_isa *isa, const vx_attention_args *a, int nrows) {
     att_ctx ctx = {.isa = isa, .a = a, .ntasks = nchunks * groups, .nrows = nrows, .groups = groups, .j_lo = j_lo,
                    .j_hi = j_hi, .c_lo = c_lo, .chunk = chunk, .per = per, .state = state, .last = last};
     vx_parallel(nt, by_keys_task, &ctx);
-    int64_t *order = vx_alloc(sizeof(int64_t) * nchunks);
-    for (int64_t i = 0; i < tq; i++) {
-        /* the ranges query i saw, by position (a ring's index order wraps): its merge then adds the same
-         * partial sums in the same order whatever the ring's capacity (see VX_ATT_ALIGN) */
-        int64_t n = 0;
-        for (int64_t c = 0; c < nchunks; c++) {
-            if (last[c * tq + i] == INT64_MIN) continue;   /* saw nothing: its (m, l, o) are untouched */
-            int64_t at = n++;
-            for (; at > 0 && last[order[at - 1] * tq + i] > last[c * tq + i]; at--) order[at] = order[at - 1];
-            order[at] = c;
-        }
-        for (int hk = 0; hk < H; hk++)
-            for (int rr = 0; rr < g; rr++) {
-                const int64_t r = i * g + rr;
-                const size_t row = (size_t)hk * nrows + r;
-                float m = -INFINITY, l = 0.0f;
-                for (int64_t k = 0; k < n; k++) m = fmaxf(m, state[order[k] * per + row]);
-                float *out = a->out + (i * a->hq + hk * g + rr) * D;
-                for (int d = 0; d < D; d++) out[d] = 0.0f;
-                for (int64_t k = 0; k < n; k++) {
-                    const float *st = state + order[k] * per;
-                    const float w = expf(st[row] - m);
-                    l += st[(size_t)H * nrows + row] * w;
-                    const float *o = st + (size_t)2 * H * nrows + row * D;
-                    for (int d = 0; d < D; d++) out[d] += o[d] * w;
-                }
-                for (int d = 0; d < D; d++) out[d] /= l;               /* 0 / 0 = NaN if no key was visible */
-            }
-    }
-    free(order);
     free(last);
     free(state);
 }
