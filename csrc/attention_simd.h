@@ -363,12 +363,27 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, in
             const float *ksb = a->ks + jb * H, *vsb = a->vs + jb * H;
             const size_t blk = (size_t)H * VX_KV8_BLOCK * D;
             const unsigned r0 = (unsigned)(jb % VX_KV8_BLOCK);
-            for (int jj = 0; jj < SB; jj++) {
-                const int in = jj >= lo && jj < nk;
-                for (int hk = h0; hk < h1; hk++) {
-                    ksc_all[hk * SB + jj] = in ? ksb[(size_t)jj * H + hk] : 0.0f;
-                    vsc_all[hk * SB + jj] = in ? vsb[(size_t)jj * H + hk] : 0.0f;
+            if (lo == 0 && nk == SB && h0 % VW == 0 && h1 % VW == 0) {   /* whole VW x VW tiles, transposed */
+                for (int j = 0; j < SB; j += VW)
+                    for (int hb = h0; hb < h1; hb += VW)
+                        for (int t = 0; t < 2; t++) {
+                            const float *src = (t ? vsb : ksb) + (size_t)j * H + hb;
+                            float *dst = (t ? vsc_all : ksc_all) + (size_t)hb * SB + j;
+                            vf tile[VW];
+                            for (int i = 0; i < VW; i++) tile[i] = vx_load(src + (size_t)i * H);   /* key j + i */
+                            vx_transpose(tile);
+                            for (int i = 0; i < VW; i++) vx_store(dst + (size_t)i * SB, tile[i]);    /* head hb + i */
+                        }
+            } else {
+                for (int jj = 0; jj < SB; jj++) {
+                    const int in = jj >= lo && jj < nk;
+                    for (int hk = h0; hk < h1; hk++) {
+                        ksc_all[hk * SB + jj] = in ? ksb[(size_t)jj * H + hk] : 0.0f;
+                        vsc_all[hk * SB + jj] = in ? vsb[(size_t)jj * H + hk] : 0.0f;
+                    }
                 }
+            }
+            for (int jj = 0; jj < SB; jj++) {
                 const unsigned r = r0 + (unsigned)jj;
                 koff[jj] = (r / VX_KV8_BLOCK) * blk + (r % VX_KV8_BLOCK) * (size_t)D;
             }
