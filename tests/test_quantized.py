@@ -3,14 +3,17 @@ hub copies cached next to the cache entry and rebuilt when the source changes; c
 files refused with one clear error."""
 
 import json
+import mmap
 import os
+import sys
+import time
 
 import numpy as np
 import pytest
 
 import voxtral_ref
 from voxtral_ref import VoxtralError
-from voxtral_ref.checkpoint import quantized
+from voxtral_ref.checkpoint import quantized, weights
 from voxtral_ref.model import write_quantized
 from voxtral_ref.runtime import ckernels, kernels
 
@@ -143,6 +146,42 @@ def test_weights_are_mapped_asking_for_huge_pages(saved):
     if BACKEND == "c":
         assert qt.data.nbytes >= kernels.LAZY_MIN_BYTES and "hg" in vm_flags(qt.data.ctypes.data)
     assert not {"hg", "nh"} & set(vm_flags(ring.ctypes.data))
+
+
+def page_cache_share(buf, start, length):
+    """The share of the pages of bytes [start, start + length) of a file mapping that the page cache holds
+    (Linux mincore)."""
+    import ctypes
+    pages = -(-length // 4096)
+    vec = (ctypes.c_ubyte * pages)()
+    address = np.frombuffer(buf, np.uint8).ctypes.data + start
+    assert ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) == 0
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")),
+                    reason="needs Linux's mincore and posix_fadvise")
+def test_the_embedding_table_is_read_ahead_into_the_page_cache(saved):
+    """With a quantised LM head the embedding table serves one row per token; load() has the OS read it into
+    the page cache in the background (kernels.read_ahead), so that a token's first lookup, inside a pass
+    every sequence of it waits for, does not wait on the disk. Checked from a file just dropped from the
+    page cache."""
+    path = saved[1] / quantized.QFILE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as probe:
+            if page_cache_share(probe, 0, len(probe)) > 0.5:
+                pytest.skip("this file system keeps the file in memory")
+    finally:
+        os.close(fd)
+    again = voxtral_ref.load(saved[1], backend=BACKEND)
+    again.weights.table_read_ahead.join(30)            # the requests are made; the reads complete after
+    table = weights.mapped_pages(again.weights._t["tok_embeddings"])
+    deadline = time.monotonic() + 10
+    while page_cache_share(*table) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert page_cache_share(*table) == 1.0
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")

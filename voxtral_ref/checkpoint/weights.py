@@ -23,7 +23,7 @@ import numpy as np
 from ..config import parse_json, read_json, regular_file_size, show
 from ..errors import VoxtralError
 from ..runtime import quant
-from ..runtime.kernels import huge_pages
+from ..runtime.kernels import huge_pages, read_ahead
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
           "U8": np.uint8, "I32": np.int32, "I64": np.int64}
@@ -220,6 +220,7 @@ class Weights:
         themselves (canonical=True: a quantised checkpoint, whose matrices may be quant.QTensor)."""
         self.cfg, self.source, self._t, self._small, self._layers = cfg, source, {}, {}, {}
         self._lm_head = None                                   # a quantised copy (quantize); else the tied embedding
+        self.table_read_ahead = None                           # advise_pages' read-ahead of the table (a thread)
         fmt_col = 0 if canonical else 1 if cfg.format == "mistral" else 2
         missing = []
         for row in canonical_names(cfg):
@@ -277,13 +278,15 @@ class Weights:
         """Once the weights are final: the mmap'd matrices a step streams in 2 MB pages (kernels.huge_pages),
         the embedding table in 4 KB ones when a quantised LM head replaces it: it then serves one row per
         token, and in 2 MB pages every lookup would map 2 MB of it (a q4 live_bench run's peak RSS: 3.45 GB
-        with it in 2 MB pages, 15 s a phase; 3.17 GB in 4 KB pages, 8 s a phase)."""
+        with it in 2 MB pages, 15 s a phase; 3.17 GB in 4 KB pages, 8 s a phase), and read ahead into the
+        page cache (kernels.read_ahead), so that no token's first lookup waits on the disk."""
         held = [t.data if isinstance(t, quant.QTensor) else t for t in [*self._t.values(), self._lm_head] if t is not None]
         for mm in {id(p[0]): p[0] for p in map(mapped_pages, held) if p}.values():   # whole files: one mapping each
             huge_pages(mm)
         table = mapped_pages(self._t["tok_embeddings"]) if self._lm_head is not None else None
         if table:
             huge_pages(*table, on=False)
+            self.table_read_ahead = read_ahead(*table)   # its pages into the page cache, not into RSS
 
     def formats(self):
         """{canonical name (and "lm_head"): what it holds}: "int8" / "q4" for quantised matrices, else the
