@@ -2,6 +2,7 @@
 hub copies cached next to the cache entry and rebuilt when the source changes; corrupt or mismatched
 files refused with one clear error."""
 
+import ctypes
 import json
 import mmap
 import os
@@ -151,16 +152,15 @@ def test_weights_are_mapped_asking_for_huge_pages(saved):
 def page_cache_share(buf, start, length):
     """The share of the pages of bytes [start, start + length) of a file mapping that the page cache holds
     (Linux mincore)."""
-    import ctypes
-    pages = -(-length // 4096)
+    pages = -(-length // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()
     address = np.frombuffer(buf, np.uint8).ctypes.data + start
     assert ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(address), ctypes.c_size_t(length), vec) == 0
     return sum(v & 1 for v in vec) / pages
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")),
-                    reason="needs Linux's mincore and posix_fadvise")
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and hasattr(os, "posix_fadvise")
+                         and hasattr(mmap, "MADV_WILLNEED")), reason="needs Linux's mincore, posix_fadvise and MADV_WILLNEED")
 def test_the_embedding_table_is_read_ahead_into_the_page_cache(saved):
     """With a quantised LM head the embedding table serves one row per token; load() has the OS read it into
     the page cache in the background (kernels.read_ahead), so that a token's first lookup, inside a pass

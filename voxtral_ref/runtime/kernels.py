@@ -81,8 +81,12 @@ def read_ahead(buf, start, length):
     background (a daemon thread of MADV_WILLNEED requests), without mapping them into this process. For the
     embedding table a quantised LM head leaves to one lookup per token: a row not in the page cache is read
     from disk at its first lookup, inside a pass every sequence of it waits for (the full-size q4 table after
-    a cold start: 121 of 500 random rows took 0.5-12 ms each). -> the thread: once it ends the requests are
-    made, and the reads complete after (the full-size table: 0.18 s of requests, all of it cached ~1 s on)."""
+    a cold start: 121 of 500 random rows took 0.5-12 ms each). -> the thread (None where the OS takes no such
+    advice): once it ends the requests are made, and the reads complete after (the full-size table: 0.18 s of
+    requests, all of it cached ~1 s on)."""
+    if not (hasattr(mmap, "MADV_WILLNEED") and hasattr(buf, "madvise")):
+        return None
+
     def run():
         try:
             for at in range(start, start + length, READ_AHEAD_STEP):
@@ -90,8 +94,7 @@ def read_ahead(buf, start, length):
         except (OSError, ValueError):   # advice only: a closed mapping, a kernel without it
             pass
     thread = threading.Thread(target=run, name="voxtral-ref read-ahead", daemon=True)
-    if hasattr(mmap, "MADV_WILLNEED") and hasattr(buf, "madvise"):
-        thread.start()
+    thread.start()
     return thread
 
 
