@@ -20,8 +20,9 @@ For each model directory (one weight format each; unquantised ones run in --prec
            number of 16 kHz streams the machine sustains in real time (tried: every N doubling up to
            --streams, so the rounds past the limit show what each added stream costs, then the N between
            the last that kept up and the first that did not, halving the gap; --live-only skips
-           decode and verify; --full-window times sessions as they are after 11 minutes, every KV cache
-           full, each fast-forwarded as live_bench's full phase is). Before them, the encoder's share: one encoder + adapter pass over N
+           decode and verify; --after S times sessions as they are S seconds into their audio, each
+           fast-forwarded as live_bench's full phase is: after 15 s every encoder window is full, and
+           --full-window, after 11 minutes, every KV cache). Before them, the encoder's share: one encoder + adapter pass over N
            sessions' 4-frame chunks stacked (stream.encoder_pass, as the engine runs it) against N passes
            of one each, N = 1, 2, 4, ... --streams.
   verify   one sequence's speculative verification pass (generate.greedy_decode's speculate=k: the last id
@@ -218,10 +219,11 @@ def bench_encoder(model, counts, machine, rng, repeats=4):
     return {"pass_ms_stacked_vs_one_by_one": out, "read_GB/s": bw}
 
 
-def bench_live(model, n, rounds, audio, machine, full=False):
+def bench_live(model, n, rounds, audio, machine, after=0):
     """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass.
-    full: each session fast-forwarded to a full decoder window first (live_bench.fast_forward), as streams
-    are after 11 minutes: every round then also reads each session's full KV caches."""
+    after: each session fast-forwarded by that many seconds of audio first (live_bench.fast_forward), its
+    caches then as a stream's are that far in: after 15 s every encoder window is full, after 655.36 s
+    (8192 positions, 11 minutes) every decoder window too, and each round reads them all."""
     engine = Engine(model)
     sessions = [engine.stream() for _ in range(n)]
     lead = BLOCK * (sessions[0].n_delay + 1) + 40                  # the first token's audio: fed untimed
@@ -235,9 +237,9 @@ def bench_live(model, n, rounds, audio, machine, full=False):
                 raise error
         return time.perf_counter() - t
     round_(0, lead)
-    if full:
+    if after:
         for s in sessions:
-            fast_forward(s, model.cfg.decoder.sliding_window)
+            fast_forward(s, round(after / REAL_TIME_S))
         round_(lead, BLOCK)                                        # untimed: the caches' first sweep
     bw_before = machine.read_gbs()
     passes0, rows0 = engine.passes, engine.rows
@@ -250,8 +252,8 @@ def bench_live(model, n, rounds, audio, machine, full=False):
          "live_rtf": mean / REAL_TIME_S, "passes_per_round": passes / rounds,
          "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "encoder_passes_per_round": enc / rounds,
          "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw,
-         "full_window": full}
-    print(f"  live N={n:>2}{' (full windows)' if full else ''}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
+         "after_s": after}
+    print(f"  live N={n:>2}{f' (after {after:g} s)' if after else ''}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
           f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
           f"rows each; {r['encoder_passes_per_round']:.1f} encoder passes per round, "
           f"{r['sessions_per_encoder_pass']:.1f} sessions each; probe {bw:.1f} GB/s", flush=True)
@@ -274,7 +276,7 @@ def run(path, args, machine):
     out["encoder"] = bench_encoder(model, counts, machine, np.random.default_rng(2))
     out["live"], n = [], 1
     while n <= args.streams:
-        out["live"].append(bench_live(model, n, args.rounds, audio, machine, args.full_window))
+        out["live"].append(bench_live(model, n, args.rounds, audio, machine, args.after))
         n *= 2
 
     def keeps_up(r):
@@ -284,12 +286,12 @@ def run(path, args, machine):
     hi = min([r["streams"] for r in out["live"] if not keeps_up(r) and r["streams"] > lo], default=lo + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        out["live"].append(bench_live(model, mid, args.rounds, audio, machine, args.full_window))
+        out["live"].append(bench_live(model, mid, args.rounds, audio, machine, args.after))
         lo, hi = (mid, hi) if keeps_up(out["live"][-1]) else (lo, mid)
     sustained = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
     out["live_streams_sustained"] = sustained
     print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)"
-          f"{' at full windows' if args.full_window else ''}", flush=True)
+          f"{f' after {args.after:g} s of audio' if args.after else ''}", flush=True)
     return out
 
 
@@ -301,8 +303,10 @@ def main():
     ap.add_argument("--streams", type=int, default=16, help="most live streams to try, doubling from 1 (default 16)")
     ap.add_argument("--rounds", type=int, default=12, help="timed 80 ms rounds per N (default 12)")
     ap.add_argument("--live-only", action="store_true", help="only the live streams (no decode, no verify)")
-    ap.add_argument("--full-window", action="store_true",
-                    help="live streams at full decoder windows (each session fast-forwarded 8192 positions first)")
+    ap.add_argument("--after", type=float, default=0.0, metavar="SECONDS",
+                    help="live streams as they are that far in (each session fast-forwarded first; default 0: young)")
+    ap.add_argument("--full-window", dest="after", action="store_const", const=8192 * REAL_TIME_S,
+                    help="the same as --after 655.36: every encoder and decoder KV slot in use")
     ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")

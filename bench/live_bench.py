@@ -70,18 +70,20 @@ def kv_bytes(session):
 
 
 def fast_forward(session, tokens):
-    """Move a running session `tokens` positions ahead and fill every cache slot (see the module doc) with
-    random keys and values: slots never written would stay on the kernel's shared zero page, which every
-    read then finds in cache, hiding the KV caches' real memory traffic."""
+    """Move a running session `tokens` positions ahead, its caches holding every position since the start
+    that their rings keep (all of them once a ring has wrapped), and fill every slot (see the module doc)
+    with random keys and values: slots never written would stay on the kernel's shared zero page, which
+    every read then finds in cache, hiding the KV caches' real memory traffic."""
     ds = session._model.cfg.downsample
     rng = np.random.default_rng(0)
     session._dec.ids[len(session._dec.prompt):len(session._dec.prompt)] = [C.STREAMING_PAD_ID] * tokens
     for caches, shift in ((session._dec.caches, tokens), (session._enc_caches, tokens * ds)):
         for c in caches:
             newest = int(c.pos.max()) + shift
+            kept = np.arange(max(0, newest - c.capacity + 1), newest + 1)              # positions the ring holds
             c.pos[:] = -1
-            c.pos[np.arange(newest - c.capacity + 1, newest + 1) % c.capacity] = np.arange(newest - c.capacity + 1, newest + 1)
-            c.filled = c.capacity
+            c.pos[kept % c.capacity] = kept
+            c.filled = len(kept)
             for kv in (c.k, c.v):
                 if isinstance(kv, kernels.KV8):
                     kv.blocks[...] = rng.integers(-127, 128, kv.blocks.shape, np.int8)
