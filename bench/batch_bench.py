@@ -37,6 +37,7 @@ Speed does not depend on the weights' values, so random weights and random audio
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -222,8 +223,9 @@ def bench_encoder(model, counts, machine, rng, repeats=4):
 def bench_live(model, n, rounds, audio, machine, after=0):
     """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass.
     after: each session fast-forwarded by that many seconds of audio first (live_bench.fast_forward), its
-    caches then as a stream's are that far in: after 15 s every encoder window is full, after 655.36 s
-    (8192 positions, 11 minutes) every decoder window too, and each round reads them all."""
+    caches then as a stream's are that far in: after 15 s every encoder window is full; inf: a decoder
+    ring's worth of positions (8448, 11 minutes), every slot of every cache in use, and each round reads
+    them all."""
     engine = Engine(model)
     sessions = [engine.stream() for _ in range(n)]
     lead = BLOCK * (sessions[0].n_delay + 1) + 40                  # the first token's audio: fed untimed
@@ -238,8 +240,8 @@ def bench_live(model, n, rounds, audio, machine, after=0):
         return time.perf_counter() - t
     round_(0, lead)
     if after:
-        for s in sessions:
-            fast_forward(s, round(after / REAL_TIME_S))
+        for s in sessions:     # inf: a decoder ring's worth of positions, so that every slot of every ring is in use
+            fast_forward(s, s._dec.caches[0].capacity if math.isinf(after) else round(after / REAL_TIME_S))
         round_(lead, BLOCK)                                        # untimed: the caches' first sweep
     bw_before = machine.read_gbs()
     passes0, rows0 = engine.passes, engine.rows
@@ -253,7 +255,8 @@ def bench_live(model, n, rounds, audio, machine, after=0):
          "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "encoder_passes_per_round": enc / rounds,
          "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw,
          "after_s": after}
-    print(f"  live N={n:>2}{f' (after {after:g} s)' if after else ''}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
+    label = " (full windows)" if math.isinf(after) else f" (after {after:g} s)" if after else ""
+    print(f"  live N={n:>2}{label}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
           f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
           f"rows each; {r['encoder_passes_per_round']:.1f} encoder passes per round, "
           f"{r['sessions_per_encoder_pass']:.1f} sessions each; probe {bw:.1f} GB/s", flush=True)
@@ -291,7 +294,8 @@ def run(path, args, machine):
     sustained = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
     out["live_streams_sustained"] = sustained
     print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)"
-          f"{f' after {args.after:g} s of audio' if args.after else ''}", flush=True)
+          f"{' at full windows' if math.isinf(args.after) else f' after {args.after:g} s of audio' if args.after else ''}",
+          flush=True)
     return out
 
 
@@ -305,8 +309,8 @@ def main():
     ap.add_argument("--live-only", action="store_true", help="only the live streams (no decode, no verify)")
     ap.add_argument("--after", type=float, default=0.0, metavar="SECONDS",
                     help="live streams as they are that far in (each session fast-forwarded first; default 0: young)")
-    ap.add_argument("--full-window", dest="after", action="store_const", const=8192 * REAL_TIME_S,
-                    help="the same as --after 655.36: every encoder and decoder KV slot in use")
+    ap.add_argument("--full-window", dest="after", action="store_const", const=math.inf,
+                    help="as far in as fills every KV slot (11 minutes: full encoder and decoder windows)")
     ap.add_argument("--precision", default="bf16", choices=kernels.PRECISIONS,
                     help="matmul inputs of the unquantised matrices (default bf16)")
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all cores)")

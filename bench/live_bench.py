@@ -12,7 +12,7 @@ encoder + adapter + decoder + LM head for one token, as a live client sees it. R
           the steps of the first --seconds of speech; after both phases, the first token of NEW_SESSIONS
           more new sessions (the model warm, as in a server: the process's first session also pays
           for whatever ran before it, here the previous model's run);
-  full    the same session fast-forwarded to a full decoder window (8192 positions, every KV slot in use:
+  full    the same session fast-forwarded a decoder ring's worth of positions (8448: full windows, every KV slot in use:
           what an 11-minute stream reaches), then --seconds more;
 per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
 plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
@@ -166,7 +166,7 @@ def run(path, args, machine):
     session.step()
     for phase in ("start", "full"):
         if phase == "full":
-            fast_forward(session, model.cfg.decoder.sliding_window)
+            fast_forward(session, session._dec.caches[0].capacity)        # every slot of every ring in use
         bw_before = machine.read_gbs()
         steps, inside, attn, first = paced(session, audio[lead:], args.seconds, block)
         bw = (bw_before + machine.read_gbs()) / 2
