@@ -220,6 +220,11 @@ def bench_encoder(model, counts, machine, rng, repeats=4):
     return {"pass_ms_stacked_vs_one_by_one": out, "read_GB/s": bw}
 
 
+def how_far(after):
+    """bench_live's `after`, as its lines say it"""
+    return "at full windows" if math.isinf(after) else f"after {after:g} s of audio" if after else ""
+
+
 def bench_live(model, n, rounds, audio, machine, after=0):
     """N sessions of one engine stepped together for `rounds` blocks -> round times and the engine's rows/pass.
     after: each session fast-forwarded by that many seconds of audio first (live_bench.fast_forward), its
@@ -254,9 +259,8 @@ def bench_live(model, n, rounds, audio, machine, after=0):
          "live_rtf": mean / REAL_TIME_S, "passes_per_round": passes / rounds,
          "rows_per_pass": (engine.rows - rows0) / max(passes, 1), "encoder_passes_per_round": enc / rounds,
          "sessions_per_encoder_pass": (engine.encoder_chunks - chunks0) / max(enc, 1), "read_GB/s": bw,
-         "after_s": after}
-    label = " (full windows)" if math.isinf(after) else f" (after {after:g} s)" if after else ""
-    print(f"  live N={n:>2}{label}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
+         "after_s": None if math.isinf(after) else after, "full_window": math.isinf(after)}
+    print(f"  live N={n:>2}{f' ({how_far(after)})' if after else ''}: round {r['round_ms_mean']:.1f} ms mean, {r['round_ms_p95']:.1f} p95 -> RTF "
           f"{r['live_rtf']:.2f}; {r['passes_per_round']:.1f} decoder passes per round, {r['rows_per_pass']:.1f} "
           f"rows each; {r['encoder_passes_per_round']:.1f} encoder passes per round, "
           f"{r['sessions_per_encoder_pass']:.1f} sessions each; probe {bw:.1f} GB/s", flush=True)
@@ -293,8 +297,7 @@ def run(path, args, machine):
         lo, hi = (mid, hi) if keeps_up(out["live"][-1]) else (lo, mid)
     sustained = max([r["streams"] for r in out["live"] if keeps_up(r)], default=0)
     out["live_streams_sustained"] = sustained
-    print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms)"
-          f"{' at full windows' if math.isinf(args.after) else f' after {args.after:g} s of audio' if args.after else ''}",
+    print(f"{label}: {sustained} live stream(s) sustained in real time (mean round under 80 ms) {how_far(args.after)}".rstrip(),
           flush=True)
     return out
 
