@@ -30,6 +30,7 @@ from voxtral_ref.apps.serve.http import GracefulServer, Limits, ServerState, bui
 from voxtral_ref.apps.serve import bind  # noqa: E402
 from voxtral_ref.apps.subtitles import segments, to_srt, to_vtt  # noqa: E402
 from voxtral_ref.config import delay_tokens  # noqa: E402
+from voxtral_ref.runtime import stream  # noqa: E402
 
 from conftest import MODEL_DIRS, SPEECH_WAV  # noqa: E402
 
@@ -91,6 +92,16 @@ def test_the_default_delays_prefix_is_ready_before_the_first_client():
     assert not fresh.prefixes
     with running(fresh):
         assert list(fresh.prefixes) == [(delay_tokens(fresh.cfg.default_delay_ms), "c", "f32")]
+
+
+def test_the_lm_head_is_warm_before_the_first_client(monkeypatch):
+    """Startup also runs one row through the LM head (runtime/stream.warm_lm_head), which the silence prefix
+    never multiplies: after a cold start the first client's first token would wait for it to be read."""
+    heads, real = [], stream.lm_head
+    monkeypatch.setattr(stream, "lm_head", lambda x, w: heads.append(w) or real(x, w))
+    fresh = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    with running(fresh):
+        assert len(heads) == 1 and heads[0] is fresh.weights.lm_head
 
 
 def b64(samples):
