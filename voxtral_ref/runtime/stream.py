@@ -59,9 +59,9 @@ from ..stages.attention import KVCache
 from ..stages.audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
 from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
                      delay_tokens, n_positions, right_pad_samples)
+from ..stages.decoder import lm_head
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
-from ..stages.decoder import lm_head
 from ..stages.generate import PREFIX, Decoder, draft_tokens
 from ..stages.mel import log_mel_frames
 
