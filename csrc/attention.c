@@ -215,3 +215,18 @@ void vx_attention(const float *q, const void *k, const void *v, const float *k_s
     vx_attention_uncounted(q, k, v, k_scale, v_scale, kvtype, out, tq, tk, hq, hkv, d, q_pos, k_pos, window);
     vx_count_ns(VX_TIME_ATTENTION, vx_now_ns() - t0);
 }
+
+int vx_attention_idots(const int8_t *q, int nrows, const int8_t *k, int nk, int d, int32_t *s) {
+    const vx_isa *isa = vx_active();
+    if (!isa->attention_idots || nrows <= 0 || nk <= 0) return isa->attention_idots != NULL;
+    const int8_t **kb = vx_alloc(sizeof(int8_t *) * nk), **qr = vx_alloc(sizeof(int8_t *) * nrows);
+    int32_t *qsum = vx_alloc(sizeof(int32_t) * nrows);
+    for (int j = 0; j < nk; j++) kb[j] = k + (size_t)j * d;
+    for (int r = 0; r < nrows; r++) {
+        qr[r] = q + (size_t)r * d, qsum[r] = 0;
+        for (int t = 0; t < d; t++) qsum[r] += q[(size_t)r * d + t];
+    }
+    isa->attention_idots(kb, nk, d, qr, qsum, nrows, s);
+    free(kb), free(qr), free(qsum);
+    return 1;
+}

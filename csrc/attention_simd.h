@@ -255,40 +255,44 @@ VX_INLINE void prefetch_keys(kv_prefetch *pf, int64_t n0, int64_t n1, int h0, in
 }
 
 /* NR (<= 4) rows' outputs over a super-block's nk value rows vrow[j] (D float32, or int8 codes if Q8):
- * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). 4 vectors of d at a time,
- * so each value vector, widened once, serves every row and the loads stay below the FMAs; each value step
- * also issues `pf`'s next prefetches. */
+ * o = o * corr + p V, with p [NR][SB] (an int8 cache's value scales folded in). PV_NV vectors of d at a
+ * time, so each value vector, widened once, serves every row and the loads stay below the FMAs; each value
+ * step also issues `pf`'s next prefetches. 4 x PV_NV accumulators: 16 of AVX-512's 32 registers; AVX2 has
+ * 16 in all, and 4 x 4 there left none for the values (Zen 3, 2 threads, 26 decoder calls over 8192 int8
+ * keys, three alternated runs: 81-112 -> 70-78 ms; 32 encoder calls over 750: 22-26 -> 20-22). Each output
+ * element still sums its keys in order, so the blocking moves no result. */
+#define PV_NV (VW == 8 ? 2 : 4)
 VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
                        const int NR, const int Q8, kv_prefetch *pf) {
-    const int DB = 4 * VW;
+    const int DB = PV_NV * VW;
     int d0 = 0;
     for (; d0 + DB <= D; d0 += DB) {
-        vf acc[4][4];
+        vf acc[4][PV_NV];
         VX_UNROLL
         for (int r = 0; r < NR; r++) {
             VX_UNROLL
-            for (int i = 0; i < 4; i++) acc[r][i] = vx_mul(vx_load(o + r * D + d0 + i * VW), vx_set1(corr[r]));
+            for (int i = 0; i < PV_NV; i++) acc[r][i] = vx_mul(vx_load(o + r * D + d0 + i * VW), vx_set1(corr[r]));
         }
         for (int jj = 0; jj < nk; jj++) {
             prefetch_step(pf);
-            vf v[4];
+            vf v[PV_NV];
             VX_UNROLL
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < PV_NV; i++)
                 v[i] = Q8 ? vx_load_i8((const int8_t *)vrow[jj] + d0 + i * VW) : vx_load((const float *)vrow[jj] + d0 + i * VW);
             VX_UNROLL
             for (int r = 0; r < NR; r++) {
                 vf pb = vx_set1(p[r * SB + jj]);
                 VX_UNROLL
-                for (int i = 0; i < 4; i++) acc[r][i] = vx_fma(pb, v[i], acc[r][i]);
+                for (int i = 0; i < PV_NV; i++) acc[r][i] = vx_fma(pb, v[i], acc[r][i]);
             }
         }
         VX_UNROLL
         for (int r = 0; r < NR; r++) {
             VX_UNROLL
-            for (int i = 0; i < 4; i++) vx_store(o + r * D + d0 + i * VW, acc[r][i]);
+            for (int i = 0; i < PV_NV; i++) vx_store(o + r * D + d0 + i * VW, acc[r][i]);
         }
     }
-    for (int r = 0; r < NR; r++)                     /* d not a multiple of 4 VW */
+    for (int r = 0; r < NR; r++)                     /* d not a multiple of PV_NV VW */
         for (int d = d0; d < D; d++) {
             float t = o[r * D + d] * corr[r];
             for (int jj = 0; jj < nk; jj++)
@@ -324,7 +328,7 @@ VX_INLINE void attention_keys_d(const vx_attention_args *a, vx_key_task task, in
     for (int r = 0; r < nrows; r++) qrel[r] = (float)(a->q_pos[r / g] - qmin);
     kv_prefetch pf = {(const char *)a->k, (const char *)a->v, 0, 0, 0, 0, 0, 0};
     const int64_t blk = (int64_t)H * VX_KV8_BLOCK * D;                 /* bytes of a block of keys, every head */
-    const int64_t steps = (int64_t)(h1 - h0) * SB * (D / (4 * VW) > 0 ? D / (4 * VW) : 1) * ((nrows + 3) / 4);
+    const int64_t steps = (int64_t)(h1 - h0) * SB * (D / (PV_NV * VW) > 0 ? D / (PV_NV * VW) : 1) * ((nrows + 3) / 4);
     const int64_t jfirst = j0 / SB * SB;                                /* the range's first super-block */
     for (int i = h0 * nrows; i < h1 * nrows; i++) ms[i] = -INFINITY, ls[i] = 0.0f;   /* its heads' state only */
     for (int64_t i = (int64_t)h0 * nrows * D; i < (int64_t)h1 * nrows * D; i++) os[i] = 0.0f;
@@ -489,15 +493,10 @@ VX_FN static void VX_NAME(attention_rows)(const vx_attention_args *a, int hk, in
 }
 
 #if VX_LEVEL == VX_LEVEL_AVX512 || VX_LEVEL == VX_LEVEL_AVX2
-/* vx_isa.attention_idots with VPDPBUSD: AVX512-VNNI (the avx512bf16 level) or AVX-VNNI (the avxvnni level,
- * 256-bit). Per VW keys, their codes are transposed into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key
- * j, biased to unsigned by xor 0x80), so one VPDPBUSD with 4 broadcast query bytes adds 4 products to each
- * key's lane: no horizontal sums, and each transposed vector serves every row. The bias adds 128 * qsum,
- * taken off at the end: exact. */
+/* vx_isa.attention_idots (attention_idots.h): with AVX512-VNNI at the avx512bf16 level; with AVX-VNNI
+ * (avxvnni level) and with AVX2's VPMADDUBSW (avx2 level), 256-bit */
 #if VX_LEVEL == VX_LEVEL_AVX512
 typedef __m512i vi;
-#define VI_TARGET "avx512f,avx512bw,avx512vnni,avx2,fma"
-#define VI_NAME attention_idots_vnni
 #define vi_zero _mm512_setzero_si512
 #define vi_of_vf _mm512_castps_si512
 #define vi_xor _mm512_xor_si512
@@ -506,10 +505,12 @@ typedef __m512i vi;
 #define vi_dot _mm512_dpbusd_epi32
 #define vi_sub _mm512_sub_epi32
 #define vi_store(p, v) _mm512_storeu_si512(p, v)
+#define ID_VNNI 1
+#define ID_NAME attention_idots_vnni
+#define ID_TARGET "avx512f,avx512bw,avx512vnni,avx2,fma"
+#include "attention_idots.h"
 #else
 typedef __m256i vi;
-#define VI_TARGET "avx2,fma,avxvnni"
-#define VI_NAME attention_idots_avxvnni
 #define vi_zero _mm256_setzero_si256
 #define vi_of_vf _mm256_castps_si256
 #define vi_xor _mm256_xor_si256
@@ -518,33 +519,16 @@ typedef __m256i vi;
 #define vi_dot _mm256_dpbusd_avx_epi32
 #define vi_sub _mm256_sub_epi32
 #define vi_store(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define ID_VNNI 1
+#define ID_NAME attention_idots_avxvnni
+#define ID_TARGET "avx2,fma,avxvnni"
+#include "attention_idots.h"
+#undef ID_VNNI
+#undef ID_NAME
+#undef ID_TARGET
+#define ID_VNNI 0
+#define ID_NAME attention_idots_avx2
+#define ID_TARGET "avx2,fma"
+#include "attention_idots.h"
 #endif
-__attribute__((target(VI_TARGET))) static void VI_NAME(const int8_t *const *kb, int sb, int d, const int8_t *const *q,
-                                                       const int32_t *qsum, int nrows, int32_t *s) {
-    vi kt[VX_ATT_DMAX / 4];
-    const vi bias = vi_set1_8((char)0x80);
-    for (int j0 = 0; j0 < sb; j0 += VW) {
-        for (int c = 0; c < d; c += 4 * VW) {
-            vf r[VW];
-            for (int jj = 0; jj < VW; jj++) r[jj] = vx_load((const float *)(kb[j0 + jj] + c));
-            vx_transpose(r);
-            for (int i = 0; i < VW; i++) kt[c / 4 + i] = vi_xor(vi_of_vf(r[i]), bias);
-        }
-        for (int r0 = 0; r0 < nrows; r0 += 4) {
-            const int8_t *qr[4];
-            for (int i = 0; i < 4; i++) qr[i] = q[r0 + i < nrows ? r0 + i : nrows - 1];   /* past nrows: discarded */
-            vi acc[4] = {vi_zero(), vi_zero(), vi_zero(), vi_zero()};
-            for (int p = 0; p < d / 4; p++) {
-                VX_UNROLL
-                for (int i = 0; i < 4; i++) {
-                    int32_t q4;
-                    memcpy(&q4, qr[i] + 4 * p, 4);
-                    acc[i] = vi_dot(acc[i], kt[p], vi_set1_32(q4));
-                }
-            }
-            for (int i = 0; i < 4 && r0 + i < nrows; i++)
-                vi_store(s + (size_t)(r0 + i) * sb + j0, vi_sub(acc[i], vi_set1_32(128 * qsum[r0 + i])));
-        }
-    }
-}
 #endif

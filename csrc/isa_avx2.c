@@ -1,11 +1,12 @@
 /* The inner loops instantiated for the avx2 and avxvnni levels (see simd.h, dispatch.h and isa_table.h):
- * the same loops, and a quantised linear with AVX2's or AVX-VNNI's integer dot products (qmatmul_256.h);
- * avxvnni also takes attention's integer scores with AVX-VNNI (attention_simd.h). */
+ * the same loops, and a quantised linear and attention's integer scores with AVX2's or AVX-VNNI's integer
+ * dot products (qmatmul_256.h, attention_idots.h). */
 #if defined(__x86_64__) || defined(__i386__)
 #define VX_LEVEL VX_LEVEL_AVX2
 #define VX_TABLE vx_isa_avx2
 #define VX_TABLE_LEVEL VX_ISA_AVX2
 #define VX_TABLE_QLINEAR vx_qlinear_avx2
+#define VX_TABLE_IDOTS attention_idots_avx2
 #include "isa_table.h"
 
 #define Q256_VNNI 0

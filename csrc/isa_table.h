@@ -21,4 +21,8 @@
 
 /* the quantised linear is per table: the portable loop (scalar), the 256-bit integer-dot kernels (avx2,
  * avxvnni, avx512: isa_avx2.c) or the 512-bit VNNI one (avx512bf16) */
-const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES, .qlinear = VX_TABLE_QLINEAR};
+#ifndef VX_TABLE_IDOTS
+#define VX_TABLE_IDOTS NULL   /* attention's scores by float32 FMAs over the widened codes (the same integers) */
+#endif
+const vx_isa VX_TABLE = {.level = VX_TABLE_LEVEL, VX_TABLE_ENTRIES, .qlinear = VX_TABLE_QLINEAR,
+                         .attention_idots = VX_TABLE_IDOTS};

@@ -87,8 +87,8 @@ void vx_qlinear(const float *x, int64_t n, int64_t k, const uint8_t *w, int fmt,
  *                 keys, head-major within a block: [ceil(tk / 32), hkv, 32, d] (vx_kv8_row), so a block's
  *                 rows of one head are contiguous and read in place. The queries are quantised the same way, so a
  *                 score is the exact integer (q codes . k codes) * (q scale / sqrt(d)) * the key's scale,
- *                 whatever the call (VNNI levels use integer dot products, the others float32 sums of
- *                 the codes, exact below 2^24); the values' scales multiply the probabilities.
+ *                 whatever the call (integer dot products at the avx2 levels and avx512bf16, float32
+ *                 sums of the codes elsewhere, exact below 2^24); the values' scales multiply the probabilities.
  *   q_pos [tq], k_pos [tk]: absolute positions; k_pos in any order (ring-buffer caches).
  *   Key j is visible to query i iff q_pos[i] - window < k_pos[j] <= q_pos[i]; query head h uses kv head
  *   h / (hq / hkv); scores scaled by 1/sqrt(d); softmax online in float32. A query that sees no key
@@ -100,6 +100,11 @@ enum { VX_KV8_BLOCK = 32 };   /* kernels.KV8_BLOCK */
 void vx_attention(const float *q, const void *k, const void *v, const float *k_scale, const float *v_scale, int kvtype,
                   float *out, int64_t tq, int64_t tk, int hq, int hkv, int d, const int64_t *q_pos,
                   const int64_t *k_pos, int64_t window);
+/* The active level's integer score kernel, the one vx_attention uses over an int8 cache (exposed for its
+ * test against the exact integer products): s [nrows, nk] int32 = q [nrows, d] int8 . k [nk, d] int8, codes
+ * in -127..127, nk a multiple of 16, d a multiple of 64 up to 256. Returns 0 (s untouched) where the level
+ * has none and vx_attention sums the codes in float32. */
+int vx_attention_idots(const int8_t *q, int nrows, const int8_t *k, int nk, int d, int32_t *s);
 
 /* ---- layer.c: one transformer layer in one call -------------------------------------------------- */
 /* A weight matrix [m, k]: float32 or bfloat16 rows (vx_linear), or int8 / q4 panels (vx_qlinear). */

@@ -422,7 +422,8 @@ def test_attention_over_an_int8_cache(level, tq, tk, hq, hkv, d):
 def test_vnni_scores_are_the_exact_integers(plain, vnni, tq, hq, hkv, d):
     """Over an int8 cache a score's dot product is an exact integer: a VNNI level's integer kernel (biased
     bytes, the bias taken off; AVX512-VNNI at avx512bf16, AVX-VNNI at avxvnni) and its plain level's
-    float32 FMAs agree bit for bit, so the whole outputs do (they share every other step)."""
+    (avx512's float32 FMAs, avx2's VPMADDUBSW) agree bit for bit, so the whole outputs do (they share every
+    other step)."""
     rng = np.random.default_rng(d)
     tk = 777
     q = rng.standard_normal((tq, hq, d), dtype=np.float32) * np.float32(3)
@@ -432,6 +433,24 @@ def test_vnni_scores_are_the_exact_integers(plain, vnni, tq, hq, hkv, d):
         want = ck.attention(q, k, v, qp, kp, 500)
     with isa(vnni):
         np.testing.assert_array_equal(ck.attention(q, k, v, qp, kp, 500), want)
+
+
+@pytest.mark.parametrize("level", ISAS)
+@pytest.mark.parametrize("rows, keys, d", [(1, 16, 64), (4, 32, 128), (7, 48, 192), (16, 16, 256), (3, 80, 64)])
+def test_integer_scores_are_the_exact_products(level, rows, keys, d):
+    """attention's integer score kernel against its twin, the exact product of the codes: the VNNI levels'
+    biased VPDPBUSD (the bias taken off), avx2's VPMADDUBSW of |k| with k's sign moved onto q. Codes of +-127
+    make the largest pairs (2 * 127 * 127 in one int16 lane of VPMADDUBSW: no saturation). The levels
+    without one (scalar, avx512) sum the codes in float32, which the attention tests cover."""
+    rng = np.random.default_rng(rows * keys + d)
+    qc = rng.integers(-127, 128, (rows, d)).astype(np.int8)
+    kc = rng.integers(-127, 128, (keys, d)).astype(np.int8)
+    qc[0], kc[0], kc[1], kc[2] = 127, -127, 127, 0
+    with isa(level):
+        s = ck.attention_scores(qc, kc)
+    assert (s is not None) == (level in ("avx2", "avxvnni", "avx512bf16"))
+    if s is not None:
+        np.testing.assert_array_equal(s, qc.astype(np.int32) @ kc.astype(np.int32).T)
 
 
 

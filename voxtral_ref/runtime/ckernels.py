@@ -226,6 +226,19 @@ def attention(q, k, v, q_pos, k_pos, window):
 _KV_F32, _KV_INT8 = 0, 1                                                                     # csrc/kernels.h
 
 
+def attention_scores(qc, kc):
+    """The active level's integer scores over an int8 cache (what attention uses): qc [rows, d] int8 codes .
+    kc [keys, d] int8 codes -> [rows, keys] int32; None where the level sums the codes in float32 instead.
+    Its twin is the exact integer product qc @ kc.T."""
+    qc, kc = np.ascontiguousarray(qc, np.int8), np.ascontiguousarray(kc, np.int8)
+    (rows, d), (keys, dk) = qc.shape, kc.shape
+    if d != dk or d % 64 or d > 256 or keys % 16:
+        raise ValueError(f"attention_scores: d must match and be a multiple of 64 up to 256 and keys of 16, "
+                         f"got q {qc.shape}, k {kc.shape}")
+    s = np.empty((rows, keys), np.int32)
+    return s if lib.vx_attention_idots(_ptr("int8_t *", qc), rows, _ptr("int8_t *", kc), keys, d, _ptr("int32_t *", s)) else None
+
+
 def rope(x, cos, sin, interleaved=False):
     """Rotary embedding into split-half layout; see kernels.rope_np."""
     if lib is None:
