@@ -259,7 +259,8 @@ VX_INLINE void prefetch_keys(kv_prefetch *pf, int64_t n0, int64_t n1, int h0, in
  * time, so each value vector, widened once, serves every row and the loads stay below the FMAs; each value
  * step also issues `pf`'s next prefetches. 4 x PV_NV accumulators: 16 of AVX-512's 32 registers; AVX2 has
  * 16 in all, and 4 x 4 there left none for the values (Zen 3, 2 threads, 26 decoder calls over 8192 int8
- * keys, three alternated runs: 81-112 -> 70-78 ms; 32 encoder calls over 750: 22-26 -> 20-22). Each output
+ * keys, three alternated runs, with avx2's integer scores landing at the same time: 81-112 -> 70-78 ms; 32
+ * encoder calls over 750: 22-26 -> 20-22). Each output
  * element still sums its keys in order, so the blocking moves no result. */
 #define PV_NV (VW == 8 ? 2 : 4)
 VX_INLINE void pv_rows(const void *const *vrow, int nk, int D, const float *p, int SB, const float *corr, float *o,
