@@ -230,6 +230,8 @@ def attention_scores(qc, kc):
     """The active level's integer scores over an int8 cache (what attention uses): qc [rows, d] int8 codes .
     kc [keys, d] int8 codes -> [rows, keys] int32; None where the level sums the codes in float32 instead.
     Its twin is the exact integer product qc @ kc.T."""
+    if lib is None:                      # no C library: attention runs its NumPy twin, which has no such kernel
+        return None
     qc, kc = np.ascontiguousarray(qc, np.int8), np.ascontiguousarray(kc, np.int8)
     (rows, d), (keys, dk) = qc.shape, kc.shape
     if d != dk or d % 64 or d > 256 or keys % 16:
