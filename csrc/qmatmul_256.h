@@ -46,8 +46,7 @@ Q256_INLINE void Q256_FN(int8_half)(const vx_qlinear_args *a, const uint8_t *pw,
     const float *sx = a->sx + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL + 32 * hh;
-        if (hh == 0)   /* every line of the block VX_QPREFETCH bytes ahead, as the AVX-512 kernel */
-            for (int64_t l = 0; l < blk_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
+        if (hh == 0) vx_qprefetch(h, blk_bytes, 0, 1);   /* as the AVX-512 kernel */
         const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
         const int8_t *xb = xq + b * VX_QBLOCK;
         __m256i dot[Q256_X];
@@ -109,8 +108,6 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
     const __m256i low4 = _mm256_set1_epi8(15);
     for (int64_t c = 0; c < supers; c++) {
         const uint8_t *h = pw + c * sup_bytes, *codes = h + 8 * hh;
-        if (hh == 0)
-            for (int64_t l = 0; l < sup_bytes; l += 64) __builtin_prefetch(h + VX_QPREFETCH + l, 0, 0);
         __m256i I[Q256_X];
         for (int i = 0; i < NX; i++) I[i] = _mm256_setzero_si256();
 #if !Q256_VNNI
@@ -118,6 +115,7 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
         Q256_FN(q4_header)(codes, sc2, pair);
 #endif
         for (int64_t bb = 0; bb < nb; bb++) {
+            if (hh == 0) vx_qprefetch(h, sup_bytes, bb, nb);
             const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2) + 32 * hh;
             const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
 #if Q256_VNNI
