@@ -46,7 +46,7 @@ Q256_INLINE void Q256_FN(int8_half)(const vx_qlinear_args *a, const uint8_t *pw,
     const float *sx = a->sx + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL + 32 * hh;
-        if (hh == 0) vx_qprefetch(h, blk_bytes, 0, 1);   /* as the AVX-512 kernel */
+        if (hh == 0) vx_qprefetch(h, blk_bytes, 0, 1, 0);   /* as the AVX-512 kernel */
         const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
         const int8_t *xb = xq + b * VX_QBLOCK;
         __m256i dot[Q256_X];
@@ -115,7 +115,7 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
         Q256_FN(q4_header)(codes, sc2, pair);
 #endif
         for (int64_t bb = 0; bb < nb; bb++) {
-            if (hh == 0) vx_qprefetch(h, sup_bytes, bb, nb);
+            if (hh == 0) vx_qprefetch(h, sup_bytes, bb, nb, 1);
             const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2) + 32 * hh;
             const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
 #if Q256_VNNI

@@ -338,7 +338,7 @@ VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw
     const int32_t *xs = a->xsum + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL;
-        vx_qprefetch(h, blk_bytes, 0, 1);
+        vx_qprefetch(h, blk_bytes, 0, 1, 0);
         const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
         __m512i dot[QX];
         for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
@@ -382,7 +382,7 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
         }
         for (int64_t bb = 0; bb < nb; bb++) {
             const int gi = (int)(bb & 3), up = (int)(bb >> 2);
-            vx_qprefetch(h, sup_bytes, bb, nb);
+            vx_qprefetch(h, sup_bytes, bb, nb, 1);
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[up] + 16 * gi)));
             const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
             const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
