@@ -125,14 +125,17 @@ enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_
  * GB/s at n = 1 with a 75-80 GB/s probe, bench/bench_kernels.py). The q4 kernels spread a super-block's 36
  * lines over its 8 blocks: asked for at its start, the burst held the core (11 % of a hot n = 1 AVX-512 pass
  * sampled on the instruction after the prefetch). `to_l2`: into L2 only (PREFETCHT2), not L1 as
- * non-temporal (PREFETCHNTA), for q4. Measured from DRAM (24 matrices 9216 x 3072, both builds alternated
- * in one process, medians of 16-40 rounds; the eighteenth session's Zen 5, copy probe 30-50 GB/s):
+ * non-temporal (PREFETCHNTA), for q4 and for int8 passes of 4+ rows. Measured from DRAM (24 matrices
+ * 9216 x 3072, both builds alternated in one process, medians of 12-40 rounds; the eighteenth session's
+ * Zen 5, copy probe 30-50 GB/s):
  *   spread, avx512bf16, 2 threads:  n = 1 / 4 / 8  19.6 / 12.8 / 10.1 -> 27.1 / 18.5 / 15.4 GB/s
  *   spread, avx2 level, same host:  n = 1 / 4 / 8  18.7 / 11.4 / 7.2 -> 21.3 / 14.3 / 8.4 (Zen 3 not measured)
  *   q4 into L2, 2 threads:          n = 1 / 4 / 8 / 16  33.2 / 22.5 / 17.1 / 8.9 -> 39.1 / 28.3 / 19.1 / 9.4;
  *                 1 thread:         n = 1 / 4  14.9 / 9.8 -> 18.6 / 14.9; in cache no change;
  *                 avx2 level:       n = 1 / 4 / 8  19.0 / 14.3 / 8.5 -> 22.3 / 16.8 / 9.0
- *   int8 into L2: n = 1 30.4 -> 28.8 (2 threads), 23.4 -> 18.3 (1 thread), n = 8 19.5 -> 27.3: kept in L1.
+ *   int8 into L2: n = 1 30.4 -> 28.8 (2 threads), 23.4 -> 18.3 (1 thread), n = 8 19.5 -> 27.3: so int8
+ *   goes into L2 only where a pass serves 4 or more rows: n = 1 / 4 / 8 / 16 29.1 / 23.6 / 17.6 / 12.3 ->
+ *   29.7 / 25.9 / 25.7 / 16.1 (2 threads), n = 4 / 8 12.4 / 9.0 -> 17.1 / 15.4 (1 thread), avx2 n = 4 +11 %.
  * int8's blocks are 9 lines: spread over a block's 8 dot steps, no difference. */
 static inline void vx_qprefetch(const uint8_t *p, int64_t bytes, int64_t part, int64_t parts, int to_l2) {
     const int64_t lines = (bytes + 63) / 64;

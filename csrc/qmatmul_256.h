@@ -46,7 +46,7 @@ Q256_INLINE void Q256_FN(int8_half)(const vx_qlinear_args *a, const uint8_t *pw,
     const float *sx = a->sx + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL + 32 * hh;
-        if (hh == 0) vx_qprefetch(h, blk_bytes, 0, 1, 0);   /* as the AVX-512 kernel */
+        if (hh == 0) vx_qprefetch(h, blk_bytes, 0, 1, NX >= 4);   /* as the AVX-512 kernel */
         const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
         const int8_t *xb = xq + b * VX_QBLOCK;
         __m256i dot[Q256_X];

@@ -338,7 +338,7 @@ VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw
     const int32_t *xs = a->xsum + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL;
-        vx_qprefetch(h, blk_bytes, 0, 1, 0);
+        vx_qprefetch(h, blk_bytes, 0, 1, NX >= 4);
         const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
         __m512i dot[QX];
         for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
