@@ -354,6 +354,13 @@ VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw
     }
 }
 
+/* 64 6-bit codes (4 groups x 16 rows of a q4 header field): the low nibble from nib's bytes at bit nib_shift,
+ * the high 2 bits from hb's at bit hb_shift. 16-bit shifts: the bits they carry across a byte are masked off */
+VX_VNNI_INLINE __m512i q4_code_bytes(__m512i nib, int nib_shift, __m512i hb, int hb_shift) {
+    const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(nib, nib_shift), _mm512_set1_epi8(15));
+    return _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, hb_shift), _mm512_set1_epi8(3)), 4));
+}
+
 VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, __m512 *acc) {
     const int64_t K = a->k, nb = vx_q4_blocks_per_super(K), supers = K / (nb * VX_QBLOCK);
     const int64_t sup_bytes = VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
@@ -369,17 +376,11 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
          * operations, where widening each block's two code bytes took 8 operations a block: in cache, one
          * thread, q4 passes 4-10 % faster for 1-8 rows, 2-5 % from DRAM (both builds alternated in one process) */
         uint8_t codes[4][64];
-        {
-            const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(3);
-            const __m512i ls = _mm512_loadu_si512(h + 64), lm = _mm512_loadu_si512(h + 128), hb = _mm512_loadu_si512(h + 192);
-            _mm512_storeu_si512(codes[0], _mm512_or_si512(_mm512_and_si512(ls, m4), _mm512_slli_epi16(_mm512_and_si512(hb, m2), 4)));
-            _mm512_storeu_si512(codes[1], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ls, 4), m4),
-                                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 2), m2), 4)));
-            _mm512_storeu_si512(codes[2], _mm512_or_si512(_mm512_and_si512(lm, m4),
-                                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), m2), 4)));
-            _mm512_storeu_si512(codes[3], _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lm, 4), m4),
-                                                          _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 6), m2), 4)));
-        }
+        const __m512i ls = _mm512_loadu_si512(h + 64), lm = _mm512_loadu_si512(h + 128), hb = _mm512_loadu_si512(h + 192);
+        _mm512_storeu_si512(codes[0], q4_code_bytes(ls, 0, hb, 0));
+        _mm512_storeu_si512(codes[1], q4_code_bytes(ls, 4, hb, 2));
+        _mm512_storeu_si512(codes[2], q4_code_bytes(lm, 0, hb, 4));
+        _mm512_storeu_si512(codes[3], q4_code_bytes(lm, 4, hb, 6));
         for (int64_t bb = 0; bb < nb; bb++) {
             const int gi = (int)(bb & 3), up = (int)(bb >> 2);
             vx_qprefetch(h, sup_bytes, bb, nb, 1);
