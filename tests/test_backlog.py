@@ -9,6 +9,7 @@ where a test says, or from one that is always wrong (a miss's embeddings must be
 every path runs: all accepted, a miss anywhere, a draft running past EOS or past the audio's end. Each test
 also counts passes, so none passes without verifying."""
 
+import math
 import threading
 from contextlib import contextmanager
 
@@ -99,20 +100,79 @@ def whole(session, audio):
     return session.token_ids, out
 
 
-@pytest.mark.parametrize("fmt", ["mistral", "hf"])
-def miss_gaps(n, decoder="float"):
+def miss_gaps(n, decoder="float", rate_min=None):
     """Passes from one drafted pass to the next when every draft misses, for the first n gaps: stream's
     DRAFT_RATE_WEIGHT rule written out (each miss moves the rate a weight's share towards 0; below
-    DRAFT_RATE_MIN a session drafts once DRAFT_PROBE passes have run without)."""
+    DRAFT_RATE_MIN, or `rate_min` if given, a session drafts once DRAFT_PROBE passes have run without)."""
     rate, gaps = 0.5, []
     for _ in range(n):
         rate -= stream.DRAFT_RATE_WEIGHT * rate
-        gaps.append(1 if rate >= stream.DRAFT_RATE_MIN[decoder] else stream.DRAFT_PROBE + 1)
+        gaps.append(1 if rate >= (rate_min or stream.DRAFT_RATE_MIN[decoder]) else stream.DRAFT_PROBE + 1)
     return gaps
 
 
 def test_misses_thin_drafting_to_probes():
     assert miss_gaps(6, "quantised") == [1, 1, 1, 1, 17, 17] and miss_gaps(4, "float") == [1, 17, 17, 17]
+
+
+@pytest.mark.timed_drafts
+def test_pass_times_are_averaged_by_rows():
+    m = type("M", (), {"pass_seconds": {}, "pass_lock": threading.Lock()})()
+    assert stream.pass_ratio(m, 4) is None                       # nothing timed: DRAFT_RATE_MIN's rule
+    stream.time_pass(m, 4, 2.0)
+    assert stream.pass_ratio(m, 4) == math.inf                   # no 1-row pass timed yet: the next goes without
+    stream.time_pass(m, 1, 1.0)
+    assert stream.pass_ratio(m, 4) == 2.0 and stream.pass_ratio(m, 2) is None
+    stream.time_pass(m, 4, 3.0)                                  # 2 + 0.25 (3 - 2)
+    assert stream.pass_ratio(m, 4) == 2.0 + stream.DRAFT_RATE_WEIGHT * 1.0
+
+
+@pytest.mark.timed_drafts
+def test_sessions_time_their_own_decoding_passes():
+    """A plain session's passes past the prompt are timed by rows (1 + its draft) into its model's
+    averages; an engine's shared passes are not (other sessions' rows are in them); a model with a drafted
+    pass timed and no 1-row one runs its next pass without a draft."""
+    g = load_case(CASES[0])
+    m = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)
+    s = m.stream(int(g["delay_ms"]))
+    with missing():
+        whole(s, g["audio"])
+    assert set(m.pass_seconds) == {1, 4} and all(t > 0 for t in m.pass_seconds.values())
+    m2 = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)
+    e = Engine(m2)
+    with missing():
+        whole(e.stream(int(g["delay_ms"])), g["audio"])
+    assert m2.pass_seconds == {}
+    m3 = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)    # drafts all right: the backlog would keep
+    s = m3.stream(int(g["delay_ms"]))                                # drafting, so the pass after the first
+    with counting() as seen, drafting({s._dec: g["token_ids"].tolist()}):   # drafted one times a 1-row pass
+        assert whole(s, g["audio"])[0] == g["token_ids"].tolist()
+    assert seen["sizes"][1:3] == [4, 1] and 1 in m3.pass_seconds
+
+
+@pytest.mark.timed_drafts
+@pytest.mark.parametrize("ratio", [1.0, 1.2, 2.0])
+def test_costly_rows_thin_drafting(monkeypatch, ratio):
+    """Where a drafted pass costs `ratio` times a 1-row one, drafting must keep a draft in (ratio - 1) /
+    DRAFT_KEPT of its passes (never less than DRAFT_RATE_MIN) to go on: with every draft missing, the drafted
+    passes come as miss_gaps says for that share (at 2.0, 2/3: above the starting 1/2, so the first drafted
+    pass is a probe, after DRAFT_PROBE passes without, the prompt's rest the first); the ids stay the golden ones."""
+    monkeypatch.setattr(stream, "pass_ratio", lambda model, rows: ratio if rows > 1 else 1.0)
+    m = model("mistral")
+    decoder = "quantised" if m.decoder_quantised else "float"
+    rate_min = max(stream.DRAFT_RATE_MIN[decoder], (ratio - 1) / stream.DRAFT_KEPT)
+    for case in CASES:
+        g = load_case(case)
+        s = m.stream(int(g["delay_ms"]))
+        with counting() as seen, missing():
+            ids, _ = whole(s, g["audio"])
+        assert ids == g["token_ids"].tolist()
+        drafted = [i for i, rows in enumerate(seen["sizes"][1:]) if rows > 1]
+        first = 0 if 0.5 >= rate_min else stream.DRAFT_PROBE - 1    # the prompt's rest: the first pass without
+        assert drafted[:1] == [first] or (first and not drafted)   # (a short case may end before the probe)
+        gaps = np.diff(drafted).tolist()
+        assert all(g >= w for g, w in zip(gaps, miss_gaps(len(gaps), rate_min=rate_min)))
+        assert sum(g > w for g, w in zip(gaps, miss_gaps(len(gaps), rate_min=rate_min))) <= 1
 
 
 def test_drafter_guesses_runs_and_pads_after_text_unless_text_repeats():

@@ -45,6 +45,7 @@ for soxr 1.1.0 its output for any chunking is identical, sample for sample, to t
 
 import collections
 import contextvars
+import math
 import signal
 import sys
 import threading
@@ -62,7 +63,7 @@ from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_
 from ..stages.decoder import lm_head
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
-from ..stages.generate import PREFIX, Decoder, draft_tokens
+from ..stages.generate import BATCHED, PREFIX, Decoder, draft_tokens
 from ..stages.mel import log_mel_frames
 
 HALF_WINDOW = N_FFT // 2                  # 200: a mel frame reaches this far either side of its centre
@@ -91,6 +92,30 @@ BACKLOG_DRAFT = 3
 # the drafts' gain on the golden cases' ids, on the misses at a stream's start.
 DRAFT_RATE_WEIGHT, DRAFT_PROBE = 0.25, 16
 DRAFT_RATE_MIN = {"quantised": 0.15, "float": 0.3}        # by Model.decoder_quantised
+# DRAFT_RATE_MIN holds where the extra rows cost little, as where reading the weights bounds a pass. Where
+# the arithmetic bounds it they cost more (q4 on 2 Zen 1 cores at 2.0 GHz, AVX2: a 2-row pass 1.25x a 1-row
+# one, 4 rows 2.01x; int8 1.17x, 1.72x: bench/batch_bench.py), and a drafted pass pays only if the share
+# that keeps a draft is at least (ratio - 1) / DRAFT_KEPT: ratio the model's measured time of a pass with
+# the draft's rows over a 1-row pass's (time_pass, pass_ratio), DRAFT_KEPT the drafts a pass that keeps
+# any keeps (1.5-2 on the golden cases: the lower end).
+DRAFT_KEPT = 1.5
+
+
+def time_pass(model, rows, seconds):
+    """Add a plain session's decoding pass of `rows` rows (1 + its draft) to the model's averages (weight
+    DRAFT_RATE_WEIGHT). Passes shared in an engine are not timed: other sessions' rows are in them."""
+    with model.pass_lock:
+        old = model.pass_seconds.get(rows)
+        model.pass_seconds[rows] = seconds if old is None else old + DRAFT_RATE_WEIGHT * (seconds - old)
+
+
+def pass_ratio(model, rows):
+    """The time of a `rows`-row decoding pass over a 1-row one's on this model; None until a `rows`-row pass
+    was timed; inf while no 1-row pass was (a backlog whose drafts keep paying the old share would never run
+    one: the session's next pass then goes without its draft, and times one)."""
+    t1, tr = model.pass_seconds.get(1), model.pass_seconds.get(rows)
+    return None if tr is None else math.inf if t1 is None else tr / t1
+
 
 # The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
 # other sessions' chunks: while it steps one, this holds its run(frames, pos, caches) -> audio embeddings
@@ -222,13 +247,16 @@ class StreamSession:
                 if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
                     k = self._max_draft if max_tokens is None else min(self._max_draft, max_tokens - len(ids) - 1)
                     dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
-                    if self._draft_rate < self._draft_rate_min and self._undrafted < DRAFT_PROBE:
+                    if self._draft_rate < self._rate_min(1 + len(dec.draft)) and self._undrafted < DRAFT_PROBE:
                         dec.draft = []
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
                     break
+                t0 = time.perf_counter()
                 tokens = dec.run_chunk(embeds)                  # none for the silence prefix
+                if p0 >= len(dec.prompt) and BATCHED.get() is None:   # a decoding pass of its own rows
+                    time_pass(self._model, len(embeds), time.perf_counter() - t0)
                 self._count_drafts(dec.verified, len(tokens))
                 # the embeddings of the positions kept leave the queue; a rejected draft's are fed again
                 self._embeds = self._embeds[dec.chunk()[1] - p0:]
@@ -244,6 +272,12 @@ class StreamSession:
         self.text += text
         self._done = closing
         return Emission(ids, text, latency)
+
+    def _rate_min(self, rows):
+        """The share of drafted passes that must keep a draft for a draft of rows - 1 tokens to pay
+        (DRAFT_KEPT's rule, once this model's passes of 1 and of `rows` rows have been timed)."""
+        ratio = pass_ratio(self._model, rows)
+        return self._draft_rate_min if ratio is None else max(self._draft_rate_min, (ratio - 1) / DRAFT_KEPT)
 
     def _count_drafts(self, verified, n_tokens):
         """DRAFT_RATE_WEIGHT's rule, after a pass that verified `verified` drafts and kept n_tokens tokens."""
