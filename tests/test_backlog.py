@@ -11,6 +11,7 @@ also counts passes, so none passes without verifying."""
 
 import math
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -130,8 +131,8 @@ def test_pass_times_are_averaged_by_rows():
 @pytest.mark.timed_drafts
 def test_sessions_time_their_own_decoding_passes():
     """A plain session's passes past the prompt are timed by rows (1 + its draft) into its model's
-    averages; an engine's shared passes are not (other sessions' rows are in them); a model with a drafted
-    pass timed and no 1-row one runs its next pass without a draft."""
+    averages, an engine's shared passes by the engine, by their rows; a model with a drafted pass timed and
+    no 1-row one runs its next pass without a draft."""
     g = load_case(CASES[0])
     m = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)
     s = m.stream(int(g["delay_ms"]))
@@ -140,9 +141,19 @@ def test_sessions_time_their_own_decoding_passes():
     assert set(m.pass_seconds) == {1, 4} and all(t > 0 for t in m.pass_seconds.values())
     m2 = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)
     e = Engine(m2)
-    with missing():
-        whole(e.stream(int(g["delay_ms"])), g["audio"])
-    assert m2.pass_seconds == {}
+    real_pass, timed = engine_mod.decoder_pass, []
+
+    def slow_pass(weights, work, trace=None):            # the engine times the pass, not a step's waiting
+        time.sleep(0.02)
+        timed.append(sum(len(a) for _, a in work))
+        return real_pass(weights, work, trace)
+    engine_mod.decoder_pass = slow_pass
+    try:
+        with missing():
+            whole(e.stream(int(g["delay_ms"])), g["audio"])
+    finally:
+        engine_mod.decoder_pass = real_pass
+    assert set(m2.pass_seconds) == {1, 4} <= set(timed) and all(t >= 0.02 for t in m2.pass_seconds.values())
     m3 = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)    # drafts all right: the backlog would keep
     s = m3.stream(int(g["delay_ms"]))                                # drafting, so the pass after the first
     with counting() as seen, drafting({s._dec: g["token_ids"].tolist()}):   # drafted one times a 1-row pass

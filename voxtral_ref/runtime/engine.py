@@ -39,7 +39,7 @@ import contextlib
 import threading
 import time
 
-from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass
+from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass, time_pass
 from ..config import SAMPLE_RATE, delay_tokens, n_positions
 from ..errors import VoxtralError
 from ..stages.audio import to_mono_16k
@@ -219,9 +219,15 @@ class Engine:
         """One pass of the kind over the batch's chunks, the lock released (other threads queue meanwhile).
         -> None, or the error that failed every chunk of it."""
         run = encoder_pass if kind == ENCODER else decoder_pass
+        # a decoding pass (every chunk past its prompt) is timed by its rows, as a plain session times its own
+        # (stream.time_pass): what a session's drafted rows cost, whoever's rows fill the pass
+        decoding = kind != ENCODER and all(j.dec.chunk()[1] >= len(j.dec.prompt) for j in batch)
         try:
+            t0 = time.perf_counter()
             with self.model.kernel_mode():
                 results = run(self.model.weights, [j.work for j in batch])
+            if decoding:
+                time_pass(self.model, sum(len(j.audio_embeds) for j in batch), time.perf_counter() - t0)
         except BaseException as e:                           # noqa: BLE001 - handed to every sequence in it
             for j in batch:
                 j.error = e

@@ -102,8 +102,9 @@ DRAFT_KEPT = 1.5
 
 
 def time_pass(model, rows, seconds):
-    """Add a plain session's decoding pass of `rows` rows (1 + its draft) to the model's averages (weight
-    DRAFT_RATE_WEIGHT). Passes shared in an engine are not timed: other sessions' rows are in them."""
+    """Add a decoding pass of `rows` rows (a plain session's 1 + its draft, or an engine's shared pass, timed
+    there: a session's step in an engine also waits for the others') to the model's averages (weight
+    DRAFT_RATE_WEIGHT)."""
     with model.pass_lock:
         old = model.pass_seconds.get(rows)
         model.pass_seconds[rows] = seconds if old is None else old + DRAFT_RATE_WEIGHT * (seconds - old)
@@ -255,7 +256,7 @@ class StreamSession:
                     break
                 t0 = time.perf_counter()
                 tokens = dec.run_chunk(embeds)                  # none for the silence prefix
-                if p0 >= len(dec.prompt) and BATCHED.get() is None:   # a decoding pass of its own rows
+                if p0 >= len(dec.prompt) and BATCHED.get() is None:   # a decoding pass of its own (engine.py times shared ones)
                     time_pass(self._model, len(embeds), time.perf_counter() - t0)
                 self._count_drafts(dec.verified, len(tokens))
                 # the embeddings of the positions kept leave the queue; a rejected draft's are fed again
