@@ -94,11 +94,10 @@ DRAFT_RATE_WEIGHT, DRAFT_PROBE = 0.25, 16
 DRAFT_RATE_MIN = {"quantised": 0.15, "float": 0.3}        # by Model.decoder_quantised
 # DRAFT_RATE_MIN holds where the extra rows cost little, as where reading the weights bounds a pass. Where
 # the arithmetic bounds it they cost more (q4 on 2 Zen 1 cores at 2.0 GHz, AVX2: a 2-row pass 1.25x a 1-row
-# one, 4 rows 2.01x; int8 1.17x, 1.72x: bench/batch_bench.py), and a drafted pass pays only if the share
-# that keeps a draft is at least (ratio - 1) / DRAFT_KEPT: ratio the model's measured time of a pass with
-# the draft's rows over a 1-row pass's (time_pass, pass_ratio), DRAFT_KEPT the drafts a pass that keeps
-# any keeps (1.5-2 on the golden cases: the lower end).
-DRAFT_KEPT = 1.5
+# one, 4 rows 2.01x; int8 1.17x, 1.72x: bench/batch_bench.py), so a session keeps of its draft the k tokens
+# that buy the most tokens per second (draft_length), none if no k pays: with each guess right at the share
+# of drafted passes that kept a draft, a pass of k drafts yields (1 - a^(k+1)) / (1 - a) tokens on average,
+# against its measured time over a 1-row pass's (time_pass, pass_ratio).
 
 
 def time_pass(model, rows, seconds):
@@ -110,12 +109,28 @@ def time_pass(model, rows, seconds):
         model.pass_seconds[rows] = seconds if old is None else old + DRAFT_RATE_WEIGHT * (seconds - old)
 
 
+def draft_length(a, ratio, k):
+    """Of k drafted tokens, each right with probability a (the first guess's rate), the number to verify
+    that maximises tokens per unit of time, (1 + a + ... + a^j) / ratio(1 + j) for j = 0..k, a tie going
+    to the longer; ratio(rows) None (not timed) counts as 1, as where rows cost nothing."""
+    best, best_j, tokens = 1.0, 0, 1.0
+    for j in range(1, k + 1):
+        tokens += a ** j
+        r = ratio(1 + j)
+        value = tokens / (1.0 if r is None else r)
+        if value >= best:
+            best, best_j = value, j
+    return best_j
+
+
 def pass_ratio(model, rows):
-    """The time of a `rows`-row decoding pass over a 1-row one's on this model; None until a `rows`-row pass
-    was timed; inf while no 1-row pass was (a backlog whose drafts keep paying the old share would never run
-    one: the session's next pass then goes without its draft, and times one)."""
-    t1, tr = model.pass_seconds.get(1), model.pass_seconds.get(rows)
-    return None if tr is None else math.inf if t1 is None else tr / t1
+    """The time of a `rows`-row decoding pass over a 1-row one's on this model; None while no pass of that
+    many rows was timed; inf while passes were timed but no 1-row one (a backlog whose drafts keep paying
+    would never run one: the session's next pass then goes without its draft, and times one)."""
+    seconds = model.pass_seconds
+    if 1 not in seconds:
+        return math.inf if seconds else None
+    return seconds[rows] / seconds[1] if rows in seconds else None
 
 
 # The batching engine (runtime/engine.py) runs the encoder chunks of the sessions it steps together with
@@ -248,8 +263,10 @@ class StreamSession:
                 if len(dec.ids) >= len(dec.prompt) and dec.trace is None:
                     k = self._max_draft if max_tokens is None else min(self._max_draft, max_tokens - len(ids) - 1)
                     dec.draft = draft_tokens(dec, len(dec.ids) - 1 + self._ready(), k)
-                    if self._draft_rate < self._rate_min(1 + len(dec.draft)) and self._undrafted < DRAFT_PROBE:
-                        dec.draft = []
+                    if self._undrafted < DRAFT_PROBE:       # (a probe verifies the whole draft)
+                        keep = 0 if self._draft_rate < self._draft_rate_min else draft_length(
+                            self._draft_rate, lambda rows: pass_ratio(self._model, rows), len(dec.draft))
+                        dec.draft = dec.draft[:keep]
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
@@ -273,12 +290,6 @@ class StreamSession:
         self.text += text
         self._done = closing
         return Emission(ids, text, latency)
-
-    def _rate_min(self, rows):
-        """The share of drafted passes that must keep a draft for a draft of rows - 1 tokens to pay
-        (DRAFT_KEPT's rule, once this model's passes of 1 and of `rows` rows have been timed)."""
-        ratio = pass_ratio(self._model, rows)
-        return self._draft_rate_min if ratio is None else max(self._draft_rate_min, (ratio - 1) / DRAFT_KEPT)
 
     def _count_drafts(self, verified, n_tokens):
         """DRAFT_RATE_WEIGHT's rule, after a pass that verified `verified` drafts and kept n_tokens tokens."""
