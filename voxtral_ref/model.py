@@ -154,8 +154,8 @@ class Model:
         # int8), and integer dot products for the scores; f32 stays exact
         self.kv = "int8" if quantize else "f32"
         self.prefixes, self.prefix_lock = {}, threading.Lock()   # runtime/stream.session_prefix's saved starts
-        # runtime/stream.time_pass's averages, {rows: seconds} of plain sessions' decoding passes: what drafted
-        # rows cost on this host
+        # runtime/stream.time_pass's averages, {rows: seconds} of decoding passes (a plain session's own, an
+        # engine's shared ones): what drafted rows cost on this host
         self.pass_seconds, self.pass_lock = {}, threading.Lock()
 
     def transcribe(self, audio, sample_rate=C.SAMPLE_RATE, delay_ms=None, trace=None, on_token=None, batch_size=1,
