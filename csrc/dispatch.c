@@ -20,6 +20,7 @@ static const vx_isa *const levels[] = {
 #endif
 };
 
+int vx_stream_l2 = 0;
 static int best = -1;
 static int current = -1;
 static int threads = 0;
@@ -63,6 +64,10 @@ int vx_isa_best(void) {
 }
 
 int vx_set_isa(int level) {
+#ifdef VX_X86
+    unsigned r[4];
+    vx_stream_l2 = __get_cpuid(0, &r[0], &r[1], &r[2], &r[3]) && r[1] == 0x756e6547u && r[3] == 0x49656e69u && r[2] == 0x6c65746eu;   /* "GenuineIntel" */
+#endif
     current = VX_ISA_SCALAR;
     for (int l = level > vx_isa_best() ? vx_isa_best() : level; l > VX_ISA_SCALAR; l--)
         if (vx_isa_supported(l)) {

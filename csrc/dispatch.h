@@ -136,11 +136,18 @@ enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_
  *   int8 into L2: n = 1 30.4 -> 28.8 (2 threads), 23.4 -> 18.3 (1 thread), n = 8 19.5 -> 27.3: so int8
  *   goes into L2 only where a pass serves 4 or more rows: n = 1 / 4 / 8 / 16 29.1 / 23.6 / 17.6 / 12.3 ->
  *   29.7 / 25.9 / 25.7 / 16.1 (2 threads), n = 4 / 8 12.4 / 9.0 -> 17.1 / 15.4 (1 thread), avx2 n = 4 +11 %.
- * int8's blocks are 9 lines: spread over a block's 8 dot steps, no difference. */
+ * int8's blocks are 9 lines: spread over a block's 8 dot steps, no difference.
+ * On Intel cores (the twentieth session's Xeon with AMX, copy probe 30 GB/s) the non-temporal hint starves
+ * the stream: a PREFETCHNTA line takes one of the core's few L1 fill buffers for its whole trip from DRAM,
+ * where L2 prefetches queue deeper, so there every weight stream goes into L2 (vx_stream_l2): int8 n = 1 / 2
+ * 10.7 / 11.2 -> 27.7-29.5 / 26.4-29.1 GB/s, the bf16 GEMV (matmul_simd.h) n = 1 / 2 11.3-11.9 / 14.5 ->
+ * 28.4-31.1 / 24.1-24.8 (24 matrices 9216 x 3072, 2 threads, both builds alternated). */
+extern int vx_stream_l2;   /* 1 on Intel: set with the ISA level (dispatch.c) */
+
 static inline void vx_qprefetch(const uint8_t *p, int64_t bytes, int64_t part, int64_t parts, int to_l2) {
     const int64_t lines = (bytes + 63) / 64;
     for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++) {
-        if (to_l2) __builtin_prefetch(p + VX_QPREFETCH + 64 * l, 0, 1);
+        if (to_l2 || vx_stream_l2) __builtin_prefetch(p + VX_QPREFETCH + 64 * l, 0, 1);
         else __builtin_prefetch(p + VX_QPREFETCH + 64 * l, 0, 0);
     }
 }

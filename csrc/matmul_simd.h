@@ -21,7 +21,8 @@ static inline float gemv_load_w1(const void *w, int wtype, int64_t i) {
 
 #define GEMV_ACC (VW == 8 ? 8 : 16)
 /* Software prefetch, 4 KB ahead in each weight row, non-temporal so the streamed weights do not evict x
- * from L1: without it a row of K = 9216 (x = 36 KB) ran at 55% of the read bandwidth, with it at 85%. */
+ * from L1: without it a row of K = 9216 (x = 36 KB) ran at 55% of the read bandwidth, with it at 85%.
+ * Into L2 on Intel cores instead (vx_stream_l2, dispatch.h). */
 #define GEMV_PREFETCH 4096
 /* U = 2 vectors of k per step for every NX and R, so each output sums its products in one order whatever
  * the number of rows: a row of a 2-4 row pass (a stream's drafted tokens, runtime/stream.py) gets the
@@ -53,7 +54,8 @@ VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const
             for (int r = 0; r < R; r++) {
                 if (VW > 1 && u == 0)
                     for (size_t off = 0; off < U * VW * esize; off += 64)
-                        __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 0);
+                        if (vx_stream_l2) __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 1);
+                        else __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 0);
                 wv[r] = gemv_load_w(w + (size_t)r * K * esize, wtype, k + u * VW);
             }
             for (int n = 0; n < NX; n++) {
