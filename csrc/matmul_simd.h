@@ -53,9 +53,10 @@ VX_INLINE void gemv_tile(const vx_linear_args *a, int64_t m, const int NX, const
             vf wv[4];
             for (int r = 0; r < R; r++) {
                 if (VW > 1 && u == 0)
-                    for (size_t off = 0; off < U * VW * esize; off += 64)
+                    for (size_t off = 0; off < U * VW * esize; off += 64) {
                         if (vx_stream_l2) __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 1);
                         else __builtin_prefetch(w + ((size_t)r * K + k) * esize + off + GEMV_PREFETCH, 0, 0);
+                    }
                 wv[r] = gemv_load_w(w + (size_t)r * K * esize, wtype, k + u * VW);
             }
             for (int n = 0; n < NX; n++) {
