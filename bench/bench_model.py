@@ -187,7 +187,7 @@ def run_ours(args, yard, run, speculate):
     r["read_GB/s_probes"] = [bw for _, bw in probes]
     # each pass that follows a probe (one row or drafts: the weights are read once either way), against it
     r["decode_pct_of_read_bw"] = 100 * float(np.median([d / bw for d, bw in paired])) if paired else float("nan")
-    peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() == "avx512bf16" else yard["fma_GFLOP/s"]
+    peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() in ("avx512bf16", "avx512amx") else yard["fma_GFLOP/s"]
     r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
     r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
     return r

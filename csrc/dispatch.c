@@ -16,7 +16,7 @@
 static const vx_isa *const levels[] = {
     &vx_isa_scalar,
 #ifdef VX_X86
-    &vx_isa_avx2, &vx_isa_avxvnni, &vx_isa_avx512, &vx_isa_avx512_bf16,
+    &vx_isa_avx2, &vx_isa_avxvnni, &vx_isa_avx512, &vx_isa_avx512_bf16, &vx_isa_avx512_amx,
 #endif
 };
 
@@ -27,6 +27,10 @@ static int threads = 0;
 
 #ifdef VX_X86
 #include <cpuid.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 /* CPUID bits GCC 12's __builtin_cpu_supports lacks or misses: F16C (leaf 1, ECX 29) and AVX-VNNI (leaf 7
  * sub-leaf 1, EAX 4); the OS's saving of the ymm state is covered by the "avx2" check. */
@@ -34,6 +38,22 @@ static int cpuid_bit(unsigned leaf, unsigned sub, int reg, int bit) {
     unsigned r[4];
     if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3])) return 0;
     return (int)(r[reg] >> bit & 1u);
+}
+
+/* AMX-TILE and AMX-INT8 (leaf 7, EDX 24 and 25), and the kernel's leave to use the tile data (Linux asks
+ * each process to request it: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; it fails where the OS does not
+ * save the tiles) */
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable < 0) {
+        usable = cpuid_bit(7, 0, 3, 24) && cpuid_bit(7, 0, 3, 25);
+#ifdef __linux__
+        usable = usable && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+        usable = 0;
+#endif
+    }
+    return usable;
 }
 #endif
 
@@ -49,6 +69,7 @@ int vx_isa_supported(int level) {
     case VX_ISA_AVX512: return avx512;
     case VX_ISA_AVX512_BF16:
         return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+    case VX_ISA_AVX512_AMX: return vx_isa_supported(VX_ISA_AVX512_BF16) && __builtin_cpu_supports("avx512vbmi") && amx_usable();
     }
 #endif
     return 0;
@@ -57,7 +78,7 @@ int vx_isa_supported(int level) {
 int vx_isa_best(void) {
     if (best < 0) {
         best = VX_ISA_SCALAR;
-        for (int level = VX_ISA_AVX512_BF16; level > VX_ISA_SCALAR && best == VX_ISA_SCALAR; level--)
+        for (int level = VX_ISA_AVX512_AMX; level > VX_ISA_SCALAR && best == VX_ISA_SCALAR; level--)
             if (vx_isa_supported(level)) best = level;
     }
     return best;
@@ -77,13 +98,13 @@ int vx_set_isa(int level) {
     return current;
 }
 
-int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512_BF16) : current; }
+int vx_get_isa(void) { return current < 0 ? vx_set_isa(VX_ISA_AVX512_AMX) : current; }
 
 const vx_isa *vx_active(void) { return levels[vx_get_isa()]; }
 
 const char *vx_isa_name(int level) {
-    static const char *const names[] = {"scalar", "avx2", "avxvnni", "avx512", "avx512bf16"};
-    return level >= 0 && level <= VX_ISA_AVX512_BF16 ? names[level] : "unknown";
+    static const char *const names[] = {"scalar", "avx2", "avxvnni", "avx512", "avx512bf16", "avx512amx"};
+    return level >= 0 && level <= VX_ISA_AVX512_AMX ? names[level] : "unknown";
 }
 
 const char *vx_isa_detail(int level) {
@@ -93,8 +114,9 @@ const char *vx_isa_detail(int level) {
         "AVX2 + FMA, 8 floats per vector, AVX-VNNI int8 dot products for quantised weights",
         "AVX-512F, 16 floats per vector, VPMADDUBSW int8 dot products (256-bit) for quantised weights",
         "AVX-512F, 16 floats per vector, bf16 dot products for bf16-precision matmuls, VNNI int8 dot products for quantised weights",
+        "as avx512bf16, with AMX int8 tiles for q4 linears of 12 or more rows",
     };
-    return level >= 0 && level <= VX_ISA_AVX512_BF16 ? detail[level] : "unknown";
+    return level >= 0 && level <= VX_ISA_AVX512_AMX ? detail[level] : "unknown";
 }
 
 void vx_set_threads(int n) { threads = n > 0 ? n : 0; }

@@ -115,6 +115,9 @@ typedef struct {
 
 enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_CANDIDATES = 10 };  /* quant.py */
 
+/* rows of zeros after the last row of a linear's activation codes: the AMX kernel's A tile reads 16 rows */
+enum { VX_QPAD_ROWS = 16 };
+
 /* How far ahead the quantised kernels prefetch their panels: 4 q4 super-blocks, 9216 bytes. Counted in
  * blocks instead, int8's 4 x 544 bytes arrived too late once a block's arithmetic served 4-8 rows (1 thread,
  * DRAM: an 8-row pass 855 -> 513 us, 4 rows 576 -> 439; q4 unchanged). */
@@ -208,7 +211,7 @@ typedef struct {
 
 #define VX_GEMV_ROWS 4
 
-extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avxvnni, vx_isa_avx512, vx_isa_avx512_bf16;
+extern const vx_isa vx_isa_scalar, vx_isa_avx2, vx_isa_avxvnni, vx_isa_avx512, vx_isa_avx512_bf16, vx_isa_avx512_amx;
 
 /* vx_qlinear for up to VX_QLINEARS_MAX matrices of one input (a layer's q/k/v, or w1/w3): the input
  * quantised once and one team of threads over all their panels; each y_i as vx_qlinear gives it */

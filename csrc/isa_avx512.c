@@ -11,4 +11,9 @@
  * AVX512-VNNI; dispatch.c checks both) */
 const vx_isa vx_isa_avx512_bf16 = {.level = VX_ISA_AVX512_BF16, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot,
                                    .qlinear = qlinear_vnni, .attention_idots = attention_idots_vnni};
+
+/* the avx512bf16 table with the AMX quantised linear (qmatmul_amx.h) for CPUs with AMX-INT8 */
+#include "qmatmul_amx.h"
+const vx_isa vx_isa_avx512_amx = {.level = VX_ISA_AVX512_AMX, VX_TABLE_ENTRIES, .gemm_bf16dot = &gemm_bf16dot,
+                                  .qlinear = qlinear_amx, .attention_idots = attention_idots_vnni};
 #endif

@@ -19,14 +19,15 @@
 /* ---- runtime (dispatch.c) ---------------------------------------------------------------------- */
 /* Levels by instruction set, not strictly nested: a CPU may have AVX-512 without AVX-VNNI (Skylake-X, Ice
  * Lake) or AVX-VNNI without AVX-512 (Alder Lake); each level needs what the one below it needs, except that
- * avx512 does not need avxvnni. An aarch64 family (NEON, dotprod, i8mm) would add its own levels here. */
-enum { VX_ISA_SCALAR = 0, VX_ISA_AVX2 = 1, VX_ISA_AVXVNNI = 2, VX_ISA_AVX512 = 3, VX_ISA_AVX512_BF16 = 4 };
+ * avx512 does not need avxvnni; avx512amx adds AVX512-VBMI, AMX-INT8 and the OS's leave to use the tiles to
+ * avx512bf16. An aarch64 family (NEON, dotprod, i8mm) would add its own levels here. */
+enum { VX_ISA_SCALAR = 0, VX_ISA_AVX2 = 1, VX_ISA_AVXVNNI = 2, VX_ISA_AVX512 = 3, VX_ISA_AVX512_BF16 = 4, VX_ISA_AVX512_AMX = 5 };
 
 int vx_isa_supported(int level);         /* 1 if this CPU (and OS) can run the level */
 int vx_isa_best(void);                   /* highest level this CPU (and OS) supports */
 int vx_set_isa(int level);               /* use the highest supported level <= level; returns it */
 int vx_get_isa(void);
-const char *vx_isa_name(int level);      /* "scalar", "avx2", "avxvnni", "avx512", "avx512bf16" */
+const char *vx_isa_name(int level);      /* "scalar", "avx2", "avxvnni", "avx512", "avx512bf16", "avx512amx" */
 const char *vx_isa_detail(int level);    /* one line: what the level uses */
 void vx_set_threads(int n);              /* n <= 0: one per core this process may run on */
 enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds sums */

@@ -2,6 +2,7 @@
  * The formats are specified by their NumPy twins in voxtral_ref/runtime/quant.py; the loops are in
  * qmatmul_simd.h. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "dispatch.h"
 
@@ -129,6 +130,13 @@ static void quantize_act_q4(const float *x, int64_t n, int64_t k, int8_t *xq4, f
     free(xsum);
 }
 
+/* room for n rows of k activation codes and VX_QPAD_ROWS rows of zeros after them */
+static int8_t *padded_codes(int64_t n, int64_t k) {
+    int8_t *xq = vx_alloc((size_t)((n + VX_QPAD_ROWS) * k));
+    memset(xq + n * k, 0, (size_t)(VX_QPAD_ROWS * k));
+    return xq;
+}
+
 /* y_i = x @ w_i.T (+ b_i) for `count` matrices of the same input width k: x quantised once per format
  * present, and one team of threads over all their panels (qlinears_task) */
 static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,
@@ -141,11 +149,11 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     float *sx = NULL, *sx4 = NULL;
     int32_t *xsum = NULL, *xpair = NULL;
     if (has[VX_Q_INT8]) {
-        xq = vx_alloc((size_t)(n * k)), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
+        xq = padded_codes(n, k), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
         vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
     }
     if (has[VX_Q_Q4]) {
-        xq4 = vx_alloc((size_t)(n * k)), sx4 = vx_alloc(sizeof(float) * n * supers), xpair = vx_alloc(sizeof(int32_t) * n * supers * 4);
+        xq4 = padded_codes(n, k), sx4 = vx_alloc(sizeof(float) * n * supers), xpair = vx_alloc(sizeof(int32_t) * n * supers * 4);
         quantize_act_q4(x, n, k, xq4, sx4, xpair);
     }
     vx_qlinear_args a[VX_QLINEARS_MAX];

@@ -361,6 +361,21 @@ VX_VNNI_INLINE __m512i q4_code_bytes(__m512i nib, int nib_shift, __m512i hb, int
     return _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, hb_shift), _mm512_set1_epi8(3)), 4));
 }
 
+/* a q4 super-block's 6-bit codes at h as bytes (see qpanel_q4_vnni) */
+VX_VNNI_INLINE void q4_super_codes(const uint8_t *h, uint8_t codes[4][64]) {
+    const __m512i ls = _mm512_loadu_si512(h + 64), lm = _mm512_loadu_si512(h + 128), hb = _mm512_loadu_si512(h + 192);
+    _mm512_storeu_si512(codes[0], q4_code_bytes(ls, 0, hb, 0));
+    _mm512_storeu_si512(codes[1], q4_code_bytes(ls, 4, hb, 2));
+    _mm512_storeu_si512(codes[2], q4_code_bytes(lm, 0, hb, 4));
+    _mm512_storeu_si512(codes[3], q4_code_bytes(lm, 4, hb, 6));
+}
+
+/* the offsets' codes of blocks g and g + 4 (codes[2 | 3]) as the int16 pairs of a VPDPWSSD with xpair */
+VX_VNNI_INLINE __m512i q4_offset_pair(uint8_t codes[4][64], int g) {
+    return _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[2] + 16 * g))),
+                           _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[3] + 16 * g))), 16));
+}
+
 VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, __m512 *acc) {
     const int64_t K = a->k, nb = vx_q4_blocks_per_super(K), supers = K / (nb * VX_QBLOCK);
     const int64_t sup_bytes = VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
@@ -376,11 +391,7 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
          * operations, where widening each block's two code bytes took 8 operations a block: in cache, one
          * thread, q4 passes 4-10 % faster for 1-8 rows, 2-5 % from DRAM (both builds alternated in one process) */
         uint8_t codes[4][64];
-        const __m512i ls = _mm512_loadu_si512(h + 64), lm = _mm512_loadu_si512(h + 128), hb = _mm512_loadu_si512(h + 192);
-        _mm512_storeu_si512(codes[0], q4_code_bytes(ls, 0, hb, 0));
-        _mm512_storeu_si512(codes[1], q4_code_bytes(ls, 4, hb, 2));
-        _mm512_storeu_si512(codes[2], q4_code_bytes(lm, 0, hb, 4));
-        _mm512_storeu_si512(codes[3], q4_code_bytes(lm, 4, hb, 6));
+        q4_super_codes(h, codes);
         for (int64_t bb = 0; bb < nb; bb++) {
             const int gi = (int)(bb & 3), up = (int)(bb >> 2);
             vx_qprefetch(h, sup_bytes, bb, nb, 1);
@@ -402,8 +413,7 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
         __m512i N[QX];   /* blocks past nb have codes 0 and sums 0 */
         for (int i = 0; i < NX; i++) N[i] = _mm512_setzero_si512();
         for (int g = 0; g < 4; g++) {
-            const __m512i pair = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[2] + 16 * g))),
-                                                 _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[3] + 16 * g))), 16));
+            const __m512i pair = q4_offset_pair(codes, g);
             for (int i = 0; i < NX; i++)
                 N[i] = _mm512_dpwssd_epi32(N[i], pair, _mm512_set1_epi32(a->xpair[((i0 + i) * supers + c) * 4 + g]));
         }
@@ -431,19 +441,22 @@ VX_VNNI_INLINE void qpanel_vnni(const vx_qlinear_args *a, const uint8_t *pw, int
 #define QPANEL_CASE(nx, fmt) \
     case (nx) * 2 + (fmt): qpanel_vnni(a, pw, i0, nx, fmt, p * VX_QPANEL); break;
 
-VX_VNNI_FN static void qlinear_vnni(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) {
-        const uint8_t *pw = a->w + p * a->panel_bytes;
-        for (int64_t i0 = 0; i0 < a->n; i0 += QX) {
-            const int64_t nx = a->n - i0 < QX ? a->n - i0 : QX;
-            switch (nx * 2 + a->fmt) {
-                QPANEL_CASE(1, 0) QPANEL_CASE(2, 0) QPANEL_CASE(3, 0) QPANEL_CASE(4, 0)
-                QPANEL_CASE(5, 0) QPANEL_CASE(6, 0) QPANEL_CASE(7, 0) QPANEL_CASE(8, 0)
-                QPANEL_CASE(1, 1) QPANEL_CASE(2, 1) QPANEL_CASE(3, 1) QPANEL_CASE(4, 1)
-                QPANEL_CASE(5, 1) QPANEL_CASE(6, 1) QPANEL_CASE(7, 1) QPANEL_CASE(8, 1)
-            }
+/* activation rows [i0, i1) of panel p, QX at a time */
+VX_VNNI_INLINE void qpanel_rows_vnni(const vx_qlinear_args *a, int64_t p, int64_t i0, int64_t i1) {
+    const uint8_t *pw = a->w + p * a->panel_bytes;
+    for (; i0 < i1; i0 += QX) {
+        const int64_t nx = i1 - i0 < QX ? i1 - i0 : QX;
+        switch (nx * 2 + a->fmt) {
+            QPANEL_CASE(1, 0) QPANEL_CASE(2, 0) QPANEL_CASE(3, 0) QPANEL_CASE(4, 0)
+            QPANEL_CASE(5, 0) QPANEL_CASE(6, 0) QPANEL_CASE(7, 0) QPANEL_CASE(8, 0)
+            QPANEL_CASE(1, 1) QPANEL_CASE(2, 1) QPANEL_CASE(3, 1) QPANEL_CASE(4, 1)
+            QPANEL_CASE(5, 1) QPANEL_CASE(6, 1) QPANEL_CASE(7, 1) QPANEL_CASE(8, 1)
         }
     }
+}
+
+VX_VNNI_FN static void qlinear_vnni(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) qpanel_rows_vnni(a, p, 0, a->n);
 }
 #undef QPANEL_CASE
 #endif

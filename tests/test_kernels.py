@@ -315,6 +315,27 @@ def test_qlinear_rows_do_not_depend_on_the_batch(level, fmt):
         np.testing.assert_array_equal(whole[:1], one)
 
 
+@pytest.mark.skipif(not {"avx512bf16", "avx512amx"} <= set(ck.supported_isas()), reason="CPU lacks AMX")
+@pytest.mark.parametrize("fmt", QFORMATS)
+@pytest.mark.parametrize("k", [32, 96, 768])
+def test_amx_rows_are_the_vnni_rows(fmt, k):
+    """The AMX tiles sum a q4 super-block's exact integers and the kernel's tail repeats the VNNI kernel's
+    float steps, so every row is avx512bf16's bit for bit: passes below AMX_MIN_ROWS (VNNI), whole groups
+    of 16 rows in pairs and alone, a last group taken by the tiles (>= 8 rows) or by the VNNI kernel, 340
+    rows over two of the driver's row blocks at k = 768; one block, an odd number of them (a half-empty last
+    pair) and several super-blocks; a partial last panel (m = 45) and a bias. int8 always takes the VNNI
+    kernel here."""
+    rng = np.random.default_rng(k)
+    qt = quant.quantize_np(quant_weight(rng, 45, k), fmt)
+    b = rng.standard_normal(45, dtype=np.float32)
+    for n in (1, 11, 12, 16, 23, 32, 39, 40, 48, 61, 340):
+        x = rng.standard_normal((n, k), dtype=np.float32)
+        with isa("avx512bf16"):
+            want = ck.linear(x, qt, b)
+        with isa("avx512amx"):
+            np.testing.assert_array_equal(ck.linear(x, qt, b), want)
+
+
 def test_qlinear_through_kernels_linear_and_any_leading_shape():
     rng = np.random.default_rng(0)
     qt = quant.quantize_np(quant_weight(rng, 33, 96), "q4")
@@ -448,7 +469,7 @@ def test_integer_scores_are_the_exact_products(level, rows, keys, d):
     qc[0], kc[0], kc[1], kc[2] = 127, -127, 127, 0
     with isa(level):
         s = ck.attention_scores(qc, kc)
-    assert (s is not None) == (level in ("avx2", "avxvnni", "avx512bf16"))
+    assert (s is not None) == (level in ("avx2", "avxvnni", "avx512bf16", "avx512amx"))
     if s is not None:
         np.testing.assert_array_equal(s, qc.astype(np.int32) @ kc.astype(np.int32).T)
 

@@ -7,7 +7,7 @@ mmap'd checkpoint are fine) or `quant.QTensor` (int8 / q4 panels, with int8 acti
 float32 otherwise, so results equal the twins to float32 rounding.
 
 Environment: VOXTRAL_REF_THREADS=n sets the thread count (default: one per available core);
-VOXTRAL_REF_ISA=scalar|avx2|avx512|avx512bf16 caps the instruction set (default: the best the CPU has), as
+VOXTRAL_REF_ISA=scalar|avx2|avxvnni|avx512|avx512bf16|avx512amx caps the instruction set (default: the best the CPU has), as
 `set_threads` / `set_isa` do at run time.
 
 If the extension was not built, importing still works: `available()` is False and the kernels fall back
@@ -27,8 +27,8 @@ try:
 except ImportError:  # not built (e.g. a source checkout without `pip install .`)
     ffi = lib = None
 
-ISA_LEVELS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16")
-ISA_VW = {"scalar": 1, "avx2": 8, "avxvnni": 8, "avx512": 16, "avx512bf16": 16}    # floats per vector (simd.h VW)
+ISA_LEVELS = ("scalar", "avx2", "avxvnni", "avx512", "avx512bf16", "avx512amx")
+ISA_VW = {"scalar": 1, "avx2": 8, "avxvnni": 8, "avx512": 16, "avx512bf16": 16, "avx512amx": 16}    # floats per vector (simd.h VW)
 _WTYPES = {np.dtype(np.float32): 0, np.dtype(ml_dtypes.bfloat16): 1}                          # csrc/kernels.h
 _XTYPES = {"f32": 0, "bf16": 1}                                                              # csrc/kernels.h
 _warned = False
