@@ -141,10 +141,11 @@ enum { VX_QPAD_ROWS = 16 };
  *   29.7 / 25.9 / 25.7 / 16.1 (2 threads), n = 4 / 8 12.4 / 9.0 -> 17.1 / 15.4 (1 thread), avx2 n = 4 +11 %.
  * int8's blocks are 9 lines: spread over a block's 8 dot steps, no difference.
  * On Intel cores (the twentieth session's Xeon with AMX, copy probe 30 GB/s) the non-temporal hint starves
- * the stream: a PREFETCHNTA line takes one of the core's few L1 fill buffers for its whole trip from DRAM,
- * where L2 prefetches queue deeper, so there every weight stream goes into L2 (vx_stream_l2): int8 n = 1 / 2
- * 10.7 / 11.2 -> 27.7-29.5 / 26.4-29.1 GB/s, the bf16 GEMV (matmul_simd.h) n = 1 / 2 11.3-11.9 / 14.5 ->
- * 28.4-31.1 / 24.1-24.8 (24 matrices 9216 x 3072, 2 threads, both builds alternated). */
+ * the stream, so there every weight stream goes into L2 (vx_stream_l2): int8 n = 1 / 2 10.7 / 11.2 ->
+ * 27.7-29.5 / 26.4-29.1 GB/s, the bf16 GEMV (matmul_simd.h) n = 1 / 2 11.3-11.9 / 14.5 -> 28.4-31.1 /
+ * 24.1-24.8 (24 matrices 9216 x 3072, 2 threads, both builds alternated). The likely cause, not checked
+ * (that guest has no cycle counters): an NTA line holds one of the core's few L1 fill buffers for its whole
+ * trip from DRAM, where L2 prefetches queue deeper. */
 extern int vx_stream_l2;   /* 1 on Intel: set with the ISA level (dispatch.c) */
 
 static inline void vx_qprefetch(const uint8_t *p, int64_t bytes, int64_t part, int64_t parts, int to_l2) {
