@@ -115,7 +115,7 @@ typedef struct {
 
 enum { VX_QPANEL = 16, VX_QBLOCK = 32, VX_QSUPER = 256, VX_Q4_HEAD = 256, VX_Q4_CANDIDATES = 10 };  /* quant.py */
 
-/* rows of zeros after the last row of a linear's activation codes: the AMX kernel's A tile reads 16 rows */
+/* rows of zeros after the last row of a linear's q4 activation codes: the AMX kernel's A tile reads 16 rows */
 enum { VX_QPAD_ROWS = 16 };
 
 /* How far ahead the quantised kernels prefetch their panels: 4 q4 super-blocks, 9216 bytes. Counted in

@@ -130,7 +130,8 @@ static void quantize_act_q4(const float *x, int64_t n, int64_t k, int8_t *xq4, f
     free(xsum);
 }
 
-/* room for n rows of k activation codes and VX_QPAD_ROWS rows of zeros after them */
+/* room for n rows of k activation codes and VX_QPAD_ROWS rows of zeros after them (q4's: the AMX kernel
+ * reads whole tiles of rows; int8 never goes through it) */
 static int8_t *padded_codes(int64_t n, int64_t k) {
     int8_t *xq = vx_alloc((size_t)((n + VX_QPAD_ROWS) * k));
     memset(xq + n * k, 0, (size_t)(VX_QPAD_ROWS * k));
@@ -149,7 +150,7 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     float *sx = NULL, *sx4 = NULL;
     int32_t *xsum = NULL, *xpair = NULL;
     if (has[VX_Q_INT8]) {
-        xq = padded_codes(n, k), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
+        xq = vx_alloc((size_t)(n * k)), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
         vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
     }
     if (has[VX_Q_Q4]) {

@@ -69,6 +69,7 @@ VX_AMX_INLINE void qpanel_q4_amx(const vx_qlinear_args *a, int64_t p, int64_t ro
     const int64_t K = a->k, nb = vx_q4_blocks_per_super(K), supers = K / (nb * VX_QBLOCK), row0 = p * VX_QPANEL;
     const int64_t sup_bytes = VX_Q4_HEAD + nb * VX_QPANEL * VX_QBLOCK / 2;
     const uint8_t *pw = a->w + p * a->panel_bytes;
+    /* B tiles [pair of blocks][input / 4][4 inputs x 16 weight rows]; C tiles [2 x 16 activation rows][16 weight rows] */
     uint8_t blo[4][16][64] __attribute__((aligned(64))), bhi[4][16][64] __attribute__((aligned(64)));
     int32_t clo[32][16] __attribute__((aligned(64))), chi[32][16] __attribute__((aligned(64)));
     if (nb & 1) memset(blo[nb / 2][8], 0, 8 * 64), memset(bhi[nb / 2][8], 0, 8 * 64);   /* an odd last block's pair */
