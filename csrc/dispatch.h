@@ -126,8 +126,9 @@ enum { VX_QPAD_ROWS = 16 };
 /* Share `part` of `parts` of the `bytes` of panel data at p, prefetched VX_QPREFETCH bytes ahead (the
  * hardware prefetcher alone let the AVX-512 q4 kernel's unpacking and the DRAM reads take turns: 33 -> 65
  * GB/s at n = 1 with a 75-80 GB/s probe, bench/bench_kernels.py). The q4 kernels spread a super-block's 36
- * lines over its 8 blocks: asked for at its start, the burst held the core (11 % of a hot n = 1 AVX-512 pass
- * sampled on the instruction after the prefetch). `to_l2`: into L2 only (PREFETCHT2), not L1 as
+ * lines over its 8 blocks (the AMX kernel still does; the others now use vx_q4_prefetch): asked for at its
+ * start, the burst held the core (11 % of a hot n = 1 AVX-512 pass sampled on the instruction after the
+ * prefetch). `to_l2`: into L2 only (PREFETCHT2), not L1 as
  * non-temporal (PREFETCHNTA), for q4 and for int8 passes of 4+ rows. Measured from DRAM (24 matrices
  * 9216 x 3072, both builds alternated in one process, medians of 12-40 rounds; the eighteenth session's
  * Zen 5, copy probe 30-50 GB/s):
@@ -154,6 +155,22 @@ static inline void vx_qprefetch(const uint8_t *p, int64_t bytes, int64_t part, i
         if (to_l2 || vx_stream_l2) __builtin_prefetch(p + VX_QPREFETCH + 64 * l, 0, 1);
         else __builtin_prefetch(p + VX_QPREFETCH + 64 * l, 0, 0);
     }
+}
+
+/* The VNNI and 256-bit q4 kernels' prefetches, into L2 like the spread: one line per 64 weight bytes they
+ * read (the v-th 64 bytes of block bb's nibbles at u), and the super-block header's 4 lines at h during its
+ * first 4 blocks: the spread's lines without its two divisions and loop per block. Measured on the
+ * twenty-first session's Xeon (24 q4 matrices 9216 x 3072 from memory, 2 threads, both builds alternated in
+ * processes, probe 29-31 GB/s), n = 1 / 4 / 8 in GB/s:
+ *   avx512bf16  23.6-24.4 / 20.0-20.4 / 15.8-17.0 -> 25.1-25.6 / 22.3-22.6 / 17.3-18.1
+ *   avx2        18.0-18.6 / 13.4-13.8 / 8.4-8.7   -> 21.2-21.9 / 14.7-15.5 / 8.5-9.3
+ *   avxvnni     17.3-17.9 / 13.4-13.9 / 8.5-8.8   -> 19.0-21.0 / 15.6-16.2 / 9.4-9.7
+ * and in L1 on one thread (a C probe of the AVX-512 kernel) 27.5 -> 25.7 cycles a block at n = 1, 22
+ * without any prefetch. The AMX kernel keeps the spread: these 4-5 prefetches in a row per block, ahead of
+ * its B tiles' building, made its 12 / 16 / 32-row passes 12.1 / 11.1 / 8.2 -> 9.3 / 8.5 / 6.6 GB/s. */
+static inline void vx_q4_prefetch(const uint8_t *h, const uint8_t *u, int64_t bb, int v) {
+    __builtin_prefetch(u + VX_QPREFETCH + 64 * v, 0, 1);
+    if (v == 0 && bb < VX_Q4_HEAD / 64) __builtin_prefetch(h + VX_QPREFETCH + 64 * bb, 0, 1);
 }
 
 static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }

@@ -115,7 +115,6 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
         Q256_FN(q4_header)(codes, sc2, pair);
 #endif
         for (int64_t bb = 0; bb < nb; bb++) {
-            if (hh == 0) vx_qprefetch(h, sup_bytes, bb, nb, 1);
             const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2) + 32 * hh;
             const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
 #if Q256_VNNI
@@ -124,6 +123,7 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
             __m256i dot[Q256_X];
             for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
             for (int v = 0; v < 4; v++) {
+                if (hh == 0) vx_q4_prefetch(h, u, bb, v);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
                 const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
                 for (int i = 0; i < NX; i++) {
@@ -139,6 +139,7 @@ Q256_INLINE void Q256_FN(q4_half)(const vx_qlinear_args *a, const uint8_t *pw, i
             __m256i s16[Q256_X];
             for (int i = 0; i < NX; i++) s16[i] = _mm256_setzero_si256();
             for (int v = 0; v < 4; v++) {
+                if (hh == 0) vx_q4_prefetch(h, u, bb, v);
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)(u + 64 * v));
                 const __m256i lo = _mm256_and_si256(raw, low4), hi4 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
                 for (int i = 0; i < NX; i++) {

@@ -394,13 +394,13 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
         q4_super_codes(h, codes);
         for (int64_t bb = 0; bb < nb; bb++) {
             const int gi = (int)(bb & 3), up = (int)(bb >> 2);
-            vx_qprefetch(h, sup_bytes, bb, nb, 1);
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[up] + 16 * gi)));
             const uint8_t *u = h + VX_Q4_HEAD + bb * (VX_QPANEL * VX_QBLOCK / 2);
             const int8_t *xb = xq + (c * nb + bb) * VX_QBLOCK;
             __m512i dot[QX];
             for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
             for (int v = 0; v < 4; v++) {
+                vx_q4_prefetch(h, u, bb, v);
                 const __m512i raw = _mm512_loadu_si512(u + 64 * v);
                 const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
                 for (int i = 0; i < NX; i++) {
