@@ -175,14 +175,14 @@ static inline void vx_q4_prefetch(const uint8_t *h, const uint8_t *u, int64_t bb
 
 static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }
 
-/* x quantised for a linear (quant.py): int8 matrices take xq, sx, xsum (blocks of 32); q4 matrices take xq4
+/* x quantised for a linear (quant.py): int8 matrices take xq, sx, xoff (blocks of 32); q4 matrices take xq4
  * and sx4 (blocks of one super-block, nb * 32 inputs) and xpair, the sums of xq4 over its blocks b and b + 4
  * of each super-block as one int32 of two int16 halves (b low, b + 4 high; 0 past nb), the operand of an
  * int16 pair dot product with the two blocks' 6-bit offset codes. */
 typedef struct {
     const int8_t *xq;       /* [n, k] */
     const float *sx;        /* [n, k / 32] */
-    const int32_t *xsum;    /* [n, k / 32] */
+    const int32_t *xoff;    /* [n, k / 32]: -128 xsum, the term the weights' unsigned bytes (w + 128) add */
     const int8_t *xq4;      /* [n, k] */
     const float *sx4;       /* [n, k / (nb * 32)] */
     const int32_t *xpair;   /* [n, k / (nb * 32), 4] */

@@ -93,7 +93,7 @@ static void qlinear_blocks(const vx_qlinear_args *a, int64_t p0, int64_t p1) {
     for (int64_t r0 = 0; r0 < a->n; r0 += rb) {
         vx_qlinear_args b = *a;
         b.n = a->n - r0 < rb ? a->n - r0 : rb;
-        if (a->xq) b.xq = a->xq + r0 * a->k, b.sx = a->sx + r0 * nb, b.xsum = a->xsum + r0 * nb;
+        if (a->xq) b.xq = a->xq + r0 * a->k, b.sx = a->sx + r0 * nb, b.xoff = a->xoff + r0 * nb;
         if (a->xq4) b.xq4 = a->xq4 + r0 * a->k, b.sx4 = a->sx4 + r0 * supers, b.xpair = a->xpair + r0 * supers * 4;
         b.y = a->y + r0 * a->m;
         vx_active()->qlinear(&b, p0, p1);
@@ -148,10 +148,13 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     const int64_t nb = k / VX_QBLOCK, supers = k / (vx_q4_blocks_per_super(k) * VX_QBLOCK);
     int8_t *xq = NULL, *xq4 = NULL;
     float *sx = NULL, *sx4 = NULL;
-    int32_t *xsum = NULL, *xpair = NULL;
+    int32_t *xoff = NULL, *xpair = NULL;
     if (has[VX_Q_INT8]) {
-        xq = vx_alloc((size_t)(n * k)), sx = vx_alloc(sizeof(float) * n * nb), xsum = vx_alloc(sizeof(int32_t) * n * nb);
-        vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xsum);
+        xq = vx_alloc((size_t)(n * k)), sx = vx_alloc(sizeof(float) * n * nb), xoff = vx_alloc(sizeof(int32_t) * n * nb);
+        vx_quantize_act(x, n, k, VX_QBLOCK, xq, sx, xoff);
+        /* the sums as the offset term itself, -128 xsum: the kernels start each block's dot from it (a
+         * broadcast load) instead of shifting and subtracting per row and block, the same integers */
+        for (int64_t i = 0; i < n * nb; i++) xoff[i] *= -128;
     }
     if (has[VX_Q_Q4]) {
         xq4 = padded_codes(n, k), sx4 = vx_alloc(sizeof(float) * n * supers), xpair = vx_alloc(sizeof(int32_t) * n * supers * 4);
@@ -160,7 +163,7 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     vx_qlinear_args a[VX_QLINEARS_MAX];
     int64_t first[VX_QLINEARS_MAX + 1] = {0}, work = 0;   /* matrix i's panels: [first[i], first[i + 1]) */
     for (int i = 0; i < count; i++) {
-        a[i] = (vx_qlinear_args){xq, sx, xsum, xq4, sx4, xpair, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
+        a[i] = (vx_qlinear_args){xq, sx, xoff, xq4, sx4, xpair, n, k, m[i], w[i], fmt[i], vx_qpanel_bytes(fmt[i], k), b[i], y[i]};
         first[i + 1] = first[i] + (m[i] > 0 ? (m[i] + VX_QPANEL - 1) / VX_QPANEL : 0);
         work += m[i] * k;
     }
@@ -168,7 +171,7 @@ static void qlinears(const float *x, int64_t n, int64_t k, int count, const uint
     qlinears_ctx c = {count, a, first, vx_alloc(sizeof(int64_t) * nt)};
     for (int t = 0; t < nt; t++) c.taken[t] = 0;
     vx_parallel(nt, qlinears_task, &c);
-    free(c.taken), free(xq), free(sx), free(xsum), free(xq4), free(sx4), free(xpair);
+    free(c.taken), free(xq), free(sx), free(xoff), free(xq4), free(sx4), free(xpair);
 }
 
 void vx_qlinear_many(const float *x, int64_t n, int64_t k, int count, const uint8_t *const *w, const int *fmt,

@@ -50,15 +50,14 @@ Q256_INLINE void Q256_FN(int8_half)(const vx_qlinear_args *a, const uint8_t *pw,
         const __m256 S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 16 * hh)));
         const int8_t *xb = xq + b * VX_QBLOCK;
         __m256i dot[Q256_X];
-        for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
 #if Q256_VNNI
+        for (int i = 0; i < NX; i++) dot[i] = _mm256_set1_epi32(a->xoff[(i0 + i) * nblocks + b]);   /* the offset term */
         for (int s = 0; s < 8; s++) {
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(u + 64 * s));
             for (int i = 0; i < NX; i++) dot[i] = Q256_FN(dot_u8)(dot[i], wv, Q256_FN(bcast4)(xb + i * K + 4 * s));
         }
-        for (int i = 0; i < NX; i++)     /* M = 128 S: the offset term joins the exact integer dot */
-            dot[i] = _mm256_sub_epi32(dot[i], _mm256_slli_epi32(_mm256_set1_epi32(a->xsum[(i0 + i) * nblocks + b]), 7));
 #else
+        for (int i = 0; i < NX; i++) dot[i] = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(u + 64 * s)), _mm256_set1_epi8((char)0x80));
             for (int i = 0; i < NX; i++) {

@@ -260,8 +260,8 @@ static inline void q_int8_row(const vx_qlinear_args *a, const uint8_t *pw, int64
         int32_t dot[VX_QPANEL];
         q_block_dots(VX_Q_INT8, blk + 2 * VX_QPANEL, a->xq + i * a->k + b * VX_QBLOCK, dot);
         const float sx = a->sx[i * nblocks + b];
-        const int32_t offset = 128 * a->xsum[i * nblocks + b];
-        for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + ((float)(dot[r] - offset) * sx) * q_f16_at(blk + 2 * r);
+        const int32_t xoff = a->xoff[i * nblocks + b];
+        for (int r = 0; r < VX_QPANEL; r++) acc[r] = acc[r] + ((float)(dot[r] + xoff) * sx) * q_f16_at(blk + 2 * r);
     }
 }
 
@@ -309,7 +309,7 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
  * activation bytes broadcast from x and adds them into the row's int32 lane: 8 dot steps per block of 32
  * inputs and activation row. On Zen 5 every vector multiply (VPDPBUSD, FMA, VPMULLD) issues on the same two
  * pipes, so past one row what a block adds to its 8 dot steps per row is the cost:
- *   int8: acc += (dot sx) S, with the offset 128 xsum subtracted from the exact integer dot (2 multiplies);
+ *   int8: acc += (dot sx) S, the exact integer dot started from the offset term -128 xsum (2 multiplies);
  *   q4:   I += sc dot in integers (VPMULLD), and per super-block (I sx) d and (N sx) dmin in float, N from
  *         4 int16-pair dot steps (VPDPWSSD) of the offset codes with the pairs of block sums. A float scale
  *         per block (a convert, a multiply and two multiply-adds per block and row) made an 8-row pass over
@@ -335,20 +335,19 @@ VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw
     const int64_t K = a->k, nblocks = K / VX_QBLOCK, blk_bytes = 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
     const float *sx = a->sx + i0 * nblocks;
-    const int32_t *xs = a->xsum + i0 * nblocks;
+    const int32_t *xo = a->xoff + i0 * nblocks;
     for (int64_t b = 0; b < nblocks; b++) {
         const uint8_t *h = pw + b * blk_bytes, *u = h + 2 * VX_QPANEL;
         vx_qprefetch(h, blk_bytes, 0, 1, NX >= 4);
         const __m512 S = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
         __m512i dot[QX];
-        for (int i = 0; i < NX; i++) dot[i] = _mm512_setzero_si512();
+        for (int i = 0; i < NX; i++) dot[i] = _mm512_set1_epi32(xo[i * nblocks + b]);
         const int8_t *xb = xq + b * VX_QBLOCK;
         for (int s = 0; s < 8; s++) {
             const __m512i wv = _mm512_loadu_si512(u + 64 * s);
             for (int i = 0; i < NX; i++) dot[i] = q_dot4(dot[i], wv, xb + i * K + 4 * s);
         }
         for (int i = 0; i < NX; i++) {
-            dot[i] = _mm512_sub_epi32(dot[i], _mm512_slli_epi32(_mm512_set1_epi32(xs[i * nblocks + b]), 7));
             acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(sx[i * nblocks + b])), S, acc[i]);
         }
     }
