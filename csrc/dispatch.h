@@ -126,7 +126,7 @@ enum { VX_QPAD_ROWS = 16 };
 /* Share `part` of `parts` of the `bytes` of panel data at p, prefetched VX_QPREFETCH bytes ahead (the
  * hardware prefetcher alone let the AVX-512 q4 kernel's unpacking and the DRAM reads take turns: 33 -> 65
  * GB/s at n = 1 with a 75-80 GB/s probe, bench/bench_kernels.py). The q4 kernels spread a super-block's 36
- * lines over its 8 blocks (the AMX kernel still does; the others now use vx_q4_prefetch): asked for at its
+ * lines over its 8 blocks (the AMX kernel; the VNNI and 256-bit ones use vx_q4_prefetch): asked for at its
  * start, the burst held the core (11 % of a hot n = 1 AVX-512 pass sampled on the instruction after the
  * prefetch). `to_l2`: into L2 only (PREFETCHT2), not L1 as
  * non-temporal (PREFETCHNTA), for q4 and for int8 passes of 4+ rows. Measured from DRAM (24 matrices
