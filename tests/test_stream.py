@@ -120,6 +120,21 @@ def test_each_token_comes_with_its_last_needed_sample(tiny_mistral, delay_ms):
     assert len(s.token_ids) == 5
 
 
+def test_prompt_positions_run_as_their_audio_arrives(tiny_mistral):
+    """The prompt's positions after the silence prefix are decoded in the steps their audio comes in, so the
+    step that completes the first token's audio runs one position (the last of the prompt), not the rest of it."""
+    audio = load_case("speech_en_480")["audio"]
+    s = tiny_mistral.stream(delay_ms=480)
+    dec = s._dec
+    need = SAMPLES_PER_TOKEN * (delay_tokens(480) + 1) + LOOK_AHEAD
+    s.feed(audio[:need - 1])
+    assert s.step().token_ids == [] and dec.ids == dec.prompt[:-1]
+    rows, run = [], dec.run_chunk
+    dec.run_chunk = lambda embeds: rows.append(len(embeds)) or run(embeds)
+    s.feed(audio[need - 1:need])
+    assert len(s.step().token_ids) == 1 and rows == [1]
+
+
 # --- long streams: windows wrap, memory stays flat ----------------------------------------------------------
 def test_long_stream_equals_offline_with_flat_state(tiny_mistral):
     """A minute of audio: 3000+ encoder frames through a 48-frame window, 780 tokens through a 24-token one."""

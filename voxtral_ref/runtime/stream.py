@@ -267,6 +267,7 @@ class StreamSession:
                         keep = 0 if self._draft_rate < self._draft_rate_min else draft_length(
                             self._draft_rate, lambda rows: pass_ratio(self._model, rows), len(dec.draft))
                         dec.draft = dec.draft[:keep]
+                dec.horizon = len(dec.ids) + self._ready()       # the prompt's positions as their audio arrives
                 _, p0 = dec.chunk()
                 embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:

@@ -67,8 +67,10 @@ class Decoder:
 
     The prompt is fed in two parts: its first PREFIX positions, whose audio is the left pad's silence
     alone (so their state is the same for every input, and a stream can start from a saved copy of it:
-    runtime/stream.py), then the rest, which predicts the first token. Offline feeds the same two parts,
-    so both compute every position the same way.
+    runtime/stream.py), then the rest, which predicts the first token. A live session feeds the rest as its
+    audio arrives (`horizon`), so the first token's step computes only the positions its own audio brought;
+    a row's result does not depend on the rows it is computed with, so every position is computed as
+    offline computes it.
 
     Speculative verification (offline, where every position's audio is known): `draft` holds k guessed
     tokens, fed after the last id in one chunk of k + 1 positions. Row i's logits choose the token after
@@ -86,15 +88,21 @@ class Decoder:
         self.ids = []                                                                 # every id fed or emitted
         self.draft = []                                                               # guesses fed after ids[-1]
         self.verified = 0                                                             # drafts the last pass checked
+        self.horizon = None                                                           # positions whose audio is in (None: all)
 
     def chunk(self):
         """(ids, position of the first) this decoder feeds next: the silence prefix, then the rest of the
-        prompt, then its last token (and the draft, if any)."""
+        prompt (as far as `horizon`, at least one position), then its last token (and the draft, if any)."""
         if not self.ids:
             return self.prompt[:PREFIX], 0
         if len(self.ids) < len(self.prompt):
-            return self.prompt[len(self.ids):], len(self.ids)
+            end = len(self.prompt) if self.horizon is None else min(len(self.prompt), max(self.horizon, len(self.ids) + 1))
+            return self.prompt[len(self.ids):end], len(self.ids)
         return self.ids[-1:] + self.draft, len(self.ids) - 1
+
+    def predicts(self, p0, n):
+        """Whether a chunk of n positions from p0 chooses a token: it reaches the prompt's end."""
+        return p0 + n >= len(self.prompt)
 
     def finished(self, n_positions):
         """Offline's rule (HF's generate): stop after EOS, or once the last of n_positions has been fed."""
@@ -125,7 +133,7 @@ class Decoder:
 
     def fed(self, ids, p0, logits):
         """Record that a pass ran chunk() (ids from position p0); `logits` [1 + len(draft), V] of its last
-        rows (None for the silence prefix) -> the tokens greedy decoding chooses, appended to ids: the
+        rows (None for the silence prefix and the prompt's positions before its last) -> the tokens greedy decoding chooses, appended to ids: the
         first, then each next one whose input the draft guessed right."""
         if p0 + len(ids) <= len(self.prompt):
             self.ids = list(self.prompt[:p0 + len(ids)])
@@ -178,8 +186,9 @@ def decoder_pass(weights, work, trace=None):
     seqs = [(np.arange(p0, p0 + len(ids)), dec.ada, dec.caches) for (ids, p0), (dec, _) in zip(chunks, work)]
     x = decoder_forward(h, seqs, weights, weights.cfg.format == "mistral", trace)     # [R, 3072]
     ends = np.cumsum([len(ids) for ids, _ in chunks])
-    # the rows that choose tokens: a chunk's last, and its draft's (none for a silence prefix)
-    rows = {i: np.arange(ends[i] - 1 - len(dec.draft), ends[i]) for i, (dec, _) in enumerate(work) if dec.ids}
+    # the rows that choose tokens: a chunk's last, and its draft's (none before the prompt's last position)
+    rows = {i: np.arange(ends[i] - 1 - len(dec.draft), ends[i]) for i, (dec, _) in enumerate(work)
+            if dec.predicts(chunks[i][1], len(chunks[i][0]))}
     pick = np.concatenate(list(rows.values())) if rows else np.zeros(0, np.int64)
     if trace:
         logits = lm_head(x, weights.lm_head)                                          # [R, V]
