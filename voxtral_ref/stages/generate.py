@@ -88,7 +88,7 @@ class Decoder:
         self.ids = []                                                                 # every id fed or emitted
         self.draft = []                                                               # guesses fed after ids[-1]
         self.verified = 0                                                             # drafts the last pass checked
-        self.horizon = None                                                           # positions whose audio is in (None: all)
+        self.horizon = None                                                           # positions with audio (None: all)
 
     def chunk(self):
         """(ids, position of the first) this decoder feeds next: the silence prefix, then the rest of the
@@ -133,8 +133,8 @@ class Decoder:
 
     def fed(self, ids, p0, logits):
         """Record that a pass ran chunk() (ids from position p0); `logits` [1 + len(draft), V] of its last
-        rows (None for the silence prefix and the prompt's positions before its last) -> the tokens greedy decoding chooses, appended to ids: the
-        first, then each next one whose input the draft guessed right."""
+        rows (None for the silence prefix and the prompt's positions before its last) -> the tokens greedy
+        decoding chooses, appended to ids: the first, then each next one whose input the draft guessed right."""
         if p0 + len(ids) <= len(self.prompt):
             self.ids = list(self.prompt[:p0 + len(ids)])
         self.verified = len(self.draft) if logits is not None else 0
