@@ -69,8 +69,9 @@ class Decoder:
     alone (so their state is the same for every input, and a stream can start from a saved copy of it:
     runtime/stream.py), then the rest, which predicts the first token. A live session feeds the rest as its
     audio arrives (`horizon`), so the first token's step computes only the positions its own audio brought;
-    a row's result does not depend on the rows it is computed with, so every position is computed as
-    offline computes it.
+    in float32 and with quantised weights a row's result does not depend on the rows computed with it, so
+    every position is computed bit for bit as offline computes it (in bf16 precision the matmuls sum 1 row
+    and 8 in different orders: a stream follows offline up to a near tie, as it already did).
 
     Speculative verification (offline, where every position's audio is known): `draft` holds k guessed
     tokens, fed after the last id in one chunk of k + 1 positions. Row i's logits choose the token after
