@@ -15,8 +15,9 @@ encoder + adapter + decoder + LM head for one token, as a live client sees it. R
   full    the same session fast-forwarded a decoder ring's worth of positions (8448: full windows, every KV slot in use:
           what an 11-minute stream reaches), then --seconds more;
 per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
-plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c, before
-and after each phase), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
+plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c: before
+and after each phase and a quick read between every PROBE_EVERY steps; the median of them all, and their
+range), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
 weight-streaming kernels (step minus the time inside the C linears, ckernels.weight_seconds) and, of it, the
 time inside attention (ckernels.attention_seconds: the KV caches' reads) and the rest (Python, cffi, norms,
 RoPE, activation quantisation outside the linears, threads waking), and peak RSS (less the probe's 1 GiB buffer).
@@ -96,12 +97,18 @@ def fast_forward(session, tokens):
     session._arrivals = type(session._arrivals)((end + tokens * BLOCK, t) for end, t in session._arrivals)
 
 
-def paced(session, audio, seconds, block):
+# A quick bandwidth read (256 MB, a few ms, outside the timed steps) after every PROBE_EVERY steps: on hosts
+# whose bandwidth switches between levels within a phase (the twenty-third session's Zen 4: ~30 and ~55 GB/s),
+# probes only before and after a phase read ~40 GB/s around steps that ran as at ~30.
+PROBE_EVERY = 10
+
+
+def paced(session, audio, seconds, block, machine):
     """Feed `seconds` of audio `block` samples at a time in real time; -> step seconds, linear seconds,
-    attention seconds, first-token latency."""
-    steps, inside, attn, first = [], [], [], None
+    attention seconds, first-token latency, the bandwidth read between steps."""
+    steps, inside, attn, first, reads = [], [], [], None, []
     t_next = time.perf_counter()
-    for start in range(0, int(seconds * C.SAMPLE_RATE), block):
+    for i, start in enumerate(range(0, int(seconds * C.SAMPLE_RATE), block)):
         wait = t_next - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
@@ -116,7 +123,9 @@ def paced(session, audio, seconds, block):
         attn.append(ckernels.attention_seconds() - att0)
         if first is None and e.latency_s:
             first = e.latency_s[0]
-    return np.array(steps), np.array(inside), np.array(attn), first
+        if i % PROBE_EVERY == PROBE_EVERY - 1:
+            reads.append(machine.read_gbs_once())
+    return np.array(steps), np.array(inside), np.array(attn), first, reads
 
 
 NEW_SESSIONS = 3
@@ -168,16 +177,18 @@ def run(path, args, machine):
         if phase == "full":
             fast_forward(session, session._dec.caches[0].capacity)        # every slot of every ring in use
         bw_before = machine.read_gbs()
-        steps, inside, attn, first = paced(session, audio[lead:], args.seconds, block)
-        bw = (bw_before + machine.read_gbs()) / 2
+        steps, inside, attn, first, reads = paced(session, audio[lead:], args.seconds, block, machine)
+        reads = [bw_before, *reads, machine.read_gbs()]
+        bw = float(np.median(reads))
         out[phase] = summary(steps, inside, attn, weight_bytes(model) + kv_bytes(session), bw, block)
-        out[phase]["read_GB/s_before_after"] = [bw_before, 2 * bw - bw_before]
+        out[phase]["read_GB/s_reads"] = reads
         if phase == "start":
             out["first_token_latency_ms"] = 1e3 * first if first is not None else None
         r = out[phase]
         print(f"{label:>10} {phase:>5}: step {r['step_ms_median']:.1f} / {r['step_ms_mean']:.1f} / "
               f"{r['step_ms_p95']:.1f} ms (median/mean/p95), live RTF {r['live_rtf']:.2f}, "
-              f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s -> roofline {r['roofline_ms']:.1f} ms "
+              f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s ({min(reads):.1f}-{max(reads):.1f}) -> "
+              f"roofline {r['roofline_ms']:.1f} ms "
               f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms (attention "
               f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})", flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM") - machine.buf.nbytes / 1e9   # the probe's buffer is not the model's
