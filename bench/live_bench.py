@@ -97,9 +97,10 @@ def fast_forward(session, tokens):
     session._arrivals = type(session._arrivals)((end + tokens * BLOCK, t) for end, t in session._arrivals)
 
 
-# A quick bandwidth read (256 MB, a few ms, outside the timed steps) after every PROBE_EVERY steps: on hosts
-# whose bandwidth switches between levels within a phase (the twenty-third session's Zen 4: ~30 and ~55 GB/s),
-# probes only before and after a phase read ~40 GB/s around steps that ran as at ~30.
+# A quick bandwidth read (256 MB, a few ms, outside the timed steps, though it leaves the last-level cache
+# holding the probe's buffer) after every PROBE_EVERY steps: on hosts whose bandwidth switches between levels
+# within a phase (the twenty-third session's Zen 4: ~30 and ~55 GB/s), probes only before and after a phase
+# can name a regime the steps between them did not run in.
 PROBE_EVERY = 10
 
 

@@ -176,7 +176,7 @@ static inline void vx_qprefetch(const uint8_t *p, int64_t bytes, int64_t part, i
  * bytes (three alternated runs, a C probe); n >= 2 unchanged. */
 static inline void vx_q4_prefetch(const uint8_t *h, const uint8_t *u, int64_t bb, int v) {
     __builtin_prefetch(u + VX_QPREFETCH + 64 * v, 0, 1);
-    if (v == 0) __builtin_prefetch(h + VX_QPREFETCH + 64 * (bb & 3), 0, 1);
+    if (v == 0) __builtin_prefetch(h + VX_QPREFETCH + 64 * (bb & (VX_Q4_HEAD / 64 - 1)), 0, 1);
 }
 
 static inline int64_t vx_q4_blocks_per_super(int64_t k) { return (k < VX_QSUPER ? k : VX_QSUPER) / VX_QBLOCK; }
