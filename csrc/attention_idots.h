@@ -8,7 +8,7 @@
  *              products stay within 2 * 127 * 127 = 32258, so the int16 sums never saturate; VPMADDWD by
  *              ones sums the pairs into the int32 lane.
  * Per VW keys, their codes are transposed into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key j), so one
- * dot step with 4 broadcast query bytes adds 4 products to each key's lane: no horizontal sums, and each
+ * dot step with 4 broadcast query bytes (at 512 bits embedded in VPDPBUSD: vx_dpbusd_bcst) adds 4 products to each key's lane: no horizontal sums, and each
  * transposed vector serves every row (4 rows at a time). Exact integers: the same scores as the float32
  * path's (attention_keys_d), so a level with or without this function computes the same attention. */
 __attribute__((target(ID_TARGET))) static void ID_NAME(const int8_t *const *kb, int sb, int d, const int8_t *const *q,
@@ -41,11 +41,11 @@ __attribute__((target(ID_TARGET))) static void ID_NAME(const int8_t *const *kb, 
 #endif
                 VX_UNROLL
                 for (int i = 0; i < 4; i++) {
+#if ID_VNNI
+                    acc[i] = vi_dot_q(acc[i], kt[p], qr[i] + 4 * p);   /* 4 query bytes broadcast */
+#else
                     int32_t q4;
                     memcpy(&q4, qr[i] + 4 * p, 4);
-#if ID_VNNI
-                    acc[i] = vi_dot(acc[i], kt[p], vi_set1_32(q4));
-#else
                     const __m256i prod = _mm256_maddubs_epi16(ka, _mm256_sign_epi8(_mm256_set1_epi32(q4), kt[p]));
                     acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(prod, ones));
 #endif

@@ -503,7 +503,7 @@ typedef __m512i vi;
 #define vi_xor _mm512_xor_si512
 #define vi_set1_8 _mm512_set1_epi8
 #define vi_set1_32 _mm512_set1_epi32
-#define vi_dot _mm512_dpbusd_epi32
+#define vi_dot_q vx_dpbusd_bcst
 #define vi_sub _mm512_sub_epi32
 #define vi_store(p, v) _mm512_storeu_si512(p, v)
 #define ID_VNNI 1
@@ -517,7 +517,13 @@ typedef __m256i vi;
 #define vi_xor _mm256_xor_si256
 #define vi_set1_8 _mm256_set1_epi8
 #define vi_set1_32 _mm256_set1_epi32
-#define vi_dot _mm256_dpbusd_avx_epi32
+#define vi_dot_q vi_dot_q_avxvnni
+static inline __attribute__((always_inline, target("avx2,fma,avxvnni"))) __m256i vi_dot_q_avxvnni(__m256i acc, __m256i k,
+                                                                                                  const int8_t *p) {
+    int32_t q4;
+    memcpy(&q4, p, 4);
+    return _mm256_dpbusd_avx_epi32(acc, k, _mm256_set1_epi32(q4));   /* AVX-VNNI (VEX) has no embedded broadcast */
+}
 #define vi_sub _mm256_sub_epi32
 #define vi_store(p, v) _mm256_storeu_si256((__m256i *)(p), v)
 #define ID_VNNI 1

@@ -321,16 +321,6 @@ VX_FN static void qlinear_scalar(const vx_qlinear_args *a, int64_t p0, int64_t p
 #define VX_VNNI_INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 #define QX 8
 
-/* acc += w's unsigned bytes times the 4 signed activation bytes at p, broadcast to every lane: the broadcast
- * embedded in VPDPBUSD ({1to16}), which GCC 12 does not fold from _mm512_set1_epi32 (a separate VPBROADCASTD
- * per dot step). One uop fewer per dot step: a q4 pass over a 3072 x 3072 panel set in cache, one thread,
- * 141 -> 124 us at n = 1, 960 -> 923 at n = 16 (with vx_qprefetch's spread, both builds loaded in one
- * process, alternated) */
-VX_VNNI_INLINE __m512i q_dot4(__m512i acc, __m512i w, const int8_t *p) {
-    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
-    return acc;
-}
-
 VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw, int64_t i0, const int NX, __m512 *acc) {
     const int64_t K = a->k, nblocks = K / VX_QBLOCK, blk_bytes = 2 * VX_QPANEL + VX_QPANEL * VX_QBLOCK;
     const int8_t *xq = a->xq + i0 * K;
@@ -345,7 +335,7 @@ VX_VNNI_INLINE void qpanel_int8_vnni(const vx_qlinear_args *a, const uint8_t *pw
         const int8_t *xb = xq + b * VX_QBLOCK;
         for (int s = 0; s < 8; s++) {
             const __m512i wv = _mm512_loadu_si512(u + 64 * s);
-            for (int i = 0; i < NX; i++) dot[i] = q_dot4(dot[i], wv, xb + i * K + 4 * s);
+            for (int i = 0; i < NX; i++) dot[i] = vx_dpbusd_bcst(dot[i], wv, xb + i * K + 4 * s);
         }
         for (int i = 0; i < NX; i++) {
             acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(sx[i * nblocks + b])), S, acc[i]);
@@ -403,8 +393,8 @@ VX_VNNI_INLINE void qpanel_q4_vnni(const vx_qlinear_args *a, const uint8_t *pw, 
                 const __m512i raw = _mm512_loadu_si512(u + 64 * v);
                 const __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
                 for (int i = 0; i < NX; i++) {
-                    dot[i] = q_dot4(dot[i], lo, xb + i * K + 4 * v);
-                    dot[i] = q_dot4(dot[i], hi, xb + i * K + 4 * v + 16);
+                    dot[i] = vx_dpbusd_bcst(dot[i], lo, xb + i * K + 4 * v);
+                    dot[i] = vx_dpbusd_bcst(dot[i], hi, xb + i * K + 4 * v + 16);
                 }
             }
             for (int i = 0; i < NX; i++) I[i] = _mm512_add_epi32(I[i], _mm512_mullo_epi32(dot[i], sc));
