@@ -95,8 +95,9 @@ def test_the_default_delays_prefix_is_ready_before_the_first_client():
 
 
 def test_the_lm_head_is_warm_before_the_first_client(monkeypatch):
-    """Startup also runs one row through the LM head (runtime/stream.warm_lm_head), which the silence prefix
-    never multiplies: after a cold start the first client's first token would wait for it to be read."""
+    """Startup also runs one row through the LM head (with the silence prefix: runtime/stream.session_prefix),
+    which the prefix's positions never multiply: after a cold start the first client's first token would
+    wait for it to be read."""
     heads, real = [], stream.lm_head
     monkeypatch.setattr(stream, "lm_head", lambda x, w: heads.append(w) or real(x, w))
     fresh = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")

@@ -301,6 +301,20 @@ def test_saved_prefix_is_bit_identical_to_computing_it(mode):
         np.testing.assert_array_equal(a.v, b.v)
 
 
+def test_a_model_reads_its_lm_head_with_its_first_prefix(monkeypatch):
+    """The silence prefix never multiplies the LM head (its tokens are given), so computing it also runs one
+    zero row through the head: the model's first session then finds the head read in before its first
+    token. Once per prefix, not per session."""
+    from voxtral_ref.runtime import stream
+    heads, real = [], stream.lm_head
+    monkeypatch.setattr(stream, "lm_head", lambda x, w: heads.append((x.copy(), w)) or real(x, w))
+    model = voxtral_ref.load(MODEL_DIRS["mistral"])
+    model.stream()
+    assert len(heads) == 1 and heads[0][1] is model.weights.lm_head and not heads[0][0].any()
+    model.stream()
+    assert len(heads) == 1
+
+
 # --- resampling ---------------------------------------------------------------------------------------------
 def test_soxr_stream_resampler_equals_one_shot():
     """Why a chunked 44.1 kHz stream can equal transcribe() on the whole file: soxr's stream resampler gives

@@ -436,24 +436,20 @@ def session_prefix(model, n_delay):
     only the left pad's silence: encoder caches, conv history and decoder caches. Computed once per
     (model, delay, backend, precision) by a session of its own, exactly as a session without it would
     (tests/test_stream.py checks the ids and caches are bit-identical), then copied into each new session,
-    which so starts with only its own audio's positions to compute."""
+    which so starts with only its own audio's positions to compute.
+    Its positions' tokens are all given, so it never multiplies the LM head: one zero row then goes through
+    the head too, so that the first session's first token, after its audio, does not wait for the head's
+    first read (the server's first client, full-size int8 with its file dropped from the page cache: that
+    token 582 ms after its audio, 105 ms with the head read first)."""
     key = (n_delay, model.backend, model.precision)
     with model.prefix_lock:
         if key not in model.prefixes:
             s = StreamSession(model, n_delay * MS_PER_TOKEN, reuse_prefix=False)
             with model.kernel_mode():
                 s._dec.prefill(s._next_embeds())
+                lm_head(np.zeros((1, model.cfg.decoder.dim), np.float32), model.weights.lm_head)  # [1, dim] -> [1, V]
             model.prefixes[key] = s._snapshot()
         return model.prefixes[key]
-
-
-def warm_lm_head(model):
-    """One zero row through the LM head, for a server to run before its first client: session_prefix runs
-    every other weight, but its positions' tokens are all given, so it never multiplies the LM head, and
-    after a cold start the first client's first token would read the head from disk (full-size int8, its
-    file dropped from the page cache: that token 582 ms after its audio, 105 ms with this run first)."""
-    with model.kernel_mode():
-        lm_head(np.zeros((1, model.cfg.decoder.dim), np.float32), model.weights.lm_head)    # [1, dim] -> [1, V]
 
 
 def text_deltas(session, chunks):

@@ -23,7 +23,7 @@ import uvicorn
 from ...config import SAMPLE_RATE, delay_tokens
 from ...errors import VoxtralError
 from ...model import Transcript
-from ...runtime.stream import session_prefix, warm_lm_head
+from ...runtime.stream import session_prefix
 from ..subtitles import segments, to_json, to_srt, to_vtt
 from .sessions import Scheduler
 
@@ -334,11 +334,10 @@ def build_app(state, api_key=None, cors_origins=()):
         state.settled = asyncio.Event()
         state.settled.set()
         # a session starts from the state after the prompt's silence, computed once per delay
-        # (runtime/stream.session_prefix): for the default delay now, not in the first client's open() on the
-        # event loop (0.7 s on the full int8 model, with every other client waiting); then the one weight the
-        # prefix does not run, the LM head, so that the first client's first token does not read it either
+        # (runtime/stream.session_prefix, which also reads the LM head in): for the default delay now, not in
+        # the first client's open() on the event loop (0.7 s on the full int8 model, with every other client
+        # waiting)
         session_prefix(state.model, delay_tokens(state.model.cfg.default_delay_ms))
-        warm_lm_head(state.model)
         state.scheduler = Scheduler(state.model, asyncio.get_running_loop(), state.metrics)
         try:
             yield
