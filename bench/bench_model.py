@@ -5,7 +5,7 @@
 
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
 per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
-written by `voxtral-ref quantize` runs its own format): load time (quantising at load, unless the directory
+written by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time (quantising at load, unless the directory
 is already quantised), and once per --speculate value: encoder ms per second of audio (transcribe() encodes
 in chunks as it decodes: their total), time to first token, decode ms per token, the decoder passes and
 the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
@@ -351,6 +351,15 @@ def main():
     from voxtral_ref.runtime import ckernels
     if not ckernels.available():
         raise SystemExit("the C kernels are not built: pip install . (or python csrc/build_kernels.py)")
+    from voxtral_ref.checkpoint import quantized
+    if quantized.is_quantized(args.model):   # it runs its own format: a run asking for another would be refused
+        recipe = quantized.read_metadata(args.model / quantized.QFILE)["recipe"]
+        other = [r for r in args.runs if r.partition("+")[2] not in ("", recipe)]
+        args.runs = [r for r in args.runs if r not in other]
+        if other:
+            print(f"{args.model} holds weights quantised as {recipe!r}: skipping --runs {' '.join(other)}", file=sys.stderr)
+        if not args.runs:
+            raise SystemExit(f"no --runs left for {args.model}: its weights are quantised as {recipe!r}")
     threads = args.threads or len(os.sched_getaffinity(0))
     yard = yardsticks(threads)
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "
