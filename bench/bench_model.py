@@ -6,9 +6,9 @@
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
 per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
 written by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time
-(quantising at load, unless the directory is already quantised), and once per --speculate value: encoder ms per second of audio (transcribe() encodes
-in chunks as it decodes: their total), time to first token, decode ms per token, the decoder passes and
-the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
+(quantising at load, unless the directory is already quantised), and once per --speculate value: encoder
+ms per second of audio (transcribe() encodes in chunks as it decodes: their total), time to first token,
+decode ms per token, the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
 speculate), the real-time factor, peak memory, and the roofline view: a decoder pass streams every decoder
 weight and the LM head once (one row or drafts), so its weight GB/s is compared with this machine's read
 bandwidth, probed every 8 passes during the run (each probe against the pass right after it, since the
