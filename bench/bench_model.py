@@ -3,20 +3,20 @@
     python bench/make_full_checkpoint.py /work/fullsize_ckpt        # once: random weights, real shapes
     python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
 
-Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once
-per --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
+Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once per
+--runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
 written by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time
-(quantising at load, unless the directory is already quantised), and once per --speculate value: encoder
-ms per second of audio (transcribe() encodes in chunks as it decodes: their total), time to first token,
-decode ms per token, the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session has a backlog: transcribe()'s
-speculate), the real-time factor, peak memory, and the roofline view: a decoder pass streams every decoder
-weight and the LM head once (one row or drafts), so its weight GB/s is compared with this machine's read
-bandwidth, probed every 8 passes during the run (each probe against the pass right after it, since the
-bandwidth drifts by 2x within minutes here). Random weights decide how often drafts are right (they repeat
-tokens, and never pad as the real model does), so tokens per pass here says nothing of the real model's;
-the encoder is compute-bound, so its GFLOP/s is compared
-with the FMA peak (f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run
-by bench/probes.c, as in bench_kernels.py).
+(quantising at load, unless the directory is already quantised), and once per --speculate value: encoder ms
+per second of audio (transcribe() encodes in chunks as it decodes: their total), time to first token, decode
+ms per token, the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session
+has a backlog: transcribe()'s speculate), the real-time factor, peak memory, and the roofline view: a
+decoder pass streams every decoder weight and the LM head once (one row or drafts), so its weight GB/s is
+compared with this machine's read bandwidth, probed every 8 passes during the run (each probe against the
+pass right after it, since the bandwidth drifts by 2x within minutes here). Random weights decide how often
+drafts are right (they repeat tokens, and never pad as the real model does), so tokens per pass here says
+nothing of the real model's; the encoder is compute-bound, so its GFLOP/s is compared with the FMA peak
+(f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run by bench/probes.c, as
+in bench_kernels.py).
 
 If torch and transformers are importable, the same weights run through HF's
 VoxtralRealtimeForConditionalGeneration in a subprocess: the Mistral checkpoint is mapped onto HF's
