@@ -357,7 +357,8 @@ def main():
         other = [r for r in args.runs if r.partition("+")[2] not in ("", recipe)]
         args.runs = [r for r in args.runs if r not in other]
         if other:
-            print(f"{args.model} holds weights quantised as {recipe!r}: skipping --runs {' '.join(other)}", file=sys.stderr)
+            print(f"{args.model} holds weights quantised as {recipe!r}: skipping --runs {' '.join(other)}",
+                  file=sys.stderr)
         if not args.runs:
             raise SystemExit(f"no --runs left for {args.model}: its weights are quantised as {recipe!r}")
     threads = args.threads or len(os.sched_getaffinity(0))

@@ -9,8 +9,9 @@
  *              ones sums the pairs into the int32 lane.
  * Per VW keys, their codes are transposed into kt[d / 4] (lane j of kt[p]: bytes 4p..4p+3 of key j), so one
  * dot step with 4 broadcast query bytes (at 512 bits embedded in VPDPBUSD: vx_dpbusd_bcst) adds 4 products
- * to each key's lane: no horizontal sums, and each transposed vector serves every row (4 rows at a time). Exact integers: the same scores as the float32
- * path's (attention_keys_d), so a level with or without this function computes the same attention. */
+ * to each key's lane: no horizontal sums, and each transposed vector serves every row (4 rows at a time).
+ * Exact integers: the same scores as the float32 path's (attention_keys_d), so a level with or without this
+ * function computes the same attention. */
 __attribute__((target(ID_TARGET))) static void ID_NAME(const int8_t *const *kb, int sb, int d, const int8_t *const *q,
                                                        const int32_t *qsum, int nrows, int32_t *s) {
     vi kt[VX_ATT_DMAX / 4];

@@ -518,8 +518,8 @@ typedef __m256i vi;
 #define vi_set1_8 _mm256_set1_epi8
 #define vi_set1_32 _mm256_set1_epi32
 #define vi_dot_q vi_dot_q_avxvnni
-static inline __attribute__((always_inline, target("avx2,fma,avxvnni"))) __m256i vi_dot_q_avxvnni(__m256i acc, __m256i k,
-                                                                                                  const int8_t *p) {
+static inline __attribute__((always_inline, target("avx2,fma,avxvnni"))) __m256i
+vi_dot_q_avxvnni(__m256i acc, __m256i k, const int8_t *p) {
     int32_t q4;
     memcpy(&q4, p, 4);
     return _mm256_dpbusd_avx_epi32(acc, k, _mm256_set1_epi32(q4));   /* AVX-VNNI (VEX) has no embedded broadcast */
