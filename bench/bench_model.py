@@ -14,9 +14,9 @@ decoder pass streams every decoder weight and the LM head once (one row or draft
 compared with this machine's read bandwidth, probed every 8 passes during the run (each probe against the
 pass right after it, since the bandwidth drifts by 2x within minutes here). Random weights decide how often
 drafts are right (they repeat tokens, and never pad as the real model does), so tokens per pass here says
-nothing of the real model's; the encoder is compute-bound, so its GFLOP/s is compared with the FMA peak
-(f32) or the bf16 dot-product peak (bf16) (the yardsticks are measured in the same run by bench/probes.c, as
-in bench_kernels.py).
+nothing of the real model's; the encoder is compute-bound, so its time is compared with the time its
+arithmetic takes at the peaks of the instructions each part runs on (encoder_bound: FMA, bf16 dot product or
+VNNI; the yardsticks are measured in the same run by bench/probes.c, as in bench_kernels.py).
 
 If torch and transformers are importable, the same weights run through HF's
 VoxtralRealtimeForConditionalGeneration in a subprocess: the Mistral checkpoint is mapped onto HF's
@@ -47,6 +47,7 @@ from voxtral_ref import config as C
 from voxtral_ref.stages.generate import pad_offline
 from voxtral_ref.stages.mel import log_mel
 from voxtral_ref.checkpoint.weights import canonical_names, read_safetensors
+from voxtral_ref.runtime import quant
 
 OUT = ROOT / "bench" / "out"
 SPEECH = ROOT / "golden" / "audio" / "speech_en.wav"
@@ -105,12 +106,28 @@ def linear_params(sizes, prefix):
 
 
 def encoder_flops(sizes, cfg, frames):
-    """Linears: 2 flops per weight per frame (conv1 runs at twice the frame rate); attention: 4 * head_dim
-    per visible (query, key) pair per head."""
+    """(linears, attention): 2 flops per weight per frame (conv1 runs at twice the frame rate); 4 * head_dim
+    per visible (query, key) pair per head, half of them the scores', half the value products'."""
     e = cfg.encoder
     lin = 2 * frames * (linear_params(sizes, "enc.layers.") + 2 * sizes["enc.conv1.weight"][0] + sizes["enc.conv2.weight"][0])
     pairs = sum(min(i + 1, e.sliding_window) for i in range(frames))
-    return lin + e.n_layers * e.n_heads * 4 * e.head_dim * pairs
+    return lin, e.n_layers * e.n_heads * 4 * e.head_dim * pairs
+
+
+def encoder_bound(lin, att, yard, model, isa):
+    """Seconds the encoder's arithmetic takes at least, and how: each part at the peak of the instructions it
+    runs on. Linears: int8 / q4 weights VPDPBUSD (the VNNI peak, where the CPU has it), bf16 precision the
+    bf16 dot product (at the avx512bf16 levels), else float32 FMAs. Attention: the value products are float32
+    FMAs; the scores too, except over the quantised modes' int8 caches, where they are integer dots."""
+    vnni = yard["vnni_GOP/s"] if np.isfinite(yard["vnni_GOP/s"]) else None
+    quantised = any(f in quant.FORMATS for n, f in model.weights.formats().items() if n.startswith("enc.layers."))
+    lin_peak, lin_name = ((vnni, "VNNI") if quantised and vnni else
+                          (yard["bf16dot_GFLOP/s"], "bf16 dot") if not quantised and model.precision == "bf16"
+                          and isa in ("avx512bf16", "avx512amx") else (yard["fma_GFLOP/s"], "FMA"))
+    int8_scores = model.kv == "int8" and vnni
+    scores_peak = vnni if int8_scores else yard["fma_GFLOP/s"]
+    bound = (lin / lin_peak + att / 2 / scores_peak + att / 2 / yard["fma_GFLOP/s"]) / 1e9
+    return bound, f"linears at the {lin_name} peak, attention's scores at the {'VNNI' if int8_scores else 'FMA'} one, values FMA"
 
 
 # --- voxtral_ref -------------------------------------------------------------------------------------------
@@ -162,7 +179,8 @@ def run_ours(args, yard, run, speculate):
     frames = n_padded // C.HOP // 2
     dec_bytes = decode_bytes_per_token(sizes)
     pass_s = float(np.median(one_row)) if len(one_row) else float("nan")
-    enc_flops = encoder_flops(sizes, cfg, frames)
+    lin_flops, att_flops = encoder_flops(sizes, cfg, frames)
+    enc_flops = lin_flops + att_flops
     status = rss_status()
     r = {
         "run": run, "speculate": speculate, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE,
@@ -187,9 +205,8 @@ def run_ours(args, yard, run, speculate):
     r["read_GB/s_probes"] = [bw for _, bw in probes]
     # each pass that follows a probe (one row or drafts: the weights are read once either way), against it
     r["decode_pct_of_read_bw"] = 100 * float(np.median([d / bw for d, bw in paired])) if paired else float("nan")
-    peak = yard["bf16dot_GFLOP/s"] if precision == "bf16" and ckernels.get_isa() in ("avx512bf16", "avx512amx") else yard["fma_GFLOP/s"]
-    r["compute_peak"] = "bf16 dot" if peak is not yard["fma_GFLOP/s"] else "FMA"
-    r["encoder_pct_of_peak"] = 100 * r["encoder_GFLOP/s"] / peak
+    r["encoder_bound_s"], r["encoder_bound"] = encoder_bound(lin_flops, att_flops, yard, model, ckernels.get_isa())
+    r["encoder_pct_of_bound"] = 100 * r["encoder_bound_s"] / result.timings["encode_s"]
     return r
 
 
@@ -325,7 +342,7 @@ def machine(threads, _cache={}):
 def yardsticks(threads):
     m = machine(threads)
     return {"read_GB/s": m.read_gbs(), "fma_GFLOP/s": m.fma_gflops(), "bf16dot_GFLOP/s": m.bf16dot_gflops(),
-            "threads": threads}
+            "vnni_GOP/s": m.vnni_gops(), "threads": threads}
 
 
 def main():
@@ -364,16 +381,17 @@ def main():
     threads = args.threads or len(os.sched_getaffinity(0))
     yard = yardsticks(threads)
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "
-          f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s ({threads} threads, bench/probes.c)")
+          f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s, VNNI peak {yard['vnni_GOP/s']:.0f} GOP/s ({threads} threads, "
+          f"bench/probes.c)")
     runs = {}
     for run in args.runs:
         for k in args.speculate:
             name = run if k is None else f"{run}, speculate={k}"
             ours = runs[name] = run_ours(args, yard, run, k)
-            peak = f"% of {ours['compute_peak']} peak"
             enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
-                   f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); "
-                   f"{ours['encoder_GFLOP/s']:.0f} GFLOP/s = {ours['encoder_pct_of_peak']:.0f}{peak}")
+                   f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); {ours['encoder_GFLOP/s']:.0f} GFLOP/s; "
+                   f"its arithmetic's bound {ours['encoder_bound_s']:.2f} s = {ours['encoder_pct_of_bound']:.0f}% of "
+                   f"the time ({ours['encoder_bound']})")
             bws = ours["read_GB/s_probes"]
             drafted = (f"; {ours['drafted_passes']} passes verifying drafts, {ours['drafted_pass_ms']:.1f} ms median"
                        if ours["drafted_passes"] else "")
