@@ -4,14 +4,14 @@
     python bench/bench_model.py /work/fullsize_ckpt --seconds 10    # table + bench/out/model.json
 
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once per
---runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory
-written by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time
-(quantising at load, unless the directory is already quantised), and once per --speculate value: encoder ms
-per second of audio (transcribe() encodes in chunks as it decodes: their total), time to first token, decode
-ms per token, the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session
-has a backlog: transcribe()'s speculate), the real-time factor, peak memory, and the roofline view: a
-decoder pass streams every decoder weight and the LM head once (one row or drafts), so its weight GB/s is
-compared with this machine's read bandwidth, probed every 8 passes during the run (each probe against the
+--runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory written
+by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time (quantising
+at load, unless the directory is already quantised), and once per --speculate value: encoder ms per second of
+audio (transcribe() encodes in chunks as it decodes: their total), time to first token, decode ms per token,
+the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session has a backlog:
+transcribe()'s speculate), the real-time factor (the probes below not counted), peak memory, and the roofline
+view: a decoder pass streams every decoder weight and the LM head once (one row or drafts), so its weight GB/s
+is compared with this machine's read bandwidth, probed every 8 passes during the run (each probe against the
 pass right after it, since the bandwidth drifts by 2x within minutes here). Random weights decide how often
 drafts are right (they repeat tokens, and never pad as the real model does), so tokens per pass here says
 nothing of the real model's; the encoder is compute-bound, so its time is compared with the time its
@@ -148,16 +148,20 @@ def run_ours(args, yard, run, speculate):
     print(f"  warm-up (1 s clip, pages every weight in) {time.perf_counter() - t:.1f} s")
 
     audio = clip(args.seconds)
-    stamps, passes, anon, probes = [], [], [0.0], []
+    stamps, passes, anon, probes, paused = [], [], [0.0], [], []
     m = machine(yard["threads"])
     real_pass = generate.decoder_pass
 
     def timed_pass(weights, work, trace=None):
         """A decoder pass timed: (seconds, rows, tokens kept). Every 8th is preceded by a bandwidth probe
-        (outside its time: this host's bandwidth drifts by 2x within minutes), compared with that pass."""
+        (outside its time: this host's bandwidth drifts by 2x within minutes), compared with that pass. The
+        probes' own time (a 256 MB read, some 5-10 ms, every 8 passes) is taken off the totals: `paused` holds
+        (when each ended, its seconds)."""
         if len(passes) % 8 == 1:
+            t = time.perf_counter()
             anon[0] = max(anon[0], rss_status().get("RssAnon", 0.0))
             probes.append((len(passes), m.read_gbs_once()))
+            paused.append((time.perf_counter(), time.perf_counter() - t))
         t = time.perf_counter()
         out = real_pass(weights, work, trace)
         passes.append((time.perf_counter() - t, sum(len(a) for _, a in work), sum(len(o or []) for o in out)))
@@ -167,7 +171,7 @@ def run_ours(args, yard, run, speculate):
     try:
         t0 = time.perf_counter()
         result = model.transcribe(audio, on_token=lambda _: stamps.append(time.perf_counter()), speculate=speculate)
-        total = time.perf_counter() - t0
+        total = time.perf_counter() - t0 - sum(dt for _, dt in paused)
     finally:
         generate.decoder_pass = real_pass
     decode = passes[1:]                                     # after the prompt's pass: one position (+ drafts) each
@@ -195,7 +199,8 @@ def run_ours(args, yard, run, speculate):
         "one_row_pass_ms_p10": 1e3 * float(np.percentile(one_row, 10)) if len(one_row) else float("nan"),
         "drafted_passes": len(drafted), "drafted_pass_ms": 1e3 * float(np.median(drafted)) if len(drafted) else None,
         "decode_weight_GB_per_pass": dec_bytes / 1e9, "one_row_GB/s": dec_bytes / pass_s / 1e9,
-        "time_to_first_token_s": stamps[0] - t0,
+        "time_to_first_token_s": stamps[0] - t0 - sum(dt for end, dt in paused if end <= stamps[0]),
+        "probes_s": sum(dt for _, dt in paused),
         # the bandwidth probe's buffer (resident in this process, not the model's) is taken out
         "probe_buffer_GB": m.buf.nbytes / 1e9, "peak_rss_GB": status.get("VmHWM") - m.buf.nbytes / 1e9,
         "peak_anon_GB_sampled": max(anon[0], status.get("RssAnon", 0.0)) - m.buf.nbytes / 1e9,
@@ -402,7 +407,8 @@ def main():
                    f"GB/s median; a pass reads them at {ours['decode_pct_of_read_bw']:.0f}% of the read bandwidth "
                    f"(median of the passes right after a probe; probes {min(bws):.1f}-{max(bws):.1f} GB/s)")
             tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
-                   f"(first token after {ours['time_to_first_token_s']:.2f} s)")
+                   f"(first token after {ours['time_to_first_token_s']:.2f} s; the probes' {ours['probes_s']:.2f} s "
+                   f"not counted)")
             mem = (f"peak RSS {ours['peak_rss_GB']:.2f} GB, of which file-backed weights {ours['file_backed_GB']:.2f} GB; "
                    f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} "
                    f"GB bandwidth-probe buffer excluded)")
