@@ -431,7 +431,7 @@ def test_cli_stream_that_fails_midway_flushes_then_fails(tmp_path):
     import soundfile as sf
     x = speech().copy()
     want = voxtral_ref.load(MODEL_DIRS["mistral"]).transcribe(x[:9600]).text
-    x[9600:9700] = np.nan                                   # 9600: a whole number of the CLI's 320-sample blocks
+    x[9600:9700] = np.nan                  # inside the CLI's first chunk: the audio before it is transcribed still
     wav = tmp_path / "mid_nan.wav"
     sf.write(wav, x, 16000, subtype="FLOAT")
     with open(wav, "rb") as f:

@@ -3,6 +3,7 @@ HF's golden ids; tokens come out as soon as the audio allows; memory stays flat;
 
 import copy
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -454,14 +455,15 @@ def test_cli_stream_prints_offline_text(tiny_mistral, tmp_path, fmt):
 
 def test_cli_stream_precision_and_quantize(tmp_path):
     """--precision bf16 --quantize int8 reach the session's model: the text is that model's session's text
-    for the CLI's 20 ms blocks (a bf16 or quantised stream follows offline only up to a near tie)."""
-    from voxtral_ref.runtime.stream import BLOCKS_PER_SECOND
+    for the CLI's chunks, FEED_MAX_S from a file, whose audio is all waiting (a bf16 or quantised stream
+    follows offline only up to a near tie)."""
+    from voxtral_ref.runtime.stream import FEED_MAX_S
     g = load_case("speech_en_480")
     path = tmp_path / "a.wav"
     pcm = np.round(g["audio"] * 32768).astype("<i2")
     sf.write(path, pcm, 16000, subtype="PCM_16")
     model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="numpy", precision="bf16", quantize="int8")   # as cli()
-    _, text = run_stream(model.stream(), pcm.astype(np.float32) / 32768, [16000 // BLOCKS_PER_SECOND])
+    _, text = run_stream(model.stream(), pcm.astype(np.float32) / 32768, [int(16000 * FEED_MAX_S)])
     r = cli(["--precision", "bf16", "--quantize", "int8"], path)
     assert r.returncode == 0, r.stderr
     assert r.stdout == text + "\n" and "bf16 precision, int8 weights" in r.stderr
@@ -474,6 +476,58 @@ def test_cli_stream_errors_are_one_line(tmp_path):
     for args, words in checks:
         r = cli(args, path)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_sources_join_the_audio_waiting():
+    """A source that got ahead of the decoder is read in one chunk, up to FEED_MAX_S, not 20 ms a step (so its
+    positions decode together, verifying drafts); with less waiting, what is there, at least one 20 ms block."""
+    from voxtral_ref.runtime.stream import FEED_MAX_S, _raw_chunks, _wav_chunks
+    most = int(16000 * FEED_MAX_S)
+    pcm = (np.arange(int(1.5 * most)) % 2000 - 1000).astype("<i2")
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 16000, format="WAV", subtype="PCM_16")
+    for wav in (True, False):
+        r, w = os.pipe()
+        os.write(w, buf.getvalue() if wav else pcm.tobytes())              # 48 KB: within a pipe's 64 KB
+        os.close(w)
+        with open(r, "rb") as f:
+            chunks = list(_wav_chunks(f.fileno(), threading.Event())[1] if wav
+                          else _raw_chunks(f, np.dtype("<i2"), 1, most, threading.Event()))
+        assert [len(c) for c in chunks] == [most, len(pcm) - most], wav
+        joined = np.concatenate(chunks).reshape(-1)
+        assert np.array_equal(joined, pcm / 32768 if wav else pcm)
+    r, w = os.pipe()                                    # a trickle: 30 ms waiting, then the writer goes on
+    os.write(w, buf.getvalue()[:44 + 960])
+    with open(r, "rb") as f:
+        first = next(_wav_chunks(f.fileno(), threading.Event())[1])
+    os.close(w)
+    assert len(first) == 480
+
+
+def test_cli_report_counts_the_text_behind_a_real_time_source(monkeypatch, capsys):
+    """The stderr line's lag is wall time since the source began less the audio the tokens cover, 0 for a
+    source faster than real time, and not counted after EOS (no text follows it)."""
+    from voxtral_ref.runtime import stream as rs
+    clock = [100.0]
+    monkeypatch.setattr(rs.time, "perf_counter", lambda: clock[0])
+    report = rs._Report(16000, n_delay=6)
+
+    def step(ids, seconds):
+        def work():
+            clock[0] += seconds
+            return rs.Emission(ids, "", [0.0] * len(ids))
+        return work
+    report.fed(16000)                                   # 1 s read at t = 100: the source began at 99
+    report.emit(step([1] * 4, 0.5))                     # t = 100.5; (4 + 6) tokens cover 0.8 s: 0.7 s behind
+    assert report.lag == pytest.approx(0.7)
+    report.fed(16000)
+    report.emit(step([1] * 20, 0.1))                    # t = 100.6; 30 tokens cover 2.4 s: ahead, 0
+    assert report.lag == 0.0 and report.lag_max == pytest.approx(0.7)
+    report.emit(step([rs.EOS_ID], 5.0))
+    report.emit(step([], 5.0))                          # after EOS: no text is owed
+    assert report.lag == 0.0
+    report.finish()
+    assert "at most 0.70 s, 0.00 s when the audio ended" in capsys.readouterr().err
 
 
 FAKE_SOUNDDEVICE = """

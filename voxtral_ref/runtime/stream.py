@@ -475,6 +475,16 @@ def text_deltas(session, chunks):
 # --- `voxtral-ref stream` -------------------------------------------------------------------------------------
 RAW_DTYPES = {"s16le": "<i2", "f32le": "<f4"}
 BLOCKS_PER_SECOND = 50                    # read 20 ms at a time: a quarter of a token, so reading adds little delay
+# ... but feed all the audio already waiting, up to FEED_MAX_S: a source that got ahead of the decoder (a
+# machine slower than real time, a stall) then has several positions decoded in a pass with their drafts
+# verified (BACKLOG_DRAFT), as the server's sessions do, where feeding its 20 ms blocks one step at a time
+# keeps the stream a position a pass and behind for good. Full-size q4 on 2 Zen 4 cores, 30 s of speech
+# piped in real time: compute 1.32x real time with 20 ms feeds (docs/performance-log.md, twenty-sixth session).
+FEED_MAX_S = 1.0
+# bytes a frame of each WAV sample format takes in the pipe (unknown formats count 8: fewer frames read
+# than are waiting never blocks)
+WAV_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
+                    "FLOAT": 4, "DOUBLE": 8}
 
 
 def add_stream_parser(subparsers):
@@ -512,10 +522,10 @@ def cli_stream(args):
         rate, chunks = _wav_chunks(sys.stdin.fileno(), stop)
     else:
         rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
-                                              args.rate // BLOCKS_PER_SECOND, stop)
+                                              max(1, int(args.rate * FEED_MAX_S)), stop)
     model = load(args.model, backend=args.backend, precision=args.precision, quantize=args.quantize)
     session = model.stream(args.delay_ms, rate, args.past_eos)
-    report = _Report(rate)
+    report = _Report(rate, session.n_delay)
     print(f"voxtral-ref stream: {rate} Hz in, delay {session.delay_ms} ms, {model.precision} precision"
           + (f", {model.quantize} weights" if model.quantize else "")
           + ("; Ctrl-C to stop" if args.from_mic else ""), file=sys.stderr)
@@ -531,12 +541,17 @@ def cli_stream(args):
     try:
         try:
             for chunk in chunks:
-                session.feed(chunk)
+                try:
+                    session.feed(chunk)
+                except VoxtralError:                    # e.g. NaN samples: keep the chunk's audio before them
+                    session.feed(good := _finite_prefix(chunk))
+                    report.fed(len(good))
+                    raise
                 report.fed(len(chunk))
                 report.emit(session.step)
         except Exception as e:                          # a bad chunk ends the audio: flush what came before
             error = e
-        report.emit(session.close)
+        report.emit(session.close, streaming=False)
     finally:
         signal.signal(signal.SIGINT, previous)
         chunks.close()                                  # stops the microphone
@@ -547,23 +562,41 @@ def cli_stream(args):
         raise VoxtralError("no audio arrived (0 samples): the stream was empty")
 
 
+def _finite_prefix(chunk):
+    """A chunk's frames ([n] or [n, channels]) before its first sample that is not finite in float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~np.isfinite(np.asarray(chunk, np.float32).reshape(len(chunk), -1)).all(axis=1)   # [n]
+    return chunk[:int(np.argmax(bad))] if bad.any() else chunk[:0]
+
+
 class _Report:
     """Writes text deltas to stdout as they come and keeps the timing figures for stderr."""
 
-    def __init__(self, rate):
-        self.rate, self.samples, self.tokens, self.compute = rate, 0, 0, 0.0
+    def __init__(self, rate, n_delay):
+        self.rate, self.n_delay, self.samples, self.tokens, self.compute = rate, n_delay, 0, 0, 0.0
         self.latency_sum, self.latency_max = 0.0, 0.0
+        self.start, self.lag, self.lag_max, self.at_eos = None, 0.0, 0.0, False
 
     def fed(self, n):
+        if self.start is None:                          # when the source began, if it runs in real time
+            self.start = time.perf_counter() - n / self.rate
         self.samples += n
 
-    def emit(self, work):
+    def emit(self, work, streaming=True):
         t = time.perf_counter()
         e = work()
         self.compute += time.perf_counter() - t
         self.tokens += len(e.token_ids)
         self.latency_sum += sum(e.latency_s)
         self.latency_max = max([self.latency_max] + e.latency_s)
+        self.at_eos = self.at_eos or EOS_ID in e.token_ids    # no text follows EOS (unless --past-eos)
+        if streaming and not self.at_eos:
+            # how far the text is behind a real-time source, as the server's Session.lag_s counts it: n tokens
+            # cover (n + delay) tokens of audio; the latencies above count from each chunk's feed, so they
+            # would miss audio waiting in a pipe. 0 for a source faster than real time (a file).
+            covered = (self.tokens + self.n_delay) * MS_PER_TOKEN / 1000
+            self.lag = max(0.0, time.perf_counter() - self.start - covered)
+            self.lag_max = max(self.lag_max, self.lag)
         if e.text:
             sys.stdout.write(e.text)
             sys.stdout.flush()
@@ -572,9 +605,10 @@ class _Report:
         print(flush=True)
         seconds = self.samples / self.rate
         print(f"voxtral-ref stream: {seconds:.2f} s of audio, {self.tokens} tokens, compute {self.compute:.2f} s "
-              f"({self.compute / max(seconds, 1e-9):.3f}x realtime); latency from the last audio sample a token "
-              f"needs to the token: mean {1e3 * self.latency_sum / max(self.tokens, 1):.1f} ms, "
-              f"max {1e3 * self.latency_max:.1f} ms", file=sys.stderr)
+              f"({self.compute / max(seconds, 1e-9):.3f}x realtime); latency from the feed of the last audio sample "
+              f"a token needs to the token: mean {1e3 * self.latency_sum / max(self.tokens, 1):.1f} ms, "
+              f"max {1e3 * self.latency_max:.1f} ms; text behind a real-time source: at most {self.lag_max:.2f} s, "
+              f"{self.lag:.2f} s when the audio ended", file=sys.stderr)
 
 
 def _wav_chunks(fd, stop):
@@ -587,17 +621,33 @@ def _wav_chunks(fd, stop):
 
     def blocks():
         with f:
-            block_frames = max(1, f.samplerate // BLOCKS_PER_SECOND)
-            while not stop.is_set() and len(block := f.read(block_frames, dtype="float32")):
-                yield block                                                  # [n] or [n, channels]
+            block, most = max(1, f.samplerate // BLOCKS_PER_SECOND), max(1, int(f.samplerate * FEED_MAX_S))
+            frame_bytes = WAV_SAMPLE_BYTES.get(f.subtype, 8) * f.channels
+            while not stop.is_set():
+                n = min(most, max(block, _bytes_waiting(fd) // frame_bytes))
+                if not len(chunk := f.read(n, dtype="float32")):
+                    return
+                yield chunk                                                  # [n] or [n, channels]
     return f.samplerate, blocks()
 
 
-def _raw_chunks(stream, dtype, channels, block_frames, stop):
-    """Blocks of raw interleaved PCM as they arrive (read1 returns what the pipe has, up to a block)."""
+def _bytes_waiting(fd):
+    """Bytes a read of fd returns without blocking (a pipe's contents, a file's rest); 0 if unknown."""
+    import fcntl
+    import termios
+    n = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, n)
+    except OSError:
+        return 0
+    return int.from_bytes(n, sys.byteorder)
+
+
+def _raw_chunks(stream, dtype, channels, max_frames, stop):
+    """Blocks of raw interleaved PCM as they arrive (read1 returns what the pipe has, up to max_frames)."""
     frame = dtype.itemsize * channels
     rest = b""
-    while not stop.is_set() and (data := stream.read1(block_frames * frame)):
+    while not stop.is_set() and (data := stream.read1(max_frames * frame)):
         data = rest + data
         whole = len(data) // frame * frame
         rest = data[whole:]
@@ -618,16 +668,23 @@ def _import_sounddevice():
 
 
 def _mic_chunks(sd, rate, stop):
-    """Blocks from the default input device until `stop`; the audio callback hands them over by a queue.
-    Blocks captured before `stop` are still yielded once the device is closed."""
+    """Blocks from the default input device until `stop`; the audio callback hands them over by a queue,
+    and each chunk joins every block waiting there, up to FEED_MAX_S. Blocks captured before `stop` are
+    still yielded once the device is closed."""
     import queue
-    blocks = queue.Queue()
+    blocks, most = queue.Queue(), max(1, int(rate * FEED_MAX_S))
+
+    def waiting(first):
+        chunk = [first]
+        while sum(map(len, chunk)) < most and not blocks.empty():
+            chunk.append(blocks.get())
+        return np.concatenate(chunk)                                       # [n, 1]
     with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=rate // BLOCKS_PER_SECOND,
                         callback=lambda data, frames, t, status: blocks.put(data.copy())):
         while not stop.is_set():
             try:
-                yield blocks.get(timeout=0.05)
+                yield waiting(blocks.get(timeout=0.05))
             except queue.Empty:
                 pass
     while not blocks.empty():
-        yield blocks.get()
+        yield waiting(blocks.get())
