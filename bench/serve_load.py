@@ -9,8 +9,12 @@ chunk that completes a token's audio to receiving its text) p50/p95, time from t
 final event, errors, whether each final transcript equals offline `Model.transcribe` of the same audio,
 the server's passes (how many, their mean time and sessions, the share of the wall time they took), and
 the server's RSS over time: flat after warm-up means its least-squares slope over the second half of
-the audio (every client still streaming; the final flush comes after) is at most FLAT_MB_PER_MIN. After the disconnect cycles: the server's RSS every 50
-cycles and once the idle server has trimmed its heap, its open sessions and clients.
+the audio (every client still streaming; the final flush comes after) is at most FLAT_MB_PER_MIN above
+what the sessions' KV caches add by filling their rings meanwhile (cache_growth: the decoder's grow for
+11 minutes, ~41 MB a minute a session in the full-size quantised modes; the tiny models' by little). After
+the disconnect cycles (each batch waits until the server has room for it under its session limit, since a
+large model takes a while to drop vanished clients): the server's RSS every 50 cycles and once the idle
+server has trimmed its heap, its open sessions and clients.
 
     python bench/serve_load.py --model golden/models/tiny_mistral --sessions 64 --seconds 60 --cycles 200
 """
@@ -31,9 +35,11 @@ import soundfile as sf
 import soxr
 import websockets
 
-import voxtral_ref
-from voxtral_ref.apps.serve.sessions import TRIM_EVERY_S
-from voxtral_ref.config import SAMPLES_PER_TOKEN
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from live_bench import slot_bytes  # noqa: E402
+import voxtral_ref  # noqa: E402
+from voxtral_ref.apps.serve.sessions import TRIM_EVERY_S  # noqa: E402
+from voxtral_ref.config import DOWNSAMPLE, FRAME_RATE, SAMPLES_PER_TOKEN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_S = 0.1
@@ -48,9 +54,13 @@ def rss_mb(pid):
     return float("nan")
 
 
+def max_sessions(args):
+    return args.sessions + 16
+
+
 def start_server(args):
     cmd = [sys.executable, "-m", "voxtral_ref.apps.cli", "serve", "--model", args.model, "--port", "0",
-           "--backend", args.backend, "--max-sessions", str(args.sessions + 16), "--served-model-name", "m"]
+           "--backend", args.backend, "--max-sessions", str(max_sessions(args)), "--served-model-name", "m"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     while not (m := re.search(r"http://127\.0\.0\.1:(\d+)", proc.stderr.readline())):
         if proc.poll() is not None:
@@ -162,6 +172,25 @@ async def sample_rss(pid, series, t0, stop):
             pass
 
 
+def cache_growth(model, sessions, t0, t1):
+    """MB a minute that `sessions` streams' KV caches add between t0 and t1 seconds of their audio: each
+    ring's rows are first written (and paged in) as its positions arrive, until the ring is full."""
+    s = model.stream()
+    rings = [(c, FRAME_RATE) for c in s._dec.caches] + [(c, DOWNSAMPLE * FRAME_RATE) for c in s._enc_caches]
+    grown = sum(2 * slot_bytes(c.k) * (min(c.capacity, rate * t1) - min(c.capacity, rate * t0)) for c, rate in rings)
+    return sessions * grown / 1e6 * 60 / (t1 - t0)
+
+
+async def room(port, limit, n, timeout_s=300.0):
+    """Wait until the server admits n more clients under its session limit; -> seconds waited, None if not."""
+    t0 = time.perf_counter()
+    while metric(port, "voxtral_clients") + n > limit:
+        if time.perf_counter() - t0 > timeout_s:
+            return None
+        await asyncio.sleep(0.2)
+    return time.perf_counter() - t0
+
+
 def slope_mb_per_min(series, t0, t1):
     """Least-squares slope of RSS over the samples in [t0, t1)."""
     pts = [(t, r) for t, r in series if t0 <= t < t1]
@@ -188,11 +217,15 @@ async def main(args):
         failures = [r for r in results if isinstance(r, BaseException)]
         t_stream = time.perf_counter() - t0
         passes = {n: metric(port, f"voxtral_pass_{n}") for n in ("seconds_sum", "seconds_count", "sessions_sum")}
-        cycle_rss = [(0, rss_mb(proc.pid))]                 # (cycles done, RSS)
-        for start in range(0, args.cycles, 8):
-            await asyncio.gather(*(vanish(port, speech) for _ in range(min(8, args.cycles - start))))
-            done = min(start + 8, args.cycles)
-            if done % 50 == 0 or done == args.cycles:
+        cycle_rss, waited, done = [(0, rss_mb(proc.pid))], 0.0, 0        # (cycles done, RSS)
+        while done < args.cycles:
+            n = min(8, args.cycles - done)
+            if (w := await room(port, max_sessions(args), n)) is None:
+                break                                       # reported below: the server never made room
+            waited += w
+            await asyncio.gather(*(vanish(port, speech) for _ in range(n)))
+            done += n
+            if done // 50 > (done - n) // 50 or done == args.cycles:     # past a multiple of 50
                 cycle_rss.append((done, rss_mb(proc.pid)))
         await asyncio.sleep(TRIM_EVERY_S + 1)               # the idle server trims its heap once more
         open_after, clients_after = metric(port, "voxtral_open_sessions"), metric(port, "voxtral_clients")
@@ -229,11 +262,15 @@ async def main(args):
           f"max {max(s['flush'] for s in stats):.2f} s")
     print("  server RSS (MB) over time: " + ", ".join(f"{t:.0f}s {r:.0f}" for t, r in series))
     slope = slope_mb_per_min(series, args.seconds / 2, args.seconds)
+    caches = cache_growth(model, len(stats), args.seconds / 2, args.seconds)
     print(f"  RSS slope over the second half of the audio ({args.seconds / 2:g}-{args.seconds:g} s): "
-          f"{slope:+.1f} MB/min: "
-          + ("too few samples" if np.isnan(slope) else "flat" if slope <= FLAT_MB_PER_MIN else "GROWING")
-          + f" (flat: at most {FLAT_MB_PER_MIN:+g} MB/min)")
-    print(f"  {args.cycles} connect/stream/vanish cycles: RSS (MB) " + ", ".join(f"{n} {r:.0f}" for n, r in cycle_rss)
+          f"{slope:+.1f} MB/min, of which the KV caches filling their rings {caches:+.1f}: "
+          + ("too few samples" if np.isnan(slope) else "flat" if slope <= caches + FLAT_MB_PER_MIN else "GROWING")
+          + f" (flat: at most {FLAT_MB_PER_MIN:+g} MB/min more)")
+    print(f"  {done} of {args.cycles} connect/stream/vanish cycles"
+          + ("" if done == args.cycles else " (then the server kept its session limit full for 300 s)")
+          + f", {waited:.1f} s waiting for room under the session limit: RSS (MB) "
+          + ", ".join(f"{n} {r:.0f}" for n, r in cycle_rss)
           + f", {TRIM_EVERY_S + 1:g} s later {rss_after:.0f}; open sessions after: {open_after:g}, "
           f"clients after: {clients_after:g}")
     print(f"  server exit code after SIGTERM: {code}")

@@ -58,7 +58,7 @@ class _Job:
     def __init__(self, kind, work):
         self.kind, self.work = kind, work
         self.result, self.error, self.done = None, None, False
-        self.ticket = [self]              # the jobs of its thread's call: the thread waits for all of them
+        self.ticket = None                # while queued: the jobs of its thread's call, which waits for all
 
     @property
     def dec(self):                        # a decoder chunk's Decoder ...
@@ -201,6 +201,11 @@ class Engine:
                     self._finish(kind, batch)
                 if error is not None and not isinstance(error, Exception):
                     raise error               # KeyboardInterrupt: every job of the pass holds it too
+            # every pass with one of them has finished: job -> ticket -> job is a cycle that only the cyclic
+            # garbage collector would free, holding the KV caches a job refers to until then (a server's RSS
+            # grew with its vanished clients, apps/serve/sessions.py)
+            for j in ticket:
+                j.ticket = None
 
     def _next_pass(self):
         """Under the lock: the kind of pass to run now, or None to wait. A full queue runs at once; else a pass

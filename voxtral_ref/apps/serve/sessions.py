@@ -165,7 +165,7 @@ class Scheduler:
         """The client is gone (or cleared the audio): the session leaves at once, mid-pass results are
         dropped."""
         with self._cv:
-            s.forgotten = True
+            s.forgotten, s.deliver = True, None
             if s in self._sessions:
                 self._sessions.remove(s)
             self.metrics.open_sessions.set(len(self._sessions))
@@ -247,6 +247,12 @@ class Scheduler:
 def _deliver(s, e, final, err):
     if not s.forgotten:
         s.deliver(e, final, err)
+    if final:
+        # Its last result: the callback goes (forget() drops it too). A client's callback refers back to the
+        # session (protocols.Connection.open), a cycle that only a full run of the cyclic garbage collector
+        # would free, and those are rare: on the full-size q4 model the server's RSS had grown 2.6 -> 6.2 GB
+        # after 100 vanished clients, their sessions' KV caches still held.
+        s.deliver = None
 
 
 def pcm16(raw):
