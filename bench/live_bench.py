@@ -14,7 +14,12 @@ encoder + adapter + decoder + LM head for one token, as a live client sees it. R
           for whatever ran before it, here the previous model's run);
   full    the same session fast-forwarded a decoder ring's worth of positions (8448: full windows, every KV slot in use:
           what an 11-minute stream reaches), then --seconds more;
-per phase: step ms (median, mean, p95), live RTF (mean step / 80 ms), the bytes a step must read (weights,
+With --catch-up each step is fed every block due by then instead (at least one): a client that fell behind
+hands the session all the audio waiting, whose positions then decode in one pass with drafts verified (what
+the server and `voxtral-ref stream` do); the text's lag behind the source (first and last quarter of the
+phase) then says whether the stream keeps up.
+per phase: step ms (median, mean, p95), live RTF (the steps' time over the audio's: mean step / 80 ms at one
+block a step), the bytes a step must read (weights,
 plus the KV caches its attention reads), the read bandwidth probed in the same run (bench/probes.c: before
 and after each phase and a quick read between every PROBE_EVERY steps; the median of them all, and their
 range), the roofline ratio (mean step / (bytes / bandwidth)), the time outside the
@@ -104,17 +109,23 @@ def fast_forward(session, tokens):
 PROBE_EVERY = 10
 
 
-def paced(session, audio, seconds, block, machine):
-    """Feed `seconds` of audio `block` samples at a time in real time; -> step seconds, linear seconds,
-    attention seconds, first-token latency, the bandwidth read between steps."""
-    steps, inside, attn, first, reads = [], [], [], None, []
-    t_next = time.perf_counter()
-    for i, start in enumerate(range(0, int(seconds * C.SAMPLE_RATE), block)):
-        wait = t_next - time.perf_counter()
+def paced(session, audio, seconds, block, machine, catch_up=False):
+    """Feed `seconds` of audio `block` samples at a time in real time (catch_up: every block due by then,
+    at least one, before each step); -> step seconds, linear seconds, attention seconds, first-token
+    latency, the bandwidth read between steps, and after each step the text's lag behind the source (the
+    time since the source began less the 80 ms each token of the phase covers: the step's own time for a
+    stream that keeps up)."""
+    steps, inside, attn, first, reads, lags, tokens = [], [], [], None, [], [], 0
+    n_blocks, fed, i = int(seconds * C.SAMPLE_RATE) // block, 0, 0
+    block_s = block / C.SAMPLE_RATE
+    t_start = time.perf_counter()
+    while fed < n_blocks:
+        wait = t_start + fed * block_s - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        t_next += block / C.SAMPLE_RATE
-        chunk = audio[start % len(audio):][:block]
+        due = min(n_blocks, int((time.perf_counter() - t_start) / block_s) + 1) if catch_up else fed + 1
+        chunk = np.concatenate([audio[(b * block) % len(audio):][:block] for b in range(fed, due)])
+        fed = due
         lin0, att0 = ckernels.weight_seconds(), ckernels.attention_seconds()
         t0 = time.perf_counter()
         session.feed(chunk)
@@ -122,11 +133,16 @@ def paced(session, audio, seconds, block, machine):
         steps.append(time.perf_counter() - t0)
         inside.append(ckernels.weight_seconds() - lin0)
         attn.append(ckernels.attention_seconds() - att0)
+        tokens += len(e.token_ids)
+        # block b is fed when it is due, at t_start + b block_s, as if its audio had just ended there: the
+        # source began one block before t_start
+        lags.append(time.perf_counter() - t_start + block_s - tokens * C.MS_PER_TOKEN / 1000)
         if first is None and e.latency_s:
             first = e.latency_s[0]
         if i % PROBE_EVERY == PROBE_EVERY - 1:
-            reads.append(machine.read_gbs_once())
-    return np.array(steps), np.array(inside), np.array(attn), first, reads
+            reads.append(machine.read_gbs_once())       # outside the steps, but inside the lag's clock
+        i += 1
+    return np.array(steps), np.array(inside), np.array(attn), first, reads, np.array(lags)
 
 
 NEW_SESSIONS = 3
@@ -148,10 +164,14 @@ def first_token_s(model, audio, block):
     return session.step().latency_s[0]
 
 
-def summary(steps, inside, attn, nbytes, bw, block):
-    mean = steps.mean()
+def summary(steps, inside, attn, nbytes, bw, seconds, lags):
+    """seconds: the audio the steps were fed."""
+    mean, q = steps.mean(), max(1, len(lags) // 4)
     return {"steps": len(steps), "step_ms_median": 1e3 * float(np.median(steps)), "step_ms_mean": 1e3 * float(mean),
-            "step_ms_p95": 1e3 * float(np.percentile(steps, 95)), "live_rtf": float(mean / (block / C.SAMPLE_RATE)),
+            "step_ms_p95": 1e3 * float(np.percentile(steps, 95)),
+            "live_rtf": float(steps.sum() / seconds),        # one block a step: mean step / block
+            "lag_s_first_quarter": float(lags[:q].mean()), "lag_s_last_quarter": float(lags[-q:].mean()),
+            "lag_s_max": float(lags.max()),
             "bytes_per_step_GB": nbytes / 1e9, "read_GB/s": bw, "roofline_ms": 1e3 * nbytes / 1e9 / bw,
             "vs_roofline": float(mean / (nbytes / 1e9 / bw)),
             "outside_kernels_ms_mean": 1e3 * float((steps - inside).mean()),
@@ -178,10 +198,12 @@ def run(path, args, machine):
         if phase == "full":
             fast_forward(session, session._dec.caches[0].capacity)        # every slot of every ring in use
         bw_before = machine.read_gbs()
-        steps, inside, attn, first, reads = paced(session, audio[lead:], args.seconds, block, machine)
+        steps, inside, attn, first, reads, lags = paced(session, audio[lead:], args.seconds, block, machine,
+                                                        args.catch_up)
         reads = [bw_before, *reads, machine.read_gbs()]
         bw = float(np.median(reads))
-        out[phase] = summary(steps, inside, attn, weight_bytes(model) + kv_bytes(session), bw, block)
+        fed_s = int(args.seconds * C.SAMPLE_RATE) // block * block / C.SAMPLE_RATE
+        out[phase] = summary(steps, inside, attn, weight_bytes(model) + kv_bytes(session), bw, fed_s, lags)
         out[phase]["read_GB/s_reads"] = reads
         if phase == "start":
             out["first_token_latency_ms"] = 1e3 * first if first is not None else None
@@ -191,7 +213,9 @@ def run(path, args, machine):
               f"{r['bytes_per_step_GB']:.2f} GB/step at {bw:.1f} GB/s ({min(reads):.1f}-{max(reads):.1f}) -> "
               f"roofline {r['roofline_ms']:.1f} ms "
               f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms (attention "
-              f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})", flush=True)
+              f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})"
+              + (f"; catching up: {r['steps']} steps, text {r['lag_s_first_quarter']:.2f} -> {r['lag_s_last_quarter']:.2f} s behind (first / last "
+                 f"quarter, max {r['lag_s_max']:.2f})" if args.catch_up else ""), flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM") - machine.buf.nbytes / 1e9   # the probe's buffer is not the model's
     session = None                      # its full-window caches go before the new sessions open
     out["new_sessions_first_token_ms"] = [1e3 * first_token_s(model, audio, block) for _ in range(NEW_SESSIONS)]
@@ -211,6 +235,10 @@ def main():
     ap.add_argument("--block-ms", type=int, default=C.MS_PER_TOKEN, choices=[80, 160, 240],
                     help="audio per feed() + step(): wider blocks step the encoder less often and decode a "
                          "backlog of positions per step, for more latency (default 80)")
+    ap.add_argument("--catch-up", action="store_true",
+                    help="before each step feed every block due by then, as `voxtral-ref serve` and `voxtral-ref "
+                         "stream` do: a step behind the audio decodes the positions waiting in one pass, "
+                         "verifying drafts; reports how far the text falls behind the source")
     ap.add_argument("--json", type=Path, default=OUT / "live.json")
     run_models(ap.parse_args(), run)
 

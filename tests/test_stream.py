@@ -481,7 +481,8 @@ def test_cli_stream_errors_are_one_line(tmp_path):
 def test_cli_sources_join_the_audio_waiting():
     """A source that got ahead of the decoder is read in one chunk, up to FEED_MAX_S, not 20 ms a step (so its
     positions decode together, verifying drafts); with less waiting, what is there, at least one 20 ms block."""
-    from voxtral_ref.runtime.stream import FEED_MAX_S, _raw_chunks, _wav_chunks
+    from voxtral_ref.runtime.stream import FEED_MAX_S, _bytes_waiting, _raw_chunks, _wav_chunks
+    assert _bytes_waiting(-1) == 0                      # unknown: read a block, which blocks at worst
     most = int(16000 * FEED_MAX_S)
     pcm = (np.arange(int(1.5 * most)) % 2000 - 1000).astype("<i2")
     buf = io.BytesIO()

@@ -633,12 +633,12 @@ def _wav_chunks(fd, stop):
 
 def _bytes_waiting(fd):
     """Bytes a read of fd returns without blocking (a pipe's contents, a file's rest); 0 if unknown."""
-    import fcntl
-    import termios
-    n = bytearray(4)
     try:
+        import fcntl
+        import termios
+        n = bytearray(4)
         fcntl.ioctl(fd, termios.FIONREAD, n)
-    except OSError:
+    except (ImportError, AttributeError, OSError, ValueError):   # no FIONREAD here (Windows), or not for this fd
         return 0
     return int.from_bytes(n, sys.byteorder)
 
