@@ -479,7 +479,8 @@ BLOCKS_PER_SECOND = 50                    # read 20 ms at a time: a quarter of a
 # machine slower than real time, a stall) then has several positions decoded in a pass with their drafts
 # verified (BACKLOG_DRAFT), as the server's sessions do, where feeding its 20 ms blocks one step at a time
 # keeps the stream a position a pass and behind for good. Full-size q4 on 2 Zen 4 cores, 30 s of speech
-# piped in real time: compute 1.32x real time with 20 ms feeds (docs/performance-log.md, twenty-sixth session).
+# piped in real time: compute 1.32-1.33x real time and 9.3 s behind at the end with 20 ms feeds, 0.93-0.97x and
+# at most 0.8 s behind feeding what waits (docs/performance-log.md, twenty-sixth session).
 FEED_MAX_S = 1.0
 # bytes a frame of each WAV sample format takes in the pipe (unknown formats count 8: fewer frames read
 # than are waiting never blocks)
