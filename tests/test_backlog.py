@@ -162,6 +162,37 @@ def test_sessions_time_their_own_decoding_passes():
     assert seen["sizes"][1:3] == [4, 1] and 1 in m3.pass_seconds
 
 
+@pytest.mark.timed_drafts
+def test_sessions_sharing_every_pass_time_a_row_a_chunk():
+    """Two engine sessions behind their audio, stepped together, so every decoding pass holds both: the
+    engine times a pass by its rows a chunk, so the 1-row time pass_ratio divides by is the time of both
+    sessions' undrafted pass. (By total rows no 1-row pass was ever timed, pass_ratio stayed inf, and
+    the sessions stopped drafting for good: 2 live q4 sessions on 2 Zen 4 cores ran 2-row passes, 1.1 tokens
+    a session each, busy 1.38x real time.) With drafts always right they keep verifying them."""
+    g = load_case(CASES[0])
+    ids = g["token_ids"].tolist()
+    m = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND)
+    e = Engine(m)
+    a, b = e.stream(int(g["delay_ms"])), e.stream(int(g["delay_ms"]))
+    real_pass, chunks = engine_mod.decoder_pass, []
+
+    def shared_pass(weights, work, trace=None):
+        chunks.append(len(work))
+        return real_pass(weights, work, trace)
+    engine_mod.decoder_pass = shared_pass
+    try:
+        with drafting({a._dec: ids, b._dec: ids}):
+            for s in (a, b):
+                s.feed(g["audio"])
+            e.together([a.step, b.step])
+            e.together([a.close, b.close])
+    finally:
+        engine_mod.decoder_pass = real_pass
+    assert a.token_ids == b.token_ids == ids
+    assert set(chunks) == {2}                                     # every pass held both sessions
+    assert 1 in m.pass_seconds and max(m.pass_seconds) <= 1 + stream.BACKLOG_DRAFT
+
+
 def test_draft_length_buys_the_most_tokens_per_second():
     """(1 + a + ... + a^j) / ratio(1 + j), j = 0..k: with rows free (not timed) the whole draft; with q4's
     costs on 2 Zen 1 cores (~1 + 0.34 a row) one guess at a = 1/2, all three when nearly all are right, none
