@@ -214,8 +214,9 @@ def run(path, args, machine):
               f"roofline {r['roofline_ms']:.1f} ms "
               f"({r['vs_roofline']:.2f}x), outside kernels {r['outside_kernels_ms_mean']:.1f} ms (attention "
               f"{r['attention_ms_mean']:.1f}, the rest {r['rest_ms_mean']:.1f})"
-              + (f"; catching up: {r['steps']} steps, text {r['lag_s_first_quarter']:.2f} -> {r['lag_s_last_quarter']:.2f} s behind (first / last "
-                 f"quarter, max {r['lag_s_max']:.2f})" if args.catch_up else ""), flush=True)
+              + (f"; catching up: {r['steps']} steps, text {r['lag_s_first_quarter']:.2f} -> "
+                 f"{r['lag_s_last_quarter']:.2f} s behind (first / last quarter, max {r['lag_s_max']:.2f})"
+                 if args.catch_up else ""), flush=True)
     out["peak_rss_GB"] = rss_gb().get("VmHWM") - machine.buf.nbytes / 1e9   # the probe's buffer is not the model's
     session = None                      # its full-window caches go before the new sessions open
     out["new_sessions_first_token_ms"] = [1e3 * first_token_s(model, audio, block) for _ in range(NEW_SESSIONS)]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from live_bench import slot_bytes  # noqa: E402
 import voxtral_ref  # noqa: E402
 from voxtral_ref.apps.serve.sessions import TRIM_EVERY_S  # noqa: E402
-from voxtral_ref.config import DOWNSAMPLE, FRAME_RATE, SAMPLES_PER_TOKEN  # noqa: E402
+from voxtral_ref.config import DOWNSAMPLE, FRAME_RATE, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK_S = 0.1
@@ -174,10 +174,12 @@ async def sample_rss(pid, series, t0, stop):
 
 def cache_growth(model, sessions, t0, t1):
     """MB a minute that `sessions` streams' KV caches add between t0 and t1 seconds of their audio: each
-    ring's rows are first written (and paged in) as its positions arrive, until the ring is full."""
-    s = model.stream()
+    ring's rows are first written (and paged in) as its positions arrive, after the left pad's, until the
+    ring is full."""
+    s, pad_s = model.stream(), N_LEFT_PAD_TOKENS / FRAME_RATE
     rings = [(c, FRAME_RATE) for c in s._dec.caches] + [(c, DOWNSAMPLE * FRAME_RATE) for c in s._enc_caches]
-    grown = sum(2 * slot_bytes(c.k) * (min(c.capacity, rate * t1) - min(c.capacity, rate * t0)) for c, rate in rings)
+    grown = sum(2 * slot_bytes(c.k) * (min(c.capacity, rate * (t1 + pad_s)) - min(c.capacity, rate * (t0 + pad_s)))
+                for c, rate in rings)
     return sessions * grown / 1e6 * 60 / (t1 - t0)
 
 
@@ -264,7 +266,7 @@ async def main(args):
     slope = slope_mb_per_min(series, args.seconds / 2, args.seconds)
     caches = cache_growth(model, len(stats), args.seconds / 2, args.seconds)
     print(f"  RSS slope over the second half of the audio ({args.seconds / 2:g}-{args.seconds:g} s): "
-          f"{slope:+.1f} MB/min, of which the KV caches filling their rings {caches:+.1f}: "
+          f"{slope:+.1f} MB/min, against {caches:+.1f} for the KV caches filling their rings: "
           + ("too few samples" if np.isnan(slope) else "flat" if slope <= caches + FLAT_MB_PER_MIN else "GROWING")
           + f" (flat: at most {FLAT_MB_PER_MIN:+g} MB/min more)")
     print(f"  {done} of {args.cycles} connect/stream/vanish cycles"
