@@ -2,8 +2,10 @@
 official `openai` client, HTTP uploads, bad input, disconnects, auth, limits, idle timeout and SIGTERM.
 Every final transcript is compared with offline `Model.transcribe` of the same audio."""
 
+import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -272,6 +274,118 @@ def test_models_health_metrics(server):
     assert "access-control-allow-origin" not in http(f"{base}/v1/models", {"Origin": "http://x.example"})[1]
 
 
+def post(port, fields=(), files=()):
+    """A raw multipart POST to /v1/audio/transcriptions: fields [(name, value)], files [(name, (filename,
+    bytes))] or a dict of them -> (status, JSON body or text)."""
+    boundary, parts = "b0undary", []
+    for name, value in fields:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in (files.items() if isinstance(files, dict) else files):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+                                 data=b"".join(parts) + f"--{boundary}--\r\n".encode(), method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, body = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read().decode()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def wav_bytes(samples, rate=16000, fmt="WAV"):
+    import io
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt)
+    return buf.getvalue()
+
+
+def test_upload_fields_are_checked_not_ignored(server, model, speech):
+    """OpenAI's fields either work or are refused with a reason: none is silently dropped."""
+    port, state = server
+    audio = {"file": ("a.wav", wav_bytes(speech[:16000]))}
+    offline = model.transcribe(speech[:16000]).text.strip()
+    m = [("model", NAME)]
+    refused = [
+        ([], "model", 400), ([("model", "nope" * 1000)], "model", 404), (m + [("colour", "blue")], "colour", 400),
+        (m + [("stream", "banana")], "stream", 400), (m + [("stream", "true"), ("response_format", "srt")],
+                                                      "response_format", 400),
+        (m + [("temperature", "abc")], "temperature", 400), (m + [("temperature", "0.7")], "temperature", 400),
+        (m + [("language", "zz-bogus")], "language", 400), (m + [("prompt", "Voxtral")], "prompt", 400),
+        (m + [("timestamp_granularities[]", "word"), ("response_format", "verbose_json")],
+         "timestamp_granularities[]", 400),
+        (m + [("timestamp_granularities[]", "segment")], "timestamp_granularities[]", 400),
+        (m + [("include[]", "logprobs")], "include[]", 400), (m + [("chunking_strategy", "server_vad")],
+                                                            "chunking_strategy", 400),
+    ]
+    for fields, param, status in refused:
+        got, body = post(port, fields, audio)
+        assert (got, body["error"]["param"]) == (status, param), (fields, body)
+        assert len(body["error"]["message"]) < 400, body                    # a 4000-char model name is cut
+        clean(body["error"]["message"])
+    got, body = post(port, [("file", "not a file")] + m, {"model": ("m.txt", NAME.encode())})
+    assert got == 400 and body["error"]["param"] in ("file", "model"), body
+    got, body = post(port, m, [("file", ("a.wav", b"RIFF")), ("file", ("b.wav", b"RIFF"))])
+    assert got == 400 and "files" in body["error"]["message"].lower(), body
+    accepted = [[("language", "en")], [("temperature", "0")], [("chunking_strategy", "auto")], [("stream", "False")]]
+    for fields in accepted:
+        assert post(port, m + fields, audio) == (200, {"text": offline, "usage": {"type": "duration", "seconds": 1.0}})
+    got, body = post(port, m + [("response_format", "verbose_json"), ("timestamp_granularities[]", "segment")], audio)
+    assert got == 200 and body["text"] == offline
+    wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+def test_upload_audio_is_limited_by_its_length_and_decoded_off_the_event_loop(model, speech, monkeypatch):
+    """A small compressed file can hold hours: the decoded length is capped, whatever the header says, and
+    decoding never stalls other clients."""
+    from voxtral_ref.apps.serve import http as serve_http
+    from voxtral_ref.stages.audio import to_mono_16k
+    stereo = np.stack([speech, speech[::-1]], axis=1)[:40000]                # 2.5 s, 2 channels
+    data = wav_bytes(stereo, 44100)
+    blocks = serve_http.decode_upload(data, 60)                              # read 10 s blocks at a time
+    np.testing.assert_array_equal(blocks, to_mono_16k(*sf.read(io.BytesIO(data), dtype="float32")))
+    with running(model, max_upload_s=2.0) as (port, state):
+        got, body = post(port, [("model", NAME)], {"file": ("s.flac", wav_bytes(np.zeros(48000, np.int16), fmt="FLAC"))})
+        assert got == 413 and body["error"]["code"] == "audio_too_long", body
+        assert post(port, [("model", NAME)], {"file": ("s.wav", wav_bytes(speech[:24000]))})[0] == 200
+        started, release, real = threading.Event(), threading.Event(), serve_http.decode_upload
+
+        def slow_decode(*args):
+            started.set()
+            release.wait(10)
+            return real(*args)
+        monkeypatch.setattr(serve_http, "decode_upload", slow_decode)
+        upload = threading.Thread(target=post, args=(port, [("model", NAME)], {"file": ("s.wav", wav_bytes(speech[:8000]))}))
+        upload.start()
+        assert started.wait(10)
+        t = time.monotonic()
+        assert http(f"http://127.0.0.1:{port}/health")[0] == 200                # while the upload decodes
+        assert time.monotonic() - t < 2
+        release.set()
+        upload.join(30)
+        wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+def test_unknown_paths_methods_and_intents_get_json_errors(server):
+    port, state = server
+    base = f"http://127.0.0.1:{port}"
+    for url, status, code in ((f"{base}/v1/nope", 404, "not_found"), (f"{base}/v1/audio/transcriptions", 405,
+                              "method_not_allowed"), (f"{base}/v1/models/other", 404, "model_not_found")):
+        got, _, body = http(url)
+        assert (got, json.loads(body)["error"]["code"]) == (status, code)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(InvalidStatus) as e:
+        connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=bogus")
+    assert e.value.response.status_code == 400 and b"intent" in e.value.response.body
+    metrics = http(f"{base}/metrics")[2]
+    assert re.search(r'^voxtral_client_errors_total\{code="not_found"\} [1-9]', metrics, re.M)
+
+
 # --- faults ---------------------------------------------------------------------------------------------
 def test_bad_input_gets_error_events_and_session_goes_on(server, model, speech):
     port, _ = server
@@ -329,6 +443,90 @@ def test_openai_bad_input_errors(server, model, speech24):
         send(ws, "input_audio_buffer.commit")
         done = until(ws, "conversation.item.input_audio_transcription.completed")[-1]
     assert done["transcript"] == model.transcribe(speech24, sample_rate=24000).text
+
+
+def test_event_fields_are_checked_and_echoes_are_safe(server, model, speech, speech24):
+    port, _ = server
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+        recv(ws)
+        send(ws, "session.update", model="x" * 100_000)
+        e = recv(ws)
+        assert e["code"] == "model_not_found" and len(e["error"]) < 200        # not the 100 KB name back
+        send(ws, "session.update", model=NAME)
+        send(ws, "input_audio_buffer.commit", final="false")                 # a string is not a boolean
+        assert recv(ws)["code"] == "invalid_event"
+        send(ws, "input_audio_buffer.append", audio=b64(speech))
+        send(ws, "input_audio_buffer.commit", final=True)
+        assert until(ws, "transcription.done")[-1]["text"] == model.transcribe(speech).text
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as ws:
+        recv(ws)
+        ws.send('{"type": "input_audio_buffer.commit", "event_id": "\\ud83d"}')   # a lone surrogate
+        e = recv(ws)
+        assert e["error"]["code"] == "input_audio_buffer_commit_empty" and e["error"]["event_id"] == "\ud83d"
+        for session in ({"audio": 0}, {"audio": {"input": {"noise_reduction": {"type": "near_field"}}}},
+                        {"audio": {"input": {"transcription": {"language": "zz-bogus"}}}},
+                        {"audio": {"input": {"transcription": {"prompt": "Voxtral"}}}},
+                        {"include": ["item.input_audio_transcription.logprobs"]}):
+            send(ws, "session.update", session=session)
+            assert recv(ws)["error"]["code"] in ("invalid_event", "invalid_value"), session
+        send(ws, "session.update", session={"audio": {"input": {"transcription": {"model": NAME, "language": "en"}}}})
+        assert recv(ws)["type"] == "session.updated"                          # the connection went on
+        send(ws, "input_audio_buffer.append", audio=b64(speech24))
+        send(ws, "input_audio_buffer.commit")
+        done = until(ws, "conversation.item.input_audio_transcription.completed")[-1]
+    assert done["transcript"] == model.transcribe(speech24, sample_rate=24000).text
+
+
+def test_a_client_that_stops_reading_is_dropped(model, monkeypatch):
+    """Events pile up for a client whose transport no longer takes them (it does not read): past
+    MAX_OUTBOX_BYTES the client is dropped and its place freed, instead of the server buffering without end."""
+    from voxtral_ref.apps.serve import protocols
+    monkeypatch.setattr(protocols, "MAX_OUTBOX_BYTES", 64 << 10)
+    monkeypatch.setattr(protocols, "CLOSE_TIMEOUT_S", 0.2)
+    bad = json.dumps({"type": "nonsense", "event_id": "e" * 200})          # each earns an error event
+
+    class Stalled:                                                           # a WebSocket whose peer never reads
+        query_params = {}
+
+        def __init__(self):
+            self.read = 0
+
+        async def accept(self):
+            pass
+
+        async def receive(self):
+            self.read += 1
+            await asyncio.sleep(0)
+            return {"type": "websocket.receive", "text": bad}
+
+        async def send_text(self, text):
+            await asyncio.Event().wait()
+
+        async def close(self, code=1000):
+            await asyncio.Event().wait()
+
+    async def scenario():
+        state = ServerState(model, NAME, Limits())
+        state.settled = asyncio.Event()
+        ws = Stalled()
+        await asyncio.wait_for(protocols.VllmConnection(ws, state).run(), 10)
+        return ws.read, state.clients
+    read, clients = asyncio.run(scenario())
+    assert read < 1000 and not clients                                       # ~64 KB of ~300-byte events
+
+
+def test_appended_audio_without_a_commit_is_never_decoded(model, speech):
+    """vLLM decodes only what a commit started: audio appended and never committed is dropped when the
+    connection ends (here by the idle timeout), not transcribed behind the model check."""
+    with running(model, idle_timeout_s=0.5) as (port, state):
+        with connect(f"ws://127.0.0.1:{port}/v1/realtime") as ws:
+            recv(ws)
+            send(ws, "input_audio_buffer.append", audio=b64(speech))
+            events = until(ws, "error")
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+        assert [e.get("code") for e in events] == ["idle_timeout"], events
+        wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
 
 
 def test_disconnect_mid_stream_frees_session_others_unaffected(server, model, speech):
@@ -445,9 +643,24 @@ def test_api_key_and_cors(model):
     with running(model, api_key="s3cret", cors=("http://app.example",)) as (port, _):
         base = f"http://127.0.0.1:{port}"
         assert http(f"{base}/health")[0] == 200                           # liveness needs no key
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Basic s3cret"}):
             status, _, body = http(f"{base}/v1/models", headers)
             assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert re.search(r'^voxtral_client_errors_total\{code="invalid_api_key"\} 4', http(f"{base}/metrics", {
+            "Authorization": "Bearer s3cret"})[2], re.M)
+        assert http(f"{base}/v1/models", {"Authorization": "bearer s3cret"})[0] == 200   # the scheme's case is free
+        # browsers apply no CORS to WebSockets: a page's origin must be allowed (or be this server)
+        key = {"Authorization": "Bearer s3cret"}
+        for origin, allowed in (("http://app.example", True), (f"http://127.0.0.1:{port}", True),
+                                ("https://evil.example", False)):
+            if allowed:
+                with connect(f"ws://127.0.0.1:{port}/v1/realtime", origin=origin, additional_headers=key) as ws:
+                    assert recv(ws)["type"] == "session.created"
+                continue
+            with pytest.raises(InvalidStatus) as e:
+                connect(f"ws://127.0.0.1:{port}/v1/realtime", origin=origin, additional_headers=key)
+            assert e.value.response.status_code == 403 and b"--cors-origin" in e.value.response.body
         status, headers, _ = http(f"{base}/v1/models", {"Authorization": "Bearer s3cret", "Origin": "http://app.example"})
         assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
         with pytest.raises(InvalidStatus) as e:
@@ -520,7 +733,7 @@ def test_sigterm_flushes_open_streams_and_exits_0(model, speech, speech24):
         with connect(f"ws://127.0.0.1:{port}/v1/realtime") as v, \
                 connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription") as o:
             recv(v), recv(o)
-            send(v, "session.update", model=NAME)
+            send(v, "session.update", model=MODEL_DIRS["mistral"].name)    # the CLI serves the directory's name
             send(v, "input_audio_buffer.commit")
             send(v, "input_audio_buffer.append", audio=b64(speech[:30000]))            # no final commit
             send(o, "input_audio_buffer.append", audio=b64(speech24[:30000]))          # no commit

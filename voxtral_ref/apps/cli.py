@@ -335,6 +335,17 @@ def set_threads(n):
     ckernels.set_threads(n)
 
 
+def positive_float(s):
+    """A finite number above 0 (argparse's float takes "nan" and "inf")."""
+    try:
+        x = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {s}")
+    return x
+
+
 def positive_int(s):
     try:
         n = int(s)

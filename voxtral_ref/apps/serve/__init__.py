@@ -18,7 +18,7 @@ API_KEY_ENV = "VOXTRAL_REF_API_KEY"
 
 
 def add_serve_parser(subparsers):
-    from ..cli import add_model_args, positive_int
+    from ..cli import add_model_args, positive_float, positive_int
     p = subparsers.add_parser(
         "serve", help="run a realtime transcription server (vLLM and OpenAI realtime protocols, HTTP uploads)",
         description="Serve the model over WebSocket /v1/realtime (vLLM's protocol; OpenAI Realtime transcription "
@@ -34,12 +34,14 @@ def add_serve_parser(subparsers):
                    help="allow browser requests from this origin (repeatable; default: CORS off)")
     p.add_argument("--max-sessions", type=positive_int, default=64,
                    help="WebSocket clients plus uploads at once; more are refused (default 64)")
-    p.add_argument("--max-buffer-seconds", type=float, default=30.0,
+    p.add_argument("--max-buffer-seconds", type=positive_float, default=30.0,
                    help="audio a session may hold ahead of the decoder before appends are refused (default 30)")
     p.add_argument("--max-message-kb", type=positive_int, default=1024,
                    help="largest WebSocket message; larger ones close the connection with 1009 (default 1024)")
     p.add_argument("--max-upload-mb", type=positive_int, default=25, help="largest upload (default 25)")
-    p.add_argument("--idle-timeout", type=float, default=60.0,
+    p.add_argument("--max-upload-minutes", type=positive_float, default=120.0,
+                   help="most audio in one upload, whatever its size compressed (default 120)")
+    p.add_argument("--idle-timeout", type=positive_float, default=60.0,
                    help="seconds without a client event before its stream is finished and closed (default 60)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
@@ -50,14 +52,12 @@ def cmd_serve(args):
         import prometheus_client, starlette, uvicorn, websockets, multipart   # noqa: F401,E401
     except ImportError as e:
         raise VoxtralError(f"serve needs the optional server packages: pip install 'voxtral_ref[serve]' ({e})") from None
-    if args.max_buffer_seconds <= 0 or args.idle_timeout <= 0:
-        raise VoxtralError("--max-buffer-seconds and --idle-timeout must be positive")
     from ..cli import load_model, note
     from .http import Limits, ServerState, serve
     sock = bind(args.host, args.port)                    # before the model loads: a taken port fails fast
     model = load_model(args)
     limits = Limits(args.max_sessions, args.max_buffer_seconds, args.max_message_kb << 10,
-                    args.max_upload_mb << 20, args.idle_timeout)
+                    args.max_upload_mb << 20, args.max_upload_minutes * 60, args.idle_timeout)
     state = ServerState(model, args.served_model_name or model_name(args.model), limits)
     host, port = sock.getsockname()[:2]
     note(f"serving {state.model_name!r} on http://{host}:{port} (ws://{host}:{port}/v1/realtime)"

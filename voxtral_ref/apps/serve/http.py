@@ -12,7 +12,9 @@ import json
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -28,6 +30,11 @@ from ..subtitles import segments, to_json, to_srt, to_vtt
 from .sessions import Scheduler
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+STREAMED_FORMATS = ("json", "text")       # stream=true sends text events: no subtitle or segment formats
+# OpenAI's upload fields: those this model has no use for are refused with a reason, not silently dropped
+UPLOAD_FIELDS = ("file", "model", "response_format", "stream", "language", "prompt", "temperature",
+                 "timestamp_granularities[]", "include[]", "chunking_strategy")
+UPLOAD_BLOCK_S = 10                       # an upload is decoded and mixed down this much at a time
 OPEN_PATHS = ("/health",)                 # liveness probes need no key
 
 
@@ -37,6 +44,7 @@ class Limits:
     max_buffer_s: float = 30.0            # audio a session may hold ahead of the decoder
     max_message_bytes: int = 1 << 20      # one WebSocket message
     max_upload_bytes: int = 25 << 20      # one upload (OpenAI's own limit)
+    max_upload_s: float = 7200.0          # the audio in one upload: 25 MB of Opus or MP3 can hold many hours
     idle_timeout_s: float = 60.0          # a WebSocket client silent this long is finished and closed
 
 
@@ -109,10 +117,28 @@ def error_body(message, code, type_="invalid_request_error", param=None):
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(state, status, message, code, param=None):
+def error_response(state, status, message, code, param=None, headers=None):
     state.metrics.errors.labels(code).inc()
     type_ = "server_error" if status >= 500 else "invalid_request_error"
-    return JSONResponse(error_body(message, code, type_, param), status_code=status)
+    return JSONResponse(error_body(message, code, type_, param), status_code=status, headers=headers)
+
+
+def shown(value, limit=64):
+    """A client's value quoted in a message, cut short: an error must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def model_not_found(model, served):
+    return f"the model {shown(model)} does not exist: this server serves {served!r}"
+
+
+def language_code(value):
+    """OpenAI's `language` (ISO-639-1, e.g. "en"): accepted and not needed, since the model detects the
+    language itself; anything else is refused -> None, or why not."""
+    if value in (None, "") or (isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha()):
+        return None
+    return f"language must be an ISO-639-1 code such as 'en' (the model detects it itself), got {shown(value)}"
 
 
 # --- routes -------------------------------------------------------------------------------------------
@@ -123,10 +149,30 @@ async def health(request):
     return JSONResponse({"status": "ok", "sessions": state.scheduler.count()})
 
 
+def model_card(state):
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "voxtral_ref"}
+
+
 async def models(request):
+    return JSONResponse({"object": "list", "data": [model_card(request.app.state.server)]})
+
+
+async def model(request):
+    """GET /v1/models/{id}, what the openai client's models.retrieve asks."""
     state = request.app.state.server
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "voxtral_ref"}]})
+    if request.path_params["model"] != state.model_name:
+        return error_response(state, 404, model_not_found(request.path_params["model"], state.model_name),
+                              "model_not_found", "model")
+    return JSONResponse(model_card(state))
+
+
+async def http_error(request, exc):
+    """Starlette's own 404 / 405 (and malformed-body 400s) in OpenAI's error shape, counted like the rest."""
+    state = request.app.state.server
+    codes = {404: ("not_found", f"no such endpoint: {request.method} {shown(request.url.path)}"),
+             405: ("method_not_allowed", f"{request.url.path} does not take {request.method}")}
+    code, message = codes.get(exc.status_code, ("invalid_request", str(exc.detail)))
+    return error_response(state, exc.status_code, message, code, headers=exc.headers)
 
 
 async def metrics(request):
@@ -154,19 +200,95 @@ def limited(receive, limit):
     return receive_limited
 
 
-def decode_upload(data):
-    """An uploaded file's bytes -> [N] mono float32 at 16 kHz (what Model.transcribe does to its input)."""
+class TooLong(VoxtralError):
+    pass
+
+
+def decode_upload(data, max_s):
+    """An uploaded file's bytes -> [N] mono float32 at 16 kHz, the samples Model.transcribe makes of the
+    file. Decoded and mixed down UPLOAD_BLOCK_S at a time, and refused past `max_s` seconds whatever its
+    header says: a few hundred KB of FLAC silence decode to hours (gigabytes of float32)."""
     import soundfile as sf
-    from ...stages.audio import READABLE, to_mono_16k
+    from ...stages.audio import MAX_CHANNELS, READABLE, check_sample_rate, to_mono_16k, to_mono_float32
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels = f.samplerate, f.channels
+            check_sample_rate(rate)
+            if not 1 <= channels <= MAX_CHANNELS:
+                raise VoxtralError(f"the file has {channels} channels: this server reads 1 to {MAX_CHANNELS}")
+            blocks, n, limit = [], 0, max_s * rate
+            for block in f.blocks(UPLOAD_BLOCK_S * rate, dtype="float32", always_2d=True):
+                n += len(block)
+                if n > limit:
+                    raise TooLong(f"the upload holds more than {max_s / 60:g} minutes of audio, this server's limit")
+                blocks.append(to_mono_float32(block))                        # [b, channels] -> [b]
+    except VoxtralError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise VoxtralError(f"cannot decode the uploaded file: this server reads {READABLE}") from e
-    return to_mono_16k(samples, rate)
+    return to_mono_16k(np.concatenate(blocks) if blocks else np.zeros(0, np.float32), rate)
+
+
+def upload_options(form, served):
+    """The form's fields other than the file -> (response_format, stream), or raise BadField. OpenAI's
+    fields that change nothing here are accepted only at values that ask for nothing this model lacks."""
+    unknown = [k for k in form.keys() if k not in UPLOAD_FIELDS]
+    if unknown:
+        raise BadField(f"unknown field {shown(unknown[0])}: this endpoint takes {', '.join(UPLOAD_FIELDS)}", unknown[0])
+    for k in form.keys():
+        if k != "file" and not isinstance(form.get(k), str):
+            raise BadField(f"`{k}` must be a plain form field, not a file", k)
+    model = form.get("model")
+    if not model:
+        raise BadField("`model` is required (GET /v1/models lists it)", "model")
+    if model != served:
+        raise BadField(model_not_found(model, served), "model", 404, "model_not_found")
+    fmt = form.get("response_format") or "json"
+    if fmt not in RESPONSE_FORMATS:
+        raise BadField(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {shown(fmt)}",
+                       "response_format")
+    stream = (form.get("stream") or "false").lower()
+    if stream not in ("true", "false"):
+        raise BadField(f"stream must be true or false, got {shown(form.get('stream'))}", "stream")
+    stream = stream == "true"
+    if stream and fmt not in STREAMED_FORMATS:
+        raise BadField(f"stream=true sends text events: response_format must be json or text, got {fmt!r}",
+                       "response_format")
+    why = language_code(form.get("language"))
+    if why:
+        raise BadField(why, "language")
+    if form.get("prompt"):
+        raise BadField("this model takes no text prompt: leave `prompt` out", "prompt")
+    try:
+        if float(form.get("temperature") or 0) != 0:
+            raise ValueError
+    except ValueError:
+        raise BadField(f"this server decodes greedily: temperature must be 0, got {shown(form.get('temperature'))}",
+                       "temperature") from None
+    for g in form.getlist("timestamp_granularities[]"):
+        if g != "segment":
+            raise BadField(f"timestamp_granularities[] may only be 'segment' (the token clock times segments, not "
+                           f"words), got {shown(g)}", "timestamp_granularities[]")
+        if fmt != "verbose_json":
+            raise BadField("timestamp_granularities[] needs response_format verbose_json", "timestamp_granularities[]")
+    if form.getlist("include[]"):
+        raise BadField(f"include[] asks for {shown(form.getlist('include[]'))}: this server returns no logprobs",
+                       "include[]")
+    if form.get("chunking_strategy") not in (None, "auto"):
+        raise BadField("chunking_strategy may only be 'auto': the model transcribes the whole file as one stream",
+                       "chunking_strategy")
+    return fmt, stream
+
+
+class BadField(Exception):
+    def __init__(self, message, param, status=400, code="invalid_value"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 async def transcriptions(request):
-    """OpenAI's POST /v1/audio/transcriptions: multipart `file`, `model`, `response_format`, `stream`."""
+    """OpenAI's POST /v1/audio/transcriptions: multipart `file`, `model`, `response_format`, `stream` (and
+    OpenAI's other fields, checked by upload_options)."""
     state = request.app.state.server
     limit = state.limits.max_upload_bytes
     if int(request.headers.get("content-length") or 0) > limit:
@@ -177,26 +299,26 @@ async def transcriptions(request):
         data = await upload.read() if hasattr(upload, "read") else None
     except TooLarge:
         return error_response(state, 413, f"the upload is larger than {limit} bytes", "file_too_large", "file")
+    except HTTPException as e:                         # python-multipart's reason: too many files or fields
+        return error_response(state, 400, f"the body is not a valid upload: {e.detail}", "invalid_request")
     except Exception:                                  # noqa: BLE001 - any malformed body is the client's
         return error_response(state, 400, "the body is not a valid multipart/form-data upload", "invalid_request")
     if data is None:
         return error_response(state, 400, "a `file` part with the audio is required", "invalid_request", "file")
-    model = form.get("model")
-    if model != state.model_name:
-        return error_response(state, 404, f"the model {model!r} does not exist: this server serves "
-                              f"{state.model_name!r}", "model_not_found", "model")
-    fmt = form.get("response_format") or "json"
-    if fmt not in RESPONSE_FORMATS:
-        return error_response(state, 400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, "
-                              f"got {fmt!r}", "invalid_value", "response_format")
-    stream = (form.get("stream") or "false").lower() == "true"
     try:
-        audio = decode_upload(data)
-    except VoxtralError as e:
-        return error_response(state, 400, str(e), "invalid_audio", "file")
-    refused = state.admit(request)
+        fmt, stream = upload_options(form, state.model_name)
+    except BadField as e:
+        return error_response(state, e.status, e.message, e.code, e.param)
+    refused = state.admit(request)                     # before decoding: admitted uploads bound the memory
     if refused:
         return error_response(state, 503, REFUSALS[refused], refused)
+    try:
+        audio = await asyncio.to_thread(decode_upload, data, state.limits.max_upload_s)   # off the event loop
+    except VoxtralError as e:
+        state.release(request)
+        if isinstance(e, TooLong):
+            return error_response(state, 413, str(e), "audio_too_long", "file")
+        return error_response(state, 400, str(e), "invalid_audio", "file")
     try:
         results = asyncio.Queue()
         s = state.scheduler.open(SAMPLE_RATE, lambda e, final, err: results.put_nowait((e, final, err)),
@@ -298,30 +420,60 @@ def _render(fmt, r, tokenizer):
 
 
 # --- auth ---------------------------------------------------------------------------------------------
+async def deny(scope, send, status, body, headers=()):
+    """Refuse an HTTP request or a WebSocket handshake with a JSON error body."""
+    headers = [(b"content-type", b"application/json"), *headers]
+    body = json.dumps(body).encode()
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:                                              # a server without denial responses: HTTP 403
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class BearerAuth:
     """ASGI middleware: every request but OPEN_PATHS needs `Authorization: Bearer <key>`, the header
-    OpenAI's clients send, on HTTP and on the WebSocket handshake alike."""
+    OpenAI's clients send, on HTTP and on the WebSocket handshake alike (the scheme's case is free, as
+    RFC 7235 has it)."""
 
-    def __init__(self, app, api_key):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def __init__(self, app, api_key, metrics):
+        self.app, self.expected, self.metrics = app, api_key.encode(), metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.expected):
             return await self.app(scope, receive, send)
-        body = json.dumps(error_body("a valid `Authorization: Bearer <api key>` header is required",
-                                     "invalid_api_key")).encode()
-        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        elif "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:                                          # a server without denial responses: HTTP 403
-            await send({"type": "websocket.close", "code": 1008})
+        self.metrics.errors.labels("invalid_api_key").inc()
+        await deny(scope, send, 401, error_body("a valid `Authorization: Bearer <api key>` header is required",
+                                                "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+
+
+class WebSocketOrigin:
+    """ASGI middleware: a WebSocket handshake from a browser page (it sends `Origin`) must come from an
+    origin --cors-origin allows, or from this server's own host. Browsers apply no CORS to WebSockets, so
+    without this any page a user visits could stream through a server on their machine. Clients that are
+    not browsers send no Origin and pass."""
+
+    def __init__(self, app, allowed, metrics):
+        self.app, self.allowed, self.metrics = app, set(allowed), metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not origin or "*" in self.allowed or origin in self.allowed or origin.partition("://")[2] == host:
+            return await self.app(scope, receive, send)
+        self.metrics.errors.labels("origin_not_allowed").inc()
+        await deny(scope, send, 403, error_body(f"WebSocket connections from the origin {shown(origin)} are not "
+                                                "allowed: start the server with --cors-origin for it",
+                                                "origin_not_allowed"))
 
 
 def build_app(state, api_key=None, cors_origins=()):
@@ -348,13 +500,14 @@ def build_app(state, api_key=None, cors_origins=()):
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                                      allow_headers=["*"]))
+    middleware.append(Middleware(WebSocketOrigin, allowed=cors_origins, metrics=state.metrics))
     if api_key:
-        middleware.append(Middleware(BearerAuth, api_key=api_key))
+        middleware.append(Middleware(BearerAuth, api_key=api_key, metrics=state.metrics))
     app = Starlette(routes=[
-        Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
-        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
+        Route("/metrics", metrics), Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
         WebSocketRoute("/v1/realtime", realtime),
-    ], middleware=middleware, lifespan=lifespan)
+    ], middleware=middleware, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = state
     return app
 

@@ -28,16 +28,21 @@ audio is finished first and its final event sent. A client that leaves frees its
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import time
 import uuid
 
 from ...config import SAMPLE_RATE, prompt_ids
 from ...errors import VoxtralError
+from .http import REFUSALS, deny, error_body, language_code, model_not_found, shown
 from .sessions import pcm16
 
 OPENAI_RATE = 24000                      # OpenAI's audio/pcm is 24 kHz, 16-bit, mono, little-endian
-MAX_OUTBOX = 10_000                      # events queued for a client that does not read: then it is dropped
+MAX_OUTBOX_BYTES = 4 << 20               # events queued for a client that does not read: then it is dropped
+CLOSE_TIMEOUT_S = 10.0                   # the last events and the close, to a client that may not read them
+INTENTS = {None: "vllm", "transcription": "openai"}
+EVENT_ID_CHARS = 256                     # of a client's event_id echoed in an error
 
 
 class BadEvent(Exception):
@@ -48,7 +53,13 @@ class BadEvent(Exception):
 
 async def realtime(ws):
     """The /v1/realtime endpoint: picks the dialect by `intent`."""
-    cls = OpenAIConnection if ws.query_params.get("intent") == "transcription" else VllmConnection
+    intent = ws.query_params.get("intent")
+    if intent not in INTENTS:
+        ws.app.state.server.metrics.errors.labels("invalid_value").inc()
+        return await deny(ws.scope, ws.send, 400, error_body(
+            f"unknown intent {shown(intent)}: leave it out (vLLM's protocol) or use intent=transcription "
+            "(OpenAI's)", "invalid_value", param="intent"))
+    cls = OpenAIConnection if INTENTS[intent] == "openai" else VllmConnection
     await cls(ws, ws.app.state.server).run()
 
 
@@ -61,6 +72,7 @@ class Connection:
         self.scheduler = state.scheduler
         self.sessions = []                   # this client's sessions awaiting their final event
         self.outbox = asyncio.Queue()
+        self.outbox_bytes = 0                # queued and not yet handed to the transport
         self._settled = asyncio.Event()      # set while no session awaits its final event
         self._reader = None
         self._stopping = None                # why the connection is being ended by the server
@@ -70,12 +82,11 @@ class Connection:
         await self.ws.accept()
         refused = self.state.admit(self)
         if refused:
-            from .http import REFUSALS
             self.error(refused, REFUSALS[refused])
             await self.ws.send_text(self.outbox.get_nowait())
             await self.ws.close(1013, REFUSALS[refused])          # 1013: try again later
             return
-        sender = asyncio.create_task(self._send_all())
+        self._sender = sender = asyncio.create_task(self._send_all())
         try:
             self.emit(self.created())
             self._reader = asyncio.create_task(self._read_all())
@@ -88,14 +99,21 @@ class Connection:
                 self.scheduler.forget(s)
             self.sessions.clear()
             self.outbox.put_nowait(None)
-            await sender
+            # a client that stopped reading cannot hold its place: its transport waits for it, this does not
+            await asyncio.wait({sender}, timeout=CLOSE_TIMEOUT_S)
+            sender.cancel()
             self.state.release(self)
         if end != "gone":
-            await self.ws.close(1001 if end == "shutdown" else 1000)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ws.close(1001 if end == "shutdown" else 1000), CLOSE_TIMEOUT_S)
 
     def shutdown(self):
         """SIGTERM: stop reading; run() finishes the open audio, sends the final events and closes."""
-        self._stopping = "shutdown"
+        self._stop("shutdown")
+
+    def _stop(self, why):
+        if self._stopping is None:
+            self._stopping = why
         if self._reader is not None:
             self._reader.cancel()
 
@@ -118,16 +136,15 @@ class Connection:
                 return "idle"
             if message["type"] == "websocket.disconnect":
                 return "gone"
-            if self.outbox.qsize() > MAX_OUTBOX:
-                return "gone"
             self.handle(message.get("text"))
 
     async def _send_all(self):
         while (text := await self.outbox.get()) is not None:
             try:
-                await self.ws.send_text(text)
+                await self.ws.send_text(text)  # waits while the client's transport is full
             except Exception:                  # noqa: BLE001 - the client is gone; the reader sees it too
                 return
+            self.outbox_bytes -= len(text)
 
     # --- events -------------------------------------------------------------------------------------------
     def handle(self, text):
@@ -147,10 +164,21 @@ class Connection:
                 raise BadEvent("unknown_event", f"unknown event type {event['type'][:64]!r}", "type")
             handler(self, event)
         except BadEvent as e:
-            self.error(e.code, e.message, e.param, event.get("event_id"))
+            event_id = event.get("event_id")
+            self.error(e.code, e.message, e.param, event_id[:EVENT_ID_CHARS] if isinstance(event_id, str) else None)
 
     def emit(self, event):
-        self.outbox.put_nowait(json.dumps(event, ensure_ascii=False))
+        """Queue an event for the client; one that lets MAX_OUTBOX_BYTES pile up unread is dropped, as if
+        it had left (its sessions are forgotten: no final, nothing more to send)."""
+        text = json.dumps(event, ensure_ascii=False)
+        try:
+            text.encode()
+        except UnicodeEncodeError:             # a lone surrogate the client sent (an event_id): \u-escape it
+            text = json.dumps(event)
+        self.outbox_bytes += len(text)
+        self.outbox.put_nowait(text)
+        if self.outbox_bytes > MAX_OUTBOX_BYTES:
+            self._stop("gone")
 
     def audio(self, event):
         """The event's base64 PCM16 `audio` -> int16 samples, refused beyond the session's buffer cap."""
@@ -178,6 +206,13 @@ class Connection:
         self.sessions.append(s)
         self._settled.clear()
         return s
+
+    def drop(self, s):
+        """Forget a session of this client's unfinished: no final event will come for it."""
+        self.scheduler.forget(s)
+        self.sessions.remove(s)
+        if not self.sessions:
+            self._settled.set()
 
     def _delivered(self, s, e, final, err):
         """A pass's result for one of this client's sessions, in the event loop."""
@@ -213,8 +248,7 @@ class VllmConnection(Connection):
     def session_update(self, event):
         model = event.get("model")
         if model != self.state.model_name:
-            raise BadEvent("model_not_found", f"the model {model!r} does not exist: this server serves "
-                           f"{self.state.model_name!r}", "model")
+            raise BadEvent("model_not_found", model_not_found(model, self.state.model_name), "model")
         self.validated = True
 
     def append(self, event):
@@ -225,8 +259,11 @@ class VllmConnection(Connection):
         if not self.validated:
             raise BadEvent("model_not_validated", "send session.update with the served model before committing "
                            "audio", "model")
+        final = event.get("final", False)
+        if not isinstance(final, bool):
+            raise BadEvent("invalid_event", f"`final` must be true or false, got {shown(final)}", "final")
         s = self.current or self._new()
-        if event.get("final"):
+        if final:
             self.scheduler.end(s)
             self.current = None
         else:
@@ -237,9 +274,15 @@ class VllmConnection(Connection):
         return self.current
 
     def end_audio(self):
-        if self.current is not None:
-            self.scheduler.end(self.current)
-            self.current = None
+        """The connection ends: an utterance the client started (committed) is finished; audio it only
+        appended was never asked for, and is dropped, as vLLM drops it."""
+        s, self.current = self.current, None
+        if s is None:
+            return
+        if s.started:
+            self.scheduler.end(s)
+        else:
+            self.drop(s)
 
     def delta(self, s, text):
         self.emit({"type": "transcription.delta", "delta": text})
@@ -293,13 +336,25 @@ class OpenAIConnection(Connection):
         if fmt.get("type", "audio/pcm") != "audio/pcm" or fmt.get("rate", OPENAI_RATE) != OPENAI_RATE:
             raise BadEvent("invalid_value", "the input format must be audio/pcm at 24000 Hz",
                            "session.audio.input.format")
-        model = _get(audio_in, "transcription").get("model", self.state.model_name)
+        transcription = _get(audio_in, "transcription")
+        model = transcription.get("model", self.state.model_name)
         if model != self.state.model_name:
-            raise BadEvent("model_not_found", f"the model {model!r} does not exist: this server serves "
-                           f"{self.state.model_name!r}", "session.audio.input.transcription.model")
+            raise BadEvent("model_not_found", model_not_found(model, self.state.model_name),
+                           "session.audio.input.transcription.model")
+        why = language_code(transcription.get("language"))
+        if why:
+            raise BadEvent("invalid_value", why, "session.audio.input.transcription.language")
+        if transcription.get("prompt"):
+            raise BadEvent("invalid_value", "this model takes no text prompt: leave it out",
+                           "session.audio.input.transcription.prompt")
         if audio_in.get("turn_detection") is not None:
             raise BadEvent("invalid_value", "turn detection is not supported: set turn_detection to null and "
                            "commit the audio", "session.audio.input.turn_detection")
+        if audio_in.get("noise_reduction") is not None:
+            raise BadEvent("invalid_value", "noise reduction is not offered: set noise_reduction to null",
+                           "session.audio.input.noise_reduction")
+        if session.get("include"):
+            raise BadEvent("invalid_value", "this server returns no logprobs: leave `include` empty", "session.include")
         self.emit(self.event("session.updated", session=self.session()))
 
     def append(self, event):
@@ -316,12 +371,9 @@ class OpenAIConnection(Connection):
 
     def clear(self, event):
         if self.current is not None:
-            self.scheduler.forget(self.current)
-            self.sessions.remove(self.current)
+            self.drop(self.current)
             del self.item_ids[self.current]
             self.current = None
-            if not self.sessions:
-                self._settled.set()
         self.emit(self.event("input_audio_buffer.cleared"))
 
     def end_audio(self):
@@ -346,9 +398,11 @@ class OpenAIConnection(Connection):
 
 
 def _get(obj, *keys):
-    """obj[k1][k2]... where each level must be an object if present; a missing level is {}."""
+    """obj[k1][k2]... where each level must be an object if present; a missing or null level is {}."""
     for k in keys:
-        obj = obj.get(k) or {}
-        if not isinstance(obj, dict):
+        obj = obj.get(k)
+        if obj is None:
+            obj = {}
+        elif not isinstance(obj, dict):
             raise BadEvent("invalid_event", f"`{k}` must be an object", k)
     return obj
