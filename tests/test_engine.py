@@ -199,8 +199,15 @@ def test_transcribe_batch_size_equals_transcribing_alone(mode):
 def test_transcribe_batch_refuses_bad_input_before_any_compute():
     model = run_of(BACKENDS[-1], "int8").model
     a = load_case(CASES[0][0])["audio"]
-    with pytest.raises(VoxtralError, match="audio 1 of the batch"):
-        model.transcribe([a, np.array([np.nan, 0.0], np.float32)], batch_size=2)
+    for batch_size in (1, 2):                    # one by one too: nothing is transcribed before the bad one
+        with pytest.raises(VoxtralError, match="audio 1 of the batch"):
+            model.transcribe([a, np.array([np.nan, 0.0], np.float32), a], batch_size=batch_size)
+        with pytest.raises(VoxtralError, match="audio 0 of the batch: the audio is empty"):
+            model.transcribe([[]], batch_size=batch_size)
+        with pytest.raises(VoxtralError, match="a single number"):
+            model.transcribe(list(a[:100]), batch_size=batch_size)
+        assert [r.token_ids for r in model.transcribe([list(a)], batch_size=batch_size)] == \
+            [model.transcribe(a).token_ids]
     for bad in (0, -1, 1.5, True):
         with pytest.raises(VoxtralError, match="batch_size"):
             model.transcribe([a], batch_size=bad)

@@ -341,6 +341,22 @@ def test_nan_in_a_matrix_is_found_by_info_verify(mistral_copy, cli):
     assert code == 0 and "57 tensors, every value finite" in out
 
 
+@pytest.mark.parametrize("suffix", ["layers.1.feed_forward.w2.weight", "tok_embeddings.weight"])
+def test_nan_in_a_matrix_stops_decoding_with_a_clear_error(mistral_copy, suffix):
+    """A NaN that load() does not read (a matrix) must not come out as an empty transcript: argmax takes
+    NaN for the largest logit, so every token would be id 0. The chosen logits are checked each pass, in
+    every path that chooses tokens (offline, drafted passes, streams, the batching engine)."""
+    poison(mistral_copy, suffix)
+    x = speech()
+    for backend in ("numpy", "c"):
+        model = voxtral_ref.load(mistral_copy, backend=backend)
+        expect_error(lambda: model.transcribe(x), "NaN or infinite logits", "info --verify")
+        expect_error(lambda: model.transcribe([x, x[:8000]], batch_size=2), "NaN or infinite logits")
+        session = model.stream()
+        session.feed(x)
+        expect_error(lambda: (session.step(), session.close()), "NaN or infinite logits")
+
+
 def speech():
     import soundfile as sf
     from conftest import SPEECH_WAV
@@ -425,6 +441,23 @@ def test_stream_that_fails_midway_hands_back_what_it_had(tiny_mistral):
         for delta in tiny_mistral.transcribe_stream(chunks):
             got.append(delta)
     assert "".join(got) == want
+
+
+def test_stream_keeps_a_bad_chunks_audio_before_its_bad_sample(tiny_mistral):
+    """The chunk that holds the NaN is not dropped whole: its samples before the NaN were heard."""
+    x = speech().copy()
+    want = tiny_mistral.transcribe(x[:14000]).text
+    assert want != tiny_mistral.transcribe(x[:8000]).text
+    x[14000] = np.nan
+    got = []
+    with pytest.raises(VoxtralError, match="NaN"):
+        for delta in tiny_mistral.transcribe_stream([x[:8000], x[8000:]]):
+            got.append(delta)
+    assert "".join(got) == want
+    with pytest.raises(VoxtralError, match="of shape"):                  # a chunk that is not samples at all
+        list(tiny_mistral.transcribe_stream([x[:8000], np.zeros((100, 17), np.float32)]))
+    with pytest.raises(VoxtralError, match="past_eos must be True or False"):
+        tiny_mistral.stream(past_eos="no")
 
 
 def test_cli_stream_that_fails_midway_flushes_then_fails(tmp_path):

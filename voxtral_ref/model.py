@@ -7,6 +7,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import config as C
 from .runtime import kernels, quant
 from .stages.audio import to_mono_16k
@@ -176,11 +178,19 @@ class Model:
                                       or not 0 <= speculate <= MAX_DRAFT):
             raise VoxtralError(f"speculate must be None or an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
         if isinstance(audio, (list, tuple)):
+            xs = []                    # every input checked first: one error naming the bad one, before any compute
+            for i, a in enumerate(audio):
+                if np.ndim(a) == 0:
+                    raise VoxtralError(f"audio {i} of the batch is a single number: a list or tuple is a batch of "
+                                       "waveforms; pass one waveform as an array (np.asarray(samples))")
+                try:
+                    xs.append(to_mono_16k(a, sample_rate))                   # [N] @ 16 kHz
+                except VoxtralError as e:
+                    raise VoxtralError(f"audio {i} of the batch: {e}") from None
             if batch_size == 1:
-                return [self.transcribe(a, sample_rate, delay_ms) for a in audio]
+                return [self.transcribe(x, C.SAMPLE_RATE, delay_ms) for x in xs]
             from .runtime.engine import transcribe_batch
-            return transcribe_batch(self, audio, sample_rate,
-                                    self.cfg.default_delay_ms if delay_ms is None else delay_ms, batch_size)
+            return transcribe_batch(self, xs, self.cfg.default_delay_ms if delay_ms is None else delay_ms, batch_size)
         delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms
         n_delay = C.delay_tokens(delay_ms)
         x = to_mono_16k(audio, sample_rate)                                  # [N] @ 16 kHz

@@ -42,7 +42,6 @@ import time
 from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass, time_pass
 from ..config import SAMPLE_RATE, delay_tokens, n_positions
 from ..errors import VoxtralError
-from ..stages.audio import to_mono_16k
 from ..stages.generate import BATCHED, check_chunk, decoder_pass
 
 MAX_BATCH = 16                    # rows per pass: the small-row kernels' range (issue 11)
@@ -293,19 +292,13 @@ class EngineSession(StreamSession):
             return super().close()
 
 
-def transcribe_batch(model, audios, sample_rate, delay_ms, batch_size):
-    """Model.transcribe(list, batch_size=N): every input is checked first (one VoxtralError naming the bad
-    one, before any compute), then N threads each take the next file and run exactly what transcribe() runs
-    for it alone (Model._transcribe_in_session: the same feeds, encoder chunks and decoder positions), its
-    session one of an Engine's, so the files' encoder and decoder passes are shared. -> [Transcript], each
-    transcribe()'s for its file: the same ids, and with quantised weights the same logits bit for bit (every
-    row is computed on its own); a file whose decoding fails raises its error once all have ended."""
-    xs = []
-    for i, a in enumerate(audios):
-        try:
-            xs.append(to_mono_16k(a, sample_rate))                                   # [N] @ 16 kHz
-        except VoxtralError as e:
-            raise VoxtralError(f"audio {i} of the batch: {e}") from None
+def transcribe_batch(model, xs, delay_ms, batch_size):
+    """Model.transcribe(list, batch_size=N) of checked 16 kHz inputs xs ([N_i] float32 each): N threads each
+    take the next file and run exactly what transcribe() runs for it alone (Model._transcribe_in_session: the
+    same feeds, encoder chunks and decoder positions), its session one of an Engine's, so the files' encoder
+    and decoder passes are shared. -> [Transcript], each transcribe()'s for its file: the same ids, and with
+    quantised weights the same logits bit for bit (every row is computed on its own); a file whose decoding
+    fails raises its error once all have ended."""
     engine, n_delay, out = Engine(model, batch_size), delay_tokens(delay_ms), [None] * len(xs)
     todo, lock = iter(range(len(xs))), threading.Lock()
 

@@ -159,6 +159,8 @@ class StreamSession:
         max_draft: drafted tokens a backlogged pass verifies, at most (transcribe()'s speculate; None:
         BACKLOG_DRAFT where a pass computes each row as alone, Model.rows_exact, else none)."""
         check_sample_rate(sample_rate)
+        if not isinstance(past_eos, bool):                     # "no" would be true
+            raise VoxtralError(f"past_eos must be True or False, got {past_eos!r}")
         self.delay_ms = model.cfg.default_delay_ms if delay_ms is None else delay_ms
         self.n_delay = delay_tokens(self.delay_ms)
         self.sample_rate, self.past_eos = sample_rate, past_eos
@@ -459,7 +461,9 @@ def text_deltas(session, chunks):
     error = None
     try:
         for chunk in chunks:
-            session.feed(chunk)
+            _, bad = feed_finite_part(session, chunk)
+            if bad:
+                raise bad
             delta = session.step().text
             if delta:
                 yield delta
@@ -542,13 +546,10 @@ def cli_stream(args):
     try:
         try:
             for chunk in chunks:
-                try:
-                    session.feed(chunk)
-                except VoxtralError:                    # e.g. NaN samples: keep the chunk's audio before them
-                    session.feed(good := _finite_prefix(chunk))
-                    report.fed(len(good))
-                    raise
-                report.fed(len(chunk))
+                n, bad = feed_finite_part(session, chunk)
+                report.fed(n)
+                if bad:
+                    raise bad
                 report.emit(session.step)
         except Exception as e:                          # a bad chunk ends the audio: flush what came before
             error = e
@@ -563,11 +564,23 @@ def cli_stream(args):
         raise VoxtralError("no audio arrived (0 samples): the stream was empty")
 
 
-def _finite_prefix(chunk):
-    """A chunk's frames ([n] or [n, channels]) before its first sample that is not finite in float32."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        bad = ~np.isfinite(np.asarray(chunk, np.float32).reshape(len(chunk), -1)).all(axis=1)   # [n]
-    return chunk[:int(np.argmax(bad))] if bad.any() else chunk[:0]
+def feed_finite_part(session, chunk):
+    """session.feed(chunk) -> (frames fed, None); a chunk refused (a NaN or infinite sample, say) has its
+    frames before its first bad sample fed, so nothing heard is lost -> (their count, the error)."""
+    try:
+        session.feed(chunk)
+        return len(chunk), None
+    except VoxtralError as e:
+        error = e
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(np.asarray(chunk, np.float32).reshape(len(chunk), -1)).all(axis=1)   # [n]
+    except (TypeError, ValueError):                          # not samples at all: the error says so
+        return 0, error
+    n = int(bad.argmax()) if bad.any() else 0
+    if n:
+        session.feed(chunk[:n])
+    return n, error
 
 
 class _Report:

@@ -15,6 +15,7 @@ from .adapter import adapter, downsample
 from .attention import KVCache
 from ..config import EOS_ID, N_LEFT_PAD_TOKENS, SAMPLES_PER_TOKEN, STREAMING_PAD_ID, prompt_ids, right_pad_samples
 from .decoder import ada_scales, decoder_forward, embed, lm_head
+from ..errors import VoxtralError
 from .encoder import conv_stem, encoder_transformer
 from .mel import log_mel
 
@@ -141,7 +142,14 @@ class Decoder:
         self.verified = len(self.draft) if logits is not None else 0
         if logits is None:
             return []
-        choice = [int(i) for i in np.argmax(logits, axis=-1)]
+        choice = np.argmax(logits, axis=-1)                                            # [1 + k]
+        # argmax takes a NaN (or an infinity) as the largest value, so a broken weight shows in the chosen
+        # logits: refuse it here, at no cost, rather than emit token 0 for ever (load() checks only the
+        # small tensors; `info --verify` reads every weight)
+        if not np.isfinite(logits[np.arange(len(choice)), choice]).all():
+            raise VoxtralError(f"the model computed NaN or infinite logits at position {p0 + len(ids) - len(choice)}: its "
+                               "weights hold NaN or infinite values (`voxtral-ref info --verify` finds them)")
+        choice = [int(i) for i in choice]
         n = 1
         while n < len(choice) and self.draft[n - 1] == choice[n - 1]:
             n += 1                                     # position n's input was the token greedy chose there
