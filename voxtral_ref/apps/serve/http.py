@@ -235,8 +235,8 @@ def upload_options(form, served):
     unknown = [k for k in form.keys() if k not in UPLOAD_FIELDS]
     if unknown:
         raise BadField(f"unknown field {shown(unknown[0])}: this endpoint takes {', '.join(UPLOAD_FIELDS)}", unknown[0])
-    for k in form.keys():
-        if k != "file" and not isinstance(form.get(k), str):
+    for k, v in form.multi_items():
+        if k != "file" and not isinstance(v, str):
             raise BadField(f"`{k}` must be a plain form field, not a file", k)
     model = form.get("model")
     if not model:
