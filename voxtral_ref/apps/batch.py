@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from inspect import signature
 from itertools import groupby
@@ -49,6 +50,9 @@ MANIFEST_SUFFIXES = (".txt", ".lst", ".jsonl")
 # Files handed to the model in one call (and to a Ray actor in one task): the unit the batching engine
 # decodes together. It is also what a kill can lose: the files of the call in flight.
 FILES_PER_CALL = 4
+# A file name holds 255 bytes (Linux, macOS, Windows); the longest name written for an id, write_text's
+# temporary `.<id>.json.<pid>.tmp`, adds 18 (a pid has up to 7 digits).
+MAX_ID_PART_BYTES = 255 - len("..json.1234567.tmp")
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def collect_inputs(inputs, delay_ms=None):
         elif p.suffix.lower() in MANIFEST_SUFFIXES:
             items += read_manifest(p, delay_ms)
         else:
-            items.append(Item(p.stem, str(p.resolve()), delay_ms))
+            items.append(Item(fits(p.stem, p), str(p.resolve()), delay_ms))
     return unique(items)
 
 
@@ -101,7 +105,7 @@ def glob_root(pattern):
 
 
 def item_under(root, f, delay_ms):
-    return Item(f.relative_to(root).with_suffix("").as_posix(), str(f.resolve()), delay_ms)
+    return Item(fits(f.relative_to(root).with_suffix("").as_posix(), f), str(f.resolve()), delay_ms)
 
 
 def read_manifest(path, delay_ms):
@@ -142,11 +146,23 @@ def manifest_entry(line, where):
 
 
 def check_id(name, where):
-    """An id names files under OUT, so it must stay inside it."""
+    """A manifest's id names files under OUT, so it must stay inside it and be a file name there."""
     p = PurePosixPath(name) if isinstance(name, str) and name.strip() else None
     if p is None or p.is_absolute() or ".." in p.parts or not p.parts:
         raise VoxtralError(f"{where}: id {name!r} must be a relative name inside OUT (no '..')")
-    return str(p)
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):
+        raise VoxtralError(f"{where}: id {name!r} holds a control character or a lone surrogate, which a file "
+                           "name under OUT cannot")
+    return fits(str(p), where)
+
+
+def fits(name, where):
+    """An id too long to name files under OUT would fail once its file is transcribed: refused now."""
+    long = next((part for part in name.split("/") if len(os.fsencode(part)) > MAX_ID_PART_BYTES), None)
+    if long is not None:
+        raise VoxtralError(f"{where}: id {name!r} is too long for a file name: {len(os.fsencode(long))} bytes in "
+                           f"one part, at most {MAX_ID_PART_BYTES}")
+    return name
 
 
 def unique(items):
@@ -220,7 +236,8 @@ def read_records(path):
 
 
 def json_line(rec):
-    return json.dumps(rec, ensure_ascii=False) + "\n"
+    from .cli import json_text
+    return json_text(rec) + "\n"
 
 
 def transcript_of(rec):
@@ -326,7 +343,7 @@ class Transcriber:
 
     def __call__(self, batch):
         decoded = [(json.loads(m), np.asarray(x, np.float32)) for m, x in zip(batch["meta"], batch["audio"])]
-        return {"record": [json.dumps(r, ensure_ascii=False) for r in transcribe_decoded(self.model, decoded)]}
+        return {"record": [json_line(r) for r in transcribe_decoded(self.model, decoded)]}
 
 
 def run_on_ray(todo, model, load_options, threads, workers, address, write):

@@ -34,6 +34,9 @@ def cmd_transcribe(args):
         delay_tokens(args.delay_ms)
     if len(formats) > 1 and args.output_dir is None:
         raise VoxtralError("-f all writes one file per format: add -o DIR")
+    if args.format in ("srt", "vtt") and len(args.audio) > 1 and args.output_dir is None:
+        raise VoxtralError(f"-f {args.format} of several files would run together on stdout: add -o DIR for one "
+                           "file each")
     if args.audio.count("-") > 1:
         raise VoxtralError("stdin ('-') can be read only once")
     missing = [src for src in args.audio if src != "-" and not Path(src).exists()]
@@ -104,7 +107,7 @@ def transcribe_file(model, src, formats, out_dir, args):
 
 def write_result(src, r, sr, t_read, model, formats, out_dir, args):
     """One transcript to its files (-o) or stdout, with -v's timings on stderr."""
-    from .subtitles import duration_ms, segments
+    from .subtitles import duration_ms, segments, to_json
 
     name = stem(src) if src == "-" else src
     segs = segments(r.token_ids, model.tokenizer, r.n_samples)
@@ -118,9 +121,13 @@ def write_result(src, r, sr, t_read, model, formats, out_dir, args):
     if out_dir is not None:
         write_outputs(out_dir, stem(src), r, segs, formats, args.verbose)
         return
-    for fmt in formats:
-        sys.stdout.write(render(fmt, r, segs, pretty=False))
-        sys.stdout.flush()
+    (fmt,) = formats                                  # -f all needs -o
+    if fmt == "json" and len(args.audio) > 1:         # which file each line is (srt and vtt of several need -o)
+        text = json_text({"path": src, **to_json(r, segs)}) + "\n"
+    else:
+        text = render(fmt, r, segs, pretty=False)
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def render(fmt, r, segs, pretty):
@@ -129,8 +136,19 @@ def render(fmt, r, segs, pretty):
     if fmt == "txt":
         return r.text.strip() + "\n"
     if fmt == "json":
-        return json.dumps(to_json(r, segs), ensure_ascii=False, indent=2 if pretty else None) + "\n"
+        return json_text(to_json(r, segs), indent=2 if pretty else None) + "\n"
     return (to_srt if fmt == "srt" else to_vtt)(segs)
+
+
+def json_text(obj, indent=None):
+    """JSON with text as it is, but a file name's undecodable bytes (lone surrogates to Python, which
+    UTF-8 cannot hold) as \\u escapes: JSON readers give back the same surrogates, os.fsencode the bytes."""
+    return printable(json.dumps(obj, ensure_ascii=False, indent=indent))
+
+
+def printable(text):
+    """`text` with lone surrogates (undecodable bytes of a file name) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def stem(src):
@@ -381,15 +399,15 @@ def add_model_args(p):
 
 
 def note(msg):
-    print(f"voxtral-ref: {msg}", file=sys.stderr)
+    print(printable(f"voxtral-ref: {msg}"), file=sys.stderr)   # whatever stderr's encoding errors are
 
 
 def error_line(e):
-    print(f"voxtral-ref: error: {e}", file=sys.stderr)
+    note(f"error: {e}")
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"voxtral-ref: warning: {message}", file=sys.stderr)
+    note(f"warning: {message}")
 
 
 class OneLineParser(argparse.ArgumentParser):

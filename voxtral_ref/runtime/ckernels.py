@@ -370,10 +370,13 @@ def _ring(cache, kv):
 def _configure_from_env():
     threads, isa = os.environ.get("VOXTRAL_REF_THREADS", ""), os.environ.get("VOXTRAL_REF_ISA", "")
     try:
-        set_threads(int(threads) if threads else 0)
+        n = int(threads) if threads else 0                         # unset: set_threads' default
     except ValueError:
-        warnings.warn(f"ignoring VOXTRAL_REF_THREADS={threads!r}: not an integer")
-        set_threads(0)
+        n = -1
+    if threads and n < 1:                                          # as --threads refuses it
+        warnings.warn(f"ignoring VOXTRAL_REF_THREADS={threads!r}: not a whole number of at least 1")
+        n = 0
+    set_threads(n)
     try:
         set_isa(isa or ISA_LEVELS[-1])
     except ValueError as e:

@@ -57,7 +57,7 @@ import numpy as np
 from . import kernels
 from ..stages.adapter import adapter, downsample
 from ..stages.attention import KVCache
-from ..stages.audio import RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
+from ..stages.audio import MAX_CHANNELS, RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
 from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
                      delay_tokens, n_positions, right_pad_samples)
 from ..stages.decoder import lm_head
@@ -516,8 +516,9 @@ def add_stream_parser(subparsers):
 
 def cli_stream(args):
     from .. import load
-    if args.rate <= 0 or args.channels <= 0:
-        raise VoxtralError(f"--rate and --channels must be positive, got {args.rate} and {args.channels}")
+    if args.rate <= 0 or not 1 <= args.channels <= MAX_CHANNELS:
+        raise VoxtralError(f"--rate must be positive and --channels 1 to {MAX_CHANNELS}, got {args.rate} and "
+                           f"{args.channels}")
     stop = threading.Event()                            # set by Ctrl-C: the audio ends there
     if args.from_mic:
         rate, chunks = args.rate, _mic_chunks(_import_sounddevice(), args.rate, stop)
@@ -632,6 +633,10 @@ def _wav_chunks(fd, stop):
         f = sf.SoundFile(fd, closefd=False)
     except (sf.LibsndfileError, RuntimeError) as e:
         raise VoxtralError(f"stdin is not a WAV stream ({e}); for raw PCM pass --format s16le or f32le") from None
+    if f.channels > MAX_CHANNELS:
+        f.close()
+        raise VoxtralError(f"stdin has {f.channels} channels, more than the {MAX_CHANNELS} that are mixed down: mix it "
+                           "down first (ffmpeg -i IN -ac 1 -f wav - | voxtral-ref stream)")
 
     def blocks():
         with f:

@@ -1,7 +1,9 @@
 """Stage 0: whatever the user has -> mono float32 samples at 16 kHz, validated."""
 
 import io
+import struct
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +93,6 @@ MAX_STDIN_BYTES = 2 << 30                 # 18 h of 16 kHz 16-bit mono (ffmpeg -
 def read_audio(source):
     """(samples, sample rate) of an audio file, or of all of stdin when `source` is "-". Samples are
     float32 [N] (mono) or [N, channels]; integer PCM comes scaled to [-1, 1) (int16 / 32768)."""
-    import soundfile as sf
-
     if source == "-":
         if sys.stdin is None:                                # started with stdin closed (`<&-`)
             raise VoxtralError("audio '-' means stdin, but stdin is closed: pipe audio in")
@@ -105,17 +105,67 @@ def read_audio(source):
         if len(data) > MAX_STDIN_BYTES:
             raise VoxtralError(f"stdin holds more than {MAX_STDIN_BYTES >> 30} GiB: for audio that long use "
                                "`voxtral-ref stream`, which reads as it goes")
-        name, f = "stdin", io.BytesIO(data)
-    else:
-        name = f = Path(source)
-        if not f.exists():
-            raise VoxtralError(f"audio file not found: {f}")
-        if f.is_dir():
-            raise VoxtralError(f"{f} is a directory, not an audio file")
+        if not data:
+            raise VoxtralError("audio '-' means stdin, but stdin was empty: pipe audio in")
+        return decode("stdin", io.BytesIO(data))
+    f = Path(source)
+    if not f.exists():
+        raise VoxtralError(f"audio file not found: {f}")
+    if f.is_dir():
+        raise VoxtralError(f"{f} is a directory, not an audio file")
     try:
-        return sf.read(f, dtype="float32", always_2d=False)
+        # an open file, not its name: soundfile encodes names as UTF-8, which a name that is not fails
+        with open(f, "rb") as fh:
+            return decode(f, fh)
+    except OSError as e:
+        raise VoxtralError(f"cannot read {f}: {e.strerror or e}") from None
+
+
+def decode(name, f):
+    """read_audio's decoding of an open binary file `f`, errors naming it `name`."""
+    import soundfile as sf
+    cut = cut_short(f)
+    if cut:
+        warnings.warn(f"{name} is cut short: its header gives its audio {cut[0]} bytes, {cut[1]} are there; "
+                      "transcribing what is there")
+    try:
+        s = sf.SoundFile(f)
     except sf.LibsndfileError as e:
         why = e.error_string.rstrip(".")
         raise VoxtralError(f"cannot decode {name} ({why}): this reads {READABLE}; {FFMPEG_HINT}") from None
-    except OSError as e:
-        raise VoxtralError(f"cannot read {name}: {e.strerror or e}") from None
+    with s:
+        if s.channels > MAX_CHANNELS:
+            raise VoxtralError(f"{name} has {s.channels} channels, more than the {MAX_CHANNELS} that are mixed down: "
+                               "mix it down first (ffmpeg -i IN -ac 1 -f wav - | voxtral-ref transcribe -)")
+        try:
+            return s.read(dtype="float32", always_2d=False), s.samplerate
+        except MemoryError:                 # soundfile allocates what the header declares, however absurd
+            raise VoxtralError(f"cannot decode {name}: its header declares {s.frames} frames, more than fit in "
+                               "memory") from None
+
+
+def cut_short(f):
+    """(bytes of audio a WAV or AIFF header declares, bytes the file holds) when it holds fewer, else None
+    (libsndfile reads what is there without a word). Other formats do not tell this cheaply."""
+    head = f.read(12)
+    if head[:4] == b"RIFF" and head[8:] == b"WAVE":
+        order, wanted = "<", b"data"
+    elif head[:4] == b"FORM" and head[8:] in (b"AIFF", b"AIFC"):
+        order, wanted = ">", b"SSND"
+    else:
+        f.seek(0)
+        return None
+    size, at, found = f.seek(0, io.SEEK_END), 12, None
+    for _ in range(64):                     # the audio chunk comes after a few others, or not at all
+        f.seek(at)
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            break
+        kind, n = struct.unpack(order + "4sI", chunk)
+        if kind == wanted:
+            # 0xFFFFFFFF: a writer to a pipe (ffmpeg) cannot go back to fill the size in
+            found = (n, size - at - 8) if n != 0xFFFFFFFF and n > size - at - 8 else None
+            break
+        at += 8 + n + (n & 1)
+    f.seek(0)
+    return found

@@ -8,7 +8,6 @@ import numpy as np
 from ...config import SAMPLE_RATE, delay_tokens, prompt_ids
 from ...errors import VoxtralError
 from ...model import Transcript
-from ...runtime import kernels
 from ...stages.attention import ATTENTION_PROBE
 from ...stages.audio import to_mono_16k
 from ...stages.generate import Decoder, encode, pad_offline

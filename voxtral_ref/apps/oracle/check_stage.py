@@ -28,6 +28,9 @@ def _take(port, name, ndim, needed_by):
         t = t[0]
     if t.ndim != ndim or t.dtype.kind not in "fiu":
         raise VoxtralError(f"the port's {name} has shape {list(t.shape)} ({t.dtype}): expected {ndim} dims, numeric")
+    if t.dtype.kind == "f" and not np.isfinite(t).all():        # the stage would pass it on: REF NaN too
+        raise VoxtralError(f"the port's {name} holds {int((~np.isfinite(t)).sum())} NaN or infinite values: "
+                           f"{needed_by} can be checked only on a finite input")
     return t.astype(np.int64 if t.dtype.kind in "iu" else np.float32)
 
 

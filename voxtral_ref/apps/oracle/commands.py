@@ -142,7 +142,8 @@ def add_oracle_parsers(sub):
     def tolerances(p):
         p.add_argument("--rtol", type=check_tolerance, default=1e-4, help="tolerance relative to max|ref| (1e-4)")
         p.add_argument("--atol", type=check_tolerance, default=0.0, help="absolute tolerance added to it (0)")
-        p.add_argument("--map", help='JSON {"their name": "our name"}; "{i}" stands for a layer number')
+        p.add_argument("--map", metavar="FILE", help='a JSON file {"their name": "our name"}; "{i}" stands for a '
+                       'layer number')
 
     d = sub.add_parser("dump", help="write every intermediate tensor of one transcription (docs/tensors.md)")
     model_args(d)
@@ -182,7 +183,8 @@ def add_oracle_parsers(sub):
                        "tensor")
     w.add_argument("ref", help="the checkpoint directory (Mistral or HF format)")
     w.add_argument("port", help="the port's weights: .safetensors, .npz, .gguf, a folder of .npy or a checkpoint")
-    w.add_argument("--map", help='JSON {"their name": "canonical, Mistral or HF name"}; "{i}" a layer number')
+    w.add_argument("--map", metavar="FILE", help='a JSON file {"their name": "canonical, Mistral or HF name"}; '
+                   '"{i}" a layer number')
     w.set_defaults(func=cmd_check_weights)
 
     e = sub.add_parser("explain", help="walk the pipeline stage by stage: shapes, statistics, time")

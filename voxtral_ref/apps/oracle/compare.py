@@ -120,7 +120,11 @@ def compare_tensor(name, ref, other, rtol, atol, ctx=Context(), base=None):
     if isinstance(aligned, str):
         return Row(name, False, *shapes, np.nan, np.nan, note="; ".join(dropped + [aligned]))
     a, b, offset, notes = aligned
-    notes = dropped + notes
+    # NaN passes every tolerance test it meets (and in REF it makes the tolerance itself infinite): any
+    # non-finite value fails, named
+    nonfinite = [f"{side} holds {n} NaN or infinite values" for side, t in (("REF", a), ("OTHER", b), ("BASE", base))
+                 if t is not None and np.asarray(t).dtype.kind == "f" and (n := int((~np.isfinite(t)).sum()))]
+    notes = dropped + nonfinite + notes
     st = stage_of(name)
     axis = st.time_axis if st else None
     if a.dtype.kind in "iub" or b.dtype.kind in "iub":                           # ids: exact, length too
@@ -141,15 +145,15 @@ def compare_tensor(name, ref, other, rtol, atol, ctx=Context(), base=None):
         base_max = float(_baseline_errors(name, a, base, offset, axis).max(initial=0.0))
         tol = np.maximum(tol, BASELINE_FACTOR * base_max)
         ratio = max_abs / base_max if base_max > 0 else (0.0 if max_abs == 0 else np.inf)
-    bad = np.flatnonzero(errs > tol)
+    bad = np.flatnonzero((errs > tol) | np.isinf(errs))                       # inf: a NaN or inf in a row
     with np.errstate(divide="ignore", invalid="ignore"):
         rels = np.where(errs == 0, 0.0, errs / scale)
     rel = float(rels.max(initial=0.0))
     timed = axis is not None
     first = int(bad[0]) + offset if len(bad) and timed else None
     worst = int(np.argmax(errs)) + offset if len(errs) and timed else None
-    row = Row(name, not len(bad), *shapes, max_abs, rel, first, worst, ratio, "; ".join(notes))
-    return row._replace(hint=pattern_hint(row, a, b, ctx)) if len(bad) else row
+    row = Row(name, not len(bad) and not nonfinite, *shapes, max_abs, rel, first, worst, ratio, "; ".join(notes))
+    return row._replace(hint=pattern_hint(row, a, b, ctx)) if len(bad) and not nonfinite else row
 
 
 def _compare_ids(name, a, b, shapes, notes):

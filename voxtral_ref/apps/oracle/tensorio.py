@@ -28,6 +28,9 @@ def out_kind(path):
         raise VoxtralError(f"--out {p}: cannot write {p.suffix!r} files; give {FORMATS} (a path without suffix)")
     if not p.is_dir() and not p.parent.is_dir():
         raise VoxtralError(f"--out {p}: the folder {p.parent} does not exist")
+    if kind == "dir" and p.is_dir() and any(p.iterdir()) and not (p / f"{META}.json").is_file():
+        raise VoxtralError(f"--out {p}: the folder holds files that are not an earlier dump (no {META}.json), "
+                           "which the dump would overwrite or mix with: give a new or empty folder")
     return kind
 
 
@@ -49,6 +52,8 @@ def save_tensors(path, tensors, metadata):
         np.savez(p, **tensors, **{META: np.array(json.dumps(metadata))})
     else:
         p.mkdir(exist_ok=True)
+        for old in p.glob("*.npy"):              # an earlier dump's: every .npy here is read as part of this one
+            old.unlink()
         for name, a in tensors.items():
             np.save(p / f"{name}.npy", a)
         (p / f"{META}.json").write_text(json.dumps(metadata, indent=1), encoding="utf-8")
@@ -93,7 +98,8 @@ def load_name_map(path):
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise VoxtralError(f"missing file: {path}") from None
+        raise VoxtralError(f"name map not found: {path} (--map takes a JSON file holding "
+                           '{"their name": "our name"})') from None
     except (OSError, ValueError) as e:
         raise VoxtralError(f"cannot read the name map {path}: {e}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):

@@ -9,7 +9,6 @@ closes the connections and exits 0 (a second signal exits at once).
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 from ...errors import VoxtralError
@@ -25,7 +24,7 @@ def add_serve_parser(subparsers):
                     "sessions with ?intent=transcription), POST /v1/audio/transcriptions, GET /v1/models, "
                     "/health and /metrics. Needs pip install 'voxtral_ref[serve]'.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one, printed)")
     p.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` on every request but /health "
                                      f"(default: ${API_KEY_ENV}, else no key)")
     p.add_argument("--served-model-name", metavar="NAME",
@@ -70,6 +69,18 @@ def cmd_serve(args):
 def model_name(model):
     """--model as clients see it: a hub id as given, a local directory by its name (no server paths)."""
     return Path(model).name if Path(model).is_dir() else model
+
+
+def port_number(s):
+    """argparse type for --port: a TCP port, 0..65535 (bind() raises OverflowError past it)."""
+    import argparse
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {n}")
+    return n
 
 
 def bind(host, port):
