@@ -3,6 +3,7 @@ golden/make_golden.py from the HF transformers oracle."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,34 @@ def _untimed_drafts(request, monkeypatch):
 
 
 SPEECH_WAV = GOLDEN / "audio" / "speech_en.wav"     # 16-bit PCM at 16 kHz: the audio of golden case speech_en_480
+
+
+@pytest.fixture
+def mistral_copy(tmp_path):
+    """A copy of the tiny Mistral-format checkpoint to break."""
+    return shutil.copytree(MODEL_DIRS["mistral"], tmp_path / "ckpt")
+
+
+@pytest.fixture
+def hf_copy(tmp_path):
+    """A copy of the tiny HF-format checkpoint to break."""
+    return shutil.copytree(MODEL_DIRS["hf"], tmp_path / "hf")
+
+
+def expect_error(fn, *words):
+    """fn() must raise one VoxtralError, a one-line message holding every word -> the message."""
+    from voxtral_ref import VoxtralError
+    with pytest.raises(VoxtralError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
 
 
 @pytest.fixture

@@ -10,22 +10,7 @@ import voxtral_ref
 from voxtral_ref import VoxtralError
 from voxtral_ref.checkpoint.weights import read_safetensors, write_safetensors
 
-from conftest import MODEL_DIRS
-
-
-@pytest.fixture
-def mistral_copy(tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(MODEL_DIRS["mistral"], d)
-    return d
-
-
-def expect_error(fn, *words):
-    with pytest.raises(VoxtralError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg and all(w in msg for w in words), msg
-    return msg
+from conftest import MODEL_DIRS, edit_json, expect_error
 
 
 def test_missing_directory(tmp_path):
@@ -200,12 +185,6 @@ def test_safetensors_header_may_be_reordered_and_padded(mistral_copy):
     assert voxtral_ref.load(mistral_copy).transcribe(x).token_ids == voxtral_ref.load(MODEL_DIRS["mistral"]).transcribe(x).token_ids
 
 
-def edit_json(path, edit):
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
 def encoder_args(p):
     return p["multimodal"]["whisper_model_args"]["encoder_args"]
 
@@ -232,13 +211,6 @@ def test_config_types_ranges_and_cross_checks(mistral_copy, edit, words):
     edit_json(mistral_copy / "params.json", edit)
     msg = expect_error(lambda: voxtral_ref.load(mistral_copy), *words)
     assert "params.json" in msg or "consolidated.safetensors" in msg            # the layer counts are the file's
-
-
-@pytest.fixture
-def hf_copy(tmp_path):
-    d = tmp_path / "hf"
-    shutil.copytree(MODEL_DIRS["hf"], d)
-    return d
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -471,6 +443,17 @@ def test_cli_stream_that_fails_midway_flushes_then_fails(tmp_path):
         r = run_cli("stream", "--model", MODEL_DIRS["mistral"], stdin=f)
     assert r.returncode == 2 and r.stdout.decode().strip() == want.strip() and want.strip()
     assert r.stderr.decode().splitlines()[-1].startswith("voxtral-ref: error:") and b"NaN" in r.stderr
+
+
+def test_cli_stream_refuses_more_channels_than_it_mixes_down(tmp_path):
+    import soundfile as sf
+    r = run_cli("stream", "--model", MODEL_DIRS["mistral"], "--format", "s16le", "--channels", "17",
+                stdin=open("/dev/null", "rb"))
+    assert r.returncode == 2 and b"--channels 1 to 16" in r.stderr, r.stderr
+    sf.write(wav := tmp_path / "ch17.wav", np.zeros((1600, 17), np.int16), 16000)
+    with open(wav, "rb") as f:
+        r = run_cli("stream", "--model", MODEL_DIRS["mistral"], stdin=f)
+    assert r.returncode == 2 and b"stdin has 17 channels" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
 
 
 def test_cli_stream_refuses_a_rate_it_cannot_read_and_an_empty_stream():

@@ -3,7 +3,8 @@
 Mistral's `params.json` (+ the `audio` section of `tekken.json`) and HF's `config.json` describe the same
 model with different key names; both are read into `ModelConfig`. Values HF hard-codes rather than stores
 (encoder window and eps, downsample factor, AdaRMSNorm bottleneck, mel parameters) take the real model's
-values when the file does not carry them.
+values when the file does not carry them. Settings this implementation has one value for (activations, norm
+and RoPE types, the front end's rates) may be restated; any other value is refused (`fixed`).
 """
 
 import json
@@ -44,6 +45,9 @@ STREAMING_WORD_ID = 33                    # emitted at word boundaries
 N_SPECIAL_TOKENS = 1000
 
 ALLOWED_DELAYS_MS = tuple(range(80, 1201, 80)) + (2400,)
+# The fixed front end as the files restate it: params.json's audio_encoding_args, tekken.json's audio section
+STREAMING_AUDIO = {"sampling_rate": SAMPLE_RATE, "frame_rate": FRAME_RATE, "transcription_format": "streaming"}
+SPECTROGRAM = {"hop_length": HOP, "window_size": N_FFT}
 # Largest sliding window accepted (encoder frames or decoder tokens; the real model's are 750 and 8192): a
 # stream session allocates its KV rings at the full window, so a typo of 10**8 must not reach it.
 MAX_WINDOW = 1 << 16
@@ -200,13 +204,24 @@ def show(value, limit=60):
 
 
 # --- typed fields: a bool is not an integer, a string is not a number, a null is not a section ----------
-def section(d, key, where, required=True):
+def section(d, key, where, required=True, kind=dict):
     v = d.get(key)
     if v is None and not required:
-        return {}
-    if not isinstance(v, dict):
-        raise VoxtralError(f"{where}: {key} must be a JSON object, got {show(v)}")
+        return kind()
+    if key not in d:
+        raise VoxtralError(f"{where} lacks the key {key!r}")
+    if not isinstance(v, kind):
+        raise VoxtralError(f"{where}: {key} must be a JSON {'object' if kind is dict else 'list'}, got {show(v)}")
     return v
+
+
+def fixed(d, expected, where):
+    """Settings this implementation has one value for (the real model's): a file may restate one or leave it
+    out (or null), but any other value would otherwise run silently as the one implemented."""
+    for key, want in expected.items():
+        got = d.get(key)
+        if got is not None and (got != want or isinstance(got, bool) != isinstance(want, bool)):
+            raise VoxtralError(f"{where}: {key} is {show(got)}; this implementation supports only {want!r}")
 
 
 def _value(d, key, where, default):
@@ -245,12 +260,17 @@ def from_params_json(path, tekken=None):
     w = f"{path}: encoder_args"
     if not isinstance(ea, dict):
         raise VoxtralError(f"{w} must be a JSON object, got {show(ea)}")
+    # the architecture's switches: only these values are implemented (stages/encoder.py, stages/decoder.py)
+    fixed(p, {"causal": True, "use_biases": False, "tied_embeddings": True, "ada_rms_norm_t_cond": True}, path)
+    fixed(ea, {"causal": True, "use_biases": True, "pos_embed": "rope", "ffn_type": "swiglu", "norm_type": "rms_norm"}, w)
+    audio = section(ea, "audio_encoding_args", w, False)
+    fixed(audio, {**STREAMING_AUDIO, **SPECTROGRAM, "global_log_mel_max": LOG_MEL_MAX}, f"{w}.audio_encoding_args")
     enc = EncoderConfig(
         dim=int_field(ea, "dim", w), n_layers=int_field(ea, "n_layers", w), n_heads=int_field(ea, "n_heads", w),
         head_dim=int_field(ea, "head_dim", w), hidden_dim=int_field(ea, "hidden_dim", w),
         rope_theta=float_field(ea, "rope_theta", w), norm_eps=float_field(ea, "norm_eps", w, 1e-5),
         sliding_window=int_field(ea, "sliding_window", w, 750),
-        n_mels=int_field(section(ea, "audio_encoding_args", w, False), "num_mel_bins", w, N_MELS),
+        n_mels=int_field(audio, "num_mel_bins", w, N_MELS),
     )
     if int_field(ea, "n_kv_heads", w, enc.n_heads) != enc.n_heads:
         raise VoxtralError(f"{w}: inconsistent config: n_kv_heads {ea['n_kv_heads']} != n_heads {enc.n_heads}")
@@ -271,13 +291,17 @@ def from_config_json(path, tekken=None):
     if not isinstance(c, dict) or c.get("model_type") != "voxtral_realtime":
         model_type = c.get("model_type") if isinstance(c, dict) else None
         raise VoxtralError(f"{path}: model_type {show(model_type)} is not 'voxtral_realtime'")
-    # HF builds a missing (or null) sub-config from its defaults, which are the real model's values
+    # HF would build a missing sub-config from its defaults, but HF's converter always writes both: without
+    # them, every dimension would be a default, and the first mismatch would blame another file
     wa, wt = f"{path}: audio_config", f"{path}: text_config"
-    a, t = section(c, "audio_config", path, False), section(c, "text_config", path, False)
+    a, t = section(c, "audio_config", path), section(c, "text_config", path)
+    fixed(c, {"audio_length_per_tok": MEL_FRAMES_PER_TOKEN, "projector_hidden_act": "gelu",
+              "tie_word_embeddings": True}, path)
+    fixed(a, {"hidden_act": "silu"}, wa)                   # activation_function is stored, but HF never reads it
+    fixed(t, {"hidden_act": "silu", "tie_word_embeddings": True}, wt)
     # HF's encoder config class defaults rope_theta to 1e4 while the real model uses 1e6; a config.json
     # without it would make HF itself use 1e4, so we follow the file and only default like HF does.
-    a_rope = float_field(section(a, "rope_parameters", wa, False), "rope_theta", wa, a.get("rope_theta", 1e4))
-    t_rope = float_field(section(t, "rope_parameters", wt, False), "rope_theta", wt, t.get("rope_theta", 1e6))
+    a_rope, t_rope = _hf_rope_theta(a, wa, 1e4), _hf_rope_theta(t, wt, 1e6)
     enc = EncoderConfig(
         dim=int_field(a, "hidden_size", wa, 1280), n_layers=int_field(a, "num_hidden_layers", wa, 32),
         n_heads=int_field(a, "num_attention_heads", wa, 32), head_dim=int_field(a, "head_dim", wa, 64),
@@ -293,7 +317,18 @@ def from_config_json(path, tekken=None):
         sliding_window=int_field(t, "sliding_window", wt, 8192), vocab_size=int_field(t, "vocab_size", wt, 131072),
     )
     ds = int_field(c, "downsample_factor", path, DOWNSAMPLE)
-    return _checked(ModelConfig(enc, dec, ds, "hf", _delay_from_tekken(tekken)), path, tekken)
+    # HF's fallback when the processor (tekken.json's delay) does not say
+    n_delay = c.get("default_num_delay_tokens")
+    delay = DEFAULT_DELAY_MS if n_delay is None else _supported_delay(n_delay, MS_PER_TOKEN, "default_num_delay_tokens", path)
+    return _checked(ModelConfig(enc, dec, ds, "hf", _delay_from_tekken(tekken, delay)), path, tekken)
+
+
+def _hf_rope_theta(sub, where, default):
+    """rope_theta of an HF sub-config, whose RoPE must be the plain one (no yarn, linear or dynamic scaling),
+    under rope_parameters or its older name rope_scaling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        fixed(section(sub, key, where, False), {"rope_type": "default", "type": "default"}, f"{where}.{key}")
+    return float_field(section(sub, "rope_parameters", where, False), "rope_theta", where, sub.get("rope_theta", default))
 
 
 def _checked(cfg, path, tekken):
@@ -310,23 +345,22 @@ def _checked(cfg, path, tekken):
     return cfg
 
 
-def _delay_from_tekken(tekken):
+def _delay_from_tekken(tekken, default=DEFAULT_DELAY_MS):
     """Check tekken.json's `audio` section against the fixed front end; return its default delay."""
     audio = tekken.audio if tekken is not None else {}
     if not audio:
-        return DEFAULT_DELAY_MS
+        return default
     where = f"{tekken.path}: audio"
-    enc = section(audio, "audio_encoding_config", where, False)
-    expect = {"sampling_rate": (audio.get("sampling_rate"), SAMPLE_RATE),
-              "frame_rate": (audio.get("frame_rate"), FRAME_RATE),
-              "hop_length": (enc.get("hop_length"), HOP), "window_size": (enc.get("window_size"), N_FFT),
-              "num_mel_bins": (enc.get("num_mel_bins"), N_MELS),
-              "streaming_n_left_pad_tokens": (audio.get("streaming_n_left_pad_tokens"), N_LEFT_PAD_TOKENS)}
-    for key, (got, want) in expect.items():
-        if got is not None and (isinstance(got, bool) or not isinstance(got, (int, float)) or got != want):
-            raise VoxtralError(f"{where}.{key} = {show(got)}, this model needs {want}")
-    delay = audio.get("transcription_delay_ms", DEFAULT_DELAY_MS)
-    if isinstance(delay, bool) or not isinstance(delay, int) or delay not in ALLOWED_DELAYS_MS:
-        raise VoxtralError(f"{where}.transcription_delay_ms = {show(delay)}: expected a multiple of 80 from 80 "
-                           "to 1200, or 2400")
-    return delay
+    fixed(audio, {**STREAMING_AUDIO, "streaming_n_left_pad_tokens": N_LEFT_PAD_TOKENS}, where)
+    fixed(section(audio, "audio_encoding_config", where, False), {**SPECTROGRAM, "num_mel_bins": N_MELS},
+          f"{where}.audio_encoding_config")
+    delay = audio.get("transcription_delay_ms")
+    return default if delay is None else _supported_delay(delay, 1, "transcription_delay_ms", where)
+
+
+def _supported_delay(value, unit_ms, key, where):
+    """A file's default delay, in ms (unit_ms 1) or in tokens (80) -> ms, if the model supports it (delay_tokens)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value * unit_ms not in ALLOWED_DELAYS_MS:
+        lo, hi, top = (ALLOWED_DELAYS_MS[i] // unit_ms for i in (0, -2, -1))
+        raise VoxtralError(f"{where}: {key} is {show(value)}; the model supports {lo}, {2 * lo}, ... {hi}, or {top}")
+    return value * unit_ms

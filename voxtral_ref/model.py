@@ -87,6 +87,8 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
         return _load_quantized(d, backend, precision, quantize)
     fmt = detect_format(d, weights_format)
     formats = _plan(quantize, d, fmt)
+    if not formats:                  # a recipe that quantises nothing ("none") is no quantisation: float KV caches
+        quantize = None
     if formats and hub.is_snapshot(d):
         qdir = hub.quantized_cache_dir(d, quantize)
         if not (quantized.is_quantized(qdir) and quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), d, fmt)):
@@ -143,7 +145,8 @@ def write_quantized(model, out_dir):
     """Save a model loaded with quantize=... as a quantised checkpoint (see checkpoint/quantized.py)."""
     from . import __version__
     if not model.quantize:
-        raise VoxtralError("write_quantized needs a model loaded with quantize=... (e.g. 'q4')")
+        raise VoxtralError("nothing to quantise: the model was loaded without a quantize recipe, or with one that "
+                           "keeps every matrix (e.g. 'none'); give one such as q4")
     quantized.write(out_dir, model.path, model.source_format, model.weights, model.quantize, __version__)
 
 

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from ..config import show
 from ..errors import VoxtralError
 
 DEFAULT_REPO = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -56,6 +57,10 @@ def resolve(model=DEFAULT_REPO, revision=None, offline=None, weights_format=None
     an `org/name` repo id is looked up in the HF cache and downloaded there if needed."""
     if weights_format not in (None, *FORMATS):
         raise VoxtralError(f"unknown weights_format {weights_format!r}: choose mistral or hf")
+    # Path() raises TypeError on None, numbers and bytes, and reads "" as the current directory
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise VoxtralError(f"model must be a checkpoint directory or a hub repo id (a non-empty str or path), "
+                           f"got {show(model)}")
     p = Path(model).expanduser()
     if p.exists() or looks_local(model):
         if p.exists() and not p.is_dir():

@@ -25,8 +25,10 @@ import os
 import shutil
 from pathlib import Path
 
+from ..config import parse_json, show
 from ..errors import VoxtralError
 from ..runtime import quant
+from .hub import FORMATS
 from .weights import Weights, read_safetensors, write_safetensors
 
 QFILE = "quantized.safetensors"
@@ -76,10 +78,21 @@ def is_fresh(meta, src_dir, fmt):
 
 def write(out_dir, src_dir, fmt, weights, recipe, version):
     """Write `weights` (already quantised by `recipe`) as a quantised checkpoint in out_dir, atomically:
-    the file appears complete or not at all."""
+    the file appears complete or not at all. `src_dir` may itself be a quantised checkpoint (a copy)."""
     out_dir, src_dir = Path(out_dir), Path(src_dir)
     if out_dir.resolve() == src_dir.resolve():
         raise VoxtralError(f"the output directory {out_dir} is the source checkpoint's: choose another")
+    # over another checkpoint, its tekken.json would be replaced, and the directory then load as our copy
+    patterns = [name for names in FORMATS.values() for name in names] + ["model.safetensors.index.json"]
+    ours = set(CONFIG_FILES.values()) if is_quantized(out_dir) else set()
+    found = sorted({f.name for pattern in patterns for f in out_dir.glob(pattern)} - ours)
+    if found:
+        raise VoxtralError(f"the output directory {out_dir} holds a checkpoint ({', '.join(found)}): choose an empty "
+                           "directory, or one an earlier `voxtral-ref quantize` wrote")
+    if is_quantized(src_dir):
+        source = read_metadata(src_dir / QFILE)["source"]
+    else:
+        source = json.dumps(fingerprint(source_weight_files(src_dir, fmt)))
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, qinfo = {}, {}
     held = dict(weights._t)
@@ -91,7 +104,7 @@ def write(out_dir, src_dir, fmt, weights, recipe, version):
         else:
             tensors[name] = t
     meta = {"format": FORMAT_TAG, "source_format": fmt, "recipe": recipe, "quantized": json.dumps(qinfo),
-            "source": json.dumps(fingerprint(source_weight_files(src_dir, fmt))), "voxtral_ref": version}
+            "source": source, "voxtral_ref": version}
     for name in (CONFIG_FILES[fmt], "tekken.json"):
         shutil.copyfile(src_dir / name, out_dir / name)
     tmp = out_dir / (QFILE + ".partial")
@@ -119,15 +132,37 @@ def read_metadata(path):
             meta = json.loads(f.read(n)).get("__metadata__") or {}
     except (OSError, ValueError, AttributeError) as e:
         raise VoxtralError(f"{path} is not a readable quantised checkpoint ({e})") from None
-    if meta.get("format") != FORMAT_TAG:
-        raise VoxtralError(f"{path} is not a voxtral_ref quantised checkpoint (format {meta.get('format')!r}, "
+    tag = meta.get("format") if isinstance(meta, dict) else None
+    if tag != FORMAT_TAG:
+        raise VoxtralError(f"{path} is not a voxtral_ref quantised checkpoint (format {show(tag)}, "
                            f"expected {FORMAT_TAG!r}): re-create it with `voxtral-ref quantize`")
     for key in ("source_format", "recipe", "quantized", "source"):
-        if key not in meta:
-            raise VoxtralError(f"{path}: quantised checkpoint metadata lacks {key!r}: re-create it with `voxtral-ref quantize`")
+        if not isinstance(meta.get(key), str):
+            raise VoxtralError(f"{path}: quantised checkpoint metadata lacks the string {key!r}: re-create it with "
+                               "`voxtral-ref quantize`")
     if meta["source_format"] not in CONFIG_FILES:
         raise VoxtralError(f"{path}: unknown source_format {meta['source_format']!r}")
+    for key, ok, want in (("quantized", _is_qinfo, "{name: [format, rows, columns]}"),
+                          ("source", _is_fingerprint, "[{name, size, mtime_ns, sha256}]")):
+        value = parse_json(meta[key], f"{path}: metadata {key}")
+        if not ok(value):
+            raise VoxtralError(f"{path} is corrupt: its metadata {key} is {show(value)}, expected {want}")
     return meta
+
+
+def _is_qinfo(v):
+    return isinstance(v, dict) and all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                                       and all(_is_count(n) for n in e[1:]) for e in v.values())
+
+
+def _is_fingerprint(v):
+    fields = {"name": str, "size": int, "mtime_ns": int, "sha256": str}
+    return isinstance(v, list) and all(isinstance(f, dict) and all(isinstance(f.get(k), t) for k, t in fields.items())
+                                       for f in v)
+
+
+def _is_count(n):
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
 def load_weights(d, cfg, meta):
@@ -142,6 +177,7 @@ def load_weights(d, cfg, meta):
         raise VoxtralError(f"{path} is corrupt: its quantised tensors do not match their description ({e})") from None
     lm_head = tensors.pop("lm_head", None)
     weights = Weights(tensors, cfg, str(path), canonical=True)
+    weights.check_finite()
     if lm_head is not None:
         if lm_head.shape != weights["tok_embeddings"].shape:
             raise VoxtralError(f"{path} is corrupt: lm_head has shape {lm_head.shape}, "

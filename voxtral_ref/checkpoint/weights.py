@@ -221,10 +221,12 @@ class Weights:
         self.cfg, self.source, self._t, self._small, self._layers = cfg, source, {}, {}, {}
         self._lm_head = None                                   # a quantised copy (quantize); else the tied embedding
         self.table_read_ahead = None                           # advise_pages' read-ahead of the table (a thread)
+        self._disk = {}                                        # canonical name -> name in the file, for messages
         fmt_col = 0 if canonical else 1 if cfg.format == "mistral" else 2
         missing = []
         for row in canonical_names(cfg):
             canon, disk, shape = row[0], row[fmt_col], row[3]
+            self._disk[canon] = disk
             if disk not in tensors:
                 missing.append(disk)
                 continue
@@ -239,6 +241,14 @@ class Weights:
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise VoxtralError(f"{source}: missing tensors {', '.join(missing[:3])}{more}: wrong or incomplete checkpoint")
+
+    def check_finite(self):
+        """NaN or infinities in the small tensors (norms, biases, conv kernels) would make every logit NaN and
+        every id 0, so they are refused at load; reading the large matrices is `voxtral-ref info --verify`'s job."""
+        bad = [self._disk[n] for n, t in self._t.items() if t.ndim != 2 and not np.isfinite(self[n]).all()]
+        if bad:
+            raise VoxtralError(f"{self.source}: NaN or infinite values in {', '.join(bad[:3])}"
+                               + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": a corrupt checkpoint")
 
     def __getitem__(self, name):
         t = self._t[name]
@@ -301,9 +311,8 @@ class Weights:
 
 def load_weights(model_dir, cfg):
     """The checkpoint's tensors as `Weights`, after every check that needs no weight values read: headers,
-    shard paths, layer counts, then (in Weights) each tensor's name, shape and dtype against the config; the
-    small tensors (norms, biases, conv kernels) are then checked for NaN and infinities, which would make
-    every logit NaN and every id 0. The large matrices are left to `voxtral-ref info --verify`."""
+    shard paths, layer counts, then (in Weights) each tensor's name, shape and dtype against the config; then
+    the small tensors' values (Weights.check_finite)."""
     model_dir = Path(model_dir)
     if cfg.format == "mistral":
         path = model_dir / "consolidated.safetensors"
@@ -312,16 +321,8 @@ def load_weights(model_dir, cfg):
         tensors, source = _read_hf_shards(model_dir), str(model_dir)
     check_layer_counts(tensors, cfg, source)
     weights = Weights(tensors, cfg, source)
-    bad = [disk for canon, disk in _disk_names(cfg) if tensors[disk].ndim != 2 and not np.isfinite(weights[canon]).all()]
-    if bad:
-        raise VoxtralError(f"{source}: NaN or infinite values in {', '.join(bad[:3])}"
-                           + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "") + ": a corrupt checkpoint")
+    weights.check_finite()
     return weights
-
-
-def _disk_names(cfg):
-    col = 1 if cfg.format == "mistral" else 2
-    return [(row[0], row[col]) for row in canonical_names(cfg)]
 
 
 def _read_hf_shards(model_dir):

@@ -9,8 +9,11 @@ import base64
 import binascii
 import codecs
 
-from ..config import int_field, read_json, section, show
+from ..config import BOS_ID, EOS_ID, STREAMING_PAD_ID, STREAMING_WORD_ID, int_field, read_json, section, show
 from ..errors import VoxtralError
+
+# The special ids the prompt and the decoding loop use by number (config.py), by their names in tekken.json
+FIXED_SPECIALS = {BOS_ID: "<s>", EOS_ID: "</s>", STREAMING_PAD_ID: "[STREAMING_PAD]", STREAMING_WORD_ID: "[STREAMING_WORD]"}
 
 
 class Tekken:
@@ -25,14 +28,17 @@ class Tekken:
         self.n_special = int_field(cfg, "default_num_special_tokens", f"{path}: config")
         self.vocab_size = int_field(cfg, "default_vocab_size", f"{path}: config")
         n_text = self.vocab_size - self.n_special
-        vocab = data.get("vocab")
-        if not isinstance(vocab, list) or n_text < 1 or len(vocab) < n_text:
-            n = len(vocab) if isinstance(vocab, list) else show(vocab)
-            raise VoxtralError(f"{path}: vocab holds {n} tokens; default_vocab_size {self.vocab_size} - "
+        vocab = section(data, "vocab", path, kind=list)
+        if n_text < 1 or len(vocab) < n_text:
+            raise VoxtralError(f"{path}: vocab holds {len(vocab)} tokens; default_vocab_size {self.vocab_size} - "
                                f"default_num_special_tokens {self.n_special} = {n_text} needed")
+        n_vocab = cfg.get("num_vocab_tokens")
+        if n_vocab is not None and (isinstance(n_vocab, bool) or n_vocab != len(vocab)):
+            raise VoxtralError(f"{path}: config.num_vocab_tokens is {show(n_vocab)}, but vocab holds {len(vocab)} tokens")
         self._bytes = [_token_bytes(v, i, path) for i, v in enumerate(vocab[:n_text])]
-        self.audio = section(data, "audio", path, required=False)
-        self.special_names = _special_names(data.get("special_tokens", []), self.n_special, path)
+        # the realtime model's tokenizer carries both; mistral-common and HF's processor refuse it without them
+        self.audio = section(data, "audio", path)
+        self.special_names = _special_names(section(data, "special_tokens", path, kind=list), self.n_special, path)
 
     def token_bytes(self, i):
         """UTF-8 bytes of one id; b"" for special tokens (and ids past the vocab)."""
@@ -52,19 +58,33 @@ def _token_bytes(entry, rank, path):
     try:
         if not isinstance(b64, str):
             raise ValueError
-        return base64.b64decode(b64, validate=True)
+        b = base64.b64decode(b64, validate=True)
     except (ValueError, binascii.Error):
         raise VoxtralError(f"{path}: vocab entry {rank} {show(entry)} has no base64 token_bytes") from None
+    # ids are decoded by position; mistral-common by the rank, which it requires to be the position
+    r = entry.get("rank", rank)
+    if isinstance(r, bool) or r != rank:
+        raise VoxtralError(f"{path}: vocab entry {rank} has rank {show(r)}; ranks must be 0, 1, 2, ... in order")
+    return b
 
 
 def _special_names(specials, n_special, path):
-    """{rank: name} of the special tokens (names are for display; the model's special ids are fixed)."""
-    names = {}
-    for s in specials if isinstance(specials, list) else [specials]:
+    """{rank: name} of the special tokens, each rank and name once; the model's special ids are fixed, so the
+    ones it uses must carry their names (a tokenizer of another model would decode, into the wrong text)."""
+    names, seen = {}, set()
+    for s in specials:
         rank, name = (s.get("rank"), s.get("token_str")) if isinstance(s, dict) else (None, None)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < n_special or not isinstance(name, str):
             raise VoxtralError(f"{path}: special token {show(s)}: expected {{rank: 0..{n_special - 1}, token_str: string}}")
+        if rank in names:
+            raise VoxtralError(f"{path}: special tokens {show(names[rank])} and {show(name)} both have rank {rank}")
+        if name in seen:
+            raise VoxtralError(f"{path}: special token {show(name)} appears twice")
         names[rank] = name
+        seen.add(name)
+    for rank, want in FIXED_SPECIALS.items():
+        if names.get(rank) != want:
+            raise VoxtralError(f"{path}: special token {rank} is {show(names.get(rank))}; this model needs {want!r} there")
     return names
 
 
