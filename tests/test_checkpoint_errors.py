@@ -177,7 +177,6 @@ def special(t, rank):
     (lambda t: special(t, 2).update(token_str="<eos>"), ("special token 2", "'<eos>'", "'</s>'")),
     (lambda t: special(t, 40).update(rank=39), ("both have rank 39",)),
     (lambda t: special(t, 40).update(token_str="<SPECIAL_39>"), ("'<SPECIAL_39>' appears twice",)),
-    (lambda t: t["config"].update(num_vocab_tokens=5000), ("num_vocab_tokens is 5000", "vocab holds 1048")),
     (lambda t: t["vocab"][5].update(rank=6), ("vocab entry 5 has rank 6",)),
     (lambda t: t.pop("audio"), ("lacks the key 'audio'",)),
     (lambda t: t["audio"].update(transcription_format="offline"), ("transcription_format", "'offline'", "'streaming'")),

@@ -27,14 +27,11 @@ class Tekken:
         cfg = section(data, "config", path)
         self.n_special = int_field(cfg, "default_num_special_tokens", f"{path}: config")
         self.vocab_size = int_field(cfg, "default_vocab_size", f"{path}: config")
-        n_text = self.vocab_size - self.n_special
+        n_text = self.vocab_size - self.n_special          # the model's text ids (config.num_vocab_tokens is the file's)
         vocab = section(data, "vocab", path, kind=list)
         if n_text < 1 or len(vocab) < n_text:
             raise VoxtralError(f"{path}: vocab holds {len(vocab)} tokens; default_vocab_size {self.vocab_size} - "
                                f"default_num_special_tokens {self.n_special} = {n_text} needed")
-        n_vocab = cfg.get("num_vocab_tokens")
-        if n_vocab is not None and (isinstance(n_vocab, bool) or n_vocab != len(vocab)):
-            raise VoxtralError(f"{path}: config.num_vocab_tokens is {show(n_vocab)}, but vocab holds {len(vocab)} tokens")
         self._bytes = [_token_bytes(v, i, path) for i, v in enumerate(vocab[:n_text])]
         # the realtime model's tokenizer carries both; mistral-common and HF's processor refuse it without them
         self.audio = section(data, "audio", path)
