@@ -195,9 +195,12 @@ def test_rerun_skips_done_retries_failed_redoes_changed(clips, reference, model,
     assert recs["broken"]["token_ids"] == reference["clip1"].token_ids
     assert recs["clip2"]["token_ids"] == reference["clip3"].token_ids
     assert (out / "clip2.txt").read_text() == reference["clip3"].text.strip() + "\n"
+    # a redone file's outputs of the old content go, those of a skipped one stay (they match its record)
+    assert not (out / "clip2.vtt").exists() and (out / "clip0.vtt").exists()
     s = batch.run([src], out, model=MODEL, delay_ms=960, threads=1)                # other settings: all redone
     assert (s.transcribed, s.skipped) == (3, 0)
     assert {r["delay_ms"] for r in read_results(out).values()} == {960}
+    assert not [f.name for f in out.iterdir() if f.suffix in (".txt", ".vtt")]     # none of the old delay's
 
 
 def test_torn_line_and_other_ids_survive_a_rerun(clips, reference, model, tmp_path):

@@ -208,6 +208,33 @@ def test_transcribe_batch_refuses_bad_input_before_any_compute():
             model.transcribe(list(a[:100]), batch_size=batch_size)
         assert [r.token_ids for r in model.transcribe([list(a)], batch_size=batch_size)] == \
             [model.transcribe(a).token_ids]
+        for bad, words in ((["a.wav"], "a file name"), ([(a, 16000)], "audio 0 of the batch: audio must be")):
+            with pytest.raises(VoxtralError, match=words):
+                model.transcribe(bad, batch_size=batch_size)
+    with pytest.raises(VoxtralError, match="one waveform"):
+        model.transcribe([a], on_token=print)
+    with pytest.raises(VoxtralError, match="speculate"):
+        model.transcribe([a, a], batch_size=2, speculate=2)
+
+
+def test_ctrl_c_stops_a_batch_from_starting_more_files(monkeypatch):
+    """KeyboardInterrupt reaches the caller at once, and the worker threads finish only the files in flight
+    (they kept taking files until the list was done, and the process could not exit meanwhile)."""
+    import os
+    import signal
+    import time
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    a = load_case(CASES[0][0])["audio"]
+    started, real = [], model._transcribe_in_session
+    monkeypatch.setattr(model, "_transcribe_in_session", lambda *args: started.append(1) or real(*args))
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        model.transcribe([a] * 200, batch_size=2)
+    deadline = time.monotonic() + 30
+    while any(t.name == "voxtral-ref file" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(started) < 200
     for bad in (0, -1, 1.5, True):
         with pytest.raises(VoxtralError, match="batch_size"):
             model.transcribe([a], batch_size=bad)
@@ -342,6 +369,42 @@ def test_a_session_with_bad_audio_fails_alone():
         t.join(60)
     assert list(errors) == [1]
     assert [results[0], results[2]] == [plain[0], plain[2]]
+
+
+def within(seconds, fn):
+    """fn() in a thread; a hang fails the test instead of the suite."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "deadlock"
+    return out[0]
+
+
+def test_together_calls_that_wait_on_each_other_do_not_deadlock():
+    """Two calls of one `together` counted as stepping, one waiting on a lock the other holds while it waits
+    for a pass: the pass must not wait for the blocked one. (1) two sessions of a delay whose silence prefix
+    is not computed yet (the model's prefix lock); (2) the same session stepped and closed by two calls (its
+    turn lock)."""
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    a = load_case(CASES[0][0])["audio"]
+    engine = Engine(model)
+
+    def new_session():
+        s = engine.stream(960)
+        s.feed(a)
+        s.step()
+        s.close()
+        return s.token_ids
+    results = within(60, lambda: engine.together([new_session, new_session]))
+    assert [r for r, _ in results] == [model.transcribe(a, delay_ms=960).token_ids] * 2
+    s, o = engine.stream(), engine.stream()
+    s.feed(a)
+    o.feed(a)
+    results = within(60, lambda: engine.together([s.step, o.step, s.close]))
+    assert [e for _, e in results] == [None] * 3
+    o.close()
+    assert s.token_ids == o.token_ids == model.transcribe(a).token_ids
 
 
 def test_engine_refuses_a_bad_max_batch():

@@ -5,9 +5,11 @@ import copy
 import importlib.util
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -449,7 +451,7 @@ def test_cli_stream_prints_offline_text(tiny_mistral, tmp_path, fmt):
         pcm.tofile(path)
     r = cli(["--format", fmt], path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == off.text + "\n"
+    assert r.stdout == off.text.strip() + "\n"
     assert f"{len(off.token_ids)} tokens" in r.stderr and "latency" in r.stderr
 
 
@@ -466,7 +468,7 @@ def test_cli_stream_precision_and_quantize(tmp_path):
     _, text = run_stream(model.stream(), pcm.astype(np.float32) / 32768, [int(16000 * FEED_MAX_S)])
     r = cli(["--precision", "bf16", "--quantize", "int8"], path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == text + "\n" and "bf16 precision, int8 weights" in r.stderr
+    assert r.stdout == text.strip() + "\n" and "bf16 precision, int8 weights" in r.stderr
 
 
 def test_cli_stream_errors_are_one_line(tmp_path):
@@ -480,7 +482,8 @@ def test_cli_stream_errors_are_one_line(tmp_path):
 
 def test_cli_sources_join_the_audio_waiting():
     """A source that got ahead of the decoder is read in one chunk, up to FEED_MAX_S, not 20 ms a step (so its
-    positions decode together, verifying drafts); with less waiting, what is there, at least one 20 ms block."""
+    positions decode together, verifying drafts); with less waiting, what is there (a read of more would block
+    until it came, past a Ctrl-C)."""
     from voxtral_ref.runtime.stream import FEED_MAX_S, _bytes_waiting, _raw_chunks, _wav_chunks
     assert _bytes_waiting(-1) == 0                      # unknown: read a block, which blocks at worst
     most = int(16000 * FEED_MAX_S)
@@ -493,7 +496,7 @@ def test_cli_sources_join_the_audio_waiting():
         os.close(w)
         with open(r, "rb") as f:
             chunks = list(_wav_chunks(f.fileno(), threading.Event())[1] if wav
-                          else _raw_chunks(f, np.dtype("<i2"), 1, most, threading.Event()))
+                          else _raw_chunks(f.fileno(), np.dtype("<i2"), 1, most, threading.Event()))
         assert [len(c) for c in chunks] == [most, len(pcm) - most], wav
         joined = np.concatenate(chunks).reshape(-1)
         assert np.array_equal(joined, pcm / 32768 if wav else pcm)
@@ -503,6 +506,49 @@ def test_cli_sources_join_the_audio_waiting():
         first = next(_wav_chunks(f.fileno(), threading.Event())[1])
     os.close(w)
     assert len(first) == 480
+
+
+@pytest.mark.parametrize("fmt", ["wav", "s16le"])
+def test_cli_ctrl_c_ends_a_stalled_source_and_flushes(tiny_mistral, fmt):
+    """A source that stops sending but stays open (a frozen recorder): the first Ctrl-C ends the audio and
+    everything received is transcribed, as offline. A read blocked on the pipe used to outlive the signal
+    (Python retries it): the second Ctrl-C then exited without the flush, or not at all (WAV)."""
+    g, off = offline(tiny_mistral, "speech_en_480")
+    pcm = np.round(g["audio"] * 32768).astype("<i2")
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 16000, format="RAW" if fmt == "s16le" else "WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    if fmt == "wav":                                    # a live WAV stream (ffmpeg's to a pipe): no length
+        assert data[36:40] == b"data"
+        data = data[:4] + b"\xff\xff\xff\xff" + data[8:40] + b"\xff\xff\xff\xff" + data[44:]
+    command = [sys.executable, "-m", "voxtral_ref.apps.cli", "stream", "--model", str(MODEL_DIRS["mistral"]),
+               "--backend", "numpy", "--format", fmt]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()                              # ... and the writer stays open, sending nothing more
+        assert proc.stderr.readline().startswith(b"voxtral-ref stream:")      # the model is loaded
+        time.sleep(2.0)                                 # the audio is in and decoded: the read now waits
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)                                   # stdin still open (communicate() would close it)
+        out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
+    assert proc.returncode == 0, err
+    assert out == off.text.strip() + "\n" and "flushing" in err
+
+
+def test_cli_report_prints_the_text_stripped_as_transcribe_does(capsys):
+    """Deltas go out as they come, but a leading space and spaces before the end are not written: stdout is
+    `voxtral-ref transcribe`'s text (stripped, then a newline)."""
+    from voxtral_ref.runtime import stream as rs
+    report = rs._Report(16000, n_delay=6)
+    for text in ("  ", " Hello", " ", "", "world.\n ", " "):
+        report.emit(lambda: rs.Emission([], text, []), streaming=False)
+    report.finish()
+    assert capsys.readouterr().out == "Hello world.\n"
 
 
 def test_cli_report_counts_the_text_behind_a_real_time_source(monkeypatch, capsys):
@@ -564,4 +610,4 @@ def test_cli_from_mic_ctrl_c_flushes_everything(tiny_mistral, tmp_path):
            "FAKE_MIC_NPY": str(tmp_path / "mic.npy")}
     r = cli(["--from-mic"], env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == off.text + "\n" and "flushing" in r.stderr
+    assert r.stdout == off.text.strip() + "\n" and "flushing" in r.stderr

@@ -1,6 +1,7 @@
 """`load(path or repo id) -> Model`: a checkpoint in either format, ready to transcribe."""
 
 import ctypes
+import os
 import sys
 import threading
 import time
@@ -181,9 +182,17 @@ class Model:
                                       or not 0 <= speculate <= MAX_DRAFT):
             raise VoxtralError(f"speculate must be None or an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
         if isinstance(audio, (list, tuple)):
+            if trace is not None or on_token is not None:
+                raise VoxtralError("trace and on_token take one waveform, not a list")
+            if speculate is not None and batch_size > 1:
+                raise VoxtralError("speculate takes one waveform at a time (batch_size=1): an engine's sessions "
+                                   "draft by their own rule")
             xs = []                    # every input checked first: one error naming the bad one, before any compute
             for i, a in enumerate(audio):
-                if np.ndim(a) == 0:
+                if isinstance(a, (str, bytes, os.PathLike)):
+                    raise VoxtralError(f"audio {i} of the batch is a file name: transcribe() takes samples (read the "
+                                       "file with soundfile.read, or run `voxtral-ref transcribe` on the files)")
+                if np.isscalar(a):
                     raise VoxtralError(f"audio {i} of the batch is a single number: a list or tuple is a batch of "
                                        "waveforms; pass one waveform as an array (np.asarray(samples))")
                 try:
@@ -191,7 +200,7 @@ class Model:
                 except VoxtralError as e:
                     raise VoxtralError(f"audio {i} of the batch: {e}") from None
             if batch_size == 1:
-                return [self.transcribe(x, C.SAMPLE_RATE, delay_ms) for x in xs]
+                return [self.transcribe(x, C.SAMPLE_RATE, delay_ms, speculate=speculate) for x in xs]
             from .runtime.engine import transcribe_batch
             return transcribe_batch(self, xs, self.cfg.default_delay_ms if delay_ms is None else delay_ms, batch_size)
         delay_ms = self.cfg.default_delay_ms if delay_ms is None else delay_ms

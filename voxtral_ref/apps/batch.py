@@ -404,11 +404,13 @@ class Writer:
         if it is None:                # Ray promises a task's output at least once, not exactly once
             return
         rec["settings"] = {**self.settings, "delay_ms": it.delay_ms}
+        # an earlier run's outputs of this id are of other audio or settings (it is redone): none may stay
+        # beside the new record in a format this run does not write
+        remove_outputs(self.out_dir, rec["id"], keep=self.formats if rec["error"] is None else ())
         if rec["error"] is None:
             write_outputs(self.out_dir, rec["id"], *transcript_of(rec), self.formats)
             self.transcribed, self.audio_s = self.transcribed + 1, self.audio_s + rec["duration"]
         else:
-            remove_outputs(self.out_dir, rec["id"])          # an earlier run's, of other content
             self.failed += 1
         data = json_line(rec).encode()
         try:
@@ -426,10 +428,11 @@ class Writer:
         os.close(self.fd)
 
 
-def remove_outputs(out_dir, name):
+def remove_outputs(out_dir, name, keep=()):
     from .cli import FORMATS
     for fmt in FORMATS:
-        (out_dir / f"{name}.{fmt}").unlink(missing_ok=True)
+        if fmt not in keep:
+            (out_dir / f"{name}.{fmt}").unlink(missing_ok=True)
 
 
 def lock(out_dir):

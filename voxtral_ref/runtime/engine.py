@@ -131,6 +131,26 @@ class Engine:
             self._leave()
 
     @contextlib.contextmanager
+    def holding(self, lock):
+        """Hold `lock`. A thread counted as stepping (in `together`) stops counting while it waits for it:
+        the thread holding it may be waiting for a pass, which would wait for this one (two calls of one
+        `together` stepping the same session)."""
+        if not lock.acquire(blocking=False):
+            counted = BATCHED.get() == self._run_one
+            if counted:
+                self._leave()
+            try:
+                lock.acquire()
+            finally:
+                if counted:
+                    with self._cv:
+                        self._stepping += 1
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
     def _routed(self):
         """Send this thread's decoder chunks and sessions' encoder chunks to this engine's passes."""
         tokens = BATCHED.set(self._run_one), ENCODER_BATCHED.set(self._encode_one)
@@ -284,11 +304,11 @@ class EngineSession(StreamSession):
         self._turn = threading.Lock()     # one thread of this session at a time counts as stepping
 
     def step(self, max_tokens=None):
-        with self._turn, self._engine.stepping():
+        with self._engine.holding(self._turn), self._engine.stepping():
             return super().step(max_tokens)
 
     def close(self):
-        with self._turn, self._engine.stepping():
+        with self._engine.holding(self._turn), self._engine.stepping():
             return super().close()
 
 
@@ -300,10 +320,10 @@ def transcribe_batch(model, xs, delay_ms, batch_size):
     quantised weights the same logits bit for bit (every row is computed on its own); a file whose decoding
     fails raises its error once all have ended."""
     engine, n_delay, out = Engine(model, batch_size), delay_tokens(delay_ms), [None] * len(xs)
-    todo, lock = iter(range(len(xs))), threading.Lock()
+    todo, lock, stop = iter(range(len(xs))), threading.Lock(), threading.Event()
 
     def worker():
-        while True:
+        while not stop.is_set():
             with lock:
                 i = next(todo, None)
             if i is None:
@@ -320,8 +340,12 @@ def transcribe_batch(model, xs, delay_ms, batch_size):
     threads = [threading.Thread(target=worker, name="voxtral-ref file") for _ in range(min(batch_size, len(xs)))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:                 # Ctrl-C: the files in flight end, no other starts (and keeps the process)
+        stop.set()
+        raise
     for r in out:
         if isinstance(r, Exception):
             raise r

@@ -46,6 +46,7 @@ for soxr 1.1.0 its output for any chunking is identical, sample for sample, to t
 import collections
 import contextvars
 import math
+import os
 import signal
 import sys
 import threading
@@ -444,13 +445,18 @@ def session_prefix(model, n_delay):
     first read. With the file dropped from the page cache: the server's first client, full-size int8, 582 ->
     105 ms after its audio; bench/live_bench.py's first session, full-size q4, 427 / 360 -> 109 / 100 ms."""
     key = (n_delay, model.backend, model.precision)
+
+    def compute():
+        s = StreamSession(model, n_delay * MS_PER_TOKEN, reuse_prefix=False)
+        with model.kernel_mode():
+            s._dec.prefill(s._next_embeds())
+            lm_head(np.zeros((1, model.cfg.decoder.dim), np.float32), model.weights.lm_head)  # [1, dim] -> [1, V]
+        return s._snapshot()
     with model.prefix_lock:
         if key not in model.prefixes:
-            s = StreamSession(model, n_delay * MS_PER_TOKEN, reuse_prefix=False)
-            with model.kernel_mode():
-                s._dec.prefill(s._next_embeds())
-                lm_head(np.zeros((1, model.cfg.decoder.dim), np.float32), model.weights.lm_head)  # [1, dim] -> [1, V]
-            model.prefixes[key] = s._snapshot()
+            # in passes of its own, never an engine's: a thread of the engine waiting on this lock could be
+            # one that engine's passes wait for (two sessions of a new delay made in Engine.together)
+            model.prefixes[key] = contextvars.Context().run(compute)
         return model.prefixes[key]
 
 
@@ -527,7 +533,7 @@ def cli_stream(args):
     elif args.format == "wav":
         rate, chunks = _wav_chunks(sys.stdin.fileno(), stop)
     else:
-        rate, chunks = args.rate, _raw_chunks(sys.stdin.buffer, np.dtype(RAW_DTYPES[args.format]), args.channels,
+        rate, chunks = args.rate, _raw_chunks(sys.stdin.fileno(), np.dtype(RAW_DTYPES[args.format]), args.channels,
                                               max(1, int(args.rate * FEED_MAX_S)), stop)
     model = load(args.model, backend=args.backend, precision=args.precision, quantize=args.quantize)
     session = model.stream(args.delay_ms, rate, args.past_eos)
@@ -591,6 +597,7 @@ class _Report:
         self.rate, self.n_delay, self.samples, self.tokens, self.compute = rate, n_delay, 0, 0, 0.0
         self.latency_sum, self.latency_max = 0.0, 0.0
         self.start, self.lag, self.lag_max, self.at_eos = None, 0.0, 0.0, False
+        self.held, self.printed = "", False             # trailing spaces not written yet; any text written
 
     def fed(self, n):
         if self.start is None:                          # when the source began, if it runs in real time
@@ -612,9 +619,14 @@ class _Report:
             covered = (self.tokens + self.n_delay) * MS_PER_TOKEN / 1000
             self.lag = max(0.0, time.perf_counter() - self.start - covered)
             self.lag_max = max(self.lag_max, self.lag)
-        if e.text:
-            sys.stdout.write(e.text)
+        # the text as `transcribe` prints it, stripped: spaces are held back until text follows them
+        text = (self.held + e.text) if self.printed else (self.held + e.text).lstrip()
+        shown = text.rstrip()
+        self.held = text[len(shown):]
+        if shown:
+            sys.stdout.write(shown)
             sys.stdout.flush()
+            self.printed = True
 
     def finish(self):
         print(flush=True)
@@ -640,14 +652,29 @@ def _wav_chunks(fd, stop):
 
     def blocks():
         with f:
-            block, most = max(1, f.samplerate // BLOCKS_PER_SECOND), max(1, int(f.samplerate * FEED_MAX_S))
+            most = max(1, int(f.samplerate * FEED_MAX_S))
             frame_bytes = WAV_SAMPLE_BYTES.get(f.subtype, 8) * f.channels
-            while not stop.is_set():
-                n = min(most, max(block, _bytes_waiting(fd) // frame_bytes))
+            while _until_readable(fd, stop):
+                # no more frames than are waiting: libsndfile's read blocks until it has them all, and a
+                # blocked read outlives Ctrl-C (a stalled source would lose the audio already heard)
+                n = min(most, max(1, _bytes_waiting(fd) // frame_bytes))
                 if not len(chunk := f.read(n, dtype="float32")):
                     return
                 yield chunk                                                  # [n] or [n, channels]
     return f.samplerate, blocks()
+
+
+def _until_readable(fd, stop):
+    """Wait until fd has bytes to read (or its end), or `stop` is set (Ctrl-C) -> whether to read on. A read
+    that blocked on a stalled source would outlive Ctrl-C: Python retries a read the signal interrupts."""
+    import select
+    while not stop.is_set():
+        try:
+            if select.select([fd], [], [], 0.1)[0]:
+                return True
+        except (OSError, ValueError):            # not a descriptor select takes: read, as before
+            return True
+    return False
 
 
 def _bytes_waiting(fd):
@@ -662,11 +689,11 @@ def _bytes_waiting(fd):
     return int.from_bytes(n, sys.byteorder)
 
 
-def _raw_chunks(stream, dtype, channels, max_frames, stop):
-    """Blocks of raw interleaved PCM as they arrive (read1 returns what the pipe has, up to max_frames)."""
+def _raw_chunks(fd, dtype, channels, max_frames, stop):
+    """Blocks of raw interleaved PCM as they arrive (a read of a pipe returns what it has, up to max_frames)."""
     frame = dtype.itemsize * channels
     rest = b""
-    while not stop.is_set() and (data := stream.read1(max_frames * frame)):
+    while _until_readable(fd, stop) and (data := os.read(fd, max_frames * frame)):
         data = rest + data
         whole = len(data) // frame * frame
         rest = data[whole:]
