@@ -50,7 +50,8 @@ def test_a_saved_checkpoint_loads_as_it_was_quantised(saved):
     meta = quantized.read_metadata(out / quantized.QFILE)
     source = json.loads(meta["source"])
     assert meta["recipe"] == RECIPE and meta["source_format"] == "mistral" and meta["voxtral_ref"]
-    assert [s["name"] for s in source] == ["consolidated.safetensors"] and len(source[0]["sha256"]) == 64
+    assert [s["name"] for s in source] == ["consolidated.safetensors", "params.json", "tekken.json"]
+    assert all(len(s["sha256"]) == 64 for s in source)
     assert sorted(p.name for p in out.iterdir()) == ["params.json", "quantized.safetensors", "tekken.json"]
 
 
@@ -112,6 +113,61 @@ def test_a_hub_model_keeps_its_quantised_copy_and_rebuilds_it_when_stale(tmp_pat
     rebuilt = voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize="q4")
     assert calls and rebuilt.path == qdir
     assert quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), snap, "mistral")
+
+
+def test_the_hub_copy_survives_races_interruptions_damage_and_a_changed_config(tmp_path, monkeypatch):
+    """The quantised copy beside a hub entry: built once by two loads at a time (a lock; the second finds it
+    fresh), rebuilt after an interrupted write or damage, stale when the config or tekken.json changes, one
+    directory per recipe (spaces aside), and a cache that cannot hold it quantises in memory."""
+    import threading
+    import time
+    import warnings
+    snap = make_hub_cache(tmp_path, MODEL_DIRS["mistral"])
+    repo, g = "mistralai/Voxtral-Mini-4B-Realtime-2602", load_case("speech_en_480")
+
+    def load(recipe="q4"):
+        return voxtral_ref.load(repo, backend=BACKEND, cache_dir=tmp_path, offline=True, quantize=recipe)
+    builds, real = [], quantized.write
+
+    def slow_write(*args):
+        builds.append(1)
+        time.sleep(0.3)                                            # the full model takes ~15 s
+        return real(*args)
+    monkeypatch.setattr(quantized, "write", slow_write)
+    models = []
+    threads = [threading.Thread(target=lambda: models.append(load())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    want = voxtral_ref.load(MODEL_DIRS["mistral"], backend=BACKEND, quantize="q4").transcribe(g["audio"]).token_ids
+    assert len(builds) == 1 and [m.transcribe(g["audio"]).token_ids for m in models] == [want, want]
+    qdir = models[0].path
+
+    (qdir / quantized.QFILE).unlink()                              # killed mid-write: configs, a partial file
+    (qdir / f".{quantized.QFILE}.999.partial").write_bytes(b"\0" * 100)
+    assert load().transcribe(g["audio"]).token_ids == want and len(builds) == 2
+    with open(qdir / quantized.QFILE, "r+b") as f:                 # damaged
+        f.write(b"garbage!")
+    assert load().transcribe(g["audio"]).token_ids == want and len(builds) == 3
+    tekken = json.loads((snap / "tekken.json").read_text())        # a revision changing only tekken.json
+    tekken["audio"]["transcription_delay_ms"] = 960
+    (snap / "tekken.json").unlink()                                # a symlink into the blobs
+    (snap / "tekken.json").write_text(json.dumps(tekken))
+    assert load().cfg.default_delay_ms == 960 and len(builds) == 4
+
+    assert load(" q4 , lm_head = int8 ").path == load("q4,lm_head=int8").path and len(builds) == 5
+    assert load("q4,enc.layers.?.w2=int8").path != load("q4,enc.layers.*.w2=int8").path and len(builds) == 7
+
+    def cannot(*args):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(quantized, "write", cannot)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback = load("int8")
+    assert "quantising in memory" in str(caught[-1].message) and fallback.quantize == "int8"
+    assert fallback.transcribe(g["audio"]).token_ids == \
+        voxtral_ref.load(snap, backend=BACKEND, quantize="int8").transcribe(g["audio"]).token_ids
 
 
 def vm_flags(address):

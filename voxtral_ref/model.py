@@ -83,6 +83,8 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     directory written by `voxtral-ref quantize`, which loads as it is (quantize=None or its own recipe)."""
     if precision not in kernels.PRECISIONS:
         raise VoxtralError(f"unknown precision {precision!r}: choose f32 or bf16")
+    if isinstance(quantize, str):              # "q4, lm_head=int8" is "q4,lm_head=int8" (names hold no spaces)
+        quantize = "".join(quantize.split())
     d = resolve(model, revision, offline, weights_format, cache_dir, progress)
     if quantized.is_quantized(d):
         return _load_quantized(d, backend, precision, quantize)
@@ -91,11 +93,32 @@ def load(model=DEFAULT_REPO, backend="auto", revision=None, offline=None, weight
     if not formats:                  # a recipe that quantises nothing ("none") is no quantisation: float KV caches
         quantize = None
     if formats and hub.is_snapshot(d):
-        qdir = hub.quantized_cache_dir(d, quantize)
-        if not (quantized.is_quantized(qdir) and quantized.is_fresh(quantized.read_metadata(qdir / quantized.QFILE), d, fmt)):
-            write_quantized(_load_checkpoint(d, fmt, backend, precision, quantize, formats), qdir)
-        return _load_quantized(qdir, backend, precision, quantize)
+        return _load_cached_copy(d, fmt, backend, precision, quantize, formats)
     return _load_checkpoint(d, fmt, backend, precision, quantize, formats)
+
+
+def _load_cached_copy(d, fmt, backend, precision, quantize, formats):
+    """A hub snapshot quantised: its copy beside the cache entry, (re)built under a lock when missing, stale,
+    damaged or of another recipe. A cache that cannot hold it (read-only, full) gets a warning, and the
+    model quantised in memory, as a local checkpoint is."""
+    qdir = hub.quantized_cache_dir(d, quantize)
+
+    def fresh():
+        try:
+            meta = quantized.read_metadata(qdir / quantized.QFILE)
+        except VoxtralError:                   # missing, torn or overwritten: ours to rebuild
+            return False
+        return meta["recipe"] == quantize and quantized.is_fresh(meta, d, fmt)
+    try:
+        with quantized.building(qdir):
+            if not fresh():
+                model = _load_checkpoint(d, fmt, backend, precision, quantize, formats)
+                write_quantized(model, qdir)
+    except OSError as e:
+        warnings.warn(f"cannot keep the quantised copy in {qdir} ({e.strerror or e}): quantising in memory, "
+                      "again at every load")
+        return _load_checkpoint(d, fmt, backend, precision, quantize, formats)
+    return _load_quantized(qdir, backend, precision, quantize)
 
 
 def _load_checkpoint(d, fmt, backend, precision, quantize, formats):

@@ -7,6 +7,7 @@ Offline (`offline=True`, or HF_HUB_OFFLINE=1 as for every HF tool) nothing touch
 cached snapshot is used, or one message says which files are missing and how to get them.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -134,5 +135,6 @@ def is_snapshot(d):
 def quantized_cache_dir(snapshot, recipe):
     """Where a hub model's quantised copy lives: beside the repo's snapshots in its cache entry, one
     directory per recipe (its staleness is checked against the snapshot's files, see checkpoint/quantized.py)."""
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", recipe)
-    return Path(snapshot).parent.parent / "voxtral_ref" / f"quantized-{slug}"
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", recipe)               # readable, but "*" and "?" both give "_":
+    tag = hashlib.sha256(recipe.encode()).hexdigest()[:8]            # the recipe's own hash tells them apart
+    return Path(snapshot).parent.parent / "voxtral_ref" / f"quantized-{slug}-{tag}"

@@ -15,10 +15,11 @@ Its `__metadata__` (strings, as the format requires):
   source_format   "mistral" or "hf" (RoPE row order and the config file to read)
   recipe          the quantize recipe (quant.parse_recipe)
   quantized       JSON {name: [fmt, M, K]}
-  source          JSON [{name, size, mtime_ns, sha256}] of the source weight files
+  source          JSON [{name, size, mtime_ns, sha256}] of the source files: weights, config, tekken.json
   voxtral_ref     the package version that wrote it
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,7 @@ from pathlib import Path
 from ..config import parse_json, show
 from ..errors import VoxtralError
 from ..runtime import quant
-from .hub import FORMATS
-from .weights import Weights, read_safetensors, write_safetensors
+from .weights import MAX_HEADER, Weights, read_safetensors, write_safetensors
 
 QFILE = "quantized.safetensors"
 FORMAT_TAG = "voxtral_ref.quantized/1"
@@ -40,15 +40,16 @@ def is_quantized(d):
     return (Path(d) / QFILE).is_file()
 
 
-def source_weight_files(d, fmt):
+def source_files(d, fmt):
+    """The files a quantised copy is made of: the weights, and the config and tekken.json it copies (a
+    revision that changes only those must not find the old copy fresh)."""
     d = Path(d)
-    if fmt == "mistral":
-        return [d / "consolidated.safetensors"]
-    return sorted(d.glob("model*.safetensors"))
+    weights = [d / "consolidated.safetensors"] if fmt == "mistral" else sorted(d.glob("model*.safetensors"))
+    return weights + [d / CONFIG_FILES[fmt], d / "tekken.json"]
 
 
 def fingerprint(paths):
-    """[{name, size, mtime_ns, sha256}] of the source weight files (sha256 read in 16 MB pieces)."""
+    """[{name, size, mtime_ns, sha256}] of the source files (sha256 read in 16 MB pieces)."""
     out = []
     for p in paths:
         h = hashlib.sha256()
@@ -64,7 +65,7 @@ def is_fresh(meta, src_dir, fmt):
     """Whether a quantised copy was made from the files now in `src_dir`: size and mtime equal, or (a copy
     touched since) the same sha256."""
     recorded = {f["name"]: f for f in json.loads(meta["source"])}
-    files = source_weight_files(src_dir, fmt)
+    files = source_files(src_dir, fmt)
     if sorted(recorded) != sorted(p.name for p in files):
         return False
     for p in files:
@@ -82,17 +83,17 @@ def write(out_dir, src_dir, fmt, weights, recipe, version):
     out_dir, src_dir = Path(out_dir), Path(src_dir)
     if out_dir.resolve() == src_dir.resolve():
         raise VoxtralError(f"the output directory {out_dir} is the source checkpoint's: choose another")
-    # over another checkpoint, its tekken.json would be replaced, and the directory then load as our copy
-    patterns = [name for names in FORMATS.values() for name in names] + ["model.safetensors.index.json"]
-    ours = set(CONFIG_FILES.values()) if is_quantized(out_dir) else set()
-    found = sorted({f.name for pattern in patterns for f in out_dir.glob(pattern)} - ours)
+    # over another checkpoint, its tekken.json would be replaced, and the directory then load as our copy; a
+    # config without weights beside it is what an interrupted write of ours leaves (the weights go last)
+    theirs = ("consolidated.safetensors", "model*.safetensors", "model.safetensors.index.json")
+    found = sorted({f.name for pattern in theirs for f in out_dir.glob(pattern)})
     if found:
         raise VoxtralError(f"the output directory {out_dir} holds a checkpoint ({', '.join(found)}): choose an empty "
                            "directory, or one an earlier `voxtral-ref quantize` wrote")
     if is_quantized(src_dir):
         source = read_metadata(src_dir / QFILE)["source"]
     else:
-        source = json.dumps(fingerprint(source_weight_files(src_dir, fmt)))
+        source = json.dumps(fingerprint(source_files(src_dir, fmt)))
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, qinfo = {}, {}
     held = dict(weights._t)
@@ -105,12 +106,36 @@ def write(out_dir, src_dir, fmt, weights, recipe, version):
             tensors[name] = t
     meta = {"format": FORMAT_TAG, "source_format": fmt, "recipe": recipe, "quantized": json.dumps(qinfo),
             "source": source, "voxtral_ref": version}
-    for name in (CONFIG_FILES[fmt], "tekken.json"):
-        shutil.copyfile(src_dir / name, out_dir / name)
-    tmp = out_dir / (QFILE + ".partial")
-    write_safetensors(tmp, tensors, meta)
-    uncache(tmp)
-    os.replace(tmp, out_dir / QFILE)
+    # each file whole or not at all, the weights last (is_quantized: complete); temporary names of this
+    # process's own, removed if it fails (a full disk must not stay full, nor a second writer clobber them)
+    (out_dir / QFILE).unlink(missing_ok=True)
+    for name in (CONFIG_FILES[fmt], "tekken.json", QFILE):
+        tmp = out_dir / f".{name}.{os.getpid()}.partial"
+        try:
+            if name == QFILE:
+                write_safetensors(tmp, tensors, meta)
+                uncache(tmp)
+            else:
+                shutil.copyfile(src_dir / name, tmp)
+            os.replace(tmp, out_dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def building(out_dir):
+    """Hold the lock of a quantised copy's directory: two processes loading one hub model with quantize=
+    build its copy once, the second then finding it fresh (without it, one renamed the other's half-written
+    file into place and mapped it)."""
+    import fcntl
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir.parent / f".{out_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def uncache(path):
@@ -129,6 +154,8 @@ def read_metadata(path):
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER:
+                raise ValueError(f"a header of {n} bytes")
             meta = json.loads(f.read(n)).get("__metadata__") or {}
     except (OSError, ValueError, AttributeError) as e:
         raise VoxtralError(f"{path} is not a readable quantised checkpoint ({e})") from None

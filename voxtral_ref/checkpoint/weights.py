@@ -27,7 +27,7 @@ from ..runtime.kernels import huge_pages, read_ahead
 
 DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "I8": np.int8,
           "U8": np.uint8, "I32": np.int32, "I64": np.int64}
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024
 
 
 def read_safetensors(path):
@@ -46,7 +46,7 @@ def read_safetensors(path):
         if len(head) < 8:
             raise VoxtralError(f"{path} is not a safetensors file (only {size} bytes)")
         n = int.from_bytes(head, "little")
-        if n > _MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER or 8 + n > size:
             raise VoxtralError(f"{path} is truncated or not a safetensors file (header of {n} bytes, file of {size})")
         layout = check_header(parse_json(f.read(n), f"{path}'s safetensors header"), size - 8 - n, path)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
