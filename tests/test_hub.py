@@ -79,7 +79,10 @@ def test_revisions(tmp_path):
     assert resolve(REPO, revision="v1.0", cache_dir=tmp_path) == snap
     assert resolve(REPO, revision="b" * 40, cache_dir=tmp_path) == snap    # a commit needs no ref
     msg = error_of(lambda: resolve(REPO, revision="v2.0", cache_dir=tmp_path))
-    assert "--revision v2.0" in msg
+    assert "--revision v2.0" in msg and "not at revision 'v2.0' (cached refs: v1.0" in msg
+    for bad, words in (({"revision": ""}, "revision must be"), ({"revision": 5}, "revision must be"),
+                       ({"offline": "no"}, "offline must be"), ({"cache_dir": 5}, "cache_dir must be")):
+        assert words in error_of(lambda: resolve(REPO, **{"cache_dir": tmp_path, **bad}))
 
 
 def test_nothing_cached_offline_says_what_and_how(tmp_path):

@@ -62,6 +62,12 @@ def resolve(model=DEFAULT_REPO, revision=None, offline=None, weights_format=None
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
         raise VoxtralError(f"model must be a checkpoint directory or a hub repo id (a non-empty str or path), "
                            f"got {show(model)}")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise VoxtralError(f"revision must be a branch, tag or commit hash, got {show(revision)}")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise VoxtralError(f"cache_dir must be a directory path, got {show(cache_dir)}")
+    if offline is not None and not isinstance(offline, bool):       # "no" would be true
+        raise VoxtralError(f"offline must be True, False or None, got {show(offline)}")
     p = Path(model).expanduser()
     if p.exists() or looks_local(model):
         if p.exists() and not p.is_dir():
@@ -103,7 +109,13 @@ def _snapshot(repo, revision, offline, fmt, cache_dir, progress):
         why = ("downloads are off (--offline or HF_HUB_OFFLINE=1)" if offline
                else f"the hub cannot be reached ({_first_line(e.__cause__ or e)})")
         cache = Path(cache_dir or constants.HF_HUB_CACHE).resolve()
-        where = f"{repo} is neither a local directory nor in the Hugging Face cache {cache}, and {why}"
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        if revision and entry.is_dir():                        # the repo is cached, the revision is not
+            refs = sorted(r.name for r in (entry / "refs").glob("*")) if (entry / "refs").is_dir() else []
+            where = (f"{repo} is in the Hugging Face cache {cache}, but not at revision {revision!r} (cached refs: "
+                     f"{', '.join(refs) or 'none'}; full commit hashes also work), and {why}")
+        else:
+            where = f"{repo} is neither a local directory nor in the Hugging Face cache {cache}, and {why}"
         raise VoxtralError(_not_cached(repo, revision, fmt, cache_dir, where)) from None
     except Exception as e:  # the network stack raises many types; all mean the same to the user
         raise VoxtralError(f"downloading {repo} failed ({_first_line(e)})") from None
