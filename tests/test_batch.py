@@ -197,6 +197,9 @@ def test_rerun_skips_done_retries_failed_redoes_changed(clips, reference, model,
     assert (out / "clip2.txt").read_text() == reference["clip3"].text.strip() + "\n"
     # a redone file's outputs of the old content go, those of a skipped one stay (they match its record)
     assert not (out / "clip2.vtt").exists() and (out / "clip0.vtt").exists()
+    default = read_results(out)["clip0"]["delay_ms"]
+    s = batch.run([src], out, ["txt"], model=MODEL, delay_ms=default, threads=1)   # the default, by name
+    assert (s.transcribed, s.skipped) == (0, 3)
     s = batch.run([src], out, model=MODEL, delay_ms=960, threads=1)                # other settings: all redone
     assert (s.transcribed, s.skipped) == (3, 0)
     assert {r["delay_ms"] for r in read_results(out).values()} == {960}

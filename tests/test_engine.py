@@ -215,6 +215,16 @@ def test_transcribe_batch_refuses_bad_input_before_any_compute():
         model.transcribe([a], on_token=print)
     with pytest.raises(VoxtralError, match="speculate"):
         model.transcribe([a, a], batch_size=2, speculate=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(VoxtralError, match="batch_size"):
+            model.transcribe([a], batch_size=bad)
+    # integers of any type, as delay_ms takes them (an np.int64 from an array, say)
+    assert model.transcribe([a], batch_size=np.int64(2))[0].token_ids == \
+        model.transcribe(a, speculate=np.int32(1)).token_ids == model.transcribe(a).token_ids
+    session = model.stream()
+    session.feed(a)
+    assert len(session.step(max_tokens=np.int64(1)).token_ids) <= 1
+    assert Engine(model, max_batch=np.int16(4)).max_batch == 4
 
 
 def test_ctrl_c_stops_a_batch_from_starting_more_files(monkeypatch):
@@ -235,9 +245,6 @@ def test_ctrl_c_stops_a_batch_from_starting_more_files(monkeypatch):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert len(started) < 200
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(VoxtralError, match="batch_size"):
-            model.transcribe([a], batch_size=bad)
 
 
 def stream_ids(session, audio, chunks):

@@ -53,10 +53,15 @@ SPECTROGRAM = {"hop_length": HOP, "window_size": N_FFT}
 MAX_WINDOW = 1 << 16
 
 
+def is_whole(v):
+    """Any integer type (np.int64 from an array included), never a float or a bool: 480.0 is a mistake
+    somewhere, True is not 1."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
 def delay_tokens(delay_ms):
     """480 ms -> 6. The model was trained for multiples of 80 ms in 80..1200, and 2400."""
-    # any integer type (np.int64 from an array included), never a float or a bool: 480.0 is a mistake somewhere
-    if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, np.integer)) or delay_ms not in ALLOWED_DELAYS_MS:
+    if not is_whole(delay_ms) or delay_ms not in ALLOWED_DELAYS_MS:
         raise VoxtralError(
             f"delay_ms={delay_ms!r} is not supported: use an integer multiple of 80 from 80 to 1200, or 2400"
         )

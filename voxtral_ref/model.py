@@ -199,11 +199,11 @@ class Model:
         alone (`rows_exact`), else none, and none with a trace. A single waveform is encoded as it is
         decoded (see SESSION_FEED), except with `trace`, which encodes the whole file first
         (generate.greedy_decode) and traces each position once unless asked to speculate."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not C.is_whole(batch_size) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if speculate is not None and (isinstance(speculate, bool) or not isinstance(speculate, int)
-                                      or not 0 <= speculate <= MAX_DRAFT):
+        if speculate is not None and (not C.is_whole(speculate) or not 0 <= speculate <= MAX_DRAFT):
             raise VoxtralError(f"speculate must be None or an integer from 0 to {MAX_DRAFT}, got {speculate!r}")
+        batch_size, speculate = int(batch_size), None if speculate is None else int(speculate)
         if isinstance(audio, (list, tuple)):
             if trace is not None or on_token is not None:
                 raise VoxtralError("trace and on_token take one waveform, not a list")

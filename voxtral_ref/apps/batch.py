@@ -201,10 +201,19 @@ def sha256_of(path):
     return h.hexdigest()
 
 
+def same_settings(rec, item, settings):
+    """The record's settings are these; a delay named now also matches a record made at the default delay
+    that was this one (its result's delay_ms): asking for the default by name redoes nothing."""
+    recorded = dict(rec.get("settings") or {})
+    asked = recorded.pop("delay_ms", None)
+    return recorded == settings and (asked == item.delay_ms or
+                                     (item.delay_ms is not None and rec.get("delay_ms") == item.delay_ms))
+
+
 def is_done(rec, item, settings):
     """Does an earlier record stand for this item? Same settings, no error, and the same input: size and
     mtime, or (when only the mtime moved, as a copy does) the same content."""
-    if rec is None or rec.get("error") is not None or rec.get("settings") != {**settings, "delay_ms": item.delay_ms}:
+    if rec is None or rec.get("error") is not None or not same_settings(rec, item, settings):
         return False
     try:
         st = os.stat(item.path)

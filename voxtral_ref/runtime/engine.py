@@ -40,7 +40,7 @@ import threading
 import time
 
 from .stream import ENCODER_BATCHED, StreamSession, check_encoder_chunk, encoder_pass, time_pass
-from ..config import SAMPLE_RATE, delay_tokens, n_positions
+from ..config import SAMPLE_RATE, delay_tokens, is_whole, n_positions
 from ..errors import VoxtralError
 from ..stages.generate import BATCHED, check_chunk, decoder_pass
 
@@ -72,9 +72,9 @@ class Engine:
     """Decodes many sequences together: `decode` for files, `stream` for live sessions (thread-safe)."""
 
     def __init__(self, model, max_batch=MAX_BATCH):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        if not is_whole(max_batch) or max_batch < 1:
             raise VoxtralError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        self.model, self.max_batch = model, max_batch
+        self.model, self.max_batch = model, int(max_batch)
         self._cv = threading.Condition(threading.Lock())
         self._queues = {ENCODER: [], DECODER: []}  # [_Job] waiting for a pass of each kind, oldest first
         self._stepping = 0                # threads inside `stepping()`: a pass waits for each of them ...

@@ -60,7 +60,7 @@ from ..stages.adapter import adapter, downsample
 from ..stages.attention import KVCache
 from ..stages.audio import MAX_CHANNELS, RESAMPLE_QUALITY, check_sample_rate, to_mono_float32
 from ..config import (EOS_ID, HOP, MEL_FRAMES_PER_TOKEN, MS_PER_TOKEN, N_FFT, N_LEFT_PAD_TOKENS, SAMPLE_RATE, SAMPLES_PER_TOKEN,
-                     delay_tokens, n_positions, right_pad_samples)
+                     delay_tokens, is_whole, n_positions, right_pad_samples)
 from ..stages.decoder import lm_head
 from ..stages.encoder import conv_stem, encoder_transformer
 from ..errors import VoxtralError
@@ -225,9 +225,9 @@ class StreamSession:
 
     def step(self, max_tokens=None):
         """Decode what the audio fed so far allows (at most `max_tokens` tokens) -> Emission."""
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 0):
+        if max_tokens is not None and (not is_whole(max_tokens) or max_tokens < 0):
             raise VoxtralError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
+        max_tokens = None if max_tokens is None else int(max_tokens)
         with self._work:
             with self._lock:
                 if self._closed:
