@@ -130,8 +130,8 @@ def test_audio_cut_short_is_transcribed_with_a_warning(cli, tmp_path, fmt, subty
 
 # --- 6: a header that declares more audio than fits in memory ---------------------------------------------
 def test_an_absurd_header_is_that_files_error_only(cli, tmp_path, transcript):
-    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
-        pytest.skip("memory is overcommitted without limit: the 256 GiB allocation succeeds lazily")
+    """The file is read a block at a time to its end (audio.frame_blocks), not into what its header declares
+    (a 256 GiB allocation); libsndfile then fails where the frames run out: that file's error only."""
     flac = tmp_path / "huge.flac"
     sf.write(flac, sf.read(SPEECH_WAV, dtype="int16")[0], 16000)
     b = bytearray(flac.read_bytes())
@@ -140,8 +140,7 @@ def test_an_absurd_header_is_that_files_error_only(cli, tmp_path, transcript):
     flac.write_bytes(bytes(b))
     code, out, err = cli("transcribe", SPEECH_WAV, flac, SPEECH_WAV, "--model", MISTRAL)
     assert code == 2 and out.count(transcript) == 2
-    assert err == f"voxtral-ref: error: cannot decode {flac}: its header declares 68719476735 frames, more than fit " \
-                  "in memory\n"
+    assert err.startswith(f"voxtral-ref: error: cannot decode {flac} (") and err.count("\n") == 1, err
 
 
 # --- 7: several files to stdout ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 import voxtral_ref  # noqa: E402
+from voxtral_ref.errors import VoxtralError  # noqa: E402
 from voxtral_ref.apps.serve.http import GracefulServer, Limits, ServerState, build_app  # noqa: E402
 from voxtral_ref.apps.serve import bind  # noqa: E402
 from voxtral_ref.apps.subtitles import segments, to_srt, to_vtt  # noqa: E402
@@ -368,6 +369,70 @@ def test_upload_audio_is_limited_by_its_length_and_decoded_off_the_event_loop(mo
         release.set()
         upload.join(30)
         wait_for(lambda: state.scheduler.count() == 0 and not state.clients)
+
+
+@pytest.mark.parametrize("cut", ["streamed FLAC", "cut MP3"])
+def test_files_whose_header_miscounts_their_frames(speech, cut):
+    """A cut MP3 declares more frames than it holds: soundfile's blocks() filled the rest with uninitialised
+    memory, which the server then transcribed (freed memory, another client's audio among it); now both
+    `voxtral-ref transcribe` and the server read what is there. A streamed FLAC declares no length: read()
+    asked for 2^63 frames (a traceback), and libsndfile fails at such a stream's end: a clear error."""
+    from voxtral_ref.apps.serve import http as serve_http
+    from voxtral_ref.stages.audio import read_audio, to_mono_16k
+    if cut == "cut MP3":
+        if "MP3" not in sf.available_formats():
+            pytest.skip("this libsndfile writes no MP3")
+        data = wav_bytes(speech, fmt="MP3")
+        data = data[:len(data) // 2]
+    else:
+        data = bytearray(wav_bytes(speech, fmt="FLAC"))
+        data[8 + 13] &= 0xF0                                         # STREAMINFO's total samples: 0, unknown
+        data[8 + 14:8 + 18] = b"\0\0\0\0"
+        data = bytes(data)
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".bin") as t:
+        t.write(data)
+        t.flush()
+        if cut == "streamed FLAC":
+            with pytest.raises(VoxtralError, match="cannot decode"):
+                read_audio(t.name)
+            with pytest.raises(VoxtralError, match="cannot decode"):
+                serve_http.decode_upload(data, 60)
+            return
+        samples, rate = read_audio(t.name)
+    held = sf.read(io.BytesIO(data), dtype="float32")[0]             # soundfile's read() trims to what it read
+    assert len(samples) == len(held) < len(speech) * rate // 16000
+    np.testing.assert_allclose(samples, held, atol=1e-6)
+    np.testing.assert_array_equal(serve_http.decode_upload(data, 60), to_mono_16k(samples, rate))
+
+
+def test_an_upload_that_fails_oddly_frees_its_place(model, speech, monkeypatch):
+    from voxtral_ref.apps.serve import http as serve_http
+
+    def no_memory(*args):
+        raise MemoryError
+    monkeypatch.setattr(serve_http, "decode_upload", no_memory)
+    with running(model, max_sessions=1) as (port, state):
+        for _ in range(2):                                           # the second would find the place taken
+            got, body = post(port, [("model", NAME)], {"file": ("s.wav", wav_bytes(speech[:8000]))})
+            assert got == 413 and "memory" in body["error"]["message"], body
+        assert not state.clients
+
+
+def test_a_rebound_name_is_not_this_server(server):
+    """DNS rebinding: a page whose name now points at 127.0.0.1 sends Host and Origin that agree; only a
+    loopback name counts as the server's own origin."""
+    import socket
+    port, _ = server
+
+    def handshake(host):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall((f"GET /v1/realtime HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                       f"Origin: http://{host}\r\n\r\n").encode())
+            return c.recv(64).split(b"\r\n")[0]
+    assert handshake(f"rebind.attacker.example:{port}").endswith(b"403 Forbidden")
+    assert b" 101 " in handshake(f"127.0.0.1:{port}") and b" 101 " in handshake(f"localhost:{port}")
 
 
 def test_unknown_paths_methods_and_intents_get_json_errors(server):

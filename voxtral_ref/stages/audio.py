@@ -138,10 +138,25 @@ def decode(name, f):
             raise VoxtralError(f"{name} has {s.channels} channels, more than the {MAX_CHANNELS} that are mixed down: "
                                "mix it down first (ffmpeg -i IN -ac 1 -f wav - | voxtral-ref transcribe -)")
         try:
-            return s.read(dtype="float32", always_2d=False), s.samplerate
-        except MemoryError:                 # soundfile allocates what the header declares, however absurd
-            raise VoxtralError(f"cannot decode {name}: its header declares {s.frames} frames, more than fit in "
-                               "memory") from None
+            blocks = list(frame_blocks(s, READ_BLOCK_S * s.samplerate)) or [np.zeros((0, s.channels), np.float32)]
+        except MemoryError:
+            raise VoxtralError(f"cannot decode {name}: its audio does not fit in memory") from None
+        except sf.LibsndfileError as e:     # e.g. a streamed FLAC (no length in its header): libsndfile fails at its end
+            raise VoxtralError(f"cannot decode {name} ({e.error_string.rstrip('.')}): {FFMPEG_HINT}") from None
+        a = np.concatenate(blocks)                                            # [N, channels]
+        return (a[:, 0] if s.channels == 1 else a), s.samplerate
+
+
+READ_BLOCK_S = 10                           # files are decoded this much at a time
+
+
+def frame_blocks(f, block):
+    """The frames of an open SoundFile as float32 [n, channels] blocks of up to `block`, read until the file
+    ends, whatever its header's frame count says: too large in a VBR MP3 without a Xing header or a cut MP3
+    (soundfile's blocks() then pads with uninitialised memory), absent in a streamed FLAC (its read() would
+    allocate 2^63 frames; libsndfile then fails at the stream's end, which the callers report)."""
+    while len(b := f.read(block, dtype="float32", always_2d=True)):
+        yield b
 
 
 def cut_short(f):

@@ -34,7 +34,6 @@ STREAMED_FORMATS = ("json", "text")       # stream=true sends text events: no su
 # OpenAI's upload fields: those this model has no use for are refused with a reason, not silently dropped
 UPLOAD_FIELDS = ("file", "model", "response_format", "stream", "language", "prompt", "temperature",
                  "timestamp_granularities[]", "include[]", "chunking_strategy")
-UPLOAD_BLOCK_S = 10                       # an upload is decoded and mixed down this much at a time
 OPEN_PATHS = ("/health",)                 # liveness probes need no key
 
 
@@ -206,10 +205,11 @@ class TooLong(VoxtralError):
 
 def decode_upload(data, max_s):
     """An uploaded file's bytes -> [N] mono float32 at 16 kHz, the samples Model.transcribe makes of the
-    file. Decoded and mixed down UPLOAD_BLOCK_S at a time, and refused past `max_s` seconds whatever its
-    header says: a few hundred KB of FLAC silence decode to hours (gigabytes of float32)."""
+    file. Decoded and mixed down a block at a time (audio.frame_blocks), and refused past `max_s` seconds
+    whatever its header says: a few hundred KB of FLAC silence decode to hours (gigabytes of float32)."""
     import soundfile as sf
-    from ...stages.audio import MAX_CHANNELS, READABLE, check_sample_rate, to_mono_16k, to_mono_float32
+    from ...stages.audio import (MAX_CHANNELS, READ_BLOCK_S, READABLE, check_sample_rate, frame_blocks, to_mono_16k,
+                                 to_mono_float32)
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, channels = f.samplerate, f.channels
@@ -217,7 +217,7 @@ def decode_upload(data, max_s):
             if not 1 <= channels <= MAX_CHANNELS:
                 raise VoxtralError(f"the file has {channels} channels: this server reads 1 to {MAX_CHANNELS}")
             blocks, n, limit = [], 0, max_s * rate
-            for block in f.blocks(UPLOAD_BLOCK_S * rate, dtype="float32", always_2d=True):
+            for block in frame_blocks(f, READ_BLOCK_S * rate):
                 n += len(block)
                 if n > limit:
                     raise TooLong(f"the upload holds more than {max_s / 60:g} minutes of audio, this server's limit")
@@ -319,6 +319,13 @@ async def transcriptions(request):
         if isinstance(e, TooLong):
             return error_response(state, 413, str(e), "audio_too_long", "file")
         return error_response(state, 400, str(e), "invalid_audio", "file")
+    except MemoryError:
+        state.release(request)
+        return error_response(state, 413, "the upload's audio does not fit in this server's memory", "audio_too_long",
+                              "file")
+    except BaseException:                              # its place is freed whatever failed
+        state.release(request)
+        raise
     try:
         results = asyncio.Queue()
         s = state.scheduler.open(SAMPLE_RATE, lambda e, final, err: results.put_nowait((e, final, err)),
@@ -453,11 +460,15 @@ class BearerAuth:
                                                 "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+
+
 class WebSocketOrigin:
     """ASGI middleware: a WebSocket handshake from a browser page (it sends `Origin`) must come from an
-    origin --cors-origin allows, or from this server's own host. Browsers apply no CORS to WebSockets, so
-    without this any page a user visits could stream through a server on their machine. Clients that are
-    not browsers send no Origin and pass."""
+    origin --cors-origin allows, or be this server's own at a loopback address. Browsers apply no CORS to
+    WebSockets, so without this any page a user visits could stream through a server on their machine. The
+    Host header alone proves nothing: a page whose name an attacker re-points at 127.0.0.1 (DNS rebinding)
+    sends a Host and an Origin that agree. Clients that are not browsers send no Origin and pass."""
 
     def __init__(self, app, allowed, metrics):
         self.app, self.allowed, self.metrics = app, set(allowed), metrics
@@ -468,7 +479,9 @@ class WebSocketOrigin:
         headers = dict(scope["headers"])
         origin = headers.get(b"origin", b"").decode("latin-1")
         host = headers.get(b"host", b"").decode("latin-1")
-        if not origin or "*" in self.allowed or origin in self.allowed or origin.partition("://")[2] == host:
+        hostname = host[:host.index("]") + 1] if host.startswith("[") else host.partition(":")[0]
+        own = origin.partition("://")[2] == host and hostname in LOOPBACK
+        if not origin or "*" in self.allowed or origin in self.allowed or own:
             return await self.app(scope, receive, send)
         self.metrics.errors.labels("origin_not_allowed").inc()
         await deny(scope, send, 403, error_body(f"WebSocket connections from the origin {shown(origin)} are not "
