@@ -79,7 +79,7 @@ def test_a_file_name_too_long_for_its_outputs_is_refused_up_front(cli, tmp_path)
 # --- 3: ports ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_a_port_out_of_range_is_a_usage_error(cli, port):
-    assert "a port is 0..65535" in one_error_line(*cli("serve", "--port", port, "--model", MISTRAL))
+    assert "must be 0..65535" in one_error_line(*cli("serve", "--port", port, "--model", MISTRAL))
 
 
 # --- 4: NaN in the oracle's dumps -------------------------------------------------------------------------

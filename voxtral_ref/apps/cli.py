@@ -364,14 +364,24 @@ def positive_float(s):
     return x
 
 
-def positive_int(s):
+def whole_number(s, lo, hi=None):
+    """argparse's int in lo..hi, with a one-line reason."""
     try:
         n = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    if n < lo or (hi is not None and n > hi):
+        raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}" if hi is None else f"must be {lo}..{hi}, got {n}")
     return n
+
+
+def positive_int(s):
+    return whole_number(s, 1)
+
+
+def port_number(s):
+    """A TCP port (0 picks a free one); bind() raises OverflowError past 65535."""
+    return whole_number(s, 0, 65535)
 
 
 def add_model_args(p):

@@ -484,11 +484,11 @@ def text_deltas(session, chunks):
 
 # --- `voxtral-ref stream` -------------------------------------------------------------------------------------
 RAW_DTYPES = {"s16le": "<i2", "f32le": "<f4"}
-BLOCKS_PER_SECOND = 50                    # read 20 ms at a time: a quarter of a token, so reading adds little delay
-# ... but feed all the audio already waiting, up to FEED_MAX_S: a source that got ahead of the decoder (a
-# machine slower than real time, a stall) then has several positions decoded in a pass with their drafts
-# verified (BACKLOG_DRAFT), as the server's sessions do, where feeding its 20 ms blocks one step at a time
-# keeps the stream a position a pass and behind for good. Full-size q4 on 2 Zen 4 cores, 30 s of speech
+BLOCKS_PER_SECOND = 50                    # the microphone's blocks: 20 ms, a quarter of a token, so little delay
+# Each feed takes all the audio already waiting (a pipe's, or the microphone's queued blocks), up to
+# FEED_MAX_S: a source that got ahead of the decoder (a machine slower than real time, a stall) then has
+# several positions decoded in a pass with their drafts verified (BACKLOG_DRAFT), as the server's sessions
+# do, where feeding 20 ms blocks one step at a time kept the stream a position a pass and behind for good. Full-size q4 on 2 Zen 4 cores, 30 s of speech
 # piped in real time: compute 1.32-1.33x real time and 9.3 s behind at the end with 20 ms feeds, 0.93-0.97x and
 # at most 0.8 s behind feeding what waits (docs/performance-log.md, twenty-sixth session).
 FEED_MAX_S = 1.0

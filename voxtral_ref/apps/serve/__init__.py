@@ -17,7 +17,7 @@ API_KEY_ENV = "VOXTRAL_REF_API_KEY"
 
 
 def add_serve_parser(subparsers):
-    from ..cli import add_model_args, positive_float, positive_int
+    from ..cli import add_model_args, port_number, positive_float, positive_int
     p = subparsers.add_parser(
         "serve", help="run a realtime transcription server (vLLM and OpenAI realtime protocols, HTTP uploads)",
         description="Serve the model over WebSocket /v1/realtime (vLLM's protocol; OpenAI Realtime transcription "
@@ -69,18 +69,6 @@ def cmd_serve(args):
 def model_name(model):
     """--model as clients see it: a hub id as given, a local directory by its name (no server paths)."""
     return Path(model).name if Path(model).is_dir() else model
-
-
-def port_number(s):
-    """argparse type for --port: a TCP port, 0..65535 (bind() raises OverflowError past it)."""
-    import argparse
-    try:
-        n = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {s!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {n}")
-    return n
 
 
 def bind(host, port):

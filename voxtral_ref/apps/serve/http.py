@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 import uvicorn
 
-from ...config import SAMPLE_RATE, delay_tokens
+from ...config import SAMPLE_RATE, delay_tokens, show
 from ...errors import VoxtralError
 from ...model import Transcript
 from ...runtime.stream import session_prefix
@@ -122,14 +122,8 @@ def error_response(state, status, message, code, param=None, headers=None):
     return JSONResponse(error_body(message, code, type_, param), status_code=status, headers=headers)
 
 
-def shown(value, limit=64):
-    """A client's value quoted in a message, cut short: an error must not echo a megabyte back."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def model_not_found(model, served):
-    return f"the model {shown(model)} does not exist: this server serves {served!r}"
+    return f"the model {show(model)} does not exist: this server serves {served!r}"
 
 
 def language_code(value):
@@ -137,7 +131,7 @@ def language_code(value):
     language itself; anything else is refused -> None, or why not."""
     if value in (None, "") or (isinstance(value, str) and len(value) == 2 and value.isascii() and value.isalpha()):
         return None
-    return f"language must be an ISO-639-1 code such as 'en' (the model detects it itself), got {shown(value)}"
+    return f"language must be an ISO-639-1 code such as 'en' (the model detects it itself), got {show(value)}"
 
 
 # --- routes -------------------------------------------------------------------------------------------
@@ -168,7 +162,7 @@ async def model(request):
 async def http_error(request, exc):
     """Starlette's own 404 / 405 (and malformed-body 400s) in OpenAI's error shape, counted like the rest."""
     state = request.app.state.server
-    codes = {404: ("not_found", f"no such endpoint: {request.method} {shown(request.url.path)}"),
+    codes = {404: ("not_found", f"no such endpoint: {request.method} {show(request.url.path)}"),
              405: ("method_not_allowed", f"{request.url.path} does not take {request.method}")}
     code, message = codes.get(exc.status_code, ("invalid_request", str(exc.detail)))
     return error_response(state, exc.status_code, message, code, headers=exc.headers)
@@ -234,7 +228,7 @@ def upload_options(form, served):
     fields that change nothing here are accepted only at values that ask for nothing this model lacks."""
     unknown = [k for k in form.keys() if k not in UPLOAD_FIELDS]
     if unknown:
-        raise BadField(f"unknown field {shown(unknown[0])}: this endpoint takes {', '.join(UPLOAD_FIELDS)}", unknown[0])
+        raise BadField(f"unknown field {show(unknown[0])}: this endpoint takes {', '.join(UPLOAD_FIELDS)}", unknown[0])
     for k, v in form.multi_items():
         if k != "file" and not isinstance(v, str):
             raise BadField(f"`{k}` must be a plain form field, not a file", k)
@@ -245,11 +239,11 @@ def upload_options(form, served):
         raise BadField(model_not_found(model, served), "model", 404, "model_not_found")
     fmt = form.get("response_format") or "json"
     if fmt not in RESPONSE_FORMATS:
-        raise BadField(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {shown(fmt)}",
+        raise BadField(f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {show(fmt)}",
                        "response_format")
     stream = (form.get("stream") or "false").lower()
     if stream not in ("true", "false"):
-        raise BadField(f"stream must be true or false, got {shown(form.get('stream'))}", "stream")
+        raise BadField(f"stream must be true or false, got {show(form.get('stream'))}", "stream")
     stream = stream == "true"
     if stream and fmt not in STREAMED_FORMATS:
         raise BadField(f"stream=true sends text events: response_format must be json or text, got {fmt!r}",
@@ -263,16 +257,16 @@ def upload_options(form, served):
         if float(form.get("temperature") or 0) != 0:
             raise ValueError
     except ValueError:
-        raise BadField(f"this server decodes greedily: temperature must be 0, got {shown(form.get('temperature'))}",
+        raise BadField(f"this server decodes greedily: temperature must be 0, got {show(form.get('temperature'))}",
                        "temperature") from None
     for g in form.getlist("timestamp_granularities[]"):
         if g != "segment":
             raise BadField(f"timestamp_granularities[] may only be 'segment' (the token clock times segments, not "
-                           f"words), got {shown(g)}", "timestamp_granularities[]")
+                           f"words), got {show(g)}", "timestamp_granularities[]")
         if fmt != "verbose_json":
             raise BadField("timestamp_granularities[] needs response_format verbose_json", "timestamp_granularities[]")
     if form.getlist("include[]"):
-        raise BadField(f"include[] asks for {shown(form.getlist('include[]'))}: this server returns no logprobs",
+        raise BadField(f"include[] asks for {show(form.getlist('include[]'))}: this server returns no logprobs",
                        "include[]")
     if form.get("chunking_strategy") not in (None, "auto"):
         raise BadField("chunking_strategy may only be 'auto': the model transcribes the whole file as one stream",
@@ -484,7 +478,7 @@ class WebSocketOrigin:
         if not origin or "*" in self.allowed or origin in self.allowed or own:
             return await self.app(scope, receive, send)
         self.metrics.errors.labels("origin_not_allowed").inc()
-        await deny(scope, send, 403, error_body(f"WebSocket connections from the origin {shown(origin)} are not "
+        await deny(scope, send, 403, error_body(f"WebSocket connections from the origin {show(origin)} are not "
                                                 "allowed: start the server with --cors-origin for it",
                                                 "origin_not_allowed"))
 

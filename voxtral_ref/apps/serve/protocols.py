@@ -33,9 +33,9 @@ import json
 import time
 import uuid
 
-from ...config import SAMPLE_RATE, prompt_ids
+from ...config import SAMPLE_RATE, prompt_ids, show
 from ...errors import VoxtralError
-from .http import REFUSALS, deny, error_body, language_code, model_not_found, shown
+from .http import REFUSALS, deny, error_body, language_code, model_not_found
 from .sessions import pcm16
 
 OPENAI_RATE = 24000                      # OpenAI's audio/pcm is 24 kHz, 16-bit, mono, little-endian
@@ -57,7 +57,7 @@ async def realtime(ws):
     if intent not in INTENTS:
         ws.app.state.server.metrics.errors.labels("invalid_value").inc()
         return await deny(ws.scope, ws.send, 400, error_body(
-            f"unknown intent {shown(intent)}: leave it out (vLLM's protocol) or use intent=transcription "
+            f"unknown intent {show(intent)}: leave it out (vLLM's protocol) or use intent=transcription "
             "(OpenAI's)", "invalid_value", param="intent"))
     cls = OpenAIConnection if INTENTS[intent] == "openai" else VllmConnection
     await cls(ws, ws.app.state.server).run()
@@ -261,7 +261,7 @@ class VllmConnection(Connection):
                            "audio", "model")
         final = event.get("final", False)
         if not isinstance(final, bool):
-            raise BadEvent("invalid_event", f"`final` must be true or false, got {shown(final)}", "final")
+            raise BadEvent("invalid_event", f"`final` must be true or false, got {show(final)}", "final")
         s = self.current or self._new()
         if final:
             self.scheduler.end(s)
