@@ -6,8 +6,9 @@
 Reports, for one offline transcription of a clip of --seconds (speech from golden/audio, repeated), once per
 --runs configuration (f32 and bf16 matmul inputs, and bf16 with int8 weights, by default; a directory written
 by `voxtral-ref quantize` runs its own format, and runs asking for another are skipped): load time (quantising
-at load, unless the directory is already quantised), and once per --speculate value: encoder ms per second of
-audio (transcribe() encodes in chunks as it decodes: their total), time to first token, decode ms per token,
+at load, unless the directory is already quantised), and once per --speculate value and --encoder way (in turn
+with the decoder, or ahead of it on a thread of its own: runtime/stream.EncoderAhead): encoder ms per second of
+audio (transcribe() encodes in chunks as it decodes: their total, which overlaps decoding when ahead), time to first token, decode ms per token,
 the decoder passes and the tokens they kept (a pass verifies drafted tokens when the session has a backlog:
 transcribe()'s speculate), the real-time factor (the probes below not counted), peak memory, and the roofline
 view: a decoder pass streams every decoder weight and the LM head once (one row or drafts), so its weight GB/s
@@ -131,8 +132,9 @@ def encoder_bound(lin, att, yard, model, isa):
 
 
 # --- voxtral_ref -------------------------------------------------------------------------------------------
-def run_ours(args, yard, run, speculate):
+def run_ours(args, yard, run, speculate, ahead):
     precision, _, quantize = run.partition("+")
+    from voxtral_ref.model import Model
     from voxtral_ref.runtime import ckernels
     from voxtral_ref.stages import generate
     reset_peak_rss()
@@ -156,8 +158,9 @@ def run_ours(args, yard, run, speculate):
         """A decoder pass timed: (seconds, rows, tokens kept). Every 8th is preceded by a bandwidth probe
         (outside its time: this host's bandwidth drifts by 2x within minutes), compared with that pass. The
         probes' own time (a 256 MB read, some 5-10 ms, every 8 passes) is taken off the totals: `paused` holds
-        (when each ended, its seconds)."""
-        if len(passes) % 8 == 1:
+        (when each ended, its seconds). Not with the encoder running ahead: it would go on while the decoder
+        paused, and share the read."""
+        if not ahead and len(passes) % 8 == 1:
             t = time.perf_counter()
             anon[0] = max(anon[0], rss_status().get("RssAnon", 0.0))
             probes.append((len(passes), m.read_gbs_once()))
@@ -169,12 +172,14 @@ def run_ours(args, yard, run, speculate):
         return out
 
     generate.decoder_pass = timed_pass
+    default = Model.encodes_ahead
+    Model.encodes_ahead = property(lambda self: ahead and default.fget(self))
     try:
         t0 = time.perf_counter()
         result = model.transcribe(audio, on_token=lambda _: stamps.append(time.perf_counter()), speculate=speculate)
         total = time.perf_counter() - t0 - sum(dt for _, dt in paused)
     finally:
-        generate.decoder_pass = real_pass
+        generate.decoder_pass, Model.encodes_ahead = real_pass, default
     decode = passes[1:]                                     # after the prompt's pass: one position (+ drafts) each
     one_row = np.array([s for s, rows, _ in decode if rows == 1])
     drafted = np.array([s for s, rows, _ in decode if rows > 1])
@@ -188,7 +193,7 @@ def run_ours(args, yard, run, speculate):
     enc_flops = lin_flops + att_flops
     status = rss_status()
     r = {
-        "run": run, "speculate": speculate, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE,
+        "run": run, "speculate": speculate, "encoder_ahead": ahead, "clip_s": args.seconds, "padded_s": n_padded / C.SAMPLE_RATE,
         "load_s": load_s, "total_s": total, "rtf": total / args.seconds, "tokens": len(result.token_ids),
         "encoder_s": result.timings["encode_s"], "encoder_ms_per_audio_s": 1e3 * result.timings["encode_s"] / args.seconds,
         "encoder_ms_per_padded_s": 1e3 * result.timings["encode_s"] / (n_padded / C.SAMPLE_RATE),
@@ -362,6 +367,10 @@ def main():
     ap.add_argument("--speculate", nargs="+", type=int, default=[None],
                     help="transcribe()'s speculate: drafted tokens verified a pass, at most, one run each (default: "
                          "transcribe()'s own; 0: one position a pass)")
+    ap.add_argument("--encoder", nargs="+", choices=["in-turn", "ahead"], default=["in-turn", "ahead"],
+                    help="transcribe()'s encoder in turn with the decoder (on demand, all threads), or ahead of it on "
+                         "a thread of its own (stream.EncoderAhead, the default with 2+ threads): one run each, in "
+                         "this order (default both)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="HF's dtype (float32 needs ~18 GB of RAM)")
@@ -385,28 +394,34 @@ def main():
         if not args.runs:
             raise SystemExit(f"no --runs left for {args.model}: its weights are quantised as {recipe!r}")
     threads = args.threads or len(os.sched_getaffinity(0))
+    if threads < 2 and "ahead" in args.encoder:             # (Model.encodes_ahead)
+        print("one thread: the encoder runs in turn only", file=sys.stderr)
+        args.encoder = [e for e in args.encoder if e != "ahead"] or ["in-turn"]
     yard = yardsticks(threads)
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "
           f"bf16 dot peak {yard['bf16dot_GFLOP/s']:.0f} GFLOP/s, VNNI peak {yard['vnni_GOP/s']:.0f} GOP/s ({threads} threads, "
           f"bench/probes.c)")
     runs = {}
     for run in args.runs:
-        for k in args.speculate:
-            name = run if k is None else f"{run}, speculate={k}"
-            ours = runs[name] = run_ours(args, yard, run, k)
+        for k, encoder in ((k, e) for k in args.speculate for e in args.encoder):
+            name = (run if k is None else f"{run}, speculate={k}") + f", encoder {encoder}"
+            ahead = encoder == "ahead"
+            ours = runs[name] = run_ours(args, yard, run, k, ahead)
             enc = (f"{ours['encoder_s']:.2f} s = {ours['encoder_ms_per_audio_s']:.0f} ms per audio second "
                    f"({ours['encoder_ms_per_padded_s']:.0f} per padded second); {ours['encoder_GFLOP/s']:.0f} GFLOP/s; "
-                   f"its arithmetic's bound {ours['encoder_bound_s']:.2f} s = {ours['encoder_pct_of_bound']:.0f}% of "
-                   f"the time ({ours['encoder_bound']})")
-            bws = ours["read_GB/s_probes"]
+                   + ("on its thread, alongside the decoder: its threads' share while both work" if ahead else
+                      f"its arithmetic's bound {ours['encoder_bound_s']:.2f} s = {ours['encoder_pct_of_bound']:.0f}% of "
+                      f"the time ({ours['encoder_bound']})"))
+            bws = ours["read_GB/s_probes"] or [float("nan")]
             drafted = (f"; {ours['drafted_passes']} passes verifying drafts, {ours['drafted_pass_ms']:.1f} ms median"
                        if ours["drafted_passes"] else "")
             dec = (f"{ours['decode_ms_per_token']:.1f} ms/token: {ours['decode_tokens']} tokens in {ours['decode_passes']} "
                    f"passes ({ours['tokens_per_pass']:.2f} a pass); {ours['one_row_passes']} one-row passes "
                    f"{ours['one_row_pass_ms']:.1f} ms median ({ours['one_row_pass_ms_p10']:.1f} fastest decile){drafted}; "
                    f"{ours['decode_weight_GB_per_pass']:.2f} GB of weights a pass -> one-row {ours['one_row_GB/s']:.1f} "
-                   f"GB/s median; a pass reads them at {ours['decode_pct_of_read_bw']:.0f}% of the read bandwidth "
-                   f"(median of the passes right after a probe; probes {min(bws):.1f}-{max(bws):.1f} GB/s)")
+                   + ("GB/s median (sharing the read with the encoder; not probed)" if ahead else
+                      f"GB/s median; a pass reads them at {ours['decode_pct_of_read_bw']:.0f}% of the read bandwidth "
+                      f"(median of the passes right after a probe; probes {min(bws):.1f}-{max(bws):.1f} GB/s)"))
             tot = (f"{ours['tokens']} tokens, {ours['total_s']:.2f} s, RTF {ours['rtf']:.2f} "
                    f"(first token after {ours['time_to_first_token_s']:.2f} s; the probes' {ours['probes_s']:.2f} s "
                    f"not counted)")
@@ -414,7 +429,7 @@ def main():
                    f"anonymous (sampled) {ours['peak_anon_GB_sampled']:.2f} GB (the bench's {ours['probe_buffer_GB']:.2f} "
                    f"GB bandwidth-probe buffer excluded)")
             rows = [("clip / padded audio", f"{ours['clip_s']:.1f} s / {ours['padded_s']:.2f} s"),
-                    ("encoder (in chunks)", enc), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
+                    ("encoder (ahead)" if ahead else "encoder (in chunks)", enc), ("decode", dec), ("tokens / total / RTF", tot), ("memory", mem)]
             print(f"voxtral_ref (C kernels, {name}; loaded in {ours['load_s']:.1f} s)")
             for key, v in rows:
                 print(f"  {key:<22} {v}")

@@ -121,7 +121,19 @@ const char *vx_isa_detail(int level) {
 
 void vx_set_threads(int n) { threads = n > 0 ? n : 0; }
 
-int vx_get_threads(void) { return threads > 0 ? threads : vx_cpus(); }
+static __thread const int *caller_cap;   /* vx_follow_cap's cell for this thread, or NULL */
+
+void vx_follow_cap(const int *cap) { caller_cap = cap; }
+
+int vx_get_threads(void) {
+    int n = threads > 0 ? threads : vx_cpus();
+    const int *cap = caller_cap;
+    if (cap) {
+        const int c = __atomic_load_n(cap, __ATOMIC_RELAXED);
+        if (c > 0 && c < n) n = c;
+    }
+    return n;
+}
 
 int vx_threads_for(double work) {
     int nt = vx_get_threads();

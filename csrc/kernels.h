@@ -34,7 +34,12 @@ enum { VX_TIME_WEIGHTS = 0, VX_TIME_ATTENTION = 1 };   /* what vx_kernel_seconds
 double vx_kernel_seconds(int kind);     /* seconds spent since load (benchmarks) in the weight-streaming linears
                                           * (VX_TIME_WEIGHTS: vx_linear, vx_qlinear) or in attention (VX_TIME_ATTENTION:
                                           * vx_attention, and a layer's KV stores and attention in vx_layers_forward) */
-int vx_get_threads(void);
+int vx_get_threads(void);               /* the threads a region of the calling thread takes */
+/* The calling thread's regions take at most *cap threads (*cap <= 0: no cap) from now until
+ * vx_follow_cap(NULL); another thread may move *cap meanwhile, and each region reads it as it starts.
+ * Two threads of one job share the cores this way (ckernels.CoreShare: a file's encoder running ahead of its
+ * decoder, each taking the threads the other leaves). cap must stay valid while followed. */
+void vx_follow_cap(const int *cap);
 
 /* ---- matmul.c ------------------------------------------------------------------------------------ */
 enum { VX_W_F32 = 0, VX_W_BF16 = 1 };

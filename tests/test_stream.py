@@ -611,3 +611,158 @@ def test_cli_from_mic_ctrl_c_flushes_everything(tiny_mistral, tmp_path):
     r = cli(["--from-mic"], env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout == off.text.strip() + "\n" and "flushing" in r.stderr
+
+
+# --- a file's encoder running ahead of its decoder (stream.EncoderAhead) -------------------------------------
+needs_c = pytest.mark.skipif(not ckernels.available(), reason="the C kernels are not built")
+AHEAD_MODES = {"f32": {}, "bf16": {"precision": "bf16"}, "q4": {"quantize": "q4"}}
+AHEAD_MODELS = {}
+
+
+@pytest.fixture
+def two_threads():
+    """Kernel threads enough to share (the test machine may have one core): ckernels.CoreShare needs 2."""
+    before = ckernels.get_threads()
+    ckernels.set_threads(2)
+    yield
+    ckernels.set_threads(before)
+
+
+def transcribed_ahead(model, audio, delay_ms, ahead, monkeypatch):
+    """transcribe() with its encoder ahead (on its thread) or not -> (Transcript, [each encoder chunk's
+    embeddings], the logits of every kept token)."""
+    from test_engine import recording
+    from voxtral_ref.runtime.stream import StreamSession, session_prefix
+    session_prefix(model, delay_tokens(model.cfg.default_delay_ms if delay_ms is None else delay_ms))  # (not recorded)
+    monkeypatch.setattr(Model, "encodes_ahead", property(lambda self: ahead))
+    chunks, encode = [], StreamSession._encode
+
+    def recorded(session, n):
+        out = encode(session, n)
+        chunks.append(out.copy())
+        return out
+    monkeypatch.setattr(StreamSession, "_encode", recorded)
+    with recording() as logits:
+        t = model.transcribe(audio, delay_ms=delay_ms)
+    monkeypatch.undo()
+    assert not [th for th in threading.enumerate() if th.name == "voxtral_ref encoder"]   # stopped and joined
+    return t, chunks, next(iter(logits.values()), [])
+
+
+@needs_c
+@pytest.mark.parametrize("mode", AHEAD_MODES)
+def test_encoding_ahead_computes_what_encoding_on_demand_does(mode, two_threads, monkeypatch):
+    """The encoder on its own thread cuts the audio into the chunks the session's on-demand encoding cuts it
+    into, whatever the two threads' timing, so every embedding, every kept token's logits and the ids come
+    out bit for bit the same, in float32 and bf16 too (where a chunk's bits depend on its length)."""
+    if mode not in AHEAD_MODELS:
+        AHEAD_MODELS[mode] = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c", **AHEAD_MODES[mode])
+    model = AHEAD_MODELS[mode]
+    assert model.encodes_ahead                                   # transcribe()'s default here
+    for case in CASES:
+        g = load_case(case)
+        (t0, chunks0, logits0), (t1, chunks1, logits1) = (
+            transcribed_ahead(model, g["audio"], int(g["delay_ms"]), ahead, monkeypatch) for ahead in (False, True))
+        assert t1.token_ids == t0.token_ids and t1.text == t0.text
+        if mode == "f32":
+            assert t1.token_ids == g["token_ids"].tolist()
+        assert [len(c) for c in chunks1] == [len(c) for c in chunks0] and len(chunks0) > 1
+        assert all(np.array_equal(a, b) for a, b in zip(chunks1, chunks0))
+        assert len(logits1) == len(logits0) and all(np.array_equal(a, b) for a, b in zip(logits1, logits0))
+
+
+@needs_c
+def test_an_encoder_error_reaches_the_caller(two_threads, monkeypatch):
+    """An error on the encoder's thread is raised by transcribe() (whose finally stops the thread: checked in
+    transcribed_ahead), and the model transcribes normally afterwards."""
+    from voxtral_ref.runtime import stream
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    g = load_case("speech_en_long_480")
+    model.stream()                                  # its silence prefix is computed before the failures start
+    calls, encoder_pass = [], stream.encoder_pass
+
+    def failing(weights, work):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise MemoryError("no room for the third chunk")
+        return encoder_pass(weights, work)
+    monkeypatch.setattr(stream, "encoder_pass", failing)
+    with pytest.raises(MemoryError, match="third chunk"):
+        transcribed_ahead(model, g["audio"], 480, True, monkeypatch)
+    assert set(calls) == {"voxtral_ref encoder"}
+    assert not [th for th in threading.enumerate() if th.name == "voxtral_ref encoder"]
+    assert model.transcribe(g["audio"]).token_ids == g["token_ids"].tolist()
+
+
+@needs_c
+def test_encoding_ahead_stops_at_eos_with_the_same_ids(eos_model, two_threads, monkeypatch):
+    m, audio, offline_ids = eos_model
+    m = Model(m.cfg, m.weights, m.tokenizer, "c", m.path)
+    t, _, _ = transcribed_ahead(m, audio, None, True, monkeypatch)
+    assert t.token_ids == transcribed_ahead(m, audio, None, False, monkeypatch)[0].token_ids
+    assert t.token_ids[-1] == EOS_ID
+
+
+@needs_c
+def test_encoding_ahead_keeps_memory_flat(two_threads, monkeypatch):
+    """Its thread starts no chunk while AHEAD_TOKENS embeddings wait for the decoder: with a decoder slower
+    than the encoder, what waits is fewer than that many plus one chunk (a file's chunks are up to 250
+    tokens): every take is one or more whole chunks, all but the last of them fewer than AHEAD_TOKENS."""
+    from voxtral_ref.runtime import stream
+    from voxtral_ref.stages.generate import Decoder
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    g = load_case("speech_en_long_480")
+    monkeypatch.setattr(stream, "AHEAD_TOKENS", 8)
+    taken, run_chunk, take = [], Decoder.run_chunk, stream.EncoderAhead.take
+
+    def slow(dec, embeds):
+        time.sleep(0.01)
+        return run_chunk(dec, embeds)
+
+    def counted(ahead, wait):
+        out = take(ahead, wait)
+        if out is not None:
+            taken.append(len(out))
+        return out
+    monkeypatch.setattr(Decoder, "run_chunk", slow)
+    monkeypatch.setattr(stream.EncoderAhead, "take", counted)
+    t, chunks, _ = transcribed_ahead(model, g["audio"], 480, True, monkeypatch)
+    assert t.token_ids == g["token_ids"].tolist()
+    lengths = [len(c) for c in chunks]
+    assert max(lengths) > 8 and sum(taken) == sum(lengths)
+    for n in taken:
+        got = []
+        while sum(got) < n:
+            assert sum(got) < 8, (taken, lengths)
+            got.append(lengths.pop(0))
+        assert sum(got) == n, (taken, lengths)
+
+
+@needs_c
+def test_core_share_moves_each_sides_threads(two_threads):
+    """ckernels.CoreShare: a side's regions take all the threads while the other waits, its share while
+    the other works; a thread that follows no side keeps the setting."""
+    share = ckernels.CoreShare(1)
+    seen = {}
+
+    def other_side():
+        with share.side(1):
+            seen["alone"] = ckernels.get_threads()
+            with share.working(1):
+                seen["working"] = ckernels.get_threads()
+                done.wait()
+    done = threading.Event()
+    with share.side(0):
+        assert ckernels.get_threads() == 2
+        t = threading.Thread(target=other_side)
+        with share.working(0):
+            t.start()
+            while "working" not in seen:
+                time.sleep(0.001)
+            assert ckernels.get_threads() == 1                      # both work: 1 + 1
+            done.set()
+            t.join()
+        assert ckernels.get_threads() == 2                          # the other is done
+    assert seen == {"alone": 1, "working": 1} and ckernels.get_threads() == 2
+    with pytest.raises(ValueError, match="none"):
+        ckernels.CoreShare(2)

@@ -265,12 +265,14 @@ class Model:
 
     def _transcribe_in_session(self, x, delay_ms, on_token, t0, session=None, max_draft=None):
         """transcribe() through a session (see SESSION_FEED): encoding and decoding interleave, so timings
-        give the encoder's total (encode_s), the rest (decode_s) and the first token's time. `session`: one
-        made for x by the caller (an Engine's, for batches), else a plain one drafting up to max_draft."""
+        give the encoder's total (encode_s), the rest (decode_s: all but the time the decoding waited for the
+        encoder, which with an encoder running ahead overlaps encode_s) and the first token's time. `session`:
+        one made for x by the caller (an Engine's, for batches), else a plain one drafting up to max_draft,
+        its encoder running ahead where that pays (`encodes_ahead`)."""
         from .runtime.stream import LOOK_AHEAD, StreamSession
         n_delay = C.delay_tokens(delay_ms)
         session = session or StreamSession(self, delay_ms, max_positions=C.n_positions(len(x), n_delay),
-                                           max_draft=max_draft)
+                                           max_draft=max_draft, encode_ahead=self.encodes_ahead)
         first = []
 
         def emit(tokens):
@@ -281,17 +283,35 @@ class Model:
                     on_token(t)
             return tokens
 
+        # The same pieces either way, so the encoder's chunks are (stream.EncoderAhead): the next is fed once
+        # the session has decoded all it was fed, or, with an encoder running ahead, once that has less than
+        # SESSION_FEED samples left to encode.
         start, size = 0, C.SAMPLES_PER_TOKEN * (n_delay + 1) + LOOK_AHEAD      # the first token's audio
-        while start < len(x):
-            session.feed(x[start:start + size])
-            start, size = start + size, min(2 * size, SESSION_FEED)
-            while emit(session.step(max_tokens=TOKENS_PER_STEP).token_ids):
-                pass
-        emit(session.close().token_ids)
+        idle = True
+        try:
+            while True:
+                while start < len(x) and (session.samples_unencoded() < SESSION_FEED if session.encodes_ahead
+                                          else idle):
+                    session.feed(x[start:start + size])
+                    start, size, idle = start + size, min(2 * size, SESSION_FEED), False
+                if not emit(session.step(max_tokens=TOKENS_PER_STEP).token_ids):
+                    if start >= len(x):
+                        break
+                    idle = True
+            emit(session.close().token_ids)
+        finally:
+            session.stop_encoding()
         total = time.perf_counter() - t0
-        timings = {"encode_s": session.encode_s, "decode_s": total - session.encode_s, "total_s": total,
+        timings = {"encode_s": session.encode_s, "decode_s": total - session.wait_s, "total_s": total,
                    "first_token_s": first[0] if first else total}
         return Transcript(self.tokenizer.decode(session.token_ids), session.token_ids, delay_ms, len(x), timings)
+
+    @property
+    def encodes_ahead(self):
+        """Whether transcribe() runs a file's encoder on a thread of its own, ahead of its decoder
+        (runtime/stream.EncoderAhead): with the C kernels on 2 or more threads."""
+        from .runtime import ckernels     # (on first use: importing it reads VOXTRAL_REF_THREADS, and warns)
+        return self.backend == "c" and ckernels.available() and ckernels.get_threads() >= 2
 
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).

@@ -14,6 +14,7 @@ If the extension was not built, importing still works: `available()` is False an
 to the NumPy twins with a single warning.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -62,6 +63,38 @@ def set_threads(n):
 
 def get_threads():
     return lib.vx_get_threads() if lib is not None else 1
+
+
+class CoreShare:
+    """The kernels' threads shared by two threads of one job, sides 0 and 1 (runtime/stream.py: a file's
+    decoder and its encoder running ahead): while both work, side 0's regions take `first` threads and side
+    1's the rest; while one side waits, the other's take them all. Each side says when it starts and stops
+    working (`working`) and runs its kernels inside `side(i)` (vx_follow_cap)."""
+
+    def __init__(self, first):
+        n = get_threads()
+        if not 1 <= first < n:
+            raise ValueError(f"a share of {first} of {n} threads leaves the other side none")
+        self._all, self._both = n, (first, n - first)
+        # [side]: the threads its regions take now; each side writes only the other's
+        self._caps = ffi.new("int[2]", [n, n])
+
+    @contextlib.contextmanager
+    def side(self, i):
+        lib.vx_follow_cap(self._caps + i)
+        try:
+            yield
+        finally:
+            lib.vx_follow_cap(ffi.NULL)
+
+    @contextlib.contextmanager
+    def working(self, i):
+        """Side i works inside: the other side's regions meanwhile take only their share."""
+        self._caps[1 - i] = self._both[1 - i]
+        try:
+            yield
+        finally:
+            self._caps[1 - i] = self._all
 
 
 def weight_seconds():

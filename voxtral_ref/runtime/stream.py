@@ -44,6 +44,7 @@ for soxr 1.1.0 its output for any chunking is identical, sample for sample, to t
 """
 
 import collections
+import contextlib
 import contextvars
 import math
 import os
@@ -81,6 +82,8 @@ FILE_ENCODE_TOKENS = 250
 # 16 rows on AVX-512), so with the C kernels a pass's rows are bit-identical to one-at-a-time stepping's
 # (Model.rows_exact; elsewhere a session drafts only when asked).
 BACKLOG_DRAFT = 3
+# An encoder running ahead of its decoder (EncoderAhead) starts no chunk while this many of its embeddings wait
+AHEAD_TOKENS = FILE_ENCODE_TOKENS
 # Drafts cost their rows whether right or wrong (a 4-row pass 1.06-1.17x a 1-row one with q4 / int8 weights,
 # ~1.45x with bf16 ones, more in a pass shared with other sessions' rows: 2 live sessions whose drafts all
 # missed ran 8-row passes for 2 tokens), so a session drafts while its guesses pay: it keeps the share of
@@ -154,11 +157,13 @@ class StreamSession:
     close() ends the audio. Make one with `Model.stream()`."""
 
     def __init__(self, model, delay_ms=None, sample_rate=SAMPLE_RATE, past_eos=False, reuse_prefix=True,
-                 max_positions=None, max_draft=None):
+                 max_positions=None, max_draft=None, encode_ahead=False):
         """max_positions: the stream's length in decoder positions when known in advance (transcribe()
         of a file): its caches then hold no more slots than it will use, instead of full windows.
         max_draft: drafted tokens a backlogged pass verifies, at most (transcribe()'s speculate; None:
-        BACKLOG_DRAFT where a pass computes each row as alone, Model.rows_exact, else none)."""
+        BACKLOG_DRAFT where a pass computes each row as alone, Model.rows_exact, else none).
+        encode_ahead: the encoder runs on a thread of its own, ahead of the decoder, as far as the audio fed
+        allows (EncoderAhead; transcribe()'s where it pays, `encodes_ahead`)."""
         check_sample_rate(sample_rate)
         if not isinstance(past_eos, bool):                     # "no" would be true
             raise VoxtralError(f"past_eos must be True or False, got {past_eos!r}")
@@ -195,6 +200,9 @@ class StreamSession:
                                                   quality=RESAMPLE_QUALITY)
         self._n_samples = 0                                    # 16 kHz samples received
         self.encode_s = 0.0                                    # seconds spent encoding audio (for timings)
+        self.wait_s = 0.0                                      # ... of them, or waiting for them, in step() and close()
+        # guards the audio buffer, which an EncoderAhead's thread trims while step() appends to it
+        self._audio = threading.Condition()
         if reuse_prefix:                                       # False: compute the silence prefix (as a check)
             self._restore(session_prefix(model, self.n_delay))
         self._n_positions = None                               # offline's audio tokens, known at close()
@@ -202,6 +210,7 @@ class StreamSession:
         self._lock = threading.Lock()                          # guards _pending and _closed
         self._work = threading.Lock()                          # one step() or close() computes at a time
         self._pending, self._closed, self._done = [], False, False
+        self._ahead = EncoderAhead(self) if encode_ahead else None
 
     # --- public API ---------------------------------------------------------------------------------------
     @property
@@ -243,7 +252,28 @@ class StreamSession:
                 if self._closed:
                     return Emission()
                 self._closed = True
-            return self._advance(None, closing=True)
+            try:
+                return self._advance(None, closing=True)
+            finally:
+                self.stop_encoding()
+
+    def stop_encoding(self):
+        """Stop an encoder running ahead (close() does; so must whoever abandons such a session), once the
+        chunk it is encoding is done."""
+        if self._ahead is not None:
+            self._ahead.stop()
+
+    @property
+    def encodes_ahead(self):
+        return self._ahead is not None
+
+    def samples_unencoded(self):
+        """Audio fed and not yet encoded, in samples at the session's rate (transcribe() feeds an encoder
+        running ahead by it)."""
+        with self._lock:
+            pending = sum(len(a) for a, _ in self._pending)
+        with self._audio:
+            return pending + len(self._buf)
 
     def footprint(self):
         """Sizes of the compute state, which stay flat however long the stream runs."""
@@ -258,7 +288,7 @@ class StreamSession:
             pending, self._pending = self._pending, []
         ids, latency = [], []
         dec = self._dec
-        with self._model.kernel_mode():
+        with self._model.kernel_mode(), self._ahead.share.side(0) if self._ahead else contextlib.nullcontext():
             self._take_audio(pending, closing)
             while not self._stopped() and (max_tokens is None or len(ids) < max_tokens):
                 # past the prompt, a backlog's positions verify drafts (none while the oracle traces each
@@ -272,11 +302,14 @@ class StreamSession:
                         dec.draft = dec.draft[:keep]
                 dec.horizon = len(dec.ids) + self._ready()       # the prompt's positions as their audio arrives
                 _, p0 = dec.chunk()
-                embeds = self._next_embeds()                    # [PREFIX, the prompt's rest, or 1 + k, dim]
+                # (once it has tokens to return, a step does not wait for an encoder running ahead: on_token
+                # then hears of them as they come)
+                embeds = self._next_embeds(wait=closing or not ids)   # [PREFIX, the prompt's rest, or 1 + k, dim]
                 if embeds is None:
                     break
                 t0 = time.perf_counter()
-                tokens = dec.run_chunk(embeds)                  # none for the silence prefix
+                with self._ahead.share.working(0) if self._ahead else contextlib.nullcontext():
+                    tokens = dec.run_chunk(embeds)              # none for the silence prefix
                 if p0 >= len(dec.prompt) and BATCHED.get() is None:   # a decoding pass of its own (engine.py times shared ones)
                     time_pass(self._model, len(embeds), time.perf_counter() - t0)
                 self._count_drafts(dec.verified, len(tokens))
@@ -288,8 +321,9 @@ class StreamSession:
                     if self._stops_at(n):       # one-at-a-time stepping stops here: decoding ends, so the
                         del dec.ids[n:]         # verified tokens after it go without rewinding the caches
                         break
-        if self._buf.base is not None:                     # trimmed views would pin a large fed chunk
-            self._buf = self._buf.copy()
+        with self._audio:
+            if self._buf.base is not None:                 # trimmed views would pin a large fed chunk
+                self._buf = self._buf.copy()
         text = self._utf8.feed(ids) + (self._utf8.flush() if closing else "")
         self.text += text
         self._done = closing
@@ -318,7 +352,10 @@ class StreamSession:
     def _take_audio(self, pending, closing):
         """Append queued chunks (resampled to 16 kHz) to the buffer; at close, offline's right pad."""
         if self._stopped():                                 # after EOS nothing is decoded: drop the audio
-            self._buf, self._arrivals = self._buf[:0], collections.deque()
+            with self._audio:
+                self._buf, self._arrivals = self._buf[:0], collections.deque()
+                if self._ahead:
+                    self._ahead.bounds.clear()
             return
         chunks = [(self._resampler.resample_chunk(a) if self._resampler else a, t) for a, t in pending]
         if closing:
@@ -330,36 +367,51 @@ class StreamSession:
             chunks.append((np.zeros(right_pad_samples(self._n_samples, self.n_delay), np.float32), now))
             # offline's decoding ends with the padded audio; with no audio at all there is nothing to decode
             self._n_positions = n_positions(self._n_samples, self.n_delay) if self._n_samples else 0
-        end = self._buf_start + len(self._buf)
-        pieces = [self._buf]
-        for a, t in chunks:
-            if len(a):
-                end += len(a)
-                pieces.append(a)
-                self._arrivals.append((end, t))
-        if len(pieces) > 1:
-            self._buf = np.concatenate(pieces)                                # [buffered samples]
+        with self._audio:
+            end = self._buf_start + len(self._buf)
+            pieces = [self._buf]
+            for a, t in chunks:
+                if len(a):
+                    end += len(a)
+                    pieces.append(a)
+                    self._arrivals.append((end, t))
+                    if self._ahead:                     # its chunks end where encoding on demand ends them
+                        self._ahead.bounds.append((end - LOOK_AHEAD) // SAMPLES_PER_TOKEN)
+            if len(pieces) > 1:
+                self._buf = np.concatenate(pieces)                            # [buffered samples]
+                self._audio.notify_all()
 
-    def _next_embeds(self):
+    def _next_embeds(self, wait=True):
         """The audio embeddings of the decoder's next chunk (Decoder.chunk: the silence prefix, the prompt's
         rest, then the last id and its draft), or None if the audio is not there yet. They stay queued: the
         pass's caller drops those of the positions it keeps."""
         need = len(self._dec.chunk()[0])
         while len(self._embeds) < need:
-            # the silence prefix is encoded on its own, as session_prefix does, whatever audio is there
-            n = min(self._encodable(), self._batch if self._n_embeds else PREFIX)
-            if n <= 0:
+            t0 = time.perf_counter()
+            if self._ahead:
+                got = self._ahead.take(wait)
+            else:
+                n = self._chunk_length(self._encodable())
+                got = self._encode(n) if n > 0 else None
+            self.wait_s += time.perf_counter() - t0
+            if got is None:
                 return None
-            self._embeds = np.concatenate([self._embeds, self._encode(n)])  # [m + n, dim]
+            self._embeds = np.concatenate([self._embeds, got])                # [m + n, dim]
         return self._embeds[:need]
+
+    def _chunk_length(self, encodable):
+        """The next encoder chunk's tokens, of `encodable` ready to encode: the silence prefix on its own, as
+        session_prefix encodes it whatever audio is there, then up to the session's batch."""
+        return min(encodable, self._batch if self._n_embeds else PREFIX)
 
     def _encodable(self):
         """How many more audio embeddings the buffered audio allows."""
-        return (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN - self._n_embeds
+        with self._audio:
+            return (self._buf_start + len(self._buf) - LOOK_AHEAD) // SAMPLES_PER_TOKEN - self._n_embeds
 
     def _ready(self):
         """Decoder positions whose audio embeddings are queued or can be computed now: the backlog."""
-        return len(self._embeds) + self._encodable()
+        return len(self._embeds) + (self._ahead.backlog() if self._ahead else self._encodable())
 
     def _encode(self, n):
         """The next n audio embeddings from the buffer, which starts 200 samples before their first frame.
@@ -367,15 +419,17 @@ class StreamSession:
         in a pass of their own, or in the engine's shared pass when an engine steps this session."""
         t0 = time.perf_counter()
         w, ds = self._model.weights, self._model.cfg.downsample
-        mel = log_mel_frames(self._buf, n * MEL_FRAMES_PER_TOKEN)                 # [128, 8n]
+        with self._audio:                                   # (its samples, and the next chunk's start)
+            buf, first = self._buf, self._n_embeds
+            self._buf = self._buf[n * SAMPLES_PER_TOKEN:]        # the next frame starts 200 before its token
+            self._buf_start += n * SAMPLES_PER_TOKEN
+            self._n_embeds += n
+        mel = log_mel_frames(buf, n * MEL_FRAMES_PER_TOKEN)                       # [128, 8n]
         x, self._history = conv_stem(mel, w, self._history)                     # [4n, C]
-        pos = np.arange(self._n_embeds * ds, (self._n_embeds + n) * ds)          # absolute encoder frames [4n]
+        pos = np.arange(first * ds, (first + n) * ds)                           # absolute encoder frames [4n]
         run = ENCODER_BATCHED.get()
         chunk = (x, pos, self._enc_caches)
         out = run(*chunk) if run else encoder_pass(w, [chunk])[0]                # [n, dim]
-        self._buf = self._buf[n * SAMPLES_PER_TOKEN:]            # the next frame starts 200 before its token
-        self._buf_start += n * SAMPLES_PER_TOKEN
-        self._n_embeds += n
         self.encode_s += time.perf_counter() - t0
         return out
 
@@ -401,6 +455,86 @@ class StreamSession:
         while self._arrivals[0][0] < need:
             self._arrivals.popleft()
         return time.perf_counter() - self._arrivals[0][1]
+
+
+class EncoderAhead:
+    """A file's encoder on a thread of its own, running ahead of its decoder (StreamSession(encode_ahead=True),
+    as transcribe() makes them where `encodes_ahead` pays). Encoding a file is bound by the arithmetic and
+    decoding it by reading the weights, so the two together on their own threads (ckernels.CoreShare: each
+    takes half the kernels' threads while both work, all of them while the other waits) finish sooner than
+    one after the other (README, Performance). Its chunks end where the session's on-demand encoding ends them
+    when transcribe() steps it (at each fed piece's last whole token, and every `_batch` tokens), so the
+    embeddings, and with them the ids, are the same bits either way (tests/test_stream.py). It stops
+    starting chunks while AHEAD_TOKENS embeddings wait for the decoder, which keeps memory flat."""
+
+    def __init__(self, session):
+        from . import ckernels                  # (as Model.encodes_ahead)
+        self._s = session
+        self.cond = session._audio               # guards the session's audio buffer and everything below
+        self.bounds = collections.deque()        # the token each fed piece's whole tokens end at
+        self._ready, self._n_ready, self._working = [], 0, 0      # embeddings computed, not yet taken
+        self._error, self._stopping = None, False
+        self.share = ckernels.CoreShare(max(1, ckernels.get_threads() // 2))   # side 0 the decoder's
+        self._thread = threading.Thread(target=self._run, name="voxtral_ref encoder", daemon=True)
+        self._thread.start()
+
+    def _next_chunk(self):
+        """Tokens of the next chunk it can encode now, 0 if none (under cond)."""
+        s = self._s
+        while self.bounds and self.bounds[0] <= s._n_embeds:
+            self.bounds.popleft()
+        if not self.bounds or self._n_ready >= AHEAD_TOKENS:
+            return 0
+        return s._chunk_length(self.bounds[0] - s._n_embeds)
+
+    def _run(self):
+        with self._s._model.kernel_mode(), self.share.side(1):
+            while True:
+                with self.cond:
+                    while not self._stopping and not (n := self._next_chunk()):
+                        self.cond.wait()
+                    if self._stopping:
+                        return
+                    self._working = n
+                try:
+                    with self.share.working(1):
+                        out = self._s._encode(n)                                 # [n, dim]
+                except BaseException as e:     # (the decoder's side raises it)
+                    with self.cond:
+                        self._error, self._working = e, 0
+                        self.cond.notify_all()
+                    return
+                with self.cond:
+                    self._ready.append(out)
+                    self._n_ready, self._working = self._n_ready + n, 0
+                    self.cond.notify_all()
+
+    def take(self, wait):
+        """The embeddings computed since the last take [m, dim]. None if there are none and either the encoder
+        has no audio to work on or not `wait`; else it waits for them."""
+        with self.cond:
+            while wait and not self._ready and self._error is None and (self._working or self._next_chunk()):
+                self.cond.wait()
+            if self._error is not None:
+                raise self._error
+            if not self._ready:
+                return None
+            out, self._ready, self._n_ready = np.concatenate(self._ready), [], 0
+            self.cond.notify_all()
+            return out
+
+    def backlog(self):
+        """Embeddings computed and not yet taken, or, when there are none, those of the chunk being encoded or
+        the next (what the decoder would wait for). Not all the audio fed allows: a pass that drafted into
+        those would wait for chunks it need not wait for (the first token of a 30 s file: 0.3 -> 1.5 s)."""
+        with self.cond:
+            return self._n_ready or self._working or self._next_chunk()
+
+    def stop(self):
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        self._thread.join()
 
 
 def check_encoder_chunk(weights, frames, pos, caches):
