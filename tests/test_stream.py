@@ -766,3 +766,44 @@ def test_core_share_moves_each_sides_threads(two_threads):
     assert seen == {"alone": 1, "working": 1} and ckernels.get_threads() == 2
     with pytest.raises(ValueError, match="none"):
         ckernels.CoreShare(2)
+
+
+@needs_c
+def test_a_dropped_session_leaves_no_encoder_thread(two_threads):
+    """The encoder's thread runs only while it has chunks to encode: a session left without close() ends
+    its thread once its audio is encoded (or AHEAD_TOKENS wait), and is then collected."""
+    import gc
+    import weakref
+    from voxtral_ref.runtime.stream import StreamSession
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    g = load_case("speech_en_long_480")
+    s = StreamSession(model, max_positions=1000, encode_ahead=True)
+    s.feed(g["audio"])
+    assert s.step(max_tokens=2).token_ids
+    threads, gone = list(s._ahead._threads), weakref.ref(s)
+    assert threads
+    del s
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    gc.collect()
+    assert gone() is None
+
+
+@needs_c
+def test_end_audio_pads_once_and_refuses_more(two_threads):
+    """transcribe()'s _end_audio pads the end as close() does: step() then decodes to the end, close() adds
+    nothing, and a feed after it is refused as after close()."""
+    from voxtral_ref.runtime.stream import StreamSession
+    model = voxtral_ref.load(MODEL_DIRS["mistral"], backend="c")
+    g = load_case("speech_en_480")
+    for ahead in (False, True):
+        s = StreamSession(model, max_positions=1000, encode_ahead=ahead)
+        s.feed(g["audio"])
+        s._end_audio()
+        with pytest.raises(VoxtralError, match="after close"):
+            s.feed(g["audio"])
+        ids = []
+        while e := s.step().token_ids:
+            ids += e
+        assert s.close().token_ids == [] and ids == s.token_ids == g["token_ids"].tolist()

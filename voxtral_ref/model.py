@@ -294,6 +294,8 @@ class Model:
                                           else idle):
                     session.feed(x[start:start + size])
                     start, size, idle = start + size, min(2 * size, SESSION_FEED), False
+                    if start >= len(x) and session.encodes_ahead:
+                        session._end_audio()           # its pad is encoded ahead too
                 if not emit(session.step(max_tokens=TOKENS_PER_STEP).token_ids):
                     if start >= len(x):
                         break

@@ -207,9 +207,10 @@ class StreamSession:
             self._restore(session_prefix(model, self.n_delay))
         self._n_positions = None                               # offline's audio tokens, known at close()
         self._utf8 = model.tokenizer.incremental()
-        self._lock = threading.Lock()                          # guards _pending and _closed
+        self._lock = threading.Lock()                          # guards _pending, _closed and _ended
         self._work = threading.Lock()                          # one step() or close() computes at a time
         self._pending, self._closed, self._done = [], False, False
+        self._ended = False                                    # no more audio: closed, or _end_audio
         self._ahead = EncoderAhead(self) if encode_ahead else None
 
     # --- public API ---------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class StreamSession:
         """Queue audio at the session's sample rate: [N] or [N, channels], float or int PCM, any N >= 0."""
         a = to_mono_float32(samples).copy()                    # own it: callers (sounddevice) reuse buffers
         with self._lock:
-            if self._closed:
+            if self._ended:
                 raise VoxtralError("feed() after close(): this stream has ended; start a new one with Model.stream()")
             if a.size:
                 self._pending.append((a, time.perf_counter()))
@@ -251,11 +252,20 @@ class StreamSession:
             with self._lock:
                 if self._closed:
                     return Emission()
-                self._closed = True
+                self._closed = self._ended = True
             try:
                 return self._advance(None, closing=True)
             finally:
                 self.stop_encoding()
+
+    def _end_audio(self):
+        """No more audio will come (transcribe(), once it has fed the whole file): pad the end now, as close()
+        does, so that an encoder running ahead encodes the pad while the decoder still works; step() then
+        decodes to the end, and close() adds nothing."""
+        with self._work:
+            with self._lock:
+                pending, self._pending, self._ended = self._pending, [], True
+            self._take_audio(pending, closing=True)
 
     def stop_encoding(self):
         """Stop an encoder running ahead (close() does; so must whoever abandons such a session), once the
@@ -358,6 +368,7 @@ class StreamSession:
                     self._ahead.bounds.clear()
             return
         chunks = [(self._resampler.resample_chunk(a) if self._resampler else a, t) for a, t in pending]
+        closing = closing and self._n_positions is None       # (padded once: _end_audio, then close())
         if closing:
             now = time.perf_counter()
             if self._resampler:
@@ -379,7 +390,8 @@ class StreamSession:
                         self._ahead.bounds.append((end - LOOK_AHEAD) // SAMPLES_PER_TOKEN)
             if len(pieces) > 1:
                 self._buf = np.concatenate(pieces)                            # [buffered samples]
-                self._audio.notify_all()
+                if self._ahead:
+                    self._ahead._kick()
 
     def _next_embeds(self, wait=True):
         """The audio embeddings of the decoder's next chunk (Decoder.chunk: the silence prefix, the prompt's
@@ -464,8 +476,10 @@ class EncoderAhead:
     takes half the kernels' threads while both work, all of them while the other waits) finish sooner than
     one after the other (README, Performance). Its chunks end where the session's on-demand encoding ends them
     when transcribe() steps it (at each fed piece's last whole token, and every `_batch` tokens), so the
-    embeddings, and with them the ids, are the same bits either way (tests/test_stream.py). It stops
-    starting chunks while AHEAD_TOKENS embeddings wait for the decoder, which keeps memory flat."""
+    embeddings, and with them the ids, are the same bits either way (tests/test_stream.py). It starts no
+    chunk while AHEAD_TOKENS embeddings wait for the decoder, which keeps memory flat. Its thread runs only
+    while it has a chunk to encode (`_kick` starts one), so a session dropped without close() leaves no
+    thread behind."""
 
     def __init__(self, session):
         from . import ckernels                  # (as Model.encodes_ahead)
@@ -474,26 +488,34 @@ class EncoderAhead:
         self.bounds = collections.deque()        # the token each fed piece's whole tokens end at
         self._ready, self._n_ready, self._working = [], 0, 0      # embeddings computed, not yet taken
         self._error, self._stopping = None, False
+        self._running, self._threads = False, []  # whether a thread encodes; those started, to join
         self.share = ckernels.CoreShare(max(1, ckernels.get_threads() // 2))   # side 0 the decoder's
-        self._thread = threading.Thread(target=self._run, name="voxtral_ref encoder", daemon=True)
-        self._thread.start()
 
     def _next_chunk(self):
         """Tokens of the next chunk it can encode now, 0 if none (under cond)."""
         s = self._s
         while self.bounds and self.bounds[0] <= s._n_embeds:
             self.bounds.popleft()
-        if not self.bounds or self._n_ready >= AHEAD_TOKENS:
+        if not self.bounds or self._n_ready >= AHEAD_TOKENS or self._stopping or self._error is not None:
             return 0
         return s._chunk_length(self.bounds[0] - s._n_embeds)
+
+    def _kick(self):
+        """Start the thread if there is a chunk to encode and it is not running (under cond)."""
+        if not self._running and self._next_chunk():
+            self._running = True
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(threading.Thread(target=self._run, name="voxtral_ref encoder", daemon=True))
+            self._threads[-1].start()
 
     def _run(self):
         with self._s._model.kernel_mode(), self.share.side(1):
             while True:
                 with self.cond:
-                    while not self._stopping and not (n := self._next_chunk()):
-                        self.cond.wait()
-                    if self._stopping:
+                    n = self._next_chunk()
+                    if not n:
+                        self._running = False
+                        self.cond.notify_all()
                         return
                     self._working = n
                 try:
@@ -501,7 +523,7 @@ class EncoderAhead:
                         out = self._s._encode(n)                                 # [n, dim]
                 except BaseException as e:     # (the decoder's side raises it)
                     with self.cond:
-                        self._error, self._working = e, 0
+                        self._error, self._working, self._running = e, 0, False
                         self.cond.notify_all()
                     return
                 with self.cond:
@@ -513,14 +535,15 @@ class EncoderAhead:
         """The embeddings computed since the last take [m, dim]. None if there are none and either the encoder
         has no audio to work on or not `wait`; else it waits for them."""
         with self.cond:
-            while wait and not self._ready and self._error is None and (self._working or self._next_chunk()):
+            self._kick()
+            while wait and not self._ready and self._error is None and self._running:
                 self.cond.wait()
             if self._error is not None:
                 raise self._error
             if not self._ready:
                 return None
             out, self._ready, self._n_ready = np.concatenate(self._ready), [], 0
-            self.cond.notify_all()
+            self._kick()                                # (room for more)
             return out
 
     def backlog(self):
@@ -531,10 +554,11 @@ class EncoderAhead:
             return self._n_ready or self._working or self._next_chunk()
 
     def stop(self):
+        """Start no more chunks, and wait for the one being encoded."""
         with self.cond:
-            self._stopping = True
-            self.cond.notify_all()
-        self._thread.join()
+            self._stopping, threads = True, list(self._threads)
+        for t in threads:
+            t.join()
 
 
 def check_encoder_chunk(weights, frames, pos, caches):
