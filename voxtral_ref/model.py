@@ -197,7 +197,8 @@ class Model:
         the same ids, fewer passes when the drafts are right; 0 decodes one position per pass; None: a
         session's default (runtime/stream.BACKLOG_DRAFT) where a pass computes every row bit for bit as
         alone (`rows_exact`), else none, and none with a trace. A single waveform is encoded as it is
-        decoded (see SESSION_FEED), except with `trace`, which encodes the whole file first
+        decoded (see SESSION_FEED; with the C kernels on 2+ threads by an encoder on a thread of its own,
+        running ahead: `encodes_ahead`), except with `trace`, which encodes the whole file first
         (generate.greedy_decode) and traces each position once unless asked to speculate."""
         if not C.is_whole(batch_size) or batch_size < 1:
             raise VoxtralError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -305,7 +306,7 @@ class Model:
             session.stop_encoding()
         total = time.perf_counter() - t0
         timings = {"encode_s": session.encode_s, "decode_s": total - session.wait_s, "total_s": total,
-                   "first_token_s": first[0] if first else total}
+                   "first_token_s": first[0] if first else total, "encoded_ahead": session.encodes_ahead}
         return Transcript(self.tokenizer.decode(session.token_ids), session.token_ids, delay_ms, len(x), timings)
 
     @property

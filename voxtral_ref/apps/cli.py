@@ -113,7 +113,8 @@ def write_result(src, r, sr, t_read, model, formats, out_dir, args):
     segs = segments(r.token_ids, model.tokenizer, r.n_samples)
     if args.verbose:
         seconds, tm = duration_ms(r.n_samples) / 1000, r.timings
-        split = f"encode {tm['encode_s']:.2f} s, decode {tm['decode_s']:.2f} s" + (
+        alongside = " on its own thread, alongside" if tm.get("encoded_ahead") else ","
+        split = f"encode {tm['encode_s']:.2f} s{alongside} decode {tm['decode_s']:.2f} s" + (
             f", first token after {tm['first_token_s']:.2f} s" if "first_token_s" in tm else "")
         note(f"{name}: {seconds:.2f} s of audio at {sr} Hz; read {t_read:.2f} s, {split} "
              f"({len(r.token_ids)} tokens); real-time factor {tm['total_s'] / max(seconds, 1e-3):.2f}; "
