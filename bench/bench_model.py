@@ -369,7 +369,7 @@ def main():
                          "transcribe()'s own; 0: one position a pass)")
     ap.add_argument("--encoder", nargs="+", choices=["in-turn", "ahead"], default=["in-turn", "ahead"],
                     help="transcribe()'s encoder in turn with the decoder (on demand, all threads), or ahead of it on "
-                         "a thread of its own (stream.EncoderAhead, the default with 2+ threads): one run each, in "
+                         "a thread of its own (stream.EncoderAhead, the default on 2 threads): one run each, in "
                          "this order (default both)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -394,8 +394,8 @@ def main():
         if not args.runs:
             raise SystemExit(f"no --runs left for {args.model}: its weights are quantised as {recipe!r}")
     threads = args.threads or len(os.sched_getaffinity(0))
-    if threads < 2 and "ahead" in args.encoder:             # (Model.encodes_ahead)
-        print("one thread: the encoder runs in turn only", file=sys.stderr)
+    if threads != 2 and "ahead" in args.encoder:            # (Model.encodes_ahead)
+        print(f"{threads} threads: the encoder runs in turn only (ahead needs 2)", file=sys.stderr)
         args.encoder = [e for e in args.encoder if e != "ahead"] or ["in-turn"]
     yard = yardsticks(threads)
     print(f"machine: read bandwidth {yard['read_GB/s']:.1f} GB/s, FMA peak {yard['fma_GFLOP/s']:.0f} GFLOP/s, "

@@ -197,7 +197,7 @@ class Model:
         the same ids, fewer passes when the drafts are right; 0 decodes one position per pass; None: a
         session's default (runtime/stream.BACKLOG_DRAFT) where a pass computes every row bit for bit as
         alone (`rows_exact`), else none, and none with a trace. A single waveform is encoded as it is
-        decoded (see SESSION_FEED; with the C kernels on 2+ threads by an encoder on a thread of its own,
+        decoded (see SESSION_FEED; with the C kernels on 2 threads by an encoder on a thread of its own,
         running ahead: `encodes_ahead`), except with `trace`, which encodes the whole file first
         (generate.greedy_decode) and traces each position once unless asked to speculate."""
         if not C.is_whole(batch_size) or batch_size < 1:
@@ -312,9 +312,11 @@ class Model:
     @property
     def encodes_ahead(self):
         """Whether transcribe() runs a file's encoder on a thread of its own, ahead of its decoder
-        (runtime/stream.EncoderAhead): with the C kernels on 2 or more threads."""
+        (runtime/stream.EncoderAhead): with the C kernels on 2 threads, one for each (where it was measured to
+        pay: README, Performance). With more, the decoder's side would need a team of threads too, and the
+        kernels' team serves one region at a time (csrc/pool.c), so the two sides would take turns."""
         from .runtime import ckernels     # (on first use: importing it reads VOXTRAL_REF_THREADS, and warns)
-        return self.backend == "c" and ckernels.available() and ckernels.get_threads() >= 2
+        return self.backend == "c" and ckernels.available() and ckernels.get_threads() == 2
 
     def stream(self, delay_ms=None, sample_rate=C.SAMPLE_RATE, past_eos=False):
         """A live session: feed(samples), step() -> Emission, close() -> Emission (see voxtral_ref.stream).

@@ -69,7 +69,8 @@ class CoreShare:
     """The kernels' threads shared by two threads of one job, sides 0 and 1 (runtime/stream.py: a file's
     decoder and its encoder running ahead): while both work, side 0's regions take `first` threads and side
     1's the rest; while one side waits, the other's take them all. Each side says when it starts and stops
-    working (`working`) and runs its kernels inside `side(i)` (vx_follow_cap)."""
+    working (`working`) and runs its kernels inside `side(i)` (vx_follow_cap). The two sides run at once only
+    while at most one of them takes more than one thread: the team serves one region at a time (pool.c)."""
 
     def __init__(self, first):
         n = get_threads()

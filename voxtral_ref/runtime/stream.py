@@ -472,9 +472,9 @@ class StreamSession:
 class EncoderAhead:
     """A file's encoder on a thread of its own, running ahead of its decoder (StreamSession(encode_ahead=True),
     as transcribe() makes them where `encodes_ahead` pays). Encoding a file is bound by the arithmetic and
-    decoding it by reading the weights, so the two together on their own threads (ckernels.CoreShare: each
-    takes half the kernels' threads while both work, all of them while the other waits) finish sooner than
-    one after the other (README, Performance). Its chunks end where the session's on-demand encoding ends them
+    decoding it by reading the weights, so the two together on their own threads (ckernels.CoreShare: one
+    kernel thread each while both work, both to one while the other waits) finish sooner than one after the
+    other (README, Performance). Its chunks end where the session's on-demand encoding ends them
     when transcribe() steps it (at each fed piece's last whole token, and every `_batch` tokens), so the
     embeddings, and with them the ids, are the same bits either way (tests/test_stream.py). It starts no
     chunk while AHEAD_TOKENS embeddings wait for the decoder, which keeps memory flat. Its thread runs only
@@ -489,7 +489,7 @@ class EncoderAhead:
         self._ready, self._n_ready, self._working = [], 0, 0      # embeddings computed, not yet taken
         self._error, self._stopping = None, False
         self._running, self._threads = False, []  # whether a thread encodes; those started, to join
-        self.share = ckernels.CoreShare(max(1, ckernels.get_threads() // 2))   # side 0 the decoder's
+        self.share = ckernels.CoreShare(1)      # side 0 the decoder's, on its own thread while both work
 
     def _next_chunk(self):
         """Tokens of the next chunk it can encode now, 0 if none (under cond)."""
